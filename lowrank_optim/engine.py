@@ -1,0 +1,337 @@
+"""The one optimizer engine every named method is a preset of.
+
+For each parameter with a gradient, one ``step()``:
+
+1. decides low-rank or plain: a 2-D parameter in a group that carries ``rank`` (not ``None``) goes
+   low-rank; everything else (1-D tensors, other groups) gets the plain inner rule;
+2. refreshes the projector every ``update_proj_gap`` steps (at steps ``T, 2T, ...`` after the first),
+   then lets the transfer policy rewrite the moments for the new subspace;
+3. projects the gradient, runs the inner rule on it with moments loaded from the state store,
+   and writes the moments back;
+4. adds the residual rule's full-rank step, projects back, and applies decoupled weight decay computed
+   from the pre-update weight (``p <- p (1 - lr wd)`` first, torch AdamW's order).
+
+All math runs in fp32. Optimizer state is plain tensors and ints, so ``state_dict()`` survives
+``torch.load(weights_only=True)``; :meth:`load_state_dict` keeps every saved dtype (torch's default
+would cast uint8 codes and int64 indices to the parameter's dtype).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+
+from ._validation import check_choice, check_int, check_number
+from .projectors import PROJECTORS, SIDE_RULES, Projector, make_projector
+from .projectors.base import derive_seed
+from .rules import INNER_RULES, RESIDUAL_RULES, TRANSFER_POLICIES, InnerRule, MomentSpec, ResidualRule, TransferPolicy
+from .state import STATE_DTYPES, StateStore
+
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
+
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+#: Keys every group has (engine-level); rule hyper-parameters come on top.
+ENGINE_DEFAULTS: dict[str, Any] = {
+    "weight_decay": 0.0,
+    "rank": None,
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "projector": "svd",
+    "proj_side": "std",
+    "projector_options": None,
+    "state_dtype": "fp32",
+    "inner": "adam",
+    "residual": "drop",
+    "transfer": "keep",
+    "nonfinite": "skip",
+    "seed": 0,
+    "differentiable": False,  # torch's __setstate__ adds it on load; kept so groups round-trip unchanged
+}
+
+
+class LowRankOptimizer(torch.optim.Optimizer):
+    """Base class of every optimizer in the package (see the module docstring for the loop).
+
+    Args:
+        params: parameters or param groups. A group is low-rank when it carries ``rank``.
+        lr: learning rate.
+        weight_decay: decoupled weight decay.
+        rank: default rank for every group (``None``: groups are plain unless they set ``rank``).
+        update_proj_gap: refresh the subspace every this many steps.
+        scale: multiplier of the back-projected low-rank update (GaLore's alpha).
+        projector: projector name (``"svd"``, ``"rsvd"``, ...), see :func:`make_projector`.
+        proj_side: side rule, ``"std"``, ``"reverse_std"``, ``"left"`` or ``"right"``.
+        projector_options: extra keyword options for the projector.
+        state_dtype: ``"fp32"``, ``"bf16"`` or ``"8bit"`` moment storage.
+        inner: inner rule name (``"adam"``, ``"adafactor"``, ``"sgd"``, ...).
+        residual: residual rule name (``"drop"``, ...).
+        transfer: transfer policy on refresh (``"keep"``, ``"reset"``, ...).
+        nonfinite: what a step does when any gradient holds inf/NaN: ``"skip"`` (default: the whole
+            step is skipped, no state changes, a ``RuntimeWarning``), ``"raise"``
+            (``FloatingPointError``, no state changes) or ``"ignore"`` (no check; use only when a
+            ``GradScaler`` already skips such steps).
+        seed: base seed of every random choice (random projectors, rsvd sketches).
+        **hyper: hyper-parameters of the inner / residual rule (``betas``, ``eps``, ...).
+    """
+
+    preset_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, params: ParamsT, lr: float | None = 1e-3, **kwargs: Any) -> None:
+        defaults: dict[str, Any] = {"lr": lr, **ENGINE_DEFAULTS, **self.preset_defaults}
+        if "proj_type" in kwargs:  # galore-torch's name for the side rule
+            kwargs["proj_side"] = kwargs.pop("proj_type")
+        inner = kwargs.get("inner", defaults["inner"])
+        residual = kwargs.get("residual", defaults["residual"])
+        for table, name, key in ((INNER_RULES, inner, "inner"), (RESIDUAL_RULES, residual, "residual")):
+            if isinstance(name, str) and name in table:
+                for k, v in table[name].defaults.items():
+                    defaults.setdefault(k, v)
+            else:
+                check_choice(key, name, sorted(table))
+        unknown = sorted(set(kwargs) - set(defaults))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {unknown}")
+        defaults.update(kwargs)
+        self._parts_cache: dict[tuple, tuple] = {}
+        super().__init__(params, defaults)
+
+    # -- groups ---------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a group (torch semantics) after validating every hyper-parameter it will use."""
+        if isinstance(param_group, dict) and "proj_type" in param_group:
+            param_group = dict(param_group)
+            param_group["proj_side"] = param_group.pop("proj_type")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        inner = INNER_RULES[check_choice("inner", group["inner"], sorted(INNER_RULES))]
+        residual = RESIDUAL_RULES[check_choice("residual", group["residual"], sorted(RESIDUAL_RULES))]
+        for rule in (inner, residual):
+            for k, v in rule.defaults.items():
+                group.setdefault(k, v)
+        if group["lr"] is not None:
+            check_number("lr", group["lr"], low=0.0)
+        check_number("weight_decay", group["weight_decay"], low=0.0)
+        if group["rank"] is not None:
+            check_int("rank", group["rank"], low=1)
+        check_int("update_proj_gap", group["update_proj_gap"], low=1)
+        check_number("scale", group["scale"], low=0.0, low_open=True)
+        check_choice("projector", group["projector"], sorted(PROJECTORS))
+        check_choice("proj_side", group["proj_side"], SIDE_RULES)
+        opts = group["projector_options"]
+        if opts is not None and not isinstance(opts, dict):
+            raise TypeError(f"Invalid projector_options: expected a dict, got {opts!r}")
+        check_choice("state_dtype", group["state_dtype"], STATE_DTYPES)
+        check_choice("transfer", group["transfer"], sorted(TRANSFER_POLICIES))
+        check_choice("nonfinite", group["nonfinite"], NONFINITE_POLICIES)
+        check_int("seed", group["seed"], low=0)
+        inner.validate(group)
+        residual.validate(group)
+        if group["rank"] is not None:
+            self._parts(group)  # builds the projector now, so bad options fail at construction
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._parts_cache = {}
+        for group in self.param_groups:
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+
+    def _parts(self, group: dict[str, Any]) -> tuple[Projector | None, InnerRule, ResidualRule, TransferPolicy,
+                                                     StateStore]:
+        """The (cached) strategy objects a group's keys select."""
+        opts = group["projector_options"] or {}
+        key = (group["projector"], group["rank"], group["proj_side"], repr(sorted(opts.items())), group["inner"],
+               group["residual"], group["transfer"], group["state_dtype"])
+        parts = self._parts_cache.get(key)
+        if parts is None:
+            proj = None
+            if group["rank"] is not None:
+                proj = make_projector(group["projector"], group["rank"], side=group["proj_side"], **opts)
+            parts = (proj, INNER_RULES[group["inner"]], RESIDUAL_RULES[group["residual"]],
+                     TRANSFER_POLICIES[group["transfer"]], StateStore(group["state_dtype"]))
+            self._parts_cache[key] = parts
+        return parts
+
+    @staticmethod
+    def is_lowrank(group: dict[str, Any], p: torch.Tensor) -> bool:
+        """Whether ``p`` takes the low-rank path in ``group``."""
+        return group.get("rank") is not None and p.dim() == 2
+
+    # -- step -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Performs one optimization step (torch conventions: the closure runs with grad enabled)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work: list[tuple[dict[str, Any], torch.Tensor, int]] = []
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError(f"{type(self).__name__} does not support sparse gradients "
+                                    f"(parameter {index - 1}, shape {tuple(p.shape)})")
+                if torch.is_complex(p.grad):
+                    raise TypeError(f"{type(self).__name__} does not support complex parameters "
+                                    f"(parameter {index - 1}, dtype {p.grad.dtype})")
+                work.append((group, p, index - 1))
+        if not work or not self._gradients_ok(work):
+            return loss
+        for group, p, idx in work:
+            self._step_param(group, p, idx)
+        return loss
+
+    def _gradients_ok(self, work: list[tuple[dict[str, Any], torch.Tensor, int]]) -> bool:
+        """Checks every gradient for inf/NaN before any state changes (policy per group)."""
+        checked = [(g, p) for g, p, _ in work if g["nonfinite"] != "ignore"]
+        if not checked:
+            return True
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for _, p in checked:
+            by_device.setdefault(p.grad.device, []).append(p.grad.sum(dtype=torch.float32))
+        finite = all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values())
+        if finite:
+            return True
+        if any(g["nonfinite"] == "raise" for g, _ in checked):
+            raise FloatingPointError(f"{type(self).__name__}: non-finite gradient; no state was changed "
+                                     "(nonfinite='raise')")
+        warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped (nonfinite='skip'); "
+                      "optimizer state is unchanged", RuntimeWarning, stacklevel=3)
+        return False
+
+    def _step_param(self, group: dict[str, Any], p: torch.Tensor, index: int) -> None:
+        proj, rule, residual, transfer, store = self._parts(group)
+        state = self.state[p]
+        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+        lowrank = proj is not None and self.is_lowrank(group, p)
+        if not state:
+            self._init_state(state, group, p, grad, proj if lowrank else None, rule, store, index)
+        elif lowrank and state["step"] % group["update_proj_gap"] == 0:
+            self._refresh(state, group, p, grad, proj, rule, transfer, store)
+        step = state["step"] + 1
+        inner_step = state["inner_step"] + 1
+        low = proj.project(grad, state["projector"]) if lowrank else grad
+        specs = rule.moments(tuple(low.shape), group)
+        moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
+        d = rule.direction(low, moments, inner_step, group, p)
+        for s in specs:
+            store.save(state, s.name, moments[s.name], s.signed)
+        state["step"], state["inner_step"] = step, inner_step
+
+        target = p if p.dtype == torch.float32 else p.float()
+        wd = group["weight_decay"]
+        if wd != 0:
+            target.mul_(1 - d.lr * wd)
+        if not lowrank:
+            if d.den is None:
+                target.add_(d.num, alpha=-d.coef)
+            else:
+                target.addcdiv_(d.num, d.den, value=-d.coef)
+        else:
+            pst = state["projector"]
+            low_update = d.dense()
+            target.add_(proj.project_back(low_update, pst), alpha=-d.coef * group["scale"])
+            extra = residual.step(grad, low, low_update, proj, pst, state, group)
+            if extra is not None:
+                target.sub_(extra)
+        if target is not p:
+            p.copy_(target)
+
+    def _init_state(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor,
+                    proj: Projector | None, rule: InnerRule, store: StateStore, index: int) -> None:
+        state["step"] = 0
+        state["inner_step"] = 0
+        if proj is not None:
+            state["projector"] = proj.init(grad, seed=derive_seed(group["seed"], index))
+            shape = proj.low_shape(p.shape)
+        else:
+            shape = tuple(p.shape)
+        for spec in rule.moments(tuple(shape), group):
+            store.create(state, spec.name, spec.shape, p.device)
+
+    def _refresh(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, proj: Projector,
+                 rule: InnerRule, transfer: TransferPolicy, store: StateStore) -> None:
+        old = state["projector"]
+        new = proj.update(grad, old)
+        specs: list[MomentSpec] = rule.moments(proj.low_shape(p.shape), group)
+        transfer.apply(state, old, new, proj, specs, store)
+        state["projector"] = new
+
+    # -- memory and checkpoints -----------------------------------------------------------------
+    def state_bytes(self) -> int:
+        """Exact bytes of every tensor held in optimizer state (storage shared by tensors counted once)."""
+        seen: set[tuple[str, int]] = set()
+        total = 0
+
+        def visit(obj: Any) -> None:
+            nonlocal total
+            if isinstance(obj, torch.Tensor):
+                storage = obj.untyped_storage()
+                key = (str(obj.device), storage.data_ptr())
+                if key not in seen:
+                    seen.add(key)
+                    total += storage.nbytes()
+            elif isinstance(obj, dict):
+                for v in obj.values():
+                    visit(v)
+            elif isinstance(obj, (list, tuple)):
+                for v in obj:
+                    visit(v)
+
+        for st in self.state.values():
+            visit(st)
+        return total
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict, keeping every saved tensor's dtype (only the device follows the parameter).
+
+        ``torch.optim.Optimizer.load_state_dict`` casts each state tensor of a floating-point parameter to
+        the parameter's dtype, which would turn 8-bit codes, int indices and fp32 moments of bf16
+        parameters into something else; here tensors are copied to the parameter's device unchanged.
+        """
+        saved = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        id_map = dict(zip(saved_ids, params, strict=True))
+        for key, value in saved.items():
+            if key in id_map:
+                p = id_map[key]
+                self.state[p] = _to_device(value, p.device)
+        self._parts_cache = {}
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """Deep copy of plain state with tensors moved (not cast) to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device=device, copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_device(v, device) for v in obj)
+    return obj
+
+
+def closed_form_bytes(numel: int, state_dtype: str) -> int:
+    """Bytes of one moment of ``numel`` elements in a store (``8bit``: 1 byte + 4 per 256 block)."""
+    return StateStore(state_dtype).bytes_for(numel)
+
+
+__all__ = ["ENGINE_DEFAULTS", "NONFINITE_POLICIES", "LowRankOptimizer", "closed_form_bytes"]

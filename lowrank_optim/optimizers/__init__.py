@@ -1,0 +1,5 @@
+"""Named optimizers: thin presets over :class:`lowrank_optim.engine.LowRankOptimizer`."""
+
+from .galore import GaLoreAdafactor, GaLoreAdamW
+
+__all__ = ["GaLoreAdafactor", "GaLoreAdamW"]

@@ -1,0 +1,39 @@
+"""Exact truncated SVD projector (GaLore, Zhao et al. 2024, arXiv:2403.03507)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .base import Projector, ProjState, oriented
+from .rsvd import randomized_range
+
+
+class SVDProjector(Projector):
+    """Top-``r`` singular vectors of the gradient, from ``torch.linalg.svd`` in fp32.
+
+    When the SVD fails to converge (ill-conditioned gradients, galore issue #58) it falls back to
+    randomized subspace iteration, and if that fails too it keeps the previous basis, with a warning.
+    """
+
+    name = "svd"
+
+    def _basis(self, grad: torch.Tensor, state: ProjState, previous: torch.Tensor | None) -> torch.Tensor:
+        a = oriented(grad, state["side"])
+        r = state["rank"]
+        try:
+            u, _, _ = torch.linalg.svd(a, full_matrices=False)
+            return u[:, :r].contiguous()
+        except RuntimeError as err:  # torch.linalg.LinAlgError derives from RuntimeError
+            warnings.warn(f"lowrank_optim: SVD failed ({err}); falling back to randomized SVD", RuntimeWarning,
+                          stacklevel=3)
+        try:
+            return randomized_range(a, r, oversample=8, power_iters=2, seed=(state["seed"], state["refresh"]),
+                                    warm=previous)
+        except RuntimeError as err:
+            if previous is None:
+                raise
+            warnings.warn(f"lowrank_optim: randomized SVD failed too ({err}); keeping the previous basis",
+                          RuntimeWarning, stacklevel=3)
+            return previous

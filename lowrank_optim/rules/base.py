@@ -1,0 +1,87 @@
+"""Contracts for the three pluggable rules of the engine.
+
+* :class:`InnerRule`: the optimizer run on the (projected) gradient, e.g. Adam. Stateless objects;
+  hyper-parameters come from the param group, moments from the state store.
+* :class:`ResidualRule`: what happens to the part of the gradient the projection drops.
+* :class:`TransferPolicy`: what happens to the moments when the subspace is refreshed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..projectors.base import Projector, ProjState
+from ..state import StateStore
+
+Group = dict[str, Any]
+
+
+@dataclass
+class Direction:
+    """A step ``-coef * num / den`` (``den`` may be ``None``); ``lr`` is what weight decay uses."""
+
+    num: torch.Tensor
+    den: torch.Tensor | None
+    coef: float
+    lr: float
+
+    def dense(self) -> torch.Tensor:
+        """``num / den`` as a new tensor (``coef`` not applied)."""
+        return self.num / self.den if self.den is not None else self.num.clone()
+
+
+@dataclass(frozen=True)
+class MomentSpec:
+    """One moment tensor a rule keeps: its state key, shape and whether it can be negative."""
+
+    name: str
+    shape: tuple[int, ...]
+    signed: bool
+
+
+class InnerRule:
+    """An element-wise (or small-matrix) optimizer applied inside the subspace."""
+
+    name: ClassVar[str] = "base"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def validate(self, group: Group) -> None:
+        """Raises ``ValueError``/``TypeError`` naming a bad hyper-parameter of ``group``."""
+
+    def moments(self, shape: tuple[int, ...], group: Group) -> list[MomentSpec]:
+        """The moments kept for a (projected) gradient of ``shape``."""
+        raise NotImplementedError
+
+    def direction(self, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int, group: Group,
+                  param: torch.Tensor) -> Direction:
+        """Updates ``moments`` in place from the fp32 ``grad`` and returns the step to take."""
+        raise NotImplementedError
+
+
+class ResidualRule:
+    """Turns the gradient the projection drops into an extra full-rank step (or nothing)."""
+
+    name: ClassVar[str] = "base"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def validate(self, group: Group) -> None:
+        """Raises for bad residual hyper-parameters."""
+
+    def step(self, grad: torch.Tensor, low_grad: torch.Tensor, low_update: torch.Tensor, projector: Projector,
+             proj_state: ProjState, state: dict, group: Group) -> torch.Tensor | None:
+        """The full-shape tensor to subtract from the parameter, or ``None``."""
+        raise NotImplementedError
+
+
+class TransferPolicy:
+    """Moves (or resets, or keeps) moments when the projector state changes."""
+
+    name: ClassVar[str] = "base"
+
+    def apply(self, state: dict, old: ProjState, new: ProjState, projector: Projector, specs: list[MomentSpec],
+              store: StateStore) -> None:
+        """Rewrites the moments named in ``specs`` inside ``state`` for the new subspace."""
+        raise NotImplementedError

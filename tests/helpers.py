@@ -1,0 +1,112 @@
+"""Shared test fixtures: tiny models, deterministic gradients, and the optimizer case table."""
+
+from __future__ import annotations
+
+import copy
+import io
+from typing import Any
+
+import torch
+from torch import nn
+
+import lowrank_optim as lro
+
+#: Per-optimizer keyword overrides for the generic conformance suite (name -> kwargs).
+#: Every registered optimizer runs through the suite; add an entry only when defaults need changing
+#: for a tiny model (e.g. a short refresh period so refreshes happen inside the test).
+CASES: dict[str, dict[str, Any]] = {
+    "galore_adamw": {"lr": 1e-2},
+    "galore_adafactor": {"lr": 1e-2, "relative_step": False, "scale_parameter": False, "beta1": 0.9},
+}
+
+#: Group options for the low-rank group in the suite (a short refresh period; rank below min dim).
+GROUP_OPTIONS: dict[str, Any] = {"update_proj_gap": 3}
+
+STATE_DTYPES = ("fp32", "bf16", "8bit")
+
+
+class TinyNet(nn.Module):
+    """Two 'attn'/'mlp' linears big enough for 8-bit moments (>= 4096 elements) and a plain head."""
+
+    def __init__(self, d_in: int = 96, d_hidden: int = 80, d_out: int = 5) -> None:
+        super().__init__()
+        self.attn = nn.Linear(d_in, d_hidden)
+        self.mlp = nn.Linear(d_hidden, d_hidden, bias=False)
+        self.norm = nn.LayerNorm(d_hidden)
+        self.head = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(torch.relu(self.mlp(torch.tanh(self.attn(x))))))
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet().to(dtype)
+
+
+def make_data(seed: int = 1, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 96, generator=g)
+    y = torch.randn(n, 5, generator=g)
+    return x, y
+
+
+def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (model(x.to(next(model.parameters()).dtype)).float() - y).pow(2).mean()
+
+
+def build(name: str, model: nn.Module, state_dtype: str = "fp32", rank: int = 8, **extra: Any) -> torch.optim.Optimizer:
+    kwargs = {**CASES.get(name, {}), **extra}
+    groups = lro.param_groups(model, rank=rank, target_modules=["attn", "mlp"], **GROUP_OPTIONS)
+    return lro.create_optimizer(name, groups, state_dtype=state_dtype, **kwargs)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, data_seed: int = 1) -> list[float]:
+    x, y = make_data(data_seed)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def roundtrip(state_dict: dict) -> dict:
+    """``torch.save`` then ``torch.load(weights_only=True)``, as HF Trainer's resume does."""
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def flat_state(opt: torch.optim.Optimizer) -> list[tuple[str, Any]]:
+    """(path, value) pairs of the whole state, for exact comparisons."""
+    out: list[tuple[str, Any]] = []
+
+    def visit(prefix: str, obj: Any) -> None:
+        if isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                visit(f"{prefix}.{k}", obj[k])
+        else:
+            out.append((prefix, obj))
+
+    sd = opt.state_dict()
+    visit("state", sd["state"])
+    return out
+
+
+def assert_same_state(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
+    fa, fb = flat_state(a), flat_state(b)
+    assert [k for k, _ in fa] == [k for k, _ in fb]
+    for (k, va), (_, vb) in zip(fa, fb, strict=True):
+        if isinstance(va, torch.Tensor):
+            assert va.dtype == vb.dtype, k
+            assert torch.equal(va, vb), k
+        else:
+            assert va == vb, k
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
