@@ -258,7 +258,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         state["inner_step"] = 0
         if proj is not None:
             state["projector"] = proj.init(grad, seed=derive_seed(group["seed"], index))
-            shape = proj.low_shape(p.shape)
+            shape = proj.low_shape(p.shape, state["projector"])
         else:
             shape = tuple(p.shape)
         for spec in rule.moments(tuple(shape), group):
@@ -267,8 +267,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _refresh(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, proj: Projector,
                  rule: InnerRule, transfer: TransferPolicy, store: StateStore) -> None:
         old = state["projector"]
-        new = proj.update(grad, old)
-        specs: list[MomentSpec] = rule.moments(proj.low_shape(p.shape), group)
+        specs: list[MomentSpec] = rule.moments(proj.low_shape(p.shape, old), group)
+        if proj.wants_moments:
+            moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
+            new = proj.update(grad, old, moments=moments)
+        else:
+            new = proj.update(grad, old)
+        specs = rule.moments(proj.low_shape(p.shape, new), group)
         transfer.apply(state, old, new, proj, specs, store)
         state["projector"] = new
 

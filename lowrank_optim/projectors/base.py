@@ -71,6 +71,9 @@ class Projector:
     """
 
     name = "base"
+    #: When True the engine passes ``moments={name: fp32 tensor}`` (low-rank moments before the
+    #: refresh) to :meth:`update`, e.g. for COAP's correlation-aware correction.
+    wants_moments = False
 
     def __init__(self, rank: int, side: str = "std") -> None:
         self.rank = check_int("rank", rank, low=1)
@@ -90,8 +93,11 @@ class Projector:
         state["basis"] = self._basis(grad, state, previous=None)
         return state
 
-    def update(self, grad: torch.Tensor, state: ProjState) -> ProjState:
-        """Returns a refreshed state (the old one is not modified)."""
+    def update(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
+        """Returns a refreshed state (the old one is not modified).
+
+        ``context`` carries ``moments`` when :attr:`wants_moments` is set.
+        """
         new = dict(state)
         new["refresh"] = int(state["refresh"]) + 1
         new["basis"] = self._basis(grad, new, previous=state["basis"])
@@ -111,8 +117,11 @@ class Projector:
             return basis @ low
         return low @ basis.T
 
-    def low_shape(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
-        """Shape of ``project(G)`` for a gradient of ``shape`` (no tensor needed)."""
+    def low_shape(self, shape: tuple[int, ...] | torch.Size, state: ProjState | None = None) -> tuple[int, ...]:
+        """Shape of ``project(G)`` for a gradient of ``shape`` (no tensor needed).
+
+        Selection projectors whose size depends on the state (e.g. FRUGAL's active blocks) override it.
+        """
         m, n = int(shape[0]), int(shape[1])
         r = min(self.rank, m, n)
         return (r, n) if choose_side(shape, self.side_rule) == LEFT else (m, r)
