@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from .base import Projector, ProjState, oriented
+from .base import LEFT, Projector, ProjState, oriented
 from .rsvd import randomized_range
 
 
@@ -20,14 +20,18 @@ class SVDProjector(Projector):
     name = "svd"
 
     def _basis(self, grad: torch.Tensor, state: ProjState, previous: torch.Tensor | None) -> torch.Tensor:
-        a = oriented(grad, state["side"])
         r = state["rank"]
+        g = grad.float()
         try:
-            u, _, _ = torch.linalg.svd(a, full_matrices=False)
-            return u[:, :r].contiguous()
+            # Decompose G itself on both sides (left: U, right: Vh^T). With the "keep" transfer the moments
+            # outlive a refresh in the old coordinates, so the singular vectors' sign convention is part of
+            # the trajectory; this is the convention of galore-torch.
+            u, _, vh = torch.linalg.svd(g, full_matrices=False)
+            return (u[:, :r] if state["side"] == LEFT else vh[:r].T).contiguous()
         except RuntimeError as err:  # torch.linalg.LinAlgError derives from RuntimeError
             warnings.warn(f"lowrank_optim: SVD failed ({err}); falling back to randomized SVD", RuntimeWarning,
                           stacklevel=3)
+        a = oriented(g, state["side"])
         try:
             return randomized_range(a, r, oversample=8, power_iters=2, seed=(state["seed"], state["refresh"]),
                                     warm=previous)
