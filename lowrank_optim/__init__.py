@@ -7,13 +7,15 @@
 
 from .engine import LowRankOptimizer
 from .groups import param_groups, select_lowrank_modules
-from .optimizers import GaLoreAdafactor, GaLoreAdamW
+from .optimizers import COAP, FRUGAL, GUM, DCTAdamW, Fira, Flora, GaLoreAdafactor, GaLoreAdamW, GaLorePlus
+from .optimizers import OnlineSubspaceDescent, galore_plus_groups
 from .projectors import Projector, make_projector
 from .registry import available_optimizers, create_optimizer, register_optimizer
 from .state import StateStore
 
 __version__ = "0.1.0"
 
-__all__ = ["GaLoreAdafactor", "GaLoreAdamW", "LowRankOptimizer", "Projector", "StateStore", "__version__",
+__all__ = ["COAP", "Flora", "GaLorePlus", "galore_plus_groups", "DCTAdamW", "FRUGAL", "GUM", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "LowRankOptimizer", "OnlineSubspaceDescent", "Projector",
+           "StateStore", "__version__",
            "available_optimizers", "create_optimizer", "make_projector", "param_groups", "register_optimizer",
            "select_lowrank_modules"]

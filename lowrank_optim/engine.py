@@ -25,10 +25,12 @@ from typing import Any, ClassVar
 import torch
 
 from ._validation import check_choice, check_int, check_number
+from .groups import FLATTENED_HINT, is_flattened
 from .projectors import PROJECTORS, SIDE_RULES, Projector, make_projector
 from .projectors.base import derive_seed
 from .rules import INNER_RULES, RESIDUAL_RULES, TRANSFER_POLICIES, InnerRule, MomentSpec, ResidualRule, TransferPolicy
 from .state import STATE_DTYPES, StateStore
+from .targets import resolve_targets, validate_target_modules
 
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 
@@ -45,10 +47,12 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "projector_options": None,
     "state_dtype": "fp32",
     "inner": "adam",
+    "plain_inner": None,
     "residual": "drop",
     "transfer": "keep",
     "nonfinite": "skip",
     "seed": 0,
+    "target_modules": None,
     "differentiable": False,  # torch's __setstate__ adds it on load; kept so groups round-trip unchanged
 }
 
@@ -67,7 +71,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         proj_side: side rule, ``"std"``, ``"reverse_std"``, ``"left"`` or ``"right"``.
         projector_options: extra keyword options for the projector.
         state_dtype: ``"fp32"``, ``"bf16"`` or ``"8bit"`` moment storage.
-        inner: inner rule name (``"adam"``, ``"adafactor"``, ``"sgd"``, ...).
+        inner: inner rule name (``"adam"``, ``"adafactor"``, ``"sgd"``, ``"muon"``, ...).
+        plain_inner: inner rule of the plain path (params that are not projected); ``None``: same as
+            ``inner`` (GUM: Muon on projected matrices, Adam on embeddings, norms and biases).
         residual: residual rule name (``"drop"``, ...).
         transfer: transfer policy on refresh (``"keep"``, ``"reset"``, ...).
         nonfinite: what a step does when any gradient holds inf/NaN: ``"skip"`` (default: the whole
@@ -75,18 +81,32 @@ class LowRankOptimizer(torch.optim.Optimizer):
             (``FloatingPointError``, no state changes) or ``"ignore"`` (no check; use only when a
             ``GradScaler`` already skips such steps).
         seed: base seed of every random choice (random projectors, rsvd sketches).
+        target_modules: restricts the low-rank path of a group carrying ``rank`` to the weights of the
+            modules it selects (:func:`lowrank_optim.select_lowrank_modules` semantics), resolved at the
+            first step; for groups built by someone else (HF Trainer's ``optimizer_cls_and_kwargs``).
+            Parameter names come from ``module`` or from torch's named param groups (``param_names``).
+        module: the model whose ``named_modules()`` resolve ``target_modules`` (kept by reference, never
+            saved in the state dict; not a group key).
         **hyper: hyper-parameters of the inner / residual rule (``betas``, ``eps``, ...).
     """
 
     preset_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, params: ParamsT, lr: float | None = 1e-3, **kwargs: Any) -> None:
+        module = kwargs.pop("module", None)
+        if module is not None and not isinstance(module, torch.nn.Module):
+            raise TypeError(f"Invalid module: expected an nn.Module, got {type(module).__name__}")
+        self._module: torch.nn.Module | None = module
+        self._target_ids: set[int] | None = None
         defaults: dict[str, Any] = {"lr": lr, **ENGINE_DEFAULTS, **self.preset_defaults}
         if "proj_type" in kwargs:  # galore-torch's name for the side rule
             kwargs["proj_side"] = kwargs.pop("proj_type")
         inner = kwargs.get("inner", defaults["inner"])
         residual = kwargs.get("residual", defaults["residual"])
-        for table, name, key in ((INNER_RULES, inner, "inner"), (RESIDUAL_RULES, residual, "residual")):
+        plain = kwargs.get("plain_inner", defaults["plain_inner"])
+        plain = inner if plain is None else plain
+        for table, name, key in ((INNER_RULES, inner, "inner"), (RESIDUAL_RULES, residual, "residual"),
+                                 (INNER_RULES, plain, "plain_inner")):
             if isinstance(name, str) and name in table:
                 for k, v in table[name].defaults.items():
                     defaults.setdefault(k, v)
@@ -116,7 +136,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         inner = INNER_RULES[check_choice("inner", group["inner"], sorted(INNER_RULES))]
         residual = RESIDUAL_RULES[check_choice("residual", group["residual"], sorted(RESIDUAL_RULES))]
-        for rule in (inner, residual):
+        plain = group.get("plain_inner")
+        plain_rule = inner if plain is None else INNER_RULES[check_choice("plain_inner", plain, sorted(INNER_RULES))]
+        for rule in (inner, residual, plain_rule):
             for k, v in rule.defaults.items():
                 group.setdefault(k, v)
         if group["lr"] is not None:
@@ -135,14 +157,23 @@ class LowRankOptimizer(torch.optim.Optimizer):
         check_choice("transfer", group["transfer"], sorted(TRANSFER_POLICIES))
         check_choice("nonfinite", group["nonfinite"], NONFINITE_POLICIES)
         check_int("seed", group["seed"], low=0)
+        if group["target_modules"] is not None:
+            validate_target_modules(group, self._module)
+            self._target_ids = None
+        if group["rank"] is not None:
+            _refuse_flattened(group)
         inner.validate(group)
         residual.validate(group)
+        if plain_rule is not inner:
+            plain_rule.validate(group)
         if group["rank"] is not None:
             self._parts(group)  # builds the projector now, so bad options fail at construction
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._parts_cache = {}
+        self.__dict__.setdefault("_module", None)
+        self._target_ids = None
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
@@ -167,6 +198,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def is_lowrank(group: dict[str, Any], p: torch.Tensor) -> bool:
         """Whether ``p`` takes the low-rank path in ``group``."""
         return group.get("rank") is not None and p.dim() == 2
+
+    def _targeted(self, group: dict[str, Any], p: torch.Tensor) -> bool:
+        """Whether ``group["target_modules"]`` (if any) selects ``p``; resolved once, at the first step."""
+        if group.get("target_modules") is None:
+            return True
+        if self._target_ids is None:
+            self._target_ids = resolve_targets(self.param_groups, self._module)
+        return id(p) in self._target_ids
 
     # -- step -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -218,7 +257,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         proj, rule, residual, transfer, store = self._parts(group)
         state = self.state[p]
         grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
-        lowrank = proj is not None and self.is_lowrank(group, p)
+        lowrank = proj is not None and self.is_lowrank(group, p) and self._targeted(group, p)
+        if not lowrank and group.get("plain_inner") is not None:
+            rule = INNER_RULES[group["plain_inner"]]
         if not state:
             self._init_state(state, group, p, grad, proj if lowrank else None, rule, store, index)
         elif lowrank and state["step"] % group["update_proj_gap"] == 0:
@@ -228,25 +269,32 @@ class LowRankOptimizer(torch.optim.Optimizer):
         low = proj.project(grad, state["projector"]) if lowrank else grad
         specs = rule.moments(tuple(low.shape), group)
         moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
-        d = rule.direction(low, moments, inner_step, group, p)
+        target = p if p.dtype == torch.float32 else p.float()
+        if not lowrank and rule.apply_plain(target, low, moments, inner_step, group):
+            d = None  # the rule applied the whole update (fused kernel), weight decay included
+        else:
+            d = rule.direction(low, moments, inner_step, group, p)
         for s in specs:
             store.save(state, s.name, moments[s.name], s.signed)
         state["step"], state["inner_step"] = step, inner_step
 
-        target = p if p.dtype == torch.float32 else p.float()
         wd = group["weight_decay"]
-        if wd != 0:
+        if d is not None and wd != 0:
             target.mul_(1 - d.lr * wd)
-        if not lowrank:
+        if d is None:
+            pass
+        elif not lowrank:
             if d.den is None:
                 target.add_(d.num, alpha=-d.coef)
             else:
                 target.addcdiv_(d.num, d.den, value=-d.coef)
         else:
             pst = state["projector"]
-            low_update = d.dense()
+            low_update = d.num if d.den is None else d.num / d.den
             target.add_(proj.project_back(low_update, pst), alpha=-d.coef * group["scale"])
-            extra = residual.step(grad, low, low_update, proj, pst, state, group)
+            # a residual rule with ``wants_coef`` also gets the inner rule's step coefficient (Fira)
+            ctx = {"coef": d.coef} if getattr(residual, "wants_coef", False) else {}
+            extra = residual.step(grad, low, low_update, proj, pst, state, group, **ctx)
             if extra is not None:
                 target.sub_(extra)
         if target is not p:
@@ -257,7 +305,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         state["step"] = 0
         state["inner_step"] = 0
         if proj is not None:
-            state["projector"] = proj.init(grad, seed=derive_seed(group["seed"], index))
+            ctx = {"layout": self._layout(group, p)} if getattr(proj, "wants_layout", False) else {}
+            state["projector"] = proj.init(grad, seed=derive_seed(group["seed"], index), **ctx)
             shape = proj.low_shape(p.shape, state["projector"])
         else:
             shape = tuple(p.shape)
@@ -268,14 +317,25 @@ class LowRankOptimizer(torch.optim.Optimizer):
                  rule: InnerRule, transfer: TransferPolicy, store: StateStore) -> None:
         old = state["projector"]
         specs: list[MomentSpec] = rule.moments(proj.low_shape(p.shape, old), group)
+        ctx: dict[str, Any] = {}
         if proj.wants_moments:
-            moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
-            new = proj.update(grad, old, moments=moments)
-        else:
-            new = proj.update(grad, old)
+            ctx["moments"] = {s.name: store.load(state, s.name, s.signed) for s in specs}
+        if getattr(proj, "wants_layout", False):
+            ctx["layout"] = self._layout(group, p)
+        if getattr(proj, "wants_lr", False):  # the group's lr now and at the start (LR schedulers' initial_lr)
+            ctx["lr"], ctx["initial_lr"] = group["lr"], group.get("initial_lr", group["lr"])
+        new = proj.update(grad, old, **ctx)
         specs = rule.moments(proj.low_shape(p.shape, new), group)
         transfer.apply(state, old, new, proj, specs, store)
         state["projector"] = new
+
+    def _layout(self, group: dict[str, Any], p: torch.Tensor) -> tuple[int, int, int]:
+        """``(position, count, group seed)`` of ``p`` among the group's projected params, for projectors
+        that draw across parameters (``wants_layout``: FRUGAL blocks, GUM's layer draw). Depends only on
+        the group's parameter order, so every data-parallel rank computes the same."""
+        chosen = [q for q in group["params"] if self.is_lowrank(group, q) and self._targeted(group, q)]
+        position = next(i for i, q in enumerate(chosen) if q is p)
+        return position, len(chosen), int(group["seed"])
 
     # -- memory and checkpoints -----------------------------------------------------------------
     def state_bytes(self) -> int:
@@ -319,6 +379,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 p = id_map[key]
                 self.state[p] = _to_device(value, p.device)
         self._parts_cache = {}
+        self._target_ids = None
+
+
+def _refuse_flattened(group: dict[str, Any]) -> None:
+    """Raises for a flattened parameter in a low-rank group (FSDP1 ``FlatParameter`` or its
+    ``use_orig_params`` views, DeepSpeed ZeRO-3 partitions): its 2-D structure is gone, and taking the
+    plain path silently would turn the method into plain Adam."""
+    for i, p in enumerate(group["params"]):
+        if is_flattened(p):
+            raise ValueError(f"Invalid params: parameter {i} (shape {tuple(p.shape)}) of a group with "
+                             f"rank={group['rank']} is a flattened shard; {FLATTENED_HINT}")
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

@@ -29,6 +29,16 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
+def is_flattened(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a flattened shard: FSDP1 ``FlatParameter`` or its ``use_orig_params`` views (marked
+    ``_fsdp_flattened``), or a DeepSpeed ZeRO-3 partition (``ds_id``). Their 2-D structure is gone."""
+    return bool(getattr(p, "_fsdp_flattened", False)) or hasattr(p, "ds_id")
+
+
+FLATTENED_HINT = ("low-rank projection needs each weight as a 2-D tensor, FSDP1 / DeepSpeed ZeRO flatten them: "
+                  "use DDP or torch.distributed.optim.ZeroRedundancyOptimizer")
+
+
 def _matches(name: str, target: str | Sequence[str]) -> bool:
     if isinstance(target, str):
         return re.fullmatch(target, name) is not None
@@ -98,6 +108,8 @@ def param_groups(model: nn.Module, rank: int = 128, target_modules: str | Sequen
     """
     check_int("rank", rank, low=1)
     check_choice("on_no_match", on_no_match, ("raise", "warn"))
+    if any(is_flattened(p) for p in model.parameters()):
+        raise ValueError(f"Invalid model: {type(model).__name__} holds flattened parameters; {FLATTENED_HINT}")
     names = select_lowrank_modules(model, target_modules)
     chosen: set[int] = set()
     lowrank: list[torch.Tensor] = []

@@ -17,6 +17,14 @@ import lowrank_optim as lro
 CASES: dict[str, dict[str, Any]] = {
     "galore_adamw": {"lr": 1e-2},
     "galore_adafactor": {"lr": 1e-2, "relative_step": False, "scale_parameter": False, "beta1": 0.9},
+    "dct_adamw": {"lr": 1e-2},
+    "online_subspace_descent": {"lr": 1e-2},
+    "fira": {"lr": 1e-2},
+    "frugal": {"lr": 1e-2, "density": 0.5},  # 2 projectable matrices: one active block per period
+    "gum": {"lr": 1e-2, "full_rank_layers": 1},  # one matrix full-rank, one low-rank, redrawn every 3 steps
+    "flora": {"lr": 1e-2, "scale_parameter": False},  # resampled every 3 steps (GROUP_OPTIONS)
+    "coap": {"lr": 1e-2},  # corrections every 3 steps, randomized SVD every 15
+    "galore_plus": {"lr": 1e-2, "residual_warmup": 2},  # sparse residual active from step 3
 }
 
 #: Group options for the low-rank group in the suite (a short refresh period; rank below min dim).

@@ -36,14 +36,34 @@ def _run(opt, params, steps: int, scale: float = 1.0, start: int = 0, hook=None)
 
 
 # -- exact reductions --------------------------------------------------------------------------------------------
-def test_plain_params_are_bit_identical_to_torch_adamw() -> None:
-    ours, ref = _params(), _params()
+def test_plain_params_are_bit_identical_to_torch_fused_adamw() -> None:
+    """Plain tensors run torch's fused AdamW kernel: bit-identical to AdamW(fused=True), and equal to the
+    default single-tensor AdamW up to float rounding (the two kernels order their operations differently)."""
+    ours, fused, single = _params(), _params(), _params()
     opt = lro.GaLoreAdamW(ours, lr=1e-2, weight_decay=0.1)
-    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, eps=1e-8)
     _run(opt, ours, 15)
-    _run(ref_opt, ref, 15)
-    for a, b in zip(ours, ref, strict=True):
+    _run(torch.optim.AdamW(fused, lr=1e-2, weight_decay=0.1, eps=1e-8, fused=True), fused, 15)
+    _run(torch.optim.AdamW(single, lr=1e-2, weight_decay=0.1, eps=1e-8), single, 15)
+    for a, b, c in zip(ours, fused, single, strict=True):
         assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-7)
+
+
+def test_unfused_fallback_matches_fused_path(monkeypatch) -> None:
+    """Where the fused kernel is unavailable the rule falls back to torch's op order; both agree."""
+    ours, ref = _params(), _params()
+    kw = {"rank": 6, "update_proj_gap": 4}
+    opt = lro.GaLoreAdamW([{"params": ours[:2], **kw}, {"params": ours[2:]}], lr=1e-2, weight_decay=0.1)
+    _run(opt, ours, 8)
+
+    def unavailable(*args, **kwargs):
+        raise NotImplementedError("no fused kernel on this device")
+
+    monkeypatch.setattr(torch, "_fused_adamw_", unavailable)
+    opt2 = lro.GaLoreAdamW([{"params": ref[:2], **kw}, {"params": ref[2:]}], lr=1e-2, weight_decay=0.1)
+    _run(opt2, ref, 8)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_full_rank_svd_with_sgd_momentum_equals_torch_sgd() -> None:

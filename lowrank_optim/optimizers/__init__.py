@@ -1,5 +1,13 @@
 """Named optimizers: thin presets over :class:`lowrank_optim.engine.LowRankOptimizer`."""
 
+from .coap import COAP
+from .dct_adamw import DCTAdamW
+from .flora import Flora
+from .fira import Fira
+from .frugal import FRUGAL
 from .galore import GaLoreAdafactor, GaLoreAdamW
+from .galore_plus import GaLorePlus, galore_plus_groups
+from .gum import GUM
+from .osd import OnlineSubspaceDescent
 
-__all__ = ["GaLoreAdafactor", "GaLoreAdamW"]
+__all__ = ["COAP", "DCTAdamW", "Flora", "GaLorePlus", "galore_plus_groups", "FRUGAL", "GUM", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "OnlineSubspaceDescent"]

@@ -5,6 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from .base import LEFT, RIGHT, SIDE_RULES, Projector, ProjState, choose_side
+from .coap import COAPProjector
+from .blocks import BlockProjector
+from .coords import ColumnsProjector, EntriesProjector, RowsProjector
+from .dct import DCTProjector
+from .gum import GUMProjector
+from .heads import HeadSharedRSVDProjector
+from .online_pca import OnlinePCAProjector
+from .random import RandomProjector
 from .rsvd import RandomizedSVDProjector
 from .svd import SVDProjector
 
@@ -19,6 +27,13 @@ def register_projector(cls: type[Projector]) -> type[Projector]:
 
 for _cls in (SVDProjector, RandomizedSVDProjector):
     register_projector(_cls)
+register_projector(DCTProjector)
+register_projector(OnlinePCAProjector)
+register_projector(RandomProjector)
+for _cls in (ColumnsProjector, RowsProjector, EntriesProjector, BlockProjector, GUMProjector):
+    register_projector(_cls)
+register_projector(COAPProjector)
+register_projector(HeadSharedRSVDProjector)
 
 
 def make_projector(name: str, rank: int, **options: Any) -> Projector:
@@ -37,5 +52,5 @@ def make_projector(name: str, rank: int, **options: Any) -> Projector:
         raise
 
 
-__all__ = ["LEFT", "PROJECTORS", "RIGHT", "SIDE_RULES", "ProjState", "Projector", "RandomizedSVDProjector",
-           "SVDProjector", "choose_side", "make_projector", "register_projector"]
+__all__ = ["LEFT", "PROJECTORS", "RIGHT", "SIDE_RULES", "DCTProjector", "OnlinePCAProjector", "ProjState", "Projector",
+           "RandomizedSVDProjector", "SVDProjector", "choose_side", "make_projector", "register_projector"]

@@ -5,13 +5,22 @@ from __future__ import annotations
 from .adafactor import AdafactorRule
 from .adam import AdamRule
 from .base import Direction, InnerRule, MomentSpec, ResidualRule, TransferPolicy
+from .fira_residual import FiraResidual
+from .muon import MuonRule
 from .residual import DropResidual
+from .reset_on_change import ResetOnChangeTransfer
 from .sgd import SGDMomentumRule
-from .transfer import KeepTransfer, ResetTransfer
+from .sparse_residual import SparseResidual
+from .state_free import SGDResidual, SignResidual
+from .transfer import KeepTransfer, LinearTransfer, MatchTransfer, ResetTransfer
 
-INNER_RULES: dict[str, InnerRule] = {r.name: r for r in (AdamRule(), AdafactorRule(), SGDMomentumRule())}
-RESIDUAL_RULES: dict[str, ResidualRule] = {r.name: r for r in (DropResidual(),)}
-TRANSFER_POLICIES: dict[str, TransferPolicy] = {t.name: t for t in (KeepTransfer(), ResetTransfer())}
+INNER_RULES: dict[str, InnerRule] = {r.name: r for r in (AdamRule(), AdafactorRule(), SGDMomentumRule(),
+                                                                  MuonRule())}
+RESIDUAL_RULES: dict[str, ResidualRule] = {r.name: r for r in (DropResidual(), FiraResidual(), SignResidual(),
+                                                                     SGDResidual(), SparseResidual())}
+TRANSFER_POLICIES: dict[str, TransferPolicy] = {t.name: t for t in (
+    KeepTransfer(), ResetTransfer(), LinearTransfer(), MatchTransfer(),
+    ResetOnChangeTransfer())}
 
 __all__ = ["INNER_RULES", "RESIDUAL_RULES", "TRANSFER_POLICIES", "Direction", "InnerRule", "MomentSpec",
            "ResidualRule", "TransferPolicy"]

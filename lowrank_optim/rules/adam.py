@@ -11,14 +11,20 @@ from .base import Direction, Group, InnerRule, MomentSpec
 
 
 class AdamRule(InnerRule):
-    """Adam in ``torch.optim.AdamW``'s exact operation order.
+    """Adam through torch's fused AdamW kernel (``torch._fused_adamw_``), one pass per tensor.
 
-    ``m <- lerp(m, g, 1 - b1)``, ``v <- b2 v + (1 - b2) g^2``,
+    ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2``,
     step ``= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
 
-    This differs from galore-torch's HF-style Adam, which adds ``eps`` to ``sqrt(v)`` *before* the
-    bias correction is folded into the step size: the two agree up to ``eps * (1 - sqrt(1 - b2^t))``
-    in the denominator. We follow torch so that a plain parameter is bit-identical to torch AdamW.
+    A plain parameter is bit-identical to ``torch.optim.AdamW(fused=True)`` and agrees with the default
+    ``torch.optim.AdamW`` to rounding. For a projected gradient the same kernel writes the Adam direction
+    into a scratch buffer (``lr=-1`` on a zero "parameter"), which is then projected back.
+    Where the fused kernel is unavailable (a device without it) the rule falls back to torch's
+    single-tensor operation order.
+
+    This differs from galore-torch's HF-style Adam, which adds ``eps`` to ``sqrt(v)`` *before* folding
+    the bias correction into the step size: the two agree up to ``eps * (1 - sqrt(1 - b2^t))`` in the
+    denominator.
     """
 
     name = "adam"
@@ -31,10 +37,30 @@ class AdamRule(InnerRule):
     def moments(self, shape: tuple[int, ...], group: Group) -> list[MomentSpec]:
         return [MomentSpec("exp_avg", shape, True), MomentSpec("exp_avg_sq", shape, False)]
 
+    @staticmethod
+    def _fused(target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,
+               group: Group, lr: float, weight_decay: float) -> bool:
+        beta1, beta2 = group["betas"]
+        try:
+            torch._fused_adamw_([target], [grad.contiguous()], [moments["exp_avg"]], [moments["exp_avg_sq"]], [],
+                                [torch.tensor(float(step), device=target.device)], lr=lr, beta1=beta1,
+                                beta2=beta2, weight_decay=weight_decay, eps=group["eps"], amsgrad=False,
+                                maximize=False)
+        except (RuntimeError, NotImplementedError, AttributeError):
+            return False
+        return True
+
+    def apply_plain(self, target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,
+                    group: Group) -> bool:
+        return self._fused(target, grad, moments, step, group, float(group["lr"]), group["weight_decay"])
+
     def direction(self, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int, group: Group,
                   param: torch.Tensor) -> Direction:
-        beta1, beta2 = group["betas"]
         lr = float(group["lr"])
+        buf = torch.zeros_like(grad)
+        if self._fused(buf, grad, moments, step, group, -1.0, 0.0):
+            return Direction(buf, None, lr, lr)
+        beta1, beta2 = group["betas"]
         exp_avg, exp_avg_sq = moments["exp_avg"], moments["exp_avg_sq"]
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

@@ -60,6 +60,14 @@ class InnerRule:
         """Updates ``moments`` in place from the fp32 ``grad`` and returns the step to take."""
         raise NotImplementedError
 
+    def apply_plain(self, target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,
+                    group: Group) -> bool:
+        """Optionally performs the whole plain-parameter update (weight decay included) on the fp32 ``target``.
+
+        Returns True when it did (a fused kernel, say); False lets the engine apply :meth:`direction`.
+        """
+        return False
+
 
 class ResidualRule:
     """Turns the gradient the projection drops into an extra full-rank step (or nothing)."""

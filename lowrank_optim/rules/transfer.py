@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..projectors.base import Projector, ProjState
+import torch
+
+from ..projectors.base import LEFT, Projector, ProjState
 from ..state import StateStore
 from .base import MomentSpec, TransferPolicy
 
@@ -27,3 +29,153 @@ class ResetTransfer(TransferPolicy):
         for spec in specs:
             store.create(state, spec.name, spec.shape, state[spec.name].device)
         state["inner_step"] = 0
+
+
+def same_projection(old: ProjState, new: ProjState) -> bool:
+    """Whether two projector states describe the same basis.
+
+    States that store a ``basis`` tensor are compared on side, rank and basis (counters do not change
+    the decoding); others (bases regenerated from ints, e.g. a seed and a refresh count) on every entry.
+    """
+    keys = ("side", "rank", "basis") if "basis" in old and "basis" in new else tuple(old)
+    if old.keys() != new.keys():
+        return False
+    for k in keys:
+        a = old[k]
+        b = new[k]
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype != b.dtype \
+                    or a.shape != b.shape or not torch.equal(a, b.to(a.device)):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+def _solve_sym(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``gram^{-1} rhs`` for a symmetric positive (semi-)definite ``gram``; pseudo-inverse if singular."""
+    try:
+        return torch.linalg.solve(gram, rhs)
+    except RuntimeError:
+        return torch.linalg.pinv(gram, hermitian=True) @ rhs
+
+
+class LinearTransfer(TransferPolicy):
+    """Moves low-rank moments into the new basis (Flora's momentum transfer; COAP's ``restore_state``).
+
+    With ``P_old``, ``P_new`` the bases (``(d, r)``, columns span the subspace), the first moment ``M``
+    (right side, ``(m, r)``) becomes the least-squares solution of ``M' P_new^T = M P_old^T``::
+
+        M' = M (P_old^T P_new) (P_new^T P_new)^{-1}          (left side: the transpose of this)
+
+    so the new moment decodes to the orthogonal projection of the old decoded moment onto the new
+    subspace. For orthonormal bases this is ``M P_old^T P_new`` (COAP); for Flora's Gaussian bases it
+    differs from the reference's ``M P_old^T P_new`` (unbiased, but its decoding carries noise of about
+    ``d / r`` times the momentum's energy): we take the smallest-error transfer instead. A moment that
+    may be negative moves linearly; a non-negative one (Adam's second moment) moves through its square
+    root, ``V' = (sqrt(V) ...)^2`` (COAP). Moments whose shape is not the low-rank shape (Adafactor's
+    factored statistics) are kept. When the basis is unchanged (equal projector states) nothing is
+    touched, so the policy is exactly the identity.
+
+    The products are formed with ``projector.project`` / ``project_back`` applied to an identity, so any
+    projector whose maps are linear works (bases stored, regenerated or implicit). A "reset" of the
+    second moment alone is not offered: Adam's bias correction would then restart for ``v`` but not
+    for ``m``, making the next steps about ``1 / sqrt(1 - beta2)`` times too large; use ``reset`` for a
+    clean restart of every moment.
+    """
+
+    name = "linear"
+
+    def apply(self, state: dict, old: ProjState, new: ProjState, projector: Projector, specs: list[MomentSpec],
+              store: StateStore) -> None:
+        if same_projection(old, new):
+            return
+        side = int(new["side"])
+        if int(old["side"]) != side:
+            raise ValueError(f"Invalid transfer: the projection side changed ({old['side']} -> {side})")
+        r_old, r_new = int(old["rank"]), int(new["rank"])
+        axis = 0 if side == LEFT else 1
+        moved = [s for s in specs if len(s.shape) == 2 and state[s.name].shape[axis] == r_old
+                 and s.shape[axis] == r_new]
+        if not moved:
+            return
+        device = state[moved[0].name].device
+        cross = projector.project(projector.project_back(torch.eye(r_old, device=device), old), new)
+        gram = projector.project(projector.project_back(torch.eye(r_new, device=device), new), new)
+        gram = 0.5 * (gram + gram.T)
+        if side == LEFT:
+            coef = _solve_sym(gram, cross)  # (r_new, r_old): M' = coef @ M
+        else:
+            coef = _solve_sym(gram, cross.T).T  # (r_old, r_new): M' = M @ coef
+        for spec in moved:
+            value = store.load(state, spec.name, spec.signed)
+            base = value if spec.signed else value.clamp(min=0).sqrt()
+            out = coef @ base if side == LEFT else base @ coef
+            if not spec.signed:
+                out = out.square()
+            if tuple(state[spec.name].shape) != tuple(spec.shape):
+                store.create(state, spec.name, spec.shape, device)
+            store.save(state, spec.name, out, spec.signed)
+
+
+def _match_positions(old_idx: torch.Tensor, new_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(new_pos, old_pos)``: where each index kept by both selections sits in the new and the old list."""
+    old_idx = old_idx.to(new_idx.device)
+    order = torch.argsort(old_idx, stable=True)
+    sorted_old = old_idx[order]
+    pos = torch.searchsorted(sorted_old, new_idx).clamp(max=max(sorted_old.numel() - 1, 0))
+    found = sorted_old[pos] == new_idx if sorted_old.numel() else torch.zeros_like(new_idx, dtype=torch.bool)
+    new_pos = torch.nonzero(found).flatten()
+    return new_pos, order[pos[new_pos]]
+
+
+class MatchTransfer(TransferPolicy):
+    """Index matching for selection projectors (DCT-AdamW's ``rotate_subspace``, arXiv:2505.17967).
+
+    The projector state must hold ``indices`` (the selected basis columns, e.g. the ``"dct"`` projector).
+    A column selected both before and after the refresh keeps its moment entries, moved to its new
+    position (the order of the new ``indices``); a newly selected column starts at zero; a dropped column
+    is discarded. This equals the reference's product with the 0/1 matching matrix
+    ``R = Q[:, old]^T Q[:, new]``, for the first moment and (``|V R|``) the second alike: for a 0/1
+    matrix with at most one 1 per row and column, the second moment moves entry by entry too. Adam's
+    bias-correction step is not reset (as in the reference), so a new column's first steps are larger
+    than a warmed-up column's.
+
+    The moment axis that indexes the selection is axis 0 on the left side and axis 1 on the right; a
+    full-shape 2-D moment is matched along it, a 1-D factored statistic (Adafactor) is matched when its
+    name ends in ``_row`` (left) or ``_col`` (right), and every other moment is kept.
+
+    Storage: each moment is loaded through the store (fp32 view), rebuilt in fp32 and saved back. In fp32
+    and bf16 the surviving entries are bit-exact copies; in 8-bit they are re-quantized, because the
+    256-element blocks (and so their ``absmax``) change with the columns they hold: survivors then agree
+    to one quantization step.
+    """
+
+    name = "match"
+
+    def apply(self, state: dict, old: ProjState, new: ProjState, projector: Projector, specs: list[MomentSpec],
+              store: StateStore) -> None:
+        if "indices" not in old or "indices" not in new:
+            raise ValueError(f"Invalid transfer: 'match' needs a selection projector whose state holds "
+                             f"'indices'; {type(projector).__name__} ({projector.name!r}) has none")
+        if int(old["side"]) != int(new["side"]):
+            raise ValueError(f"Invalid transfer: the projection side changed ({old['side']} -> {new['side']})")
+        old_idx, new_idx = old["indices"], new["indices"]
+        if old_idx.shape == new_idx.shape and torch.equal(old_idx, new_idx.to(old_idx.device)):
+            return
+        axis = 0 if int(new["side"]) == LEFT else 1
+        suffix = "_row" if axis == 0 else "_col"
+        new_pos, old_pos = _match_positions(old_idx, new_idx)
+        for spec in specs:
+            if len(spec.shape) == 2:
+                dim = axis
+            elif len(spec.shape) == 1 and spec.name.endswith(suffix):
+                dim = 0
+            else:
+                continue
+            device = state[spec.name].device
+            value = store.load(state, spec.name, spec.signed)
+            out = torch.zeros(spec.shape, dtype=torch.float32, device=device)
+            out.index_copy_(dim, new_pos.to(device), value.index_select(dim, old_pos.to(device)))
+            store.create(state, spec.name, spec.shape, device)
+            store.save(state, spec.name, out, spec.signed)

@@ -1,0 +1,165 @@
+"""Optimizer step time at LLaMA-60M shapes (CPU) or LLaMA-1B shapes (CUDA), synthetic gradients.
+
+Only the optimizer is timed: parameters and seeded gradients of the model's shapes are set once
+(no forward or backward pass). For each optimizer, in one process beside ``torch.optim.AdamW``:
+
+* steady steps (no subspace refresh): median and p95 over ``steps`` timed steps after a warm-up step;
+* the refresh step, timed separately: a fresh optimizer with ``update_proj_gap=1`` refreshes every step,
+  its median step time is the cost of a step that includes the refresh;
+* amortized step time for refresh period ``T`` (200): ``(median * (T - 1) + refresh) / T``, and its ratio
+  to AdamW's median;
+* on CUDA, peak memory (``torch.cuda.max_memory_allocated``) of parameters + gradients + state + step.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowrank_optim.memory import LLAMA_CONFIGS, count_state_bytes, llama_shapes
+
+from . import common
+from .registry import Spec, specs
+
+T_REFRESH = 200
+
+
+def _timed_steps(opt: torch.optim.Optimizer, n: int, device: torch.device) -> list[float]:
+    out = []
+    for _ in range(n):
+        common.sync(device)
+        t0 = time.perf_counter()
+        opt.step()
+        common.sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def time_spec(spec: Spec, params: dict[str, torch.nn.Parameter], rank: int, steps: int, refresh_steps: int,
+              device: torch.device, period: int = T_REFRESH) -> dict[str, Any]:
+    """Steady and refresh step times of ``spec`` on ``params`` (their gradients are already set)."""
+    snapshot = {n: p.detach().clone() for n, p in params.items()}
+    rec: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        opt = spec.build(common.split_groups(params, rank, 10**9))
+        first = _timed_steps(opt, 1, device)[0]  # state allocation + initial subspace
+        steady = _timed_steps(opt, steps, device)
+        if device.type == "cuda":
+            rec["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+        rec["state_bytes"] = count_state_bytes(opt)
+        del opt
+        refresh = None
+        if spec.lowrank and refresh_steps > 0:
+            opt = spec.build(common.split_groups(params, rank, 1))
+            _timed_steps(opt, 1, device)
+            refresh = common.median(_timed_steps(opt, refresh_steps, device))
+            del opt
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(snapshot[n])
+    gc.collect()
+    med = common.median(steady)
+    rec.update({"first_step_s": first, "median_step_s": med, "p95_step_s": common.quantile(steady, 0.95),
+                "refresh_step_s": refresh,
+                "amortized_step_s": med if refresh is None else (med * (period - 1) + refresh) / period,
+                "steps": steps, "refresh_steps": refresh_steps if refresh is not None else 0})
+    return rec
+
+
+def run(size: str = "60M", steps: int = 10, refresh_steps: int = 2, state_dtypes: tuple[str, ...] = ("fp32", "8bit"),
+        references: bool = True, only: list[str] | None = None, device: str = "cpu", rank: int = 128,
+        shapes: dict[str, tuple[int, ...]] | None = None) -> list[dict[str, Any]]:
+    """Times every spec; returns records with ratios to AdamW's median step."""
+    dev = common.check_device(device)
+    shapes = shapes or llama_shapes(**LLAMA_CONFIGS[size])
+    params = common.synthetic_params(shapes, dev)
+    records = []
+    todo = specs(state_dtypes, references, only)
+    for spec in common.progress(todo, f"throughput {size}", total=len(todo)):
+        rec: dict[str, Any] = {**spec.record(), "size": size, "rank": rank if spec.lowrank else None,
+                               "update_proj_gap": T_REFRESH, "device": device}
+        try:
+            rec.update(time_spec(spec, params, rank, steps, refresh_steps, dev))
+        except Exception as err:  # noqa: BLE001 - a failing reference is reported, not fatal
+            rec["error"] = f"{type(err).__name__}: {err}"[:300]
+        records.append(rec)
+    base = next((r for r in records if r["impl"] == "torch" and "median_step_s" in r), None)
+    for r in records:
+        if base and "amortized_step_s" in r:
+            r["amortized_ratio_to_adamw"] = r["amortized_step_s"] / base["median_step_s"]
+            r["median_ratio_to_adamw"] = r["median_step_s"] / base["median_step_s"]
+    return records
+
+
+def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    plt = common.pyplot()
+    if plt is None:
+        return
+    recs = [r for r in records if "median_step_s" in r]
+    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(recs) + 4), 5))
+    xs = range(len(recs))
+    ax.bar(xs, [r["amortized_step_s"] * 1e3 for r in recs], label=f"amortized (refresh every {T_REFRESH})")
+    ax.scatter(xs, [r["median_step_s"] * 1e3 for r in recs], color="k", marker="_", s=200, label="median step",
+               zorder=3)
+    ax.set_xticks(list(xs), [r["label"] for r in recs], rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("ms per optimizer step")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary(records: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in records:
+        row = {"optimizer": r["label"], "median ms": None, "p95 ms": None, "refresh ms": None,
+               "amortized ms": None, "amortized /AdamW": r.get("amortized_ratio_to_adamw")}
+        if "median_step_s" in r:
+            row.update({"median ms": 1e3 * r["median_step_s"], "p95 ms": 1e3 * r["p95_step_s"],
+                        "refresh ms": None if r["refresh_step_s"] is None else 1e3 * r["refresh_step_s"],
+                        "amortized ms": 1e3 * r["amortized_step_s"]})
+        if "peak_memory_bytes" in r:
+            row["peak GiB"] = r["peak_memory_bytes"] / 2**30
+        if "error" in r:
+            row["optimizer"] += " (error)"
+        rows.append(row)
+    cols = ["optimizer", "median ms", "p95 ms", "refresh ms", "amortized ms", "amortized /AdamW"]
+    if any("peak GiB" in r for r in rows):
+        cols.append("peak GiB")
+    return common.markdown_table(rows, cols)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = common.parser(__doc__.splitlines()[0])
+    ap.add_argument("--size", default=None, help="LLaMA size (default 60M on CPU, 1B on CUDA)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steady steps")
+    args = ap.parse_args(argv)
+    size = args.size or ("1B" if args.device == "cuda" else "60M")
+    rank = {"60M": 128, "130M": 256, "350M": 256, "1B": 512, "7B": 1024}[size]
+    steps = args.steps or (3 if args.quick else 20)
+    refresh_steps = 1 if args.quick else 3
+    stores: tuple[str, ...] = ("fp32", "8bit") if args.quick else ("fp32", "bf16", "8bit")
+    records = run(size, steps, refresh_steps, stores, not args.no_references, common.only_list(args.only),
+                  args.device, rank)
+    config = {"size": size, "shape": LLAMA_CONFIGS[size], "rank": rank, "steps": steps,
+              "refresh_steps": refresh_steps, "update_proj_gap": T_REFRESH, "state_dtypes": list(stores),
+              "gradients": "synthetic, seeded, set once"}
+    path = common.write_json(args.out, "throughput", args.device, args.quick, config, records)
+    plot(records, common.result_path(args.out, "throughput", args.device, "png"),
+         f"Optimizer step time, LLaMA-{size} shapes, {args.device}")
+    print(summary(records))
+    print(f"wrote {path}")
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Optimizer-state memory: exact counting of a live optimizer, and estimates from shapes without allocation.
+
+``estimate_state_bytes`` builds the parameters on PyTorch's ``meta`` device (shapes and dtypes, no
+storage), gives them meta gradients and runs one real ``step()`` of the optimizer: every state tensor the
+optimizer allocates is then a meta tensor whose ``numel() * element_size()`` is the exact byte count the
+same step allocates on a real device. This covers every registered optimizer (and any reference optimizer
+built by a callable) without a hand-written formula per method. When a step needs tensor *values* (e.g.
+Adafactor's parameter RMS), the estimate falls back to allocating the engine's state the way its first step
+does (``method="meta-init"``); for the engine's presets that allocation is the whole state.
+
+The closed forms behind it (GaLore, arXiv:2403.03507, for an ``m x n`` weight with ``r`` the rank):
+basis ``min(m, n) r`` fp32 values plus the inner rule's moments of shape ``max(m, n) x r`` in the state
+store (``fp32`` 4 bytes, ``bf16`` 2 bytes, ``8bit`` 1 byte per element plus 4 bytes per 256-element block
+for tensors of at least 4096 elements).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .engine import LowRankOptimizer
+from .registry import OPTIMIZERS, create_optimizer
+
+Shape = tuple[int, ...]
+
+#: LLaMA shapes used by GaLore's pre-training configs (``configs/llama_*.json``): layers, d_model, d_ffn, heads.
+LLAMA_CONFIGS: dict[str, dict[str, int]] = {
+    "60M": {"n_layers": 8, "d_model": 512, "d_ffn": 1376, "n_heads": 8},
+    "130M": {"n_layers": 12, "d_model": 768, "d_ffn": 2048, "n_heads": 12},
+    "350M": {"n_layers": 24, "d_model": 1024, "d_ffn": 2736, "n_heads": 16},
+    "1B": {"n_layers": 24, "d_model": 2048, "d_ffn": 5461, "n_heads": 32},
+    "7B": {"n_layers": 32, "d_model": 4096, "d_ffn": 11008, "n_heads": 32},
+}
+
+
+def llama_shapes(n_layers: int, d_model: int, d_ffn: int, vocab: int = 32000, tie_embeddings: bool = False,
+                 **_: Any) -> dict[str, Shape]:
+    """Parameter names (HF ``LlamaForCausalLM`` naming) and shapes of a LLaMA decoder.
+
+    Args:
+        n_layers: decoder layers.
+        d_model: hidden size.
+        d_ffn: SwiGLU intermediate size.
+        vocab: vocabulary size (GaLore's configs: 32000).
+        tie_embeddings: leave out ``lm_head.weight`` (shared with the embedding).
+    """
+    shapes: dict[str, Shape] = {"model.embed_tokens.weight": (vocab, d_model)}
+    for i in range(n_layers):
+        pre = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{pre}self_attn.{proj}.weight"] = (d_model, d_model)
+        shapes[f"{pre}mlp.gate_proj.weight"] = (d_ffn, d_model)
+        shapes[f"{pre}mlp.up_proj.weight"] = (d_ffn, d_model)
+        shapes[f"{pre}mlp.down_proj.weight"] = (d_model, d_ffn)
+        shapes[f"{pre}input_layernorm.weight"] = (d_model,)
+        shapes[f"{pre}post_attention_layernorm.weight"] = (d_model,)
+    shapes["model.norm.weight"] = (d_model,)
+    if not tie_embeddings:
+        shapes["lm_head.weight"] = (vocab, d_model)
+    return shapes
+
+
+def _tensor_bytes(obj: Any, seen: set, depth: int = 0) -> int:
+    """Bytes of the tensors reachable from ``obj`` (dicts, lists, tuples, plain objects' attributes)."""
+    if depth > 6:
+        return 0
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "meta":
+            key: Any = ("meta", id(obj))
+            size = obj.numel() * obj.element_size()
+        else:
+            storage = obj.untyped_storage()
+            key = (str(obj.device), storage.data_ptr())
+            size = storage.nbytes()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return size
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen, depth + 1) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+        return sum(_tensor_bytes(v, seen, depth + 1) for v in vars(obj).values())
+    return 0
+
+
+def count_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Exact bytes held in ``optimizer.state``, for any optimizer (storage shared by tensors counted once).
+
+    Also looks inside plain objects kept in state (galore-torch's and fira's projector objects), so
+    reference optimizers are counted the same way as ours. Meta tensors count ``numel * element_size``.
+    """
+    seen: set = set()
+    return sum(_tensor_bytes(st, seen) for st in optimizer.state.values())
+
+
+@dataclass
+class StateEstimate:
+    """Result of :func:`estimate_state_bytes`.
+
+    Attributes:
+        total: bytes of every state tensor.
+        per_param: bytes per parameter name.
+        projector: bytes under the engine's ``state["projector"]`` (bases, indices; 0 for references).
+        moments: ``total - projector``.
+        method: ``"meta-step"`` (one real step on meta tensors) or ``"meta-init"`` (engine state allocation).
+        lowrank: names that took the low-rank group.
+    """
+
+    total: int
+    per_param: dict[str, int]
+    projector: int
+    moments: int
+    method: str
+    lowrank: list[str] = field(default_factory=list)
+
+
+def _is_lowrank(name: str, shape: Shape, target: str | Sequence[str]) -> bool:
+    if len(shape) != 2:
+        return False
+    module = name[: -len(".weight")] if name.endswith(".weight") else name
+    if isinstance(target, str):
+        return re.fullmatch(target, module) is not None
+    return any(t in module for t in target)
+
+
+def _build(optimizer: str | Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+           groups: list[dict[str, Any]], kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    if callable(optimizer):
+        return optimizer(groups)
+    from .registry import _normalise
+
+    key = _normalise(optimizer)
+    cls = OPTIMIZERS.get(key)
+    extra = dict(kwargs)
+    if cls is not None and issubclass(cls, LowRankOptimizer):
+        extra.setdefault("nonfinite", "ignore")  # the finiteness check reads values, meta tensors have none
+    return create_optimizer(optimizer, groups, **extra)
+
+
+def estimate_state_bytes(named_shapes: Mapping[str, Sequence[int]],
+                         optimizer: str | Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = "galore_adamw",
+                         *, rank: int | None = 128, target_modules: str | Sequence[str] = ("attn", "mlp"),
+                         group_options: Mapping[str, Any] | None = None, param_dtype: torch.dtype = torch.float32,
+                         **kwargs: Any) -> StateEstimate:
+    """Optimizer-state bytes after one step, from shapes alone (meta device, nothing allocated).
+
+    Args:
+        named_shapes: parameter name -> shape (e.g. :func:`llama_shapes`).
+        optimizer: a registered name (see :func:`lowrank_optim.available_optimizers`) or a callable taking
+            param groups ``[{"params": plain}, {"params": lowrank, "rank": rank, **group_options}]`` and
+            returning any ``torch.optim.Optimizer`` (e.g. a reference implementation).
+        rank: rank of the low-rank group (``None``: every parameter plain).
+        target_modules: name fragments (substring of the module name) or a regex (full match) selecting
+            the 2-D weights that go low-rank, as :func:`lowrank_optim.param_groups` does on a model.
+        group_options: extra keys for the low-rank group (``update_proj_gap``, ``scale``, ...).
+        param_dtype: dtype of the (meta) parameters and gradients.
+        **kwargs: optimizer keyword arguments (``lr``, ``state_dtype``, ...), for a registered name.
+
+    Returns:
+        A :class:`StateEstimate`.
+    """
+    if not isinstance(named_shapes, Mapping) or not named_shapes:
+        raise ValueError(f"Invalid named_shapes: expected a non-empty mapping name -> shape, got {named_shapes!r}")
+    if not (isinstance(optimizer, str) or callable(optimizer)):
+        raise TypeError(f"Invalid optimizer: expected a registered name or a callable, got {optimizer!r}")
+    names = list(named_shapes)
+    shapes = {n: tuple(int(s) for s in named_shapes[n]) for n in names}
+    lowrank_names = [n for n in names if rank is not None and _is_lowrank(n, shapes[n], target_modules)]
+    if rank is not None and not lowrank_names:
+        raise ValueError(f"Invalid target_modules: {target_modules!r} matched no 2-D parameter name")
+
+    def fresh() -> tuple[dict[str, torch.nn.Parameter], list[dict[str, Any]]]:
+        params = {n: torch.nn.Parameter(torch.empty(shapes[n], device="meta", dtype=param_dtype)) for n in names}
+        for p in params.values():
+            p.grad = torch.empty_like(p)
+        low = set(lowrank_names)
+        groups: list[dict[str, Any]] = []
+        plain = [params[n] for n in names if n not in low]
+        if plain:
+            groups.append({"params": plain})
+        if low:
+            groups.append({"params": [params[n] for n in names if n in low], "rank": rank,
+                           **dict(group_options or {})})
+        return params, groups
+
+    params, groups = fresh()
+    opt = _build(optimizer, groups, kwargs)
+    method = "meta-step"
+    try:
+        opt.step()
+    except (RuntimeError, NotImplementedError):
+        if not isinstance(opt, LowRankOptimizer):
+            raise
+        params, groups = fresh()
+        opt = _build(optimizer, groups, kwargs)
+        method = "meta-init"
+        _allocate_engine_state(opt)
+    by_param = {id(p): n for n, p in params.items()}
+    seen: set = set()
+    per_param: dict[str, int] = {}
+    projector = 0
+    for p, st in opt.state.items():
+        name = by_param.get(id(p), str(id(p)))
+        per_param[name] = _tensor_bytes(st, seen)
+        if isinstance(opt, LowRankOptimizer) and isinstance(st, dict) and "projector" in st:
+            projector += _tensor_bytes(st["projector"], set())
+    total = sum(per_param.values())
+    return StateEstimate(total=total, per_param=per_param, projector=projector, moments=total - projector,
+                         method=method, lowrank=lowrank_names)
+
+
+def _allocate_engine_state(opt: LowRankOptimizer) -> None:
+    """Allocates each parameter's state through the engine's own first-step initialisation (no rule math)."""
+    index = 0
+    for group in opt.param_groups:
+        proj, rule, _, _, store = opt._parts(group)
+        for p in group["params"]:
+            index += 1
+            if p.grad is not None:
+                lowrank = proj is not None and opt.is_lowrank(group, p)
+                opt._init_state(opt.state[p], group, p, p.grad, proj if lowrank else None, rule, store, index - 1)
+
+
+__all__ = ["LLAMA_CONFIGS", "StateEstimate", "count_state_bytes", "estimate_state_bytes", "llama_shapes"]

@@ -1,0 +1,62 @@
+"""Online Subspace Descent (Liang et al., "Memory-Efficient LLM Training with Online Subspace Descent",
+NeurIPS 2024, arXiv:2408.12857)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from ..engine import LowRankOptimizer, ParamsT
+from ..registry import register_optimizer
+
+
+@register_optimizer("online_subspace_descent")
+class OnlineSubspaceDescent(LowRankOptimizer):
+    """Adam in the subspace of a projection ``P`` that takes one optimizer step per training step.
+
+    ``P`` starts as the top-``r`` singular vectors of the first gradient; then, every ``update_proj_gap``
+    steps (default 1: every step), the ``"online_pca"`` projector takes one Adam (or SGD) step on ``P`` for
+    ``||Ĝ - P P^T Ĝ||^2`` with ``Ĝ = G / ||G||_F``. Moments are kept as they are when ``P`` moves (the
+    paper's Hamiltonian-descent argument). P's own moments live in the projector state and are counted by
+    :meth:`state_bytes` (``3 r d`` floats per matrix under Adam against GaLore's ``r d``).
+
+    P's learning rate: ``p_lr_rule="ratio"`` (default, the paper: ``p_lr_ratio * lr``, ratio 5, following
+    the group's current lr), ``"reference"`` (the authors' code: ``p_lr * lr_t / lr_0``, where the code's
+    ``p_lr`` is ``1 / update_proj_gap`` of its command line, 1/200 in the LLaMA-60M recipe, and ``lr_0`` is
+    the group's ``initial_lr`` set by a torch LR scheduler), or ``"fixed"`` (``p_lr``). See
+    :class:`lowrank_optim.projectors.online_pca.OnlinePCAProjector` for the differences from the reference.
+
+    Args:
+        params: parameters or groups; a group carrying ``rank`` is projected (see :func:`param_groups`).
+        lr: learning rate of the weights.
+        betas: Adam coefficients of the weights.
+        eps: Adam epsilon of the weights (torch's 1e-8; the reference code: 1e-6).
+        weight_decay: decoupled weight decay of the weights.
+        rank: default rank for groups that do not set one.
+        update_proj_gap: steps between two steps on ``P`` (default 1).
+        scale: multiplier of the back-projected update (the reference recipes: 0.25).
+        p_optimizer: ``"adam"`` (default) or ``"sgd"``.
+        p_lr_rule: ``"ratio"``, ``"reference"`` or ``"fixed"``.
+        p_lr_ratio: P's lr over the weight lr under ``"ratio"`` (5).
+        p_lr: P's base lr under ``"reference"`` / ``"fixed"`` (0.005).
+        p_weight_decay: decoupled weight decay of ``P`` (0; the paper suggests ``weight_decay``).
+        orthonormalize: QR re-orthonormalisation of ``P`` after each step (off, as in the paper).
+        proj_side: side rule.
+        state_dtype: ``"fp32"``, ``"bf16"`` or ``"8bit"`` storage of the weight moments (P's are fp32).
+        projector_options: extra online-PCA options (override the ``p_*`` arguments).
+        **kwargs: further engine options (``transfer``, ``nonfinite``, ``seed``, ...).
+    """
+
+    preset_defaults: ClassVar[dict[str, Any]] = {"inner": "adam", "residual": "drop", "transfer": "keep",
+                                                 "projector": "online_pca", "update_proj_gap": 1}
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, rank: int | None = None, update_proj_gap: int = 1,
+                 scale: float = 0.25, p_optimizer: str = "adam", p_lr_rule: str = "ratio", p_lr_ratio: float = 5.0,
+                 p_lr: float = 0.005, p_weight_decay: float = 0.0, orthonormalize: bool = False,
+                 proj_side: str = "std", state_dtype: str = "fp32", projector_options: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
+        options = {"optimizer": p_optimizer, "lr_rule": p_lr_rule, "lr_ratio": p_lr_ratio, "lr": p_lr,
+                   "weight_decay": p_weight_decay, "orthonormalize": orthonormalize, **(projector_options or {})}
+        super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+                         update_proj_gap=update_proj_gap, scale=scale, proj_side=proj_side, state_dtype=state_dtype,
+                         projector_options=options, **kwargs)

@@ -1,0 +1,101 @@
+"""Seeded random projections, regenerated on demand (Flora, Hao et al. 2024, arXiv:2402.03293).
+
+The state holds ints only (side, rank, seed, refresh count); the basis is drawn again whenever it is
+needed from a CPU generator seeded with ``(seed, refresh)``, so the same checkpoint decodes the same
+basis on any device and on every data-parallel rank. (Flora's reference code seeds a generator on the
+tensor's device, whose stream differs between CPU and CUDA; we generate on the CPU and move the result.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from .._validation import check_choice, check_int
+from .base import LEFT, Projector, ProjState, choose_side, cpu_generator
+
+DISTRIBUTIONS = ("gaussian", "orthonormal")
+
+
+class RandomProjector(Projector):
+    """A random ``(d, r)`` basis per parameter and refresh, ``d`` the projected dimension.
+
+    * ``"gaussian"`` (Flora): i.i.d. ``N(0, 1/r)`` entries, so ``E[P P^T] = I``. The basis is **not**
+      orthonormal: ``project`` applies ``P^T`` (Flora's "down") and ``project_back`` applies ``P``
+      (Flora's "up"), so ``project_back(project(X))`` is an unbiased but noisy estimate of ``X``, not
+      a projection, and ``project(project_back(N)) = P^T P N != N``.
+    * ``"orthonormal"``: the Q factor of a Gaussian matrix (signs fixed by ``diag(R) > 0``), so
+      ``P^T P = I`` and ``project(project_back(N)) == N`` up to rounding.
+
+    A refresh (:meth:`update`) only increments the refresh count: the next basis is a fresh draw.
+
+    Args:
+        rank: target rank (clamped to ``min(m, n)``).
+        side: side rule.
+        distribution: ``"gaussian"`` (default) or ``"orthonormal"``.
+        cache_size: how many recently drawn bases to keep (outside the optimizer state, keyed by
+            ``(seed, refresh, shape, device)``); 0 regenerates at every use, as Flora does. The default 2
+            holds the old and new basis of a refresh, so a step draws each basis once.
+    """
+
+    name = "random"
+
+    def __init__(self, rank: int, side: str = "std", *, distribution: str = "gaussian", cache_size: int = 2) -> None:
+        super().__init__(rank, side)
+        self.distribution = check_choice("distribution", distribution, DISTRIBUTIONS)
+        self.cache_size = check_int("cache_size", cache_size, low=0)
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(rank={self.rank}, side={self.side_rule!r}, "
+                f"distribution={self.distribution!r})")
+
+    def init(self, grad: torch.Tensor, *, seed: int = 0) -> ProjState:
+        if grad.dim() != 2:
+            raise ValueError(f"Invalid grad: projectors take 2-D tensors, got shape {tuple(grad.shape)}")
+        side = choose_side(grad.shape, self.side_rule)
+        rank = min(self.rank, int(grad.shape[0]), int(grad.shape[1]))
+        return {"side": side, "rank": rank, "seed": int(seed), "refresh": 0,
+                "dim": int(grad.shape[0] if side == LEFT else grad.shape[1])}
+
+    def update(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
+        new = dict(state)
+        new["refresh"] = int(state["refresh"]) + 1
+        return new
+
+    def basis(self, state: ProjState, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The fp32 ``(d, r)`` basis of ``state`` on ``device`` (drawn on the CPU, then moved)."""
+        key = (int(state["seed"]), int(state["refresh"]), int(state["dim"]), int(state["rank"]), str(device))
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        d, r = key[2], key[3]
+        gen = cpu_generator(key[0], key[1])
+        z = torch.randn(d, r, generator=gen, dtype=torch.float32)
+        if self.distribution == "gaussian":
+            p = z.div_(math.sqrt(r))
+        else:
+            q, rr = torch.linalg.qr(z, mode="reduced")
+            p = q * torch.where(torch.diagonal(rr) < 0, -1.0, 1.0)
+        p = p.to(device)
+        if self.cache_size:
+            self._cache[key] = p
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return p
+
+    def project(self, grad: torch.Tensor, state: ProjState) -> torch.Tensor:
+        p = self.basis(state, grad.device)
+        return p.T @ grad if state["side"] == LEFT else grad @ p
+
+    def project_back(self, low: torch.Tensor, state: ProjState) -> torch.Tensor:
+        p = self.basis(state, low.device)
+        return p @ low if state["side"] == LEFT else low @ p.T
+
+    def state_numel(self, shape: tuple[int, ...] | torch.Size) -> int:
+        """No float data: the basis is regenerated from the seed."""
+        return 0

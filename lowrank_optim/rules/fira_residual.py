@@ -1,0 +1,99 @@
+"""Fira's residual: the gradient the projection drops, rescaled and added back (Chen et al. 2024, arXiv:2410.01623)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from .._validation import check_number
+from ..projectors.base import LEFT, Projector, ProjState
+from .base import Group, ResidualRule
+
+#: State key of the norm-growth limiter's stored norm (one fp32 0-d tensor per matrix).
+LIMITER_KEY = "fira_residual_norm"
+_TINY = 1e-8  # the reference code's guard in both the scaling factor and the limiter
+
+
+def slice_scaling(low_step: torch.Tensor, low_grad: torch.Tensor, side: int) -> torch.Tensor:
+    """Fira's norm-based scaling ``phi_j = ||N_j|| / (||R_j|| + 1e-8)``, one factor per slice along the
+    side the projection keeps, shaped to broadcast over the full gradient.
+
+    A left projection gives an ``(r, n)`` low-rank tensor: one factor per column, shape ``(1, n)``; a right
+    one gives ``(m, r)``: one factor per row, shape ``(m, 1)``. A low-rank tensor that is not 2-D (entry
+    selection) gets a single per-matrix factor.
+    """
+    if low_grad.dim() != 2:
+        return (low_step.norm() / (low_grad.norm() + _TINY)).reshape(1, 1)
+    dim = 0 if side == LEFT else 1
+    return low_step.norm(dim=dim, keepdim=True) / (low_grad.norm(dim=dim, keepdim=True) + _TINY)
+
+
+def limit_norm_growth(residual: torch.Tensor, state: dict, gamma: float) -> torch.Tensor:
+    """Fira's norm-growth limiter: if ``||S_t|| > gamma * s_{t-1}``, rescale ``S_t`` to ``gamma * s_{t-1}``.
+
+    ``s_t`` (the norm after limiting) is kept in ``state[LIMITER_KEY]``; the first call only stores it.
+    Works on tensors (no host synchronisation) and rescales ``residual`` in place.
+    """
+    norm = residual.norm()
+    stored = state.get(LIMITER_KEY)
+    if stored is None:
+        state[LIMITER_KEY] = norm.detach().to(torch.float32).clone()
+        return residual
+    factor = (norm / (stored + _TINY)).clamp(min=gamma) / gamma
+    residual.div_(factor)
+    stored.copy_(norm / factor)
+    return residual
+
+
+class FiraResidual(ResidualRule):
+    """Adds ``phi * (G - lift(R))`` to the low-rank Adam step, norm-growth limited.
+
+    ``N`` is Adam's normalised step ``m / (sqrt(v) + eps)`` *without* bias correction, as in the paper
+    and the reference code: the engine's Adam folds ``sqrt(1 - beta2^t)`` into its denominator, so the
+    rule divides it back out when the group has ``betas`` (Adam family; other inner rules: their
+    normalised direction is used as is). The limiter works on that un-corrected ``S`` and the applied step
+    is ``coef * sqrt(1 - beta2^t) * S`` with the inner rule's ``coef`` (``lr / (1 - beta1^t)``), i.e. the
+    reference ``lr sqrt(1 - beta2^t) / (1 - beta1^t)`` shared by both terms.
+
+    Group keys:
+        fira_residual: ``"reference"`` (default): ``G - scale * P R``, the reference code, where GaLore's
+            ``scale`` (alpha) sits inside the lift, so with alpha < 1 the residual still holds
+            ``(1 - alpha)`` of the in-subspace gradient; ``"orthogonal"``: ``G - P R``, the paper's
+            equation (the part of ``G`` outside the subspace only).
+        limiter_gamma: the limiter's growth bound gamma (1.01, fixed in the reference code); ``None``
+            switches the limiter off.
+    """
+
+    name = "fira"
+    wants_coef = True
+    defaults: ClassVar[dict[str, Any]] = {"fira_residual": "reference", "limiter_gamma": 1.01}
+
+    def validate(self, group: Group) -> None:
+        mode = group["fira_residual"]
+        if mode not in ("reference", "orthogonal"):
+            raise ValueError(f"Invalid fira_residual: {mode!r} (expected 'reference' or 'orthogonal')")
+        if group["limiter_gamma"] is not None:
+            check_number("limiter_gamma", group["limiter_gamma"], low=1.0)
+
+    def step(self, grad: torch.Tensor, low_grad: torch.Tensor, low_update: torch.Tensor, projector: Projector,
+             proj_state: ProjState, state: dict, group: Group, coef: float = 1.0) -> torch.Tensor | None:
+        correction = 1.0
+        if "betas" in group:
+            correction = math.sqrt(1.0 - group["betas"][1] ** state["inner_step"])
+        lifted = projector.project_back(low_grad, proj_state)
+        if group["fira_residual"] == "reference":
+            residual = torch.sub(grad, lifted, alpha=group["scale"])
+        else:
+            residual = grad - lifted
+        phi = slice_scaling(low_update, low_grad, int(proj_state.get("side", LEFT)))
+        if correction != 1.0:
+            phi = phi / correction
+        residual.mul_(phi)
+        if group["limiter_gamma"] is not None:
+            limit_norm_growth(residual, state, float(group["limiter_gamma"]))
+        return residual.mul_(coef * correction)
+
+
+__all__ = ["LIMITER_KEY", "FiraResidual", "limit_norm_growth", "slice_scaling"]

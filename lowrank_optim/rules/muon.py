@@ -1,0 +1,96 @@
+"""Muon: momentum orthogonalised by a Newton-Schulz iteration (Jordan et al. 2024; Liu et al. 2025,
+arXiv:2502.16982), as the inner rule of GUM (arXiv:2510.17802)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from .._validation import check_int, check_number
+from .base import Direction, Group, InnerRule, MomentSpec
+
+#: The quintic coefficients (a, b, c) of Keller Jordan's Muon: a steep slope at 0, no convergence to
+#: exactly 1 (singular values end up roughly in [0.7, 1.2]), which is enough for the step direction.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+LR_ADJUST = ("original", "match_rms_adamw", "none")
+
+
+def newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> torch.Tensor:
+    """Approximate polar factor ``U V^T`` of a 2-D ``x`` (a new fp32 tensor).
+
+    ``x`` is first divided by its Frobenius norm (clamped below at ``eps``), so ``NS(c x) = NS(x)`` for
+    ``c > 0`` up to rounding; then ``steps`` iterations of ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` run on the wide orientation
+    (the Gram matrix is ``min(m, n)`` square).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"Invalid grad: Newton-Schulz needs a 2-D tensor, got shape {tuple(x.shape)}")
+    a, b, c = coefficients
+    tall = x.shape[0] > x.shape[1]
+    y = x.T if tall else x
+    y = y / y.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = y @ y.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        y = torch.addmm(y, poly, y, beta=a)
+    return (y.T if tall else y).contiguous()
+
+
+def lr_factor(mode: str, shape: tuple[int, ...] | torch.Size) -> float:
+    """Muon's shape-dependent lr factor: ``"original"`` ``sqrt(max(1, rows / cols))`` (Jordan, torch's
+    default), ``"match_rms_adamw"`` ``0.2 sqrt(max(rows, cols))`` (Moonlight), ``"none"`` 1."""
+    rows, cols = int(shape[0]), int(shape[1])
+    if mode == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if mode == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return 1.0
+
+
+class MuonRule(InnerRule):
+    """``B <- mu B + g``; step ``lr * f(shape) * NS(g + mu B)`` (Nesterov) or ``NS(B)``.
+
+    Momentum is kept as a plain sum (the paper's ``R <- beta R + g``); torch's Muon keeps the EMA
+    ``B <- lerp(B, g, 1 - mu)``, which is ``(1 - mu)`` times ours, and Newton-Schulz normalises its input, so
+    both give the same step. The lr factor ``f`` uses the *parameter's* shape, so a low-rank step
+    ``P NS(R)`` and a full step ``NS(R)`` of the same matrix get the same factor. Newton-Schulz runs in fp32
+    (torch's Muon runs it in bf16).
+
+    Group keys: ``momentum`` (0.95), ``nesterov`` (True), ``ns_steps`` (5), ``ns_eps`` (1e-7),
+    ``muon_lr_adjust`` (``"original"``, ``"match_rms_adamw"`` or ``"none"``).
+    """
+
+    name = "muon"
+    defaults: ClassVar[dict[str, Any]] = {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "ns_eps": 1e-7,
+                                          "muon_lr_adjust": "original"}
+
+    def validate(self, group: Group) -> None:
+        check_number("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+        if not isinstance(group["nesterov"], bool):
+            raise TypeError(f"Invalid nesterov: expected a bool, got {group['nesterov']!r}")
+        check_int("ns_steps", group["ns_steps"], low=1)
+        check_number("ns_eps", group["ns_eps"], low=0.0)
+        if group["muon_lr_adjust"] not in LR_ADJUST:
+            raise ValueError(f"Invalid muon_lr_adjust: {group['muon_lr_adjust']!r} (expected one of {LR_ADJUST})")
+
+    def moments(self, shape: tuple[int, ...], group: Group) -> list[MomentSpec]:
+        return [MomentSpec("momentum_buffer", tuple(shape), True)]
+
+    def direction(self, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int, group: Group,
+                  param: torch.Tensor) -> Direction:
+        if grad.dim() != 2:
+            raise ValueError(f"Invalid inner: 'muon' needs 2-D tensors, got shape {tuple(grad.shape)}; give "
+                             "embeddings, norms and biases another rule with plain_inner='adam'")
+        lr = float(group["lr"])
+        mu = group["momentum"]
+        buf = moments["momentum_buffer"]
+        buf.mul_(mu).add_(grad)
+        update = grad.add(buf, alpha=mu) if group["nesterov"] else buf
+        ortho = newton_schulz(update, group["ns_steps"], group["ns_eps"])
+        shape = param.shape if param.dim() == 2 else grad.shape
+        return Direction(ortho, None, lr * lr_factor(group["muon_lr_adjust"], shape), lr)
+
+
+__all__ = ["LR_ADJUST", "NS_COEFFICIENTS", "MuonRule", "lr_factor", "newton_schulz"]

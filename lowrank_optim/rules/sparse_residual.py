@@ -1,0 +1,99 @@
+"""Sparsely coded residual (GaLore+, Liao et al. 2024, arXiv:2412.19820).
+
+GaLore+ corrects the error of the low-rank approximation with a sparse term built during a warm-up
+phase. No public code exists, so every concrete choice below is ours:
+
+* the residual is the part of the gradient the projection drops, ``E = G - project_back(project(G))``;
+* during the first ``residual_warmup`` steps of a parameter, ``E^2`` is accumulated (a transient
+  full-size fp32 buffer, freed at the end of the warm-up); then the ``residual_density * m * n``
+  entries with the largest accumulated energy are chosen once and for all (indices kept sorted, as
+  int32 when they fit); the set is not re-chosen when the basis is refreshed;
+* afterwards each step runs Adam (torch's order, own ``residual_betas`` / ``residual_eps``) on ``E`` at
+  those entries only, through the group's state store, and adds the step at those entries, scaled by
+  ``lr * scale`` like the low-rank step;
+* ``residual_density = 0`` keeps no state and is exactly the ``drop`` rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from .._validation import check_betas, check_int, check_number
+from ..projectors.base import Projector, ProjState
+from ..state import StateStore
+from .base import Group, ResidualRule
+
+_INDEX = "residual_index"
+_SCORE = "residual_score"
+_SEEN = "residual_seen"
+_STEP = "residual_step"
+_M = "residual_exp_avg"
+_V = "residual_exp_avg_sq"
+
+
+def residual_count(density: float, shape: tuple[int, ...] | torch.Size) -> int:
+    """Number of residual entries kept for a matrix of ``shape``: ``floor(density * m * n)``."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    return int(density * numel)
+
+
+class SparseResidual(ResidualRule):
+    """Small Adam moments on the largest entries of the dropped gradient (see the module docstring)."""
+
+    name = "sparse"
+    defaults: ClassVar[dict[str, Any]] = {"residual_density": 0.01, "residual_warmup": 10,
+                                          "residual_betas": (0.9, 0.999), "residual_eps": 1e-8}
+
+    def validate(self, group: Group) -> None:
+        density = check_number("residual_density", group["residual_density"], low=0.0, high=1.0)
+        check_int("residual_warmup", group["residual_warmup"], low=0)
+        check_betas("residual_betas", group["residual_betas"])
+        check_number("residual_eps", group["residual_eps"], low=0.0)
+        if density > 0 and group["lr"] is None:
+            raise ValueError("Invalid lr: None, the sparse residual needs a learning rate")
+
+    def step(self, grad: torch.Tensor, low_grad: torch.Tensor, low_update: torch.Tensor, projector: Projector,
+             proj_state: ProjState, state: dict, group: Group) -> torch.Tensor | None:
+        k = residual_count(group["residual_density"], grad.shape)
+        if k == 0:
+            return None
+        resid = grad - projector.project_back(low_grad, proj_state)
+        seen = int(state.get(_SEEN, 0)) + 1
+        state[_SEEN] = seen
+        warmup = int(group["residual_warmup"])
+        store = StateStore(group["state_dtype"])
+        if _INDEX not in state:
+            score = resid.square()
+            if _SCORE in state:
+                score.add_(state[_SCORE])
+            if seen < max(warmup, 1):
+                state[_SCORE] = score
+                return None
+            state.pop(_SCORE, None)
+            idx = torch.topk(score.flatten(), k, sorted=False).indices.sort().values
+            small = grad.numel() < 2**31
+            state[_INDEX] = idx.to(torch.int32) if small else idx
+            for name in (_M, _V):
+                store.create(state, name, (k,), grad.device)
+            state[_STEP] = 0
+            if seen <= warmup:
+                return None
+        idx = state[_INDEX].long()
+        e = resid.flatten().index_select(0, idx)
+        beta1, beta2 = group["residual_betas"]
+        t = int(state[_STEP]) + 1
+        m, v = store.load(state, _M, True), store.load(state, _V, False)
+        m.lerp_(e, 1 - beta1)
+        v.mul_(beta2).addcmul_(e, e, value=1 - beta2)
+        denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(group["residual_eps"])
+        upd = (m / denom).mul_(float(group["lr"]) * group["scale"] / (1 - beta1**t))
+        store.save(state, _M, m, True)
+        store.save(state, _V, v, False)
+        state[_STEP] = t
+        out = torch.zeros(grad.numel(), dtype=grad.dtype, device=grad.device)
+        out.index_copy_(0, idx, upd)
+        return out.view(grad.shape)

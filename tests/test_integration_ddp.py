@@ -1,0 +1,141 @@
+"""Data parallel on CPU: DDP and ZeroRedundancyOptimizer (gloo, 2 processes, 127.0.0.1, bounded in time).
+
+Every registered optimizer (the random-projection ones included: their seeds come from the group seed
+and the parameter index, never from the process) keeps the two replicas bit-identical (weights and
+optimizer state) for 20 steps while each rank sees different data. Under ZeroRedundancyOptimizer, which
+shards whole tensors, replicas stay identical too, and for the presets whose subspace depends only on
+the gradient (exact SVD) the trajectory equals the DDP one bit for bit. FSDP1's flattened parameters
+are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lowrank_optim as lro
+
+STEPS = 20
+WORLD = 2
+TIMEOUT_S = 240
+#: Subspace depends on the gradient only (no seed, no position among the group's params): ZeRO == DDP exactly.
+GRADIENT_ONLY = ("galore_adamw", "galore_adafactor", "fira")
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def _digest(model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    if opt is not None:
+        from helpers import flat_state
+
+        for k, v in flat_state(opt):
+            h.update(k.encode())
+            h.update(v.contiguous().view(torch.uint8).numpy().tobytes() if isinstance(v, torch.Tensor)
+                     else repr(v).encode())
+    return h.hexdigest()
+
+
+def _run(name: str, rank: int, zero: bool) -> tuple[str, str]:
+    from helpers import CASES, GROUP_OPTIONS, build, loss_fn, make_data, make_model
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model()
+    ddp = DDP(model)
+    if zero:
+        groups = lro.param_groups(model, rank=8, target_modules=["attn", "mlp"], **GROUP_OPTIONS)
+        cls = lro.registry.OPTIMIZERS[name]
+        opt: Any = ZeroRedundancyOptimizer(groups, optimizer_class=cls, state_dtype="8bit", **CASES.get(name, {}))
+    else:
+        opt = build(name, model, state_dtype="8bit")
+    x, y = make_data(seed=100 + rank)  # different data on each rank
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss_fn(ddp, x, y).backward()
+        opt.step()
+    # under ZeRO each rank holds the state of its own shard only: compare the weights
+    return _digest(model, None), _digest(model, None if zero else opt)
+
+
+def _fsdp_refused() -> list[str]:
+    from helpers import make_model
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    messages = []
+    for orig in (False, True):
+        wrapped = FSDP(make_model(), device_id=torch.device("cpu"), use_orig_params=orig)
+        for build in (lambda m: lro.GaLoreAdamW(m.parameters(), rank=8),
+                      lambda m: lro.GaLoreAdamW(lro.param_groups(m, rank=8, target_modules=["attn", "mlp"]))):
+            try:
+                build(wrapped)
+                messages.append("accepted")
+            except ValueError as err:
+                messages.append(str(err))
+    return messages
+
+
+def _worker(rank: int, port: int, names: list[str], out: str) -> None:
+    sys.path.insert(0, os.path.dirname(__file__))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        result: dict[str, Any] = {}
+        for name in names:
+            ddp_w, ddp_all = _run(name, rank, zero=False)
+            zero_w, _ = _run(name, rank, zero=True)
+            result[name] = {"ddp_weights": ddp_w, "ddp_all": ddp_all, "zero_weights": zero_w}
+        result["_fsdp"] = _fsdp_refused()
+        gathered: list[Any] = [None] * WORLD
+        dist.all_gather_object(gathered, result)
+        if rank == 0:
+            Path(out).write_text(json.dumps(gathered))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_replicas_stay_bit_identical(tmp_path: Path) -> None:
+    names = lro.available_optimizers()
+    out = tmp_path / "result.json"
+    ctx = mp.start_processes(_worker, args=(_free_port(), names, str(out)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    ranks = json.loads(out.read_text())
+    for name in names:
+        r0, r1 = ranks[0][name], ranks[1][name]
+        assert r0["ddp_all"] == r1["ddp_all"], f"{name}: DDP replicas diverged (weights or state)"
+        assert r0["zero_weights"] == r1["zero_weights"], f"{name}: ZeroRedundancyOptimizer replicas diverged"
+        if name in GRADIENT_ONLY:
+            assert r0["zero_weights"] == r0["ddp_weights"], f"{name}: ZeRO trajectory differs from DDP"
+    for messages in (ranks[0]["_fsdp"], ranks[1]["_fsdp"]):
+        assert len(messages) == 4
+        assert all("flattened" in m and "ZeroRedundancyOptimizer" in m for m in messages), messages

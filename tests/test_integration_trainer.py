@@ -1,0 +1,94 @@
+"""HF Transformers Trainer, both routes, on a tiny LlamaForCausalLM built from a config (nothing downloaded).
+
+Each route trains 4 steps with a checkpoint at step 2, then a fresh Trainer resumes from that checkpoint
+(the Trainer reloads ``optimizer.pt`` with ``torch.load(weights_only=True)``) and must end on the very
+same weights as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import lowrank_optim as lro  # noqa: E402
+
+TARGETS = ["self_attn", "mlp"]
+N_LINEAR = 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+
+
+def tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def dataset() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(32):
+        ids = torch.randint(0, 64, (16,), generator=g)
+        rows.append({"input_ids": ids, "labels": ids.clone()})
+    return rows
+
+
+def args(out: Path) -> Any:
+    return transformers.TrainingArguments(
+        output_dir=str(out), max_steps=4, save_steps=2, save_strategy="steps", per_device_train_batch_size=4,
+        learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=1, logging_steps=1,
+        report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+
+
+def route_groups(model: torch.nn.Module) -> dict[str, Any]:
+    groups = lro.param_groups(model, rank=4, target_modules=TARGETS, update_proj_gap=2)
+    opt = lro.GaLoreAdamW(groups, lr=1e-2, weight_decay=0.1, state_dtype="8bit")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    return {"optimizers": (opt, sched)}
+
+
+def route_cls(model: torch.nn.Module) -> dict[str, Any]:
+    kwargs = {"lr": 1e-2, "rank": 4, "update_proj_gap": 2, "target_modules": TARGETS, "module": model,
+              "state_dtype": "8bit"}
+    return {"optimizer_cls_and_kwargs": (lro.GaLoreAdamW, kwargs)}
+
+
+def inner(opt: torch.optim.Optimizer) -> lro.LowRankOptimizer:
+    while not isinstance(opt, lro.LowRankOptimizer):  # accelerate's AcceleratedOptimizer wraps it
+        opt = opt.optimizer
+    return opt
+
+
+@pytest.mark.parametrize("route", [route_groups, route_cls], ids=["optimizers", "optimizer_cls_and_kwargs"])
+def test_trainer_trains_and_resumes_exactly(route: Callable[[torch.nn.Module], dict[str, Any]],
+                                            tmp_path: Path) -> None:
+    model = tiny_llama()
+    trainer = transformers.Trainer(model=model, args=args(tmp_path / "a"), train_dataset=dataset(), **route(model))
+    trainer.train()
+    opt = inner(trainer.optimizer)
+    names = {id(p): n for n, p in model.named_parameters()}
+    projected = sorted(names[id(p)] for p, st in opt.state.items() if "projector" in st)
+    # exactly the 2-D weights of the targeted nn.Linear modules are projected: not embed_tokens, not lm_head
+    assert len(projected) == N_LINEAR
+    assert all(("self_attn" in n or "mlp" in n) and n.endswith(".weight") for n in projected)
+    assert all(st["step"] == 4 for st in opt.state.values())
+    # the Trainer's decay / no-decay groups are kept as built (route 2) or ours are (route 1)
+    assert {g["weight_decay"] for g in opt.param_groups} <= {0.0, 0.1}
+    uninterrupted = {k: v.clone() for k, v in model.state_dict().items()}
+
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    assert os.path.isfile(ckpt / "optimizer.pt")
+    resumed_model = tiny_llama()
+    resumed = transformers.Trainer(model=resumed_model, args=args(tmp_path / "b"), train_dataset=dataset(),
+                                   **route(resumed_model))
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    for k, v in resumed_model.state_dict().items():
+        assert torch.equal(v, uninterrupted[k]), k
+    assert all(st["step"] == 4 for st in inner(resumed.optimizer).state.values())
