@@ -28,7 +28,15 @@ def parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
     ap.add_argument("--only", default=None, help="comma-separated optimizer names to run (default: all)")
     ap.add_argument("--no-references", action="store_true", help="skip the reference implementations")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return ap
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Applies ``--threads`` and checks ``--device``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return check_device(args.device)
 
 
 def check_device(device: str) -> torch.device:

@@ -84,7 +84,8 @@ def paper_table(sizes: list[str]) -> list[dict[str, Any]]:
             total = 2 * n_params + state
             rows.append({"size": size, "method": method, "rank": rank if method == "GaLore" else None,
                          "params": n_params, "ours_GiB": total / GIB, "ours_GB": total / 1e9, "paper_G": paper,
-                         "diff_pct_GiB": 100 * (total / GIB / paper - 1), "diff_pct_GB": 100 * (total / 1e9 / paper - 1)})
+                         "diff_pct_GiB": 100 * (total / GIB / paper - 1),
+                         "diff_pct_GB": 100 * (total / 1e9 / paper - 1)})
     return rows
 
 
@@ -106,13 +107,13 @@ def run(sizes: list[str], measure_sizes: list[str], state_dtypes: tuple[str, ...
                                "update_proj_gap": GAP, "n_params": sum(torch.Size(s).numel() for s in shapes.values())}
         try:
             rec.update(closed_form(spec, shapes, rank))
-        except Exception as err:  # noqa: BLE001 - a reference that cannot run on meta is reported, not fatal
+        except Exception as err:  # a reference that cannot run on meta is reported, not fatal
             rec.update({"closed_form_bytes": None, "method": None, "error": f"{type(err).__name__}: {err}"[:300]})
         rec["measured_bytes"] = None
         if size in measure_sizes:
             try:
                 rec["measured_bytes"] = measured(spec, shapes, rank, dev)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 rec["measure_error"] = f"{type(err).__name__}: {err}"[:300]
         records.append(rec)
     for size in sizes:
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = common.parser(__doc__.splitlines()[0])
     ap.add_argument("--measure", default=None, help="comma-separated sizes to measure (default 60M; full: 60M,130M)")
     args = ap.parse_args(argv)
+    common.setup(args)
     sizes = list(LLAMA_CONFIGS)
     if args.quick:
         measure = ["60M"]

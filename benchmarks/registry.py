@@ -110,7 +110,7 @@ def _references() -> list[Spec]:
     def have(module: str) -> bool:
         try:
             importlib.import_module(module)
-        except Exception:  # noqa: BLE001 - any import failure means "not installed here"
+        except Exception:  # any import failure means "not installed here"
             return False
         return True
 
@@ -168,10 +168,7 @@ def specs(state_dtypes: Sequence[str] = STATE_DTYPES, references: bool = True,
     """
     out = [_ours(name, sd) for name in lro.available_optimizers() for sd in state_dtypes]
     refs = _references()
-    if references:
-        out = refs[:1] + out + refs[1:]
-    else:
-        out = refs[:1] + out
+    out = refs[:1] + out + (refs[1:] if references else [])
     if only:
         keep = set(only)
         out = [s for s in out if s.impl == "torch" or keep & {s.optimizer, s.impl, s.label}]

@@ -5,7 +5,8 @@ Only the optimizer is timed: parameters and seeded gradients of the model's shap
 
 * steady steps (no subspace refresh): median and p95 over ``steps`` timed steps after a warm-up step;
 * the refresh step, timed separately: a fresh optimizer with ``update_proj_gap=1`` refreshes every step,
-  its median step time is the cost of a step that includes the refresh;
+  its median step time is the cost of a step that includes the refresh (quick mode, ``refresh_steps=0``:
+  the first step, which computes the initial subspace, stands in for it);
 * amortized step time for refresh period ``T`` (200): ``(median * (T - 1) + refresh) / T``, and its ratio
   to AdamW's median;
 * on CUDA, peak memory (``torch.cuda.max_memory_allocated``) of parameters + gradients + state + step.
@@ -57,7 +58,9 @@ def time_spec(spec: Spec, params: dict[str, torch.nn.Parameter], rank: int, step
         rec["state_bytes"] = count_state_bytes(opt)
         del opt
         refresh = None
-        if spec.lowrank and refresh_steps > 0:
+        if spec.lowrank and refresh_steps == 0:
+            refresh = first  # quick mode: the first step (initial subspace + allocation) stands in for a refresh
+        elif spec.lowrank:
             opt = spec.build(common.split_groups(params, rank, 1))
             _timed_steps(opt, 1, device)
             refresh = common.median(_timed_steps(opt, refresh_steps, device))
@@ -70,7 +73,8 @@ def time_spec(spec: Spec, params: dict[str, torch.nn.Parameter], rank: int, step
     rec.update({"first_step_s": first, "median_step_s": med, "p95_step_s": common.quantile(steady, 0.95),
                 "refresh_step_s": refresh,
                 "amortized_step_s": med if refresh is None else (med * (period - 1) + refresh) / period,
-                "steps": steps, "refresh_steps": refresh_steps if refresh is not None else 0})
+                "steps": steps, "refresh_steps": refresh_steps if refresh is not None else 0,
+                "refresh_source": None if refresh is None else ("first_step" if refresh_steps == 0 else "gap_1")})
     return rec
 
 
@@ -88,7 +92,7 @@ def run(size: str = "60M", steps: int = 10, refresh_steps: int = 2, state_dtypes
                                "update_proj_gap": T_REFRESH, "device": device}
         try:
             rec.update(time_spec(spec, params, rank, steps, refresh_steps, dev))
-        except Exception as err:  # noqa: BLE001 - a failing reference is reported, not fatal
+        except Exception as err:  # a failing reference is reported, not fatal
             rec["error"] = f"{type(err).__name__}: {err}"[:300]
         records.append(rec)
     base = next((r for r in records if r["impl"] == "torch" and "median_step_s" in r), None)
@@ -143,11 +147,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--size", default=None, help="LLaMA size (default 60M on CPU, 1B on CUDA)")
     ap.add_argument("--steps", type=int, default=None, help="timed steady steps")
     args = ap.parse_args(argv)
+    common.setup(args)
     size = args.size or ("1B" if args.device == "cuda" else "60M")
     rank = {"60M": 128, "130M": 256, "350M": 256, "1B": 512, "7B": 1024}[size]
     steps = args.steps or (3 if args.quick else 20)
-    refresh_steps = 1 if args.quick else 3
-    stores: tuple[str, ...] = ("fp32", "8bit") if args.quick else ("fp32", "bf16", "8bit")
+    refresh_steps = 0 if args.quick else 3
+    stores: tuple[str, ...] = ("fp32",) if args.quick else ("fp32", "bf16", "8bit")
     records = run(size, steps, refresh_steps, stores, not args.no_references, common.only_list(args.only),
                   args.device, rank)
     config = {"size": size, "shape": LLAMA_CONFIGS[size], "rank": rank, "steps": steps,

@@ -7,15 +7,45 @@
 
 from .engine import LowRankOptimizer
 from .groups import param_groups, select_lowrank_modules
-from .optimizers import COAP, FRUGAL, GUM, DCTAdamW, Fira, Flora, GaLoreAdafactor, GaLoreAdamW, GaLorePlus
-from .optimizers import OnlineSubspaceDescent, galore_plus_groups
+from .optimizers import (
+    COAP,
+    FRUGAL,
+    GUM,
+    DCTAdamW,
+    Fira,
+    Flora,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLorePlus,
+    OnlineSubspaceDescent,
+    galore_plus_groups,
+)
 from .projectors import Projector, make_projector
 from .registry import available_optimizers, create_optimizer, register_optimizer
 from .state import StateStore
 
 __version__ = "0.1.0"
 
-__all__ = ["COAP", "Flora", "GaLorePlus", "galore_plus_groups", "DCTAdamW", "FRUGAL", "GUM", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "LowRankOptimizer", "OnlineSubspaceDescent", "Projector",
-           "StateStore", "__version__",
-           "available_optimizers", "create_optimizer", "make_projector", "param_groups", "register_optimizer",
-           "select_lowrank_modules"]
+__all__ = [
+    "COAP",
+    "FRUGAL",
+    "GUM",
+    "DCTAdamW",
+    "Fira",
+    "Flora",
+    "GaLoreAdafactor",
+    "GaLoreAdamW",
+    "GaLorePlus",
+    "LowRankOptimizer",
+    "OnlineSubspaceDescent",
+    "Projector",
+    "StateStore",
+    "__version__",
+    "available_optimizers",
+    "create_optimizer",
+    "galore_plus_groups",
+    "make_projector",
+    "param_groups",
+    "register_optimizer",
+    "select_lowrank_modules",
+]

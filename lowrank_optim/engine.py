@@ -208,9 +208,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return id(p) in self._target_ids
 
     # -- step -----------------------------------------------------------------------------------
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Performs one optimization step (torch conventions: the closure runs with grad enabled)."""
+        """Performs one optimization step (torch conventions: the closure runs with grad enabled).
+
+        Runs eagerly inside ``torch.compile``d code (a graph break): refreshes (SVD, QR, index choice),
+        8-bit codecs and per-step int counters are data-dependent, and tracing them would recompile on
+        every step; the model's forward and backward around it still compile.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -222,18 +228,39 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 index += 1
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise TypeError(f"{type(self).__name__} does not support sparse gradients "
-                                    f"(parameter {index - 1}, shape {tuple(p.shape)})")
-                if torch.is_complex(p.grad):
-                    raise TypeError(f"{type(self).__name__} does not support complex parameters "
-                                    f"(parameter {index - 1}, dtype {p.grad.dtype})")
+                self._check_grad(p, index - 1)
                 work.append((group, p, index - 1))
         if not work or not self._gradients_ok(work):
             return loss
         for group, p, idx in work:
             self._step_param(group, p, idx)
         return loss
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def step_parameter(self, param: torch.Tensor) -> None:
+        """Steps ``param`` alone, with the same state, seeds and math as :meth:`step` (for layer-wise
+        updates from gradient hooks, :mod:`lowrank_optim.layerwise`); the non-finite check covers this
+        one gradient. A parameter without a gradient is left alone."""
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p is param:
+                    if p.grad is not None:
+                        self._check_grad(p, index)
+                        if self._gradients_ok([(group, p, index)]):
+                            self._step_param(group, p, index)
+                    return
+                index += 1
+        raise ValueError(f"Invalid param: a tensor of shape {tuple(param.shape)} that is not in this optimizer")
+
+    def _check_grad(self, p: torch.Tensor, index: int) -> None:
+        if p.grad.is_sparse:
+            raise TypeError(f"{type(self).__name__} does not support sparse gradients "
+                            f"(parameter {index}, shape {tuple(p.shape)})")
+        if torch.is_complex(p.grad):
+            raise TypeError(f"{type(self).__name__} does not support complex parameters "
+                            f"(parameter {index}, dtype {p.grad.dtype})")
 
     def _gradients_ok(self, work: list[tuple[dict[str, Any], torch.Tensor, int]]) -> bool:
         """Checks every gradient for inf/NaN before any state changes (policy per group)."""
@@ -292,8 +319,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             pst = state["projector"]
             low_update = d.num if d.den is None else d.num / d.den
             target.add_(proj.project_back(low_update, pst), alpha=-d.coef * group["scale"])
-            # a residual rule with ``wants_coef`` also gets the inner rule's step coefficient (Fira)
-            ctx = {"coef": d.coef} if getattr(residual, "wants_coef", False) else {}
+            # a residual rule with ``wants_coef`` also gets the inner step's coefficient and lr (Fira)
+            ctx = {"coef": d.coef, "lr": d.lr} if getattr(residual, "wants_coef", False) else {}
             extra = residual.step(grad, low, low_update, proj, pst, state, group, **ctx)
             if extra is not None:
                 target.sub_(extra)

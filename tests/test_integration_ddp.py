@@ -39,13 +39,13 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 def _digest(model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> str:
     h = hashlib.sha256()
     for p in model.parameters():
-        h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     if opt is not None:
         from helpers import flat_state
 
         for k, v in flat_state(opt):
             h.update(k.encode())
-            h.update(v.contiguous().view(torch.uint8).numpy().tobytes() if isinstance(v, torch.Tensor)
+            h.update(v.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if isinstance(v, torch.Tensor)
                      else repr(v).encode())
     return h.hexdigest()
 

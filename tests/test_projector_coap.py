@@ -4,6 +4,7 @@ gradient scales, the randomized-SVD schedule, and the optimizer path."""
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -79,7 +80,7 @@ def test_correction_moves_p_at_realistic_scale_and_the_reference_does_not(side) 
 @given(m=st.integers(8, 40), n=st.integers(8, 40), r=st.integers(1, 6), seed=st.integers(0, 2**16),
        side=st.sampled_from(["std", "reverse_std"]), scale=st.sampled_from([1e-4, 1e-2, 10.0]))
 def test_small_correction_lowers_the_loss_and_is_scale_free(m, n, r, seed, side, scale) -> None:
-    proj, g, state, moments = _state_with_moment((m, n), r, side, seed, scale)
+    _, g, state, moments = _state_with_moment((m, n), r, side, seed, scale)
     g2 = g + _matrix(m, n, seed + 11, scale)
     small = make_projector("coap", r, side=side, correction_lr=1e-3)
     new = small.update(g2, state, moments=moments)
@@ -109,7 +110,7 @@ def test_every_kth_refresh_is_a_warm_started_randomized_svd() -> None:
             expect = randomized_range(oriented(_matrix(60, 40, k), state["side"]), 6, oversample=0, power_iters=0,
                                       seed=(5, k), warm=prev["basis"])
             assert torch.equal(state["basis"], expect)
-    for a, b in zip(bases, bases[1:], strict=False):
+    for a, b in itertools.pairwise(bases):
         assert not torch.equal(a, b)
 
 

@@ -2,12 +2,13 @@
 
 from .coap import COAP
 from .dct_adamw import DCTAdamW
-from .flora import Flora
 from .fira import Fira
+from .flora import Flora
 from .frugal import FRUGAL
 from .galore import GaLoreAdafactor, GaLoreAdamW
 from .galore_plus import GaLorePlus, galore_plus_groups
 from .gum import GUM
 from .osd import OnlineSubspaceDescent
 
-__all__ = ["COAP", "DCTAdamW", "Flora", "GaLorePlus", "galore_plus_groups", "FRUGAL", "GUM", "Fira", "GaLoreAdafactor", "GaLoreAdamW", "OnlineSubspaceDescent"]
+__all__ = ["COAP", "FRUGAL", "GUM", "DCTAdamW", "Fira", "Flora", "GaLoreAdafactor", "GaLoreAdamW", "GaLorePlus",
+           "OnlineSubspaceDescent", "galore_plus_groups"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from .._validation import check_choice
+from .._validation import check_choice, check_number
 from ..engine import LowRankOptimizer, ParamsT
 from ..registry import register_optimizer
 
@@ -77,9 +77,13 @@ class FRUGAL(LowRankOptimizer):
             projector_options = {"density": density, "order": block_order, **(projector_options or {})}
         elif projector in COORDINATES:
             projector_options = {"density": density, **(projector_options or {})}
+        if rule == "drop":  # no state-free part: the scale is unused, but still checked
+            check_number("inactive_lr_scale", inactive_lr_scale, low=0.0)
+        else:
+            kwargs["inactive_lr_scale"] = inactive_lr_scale
         kwargs.setdefault("update_proj_gap", update_gap)
         kwargs.setdefault("scale", proj_params_lr_scale)
         kwargs.setdefault("transfer", "reset_on_change" if reset_statistics else "keep")
         super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay, projector=projector,
-                         residual=rule, inactive_lr_scale=inactive_lr_scale, rank=rank,
+                         residual=rule, rank=rank,
                          projector_options=projector_options, state_dtype=state_dtype, **kwargs)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .base import LEFT, RIGHT, SIDE_RULES, Projector, ProjState, choose_side
-from .coap import COAPProjector
 from .blocks import BlockProjector
+from .coap import COAPProjector
 from .coords import ColumnsProjector, EntriesProjector, RowsProjector
 from .dct import DCTProjector
 from .gum import GUMProjector
@@ -52,5 +52,21 @@ def make_projector(name: str, rank: int, **options: Any) -> Projector:
         raise
 
 
-__all__ = ["LEFT", "PROJECTORS", "RIGHT", "SIDE_RULES", "DCTProjector", "OnlinePCAProjector", "ProjState", "Projector",
-           "RandomizedSVDProjector", "SVDProjector", "choose_side", "make_projector", "register_projector"]
+__all__ = [
+    "LEFT",
+    "PROJECTORS",
+    "RIGHT",
+    "SIDE_RULES",
+    "COAPProjector",
+    "DCTProjector",
+    "HeadSharedRSVDProjector",
+    "OnlinePCAProjector",
+    "ProjState",
+    "Projector",
+    "RandomProjector",
+    "RandomizedSVDProjector",
+    "SVDProjector",
+    "choose_side",
+    "make_projector",
+    "register_projector",
+]

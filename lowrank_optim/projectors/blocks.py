@@ -22,7 +22,7 @@ def active_blocks(count: int, period: int, density: float, order: str, seed: int
     walking forward (an odd active count is rounded down to even). Depends on integers only, so every
     data-parallel rank agrees.
     """
-    k = min(count, int(round(count * density)))
+    k = min(count, round(count * density))
     if k == 0:
         return []
     if order == "ascending":

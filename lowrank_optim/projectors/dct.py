@@ -50,18 +50,21 @@ _TWIDDLES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor,
 
 
 def dct_rows(indices: torch.Tensor, size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Rows ``indices`` of the orthonormal DCT-II matrix of ``size`` (``(len(indices), size)``).
+    """Rows ``indices`` of the orthonormal DCT-II matrix of ``size`` (``(len(indices), size)``), on their device.
 
     Computed in float64 from the closed form (the cosine's argument reduced exactly in integers), then
-    cast: entries are correctly rounded to ``dtype`` up to float64 error.
+    cast: entries are correctly rounded to ``dtype`` up to float64 error. (MPS has no float64: built on
+    the CPU there.)
     """
-    k = indices.detach().to(device="cpu", dtype=torch.int64).reshape(-1, 1)
-    j = torch.arange(size, dtype=torch.int64).reshape(1, -1)
+    device = indices.device
+    work = torch.device("cpu") if device.type == "mps" else device
+    k = indices.detach().to(device=work, dtype=torch.int64).reshape(-1, 1)
+    j = torch.arange(size, dtype=torch.int64, device=work).reshape(1, -1)
     phase = (k * (2 * j + 1)) % (4 * size)  # cos(pi * phase / (2 size)) has period 4 size in phase
     rows = torch.cos(phase.to(torch.float64) * (math.pi / (2 * size)))
-    scale = torch.full((k.shape[0], 1), math.sqrt(2.0 / size), dtype=torch.float64)
+    scale = torch.full(k.shape, math.sqrt(2.0 / size), dtype=torch.float64, device=work)
     scale[k == 0] = math.sqrt(1.0 / size)
-    return (rows * scale).to(device=indices.device, dtype=dtype)
+    return (rows * scale).to(device=device, dtype=dtype)
 
 
 def dct_matrix(size: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -207,7 +210,7 @@ class DCTProjector(Projector):
             low = dct_fft(a).index_select(-1, state["indices"].to(a.device))
         else:
             low = a @ self._selected(state, d, a.device).T
-        return low.T if side == LEFT else low
+        return low.T.contiguous() if side == LEFT else low
 
     def project_back(self, low: torch.Tensor, state: ProjState) -> torch.Tensor:
         side = state["side"]

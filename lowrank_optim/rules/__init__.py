@@ -7,8 +7,8 @@ from .adam import AdamRule
 from .base import Direction, InnerRule, MomentSpec, ResidualRule, TransferPolicy
 from .fira_residual import FiraResidual
 from .muon import MuonRule
-from .residual import DropResidual
 from .reset_on_change import ResetOnChangeTransfer
+from .residual import DropResidual
 from .sgd import SGDMomentumRule
 from .sparse_residual import SparseResidual
 from .state_free import SGDResidual, SignResidual

@@ -51,11 +51,10 @@ class FiraResidual(ResidualRule):
     """Adds ``phi * (G - lift(R))`` to the low-rank Adam step, norm-growth limited.
 
     ``N`` is Adam's normalised step ``m / (sqrt(v) + eps)`` *without* bias correction, as in the paper
-    and the reference code: the engine's Adam folds ``sqrt(1 - beta2^t)`` into its denominator, so the
-    rule divides it back out when the group has ``betas`` (Adam family; other inner rules: their
-    normalised direction is used as is). The limiter works on that un-corrected ``S`` and the applied step
-    is ``coef * sqrt(1 - beta2^t) * S`` with the inner rule's ``coef`` (``lr / (1 - beta1^t)``), i.e. the
-    reference ``lr sqrt(1 - beta2^t) / (1 - beta1^t)`` shared by both terms.
+    and the reference code, where both terms share the step size ``eta_t = lr sqrt(1 - beta2^t) / (1 - beta1^t)``.
+    The rule reads ``N`` off the applied low-rank step ``coef * low_update`` (whatever split of the
+    coefficient the inner rule uses) as ``coef * low_update / eta_t``, builds and limits ``S`` in those
+    un-corrected units, and returns ``eta_t * S``. For an inner rule without ``betas`` ``eta_t = lr``.
 
     Group keys:
         fira_residual: ``"reference"`` (default): ``G - scale * P R``, the reference code, where GaLore's
@@ -78,22 +77,26 @@ class FiraResidual(ResidualRule):
             check_number("limiter_gamma", group["limiter_gamma"], low=1.0)
 
     def step(self, grad: torch.Tensor, low_grad: torch.Tensor, low_update: torch.Tensor, projector: Projector,
-             proj_state: ProjState, state: dict, group: Group, coef: float = 1.0) -> torch.Tensor | None:
-        correction = 1.0
+             proj_state: ProjState, state: dict, group: Group, coef: float = 1.0,
+             lr: float = 1.0) -> torch.Tensor | None:
+        eta = float(lr)
         if "betas" in group:
-            correction = math.sqrt(1.0 - group["betas"][1] ** state["inner_step"])
+            t = state["inner_step"]
+            beta1, beta2 = group["betas"]
+            eta *= math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+        if eta == 0.0:
+            return None
         lifted = projector.project_back(low_grad, proj_state)
         if group["fira_residual"] == "reference":
             residual = torch.sub(grad, lifted, alpha=group["scale"])
         else:
             residual = grad - lifted
         phi = slice_scaling(low_update, low_grad, int(proj_state.get("side", LEFT)))
-        if correction != 1.0:
-            phi = phi / correction
+        phi.mul_(coef / eta)
         residual.mul_(phi)
         if group["limiter_gamma"] is not None:
             limit_norm_growth(residual, state, float(group["limiter_gamma"]))
-        return residual.mul_(coef * correction)
+        return residual.mul_(eta)
 
 
 __all__ = ["LIMITER_KEY", "FiraResidual", "limit_norm_growth", "slice_scaling"]

@@ -22,8 +22,8 @@ def newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7,
     """Approximate polar factor ``U V^T`` of a 2-D ``x`` (a new fp32 tensor).
 
     ``x`` is first divided by its Frobenius norm (clamped below at ``eps``), so ``NS(c x) = NS(x)`` for
-    ``c > 0`` up to rounding; then ``steps`` iterations of ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` run on the wide orientation
-    (the Gram matrix is ``min(m, n)`` square).
+    ``c > 0`` up to rounding; then ``steps`` iterations of ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``
+    run on the wide orientation (the Gram matrix is ``min(m, n)`` square).
     """
     if x.dim() != 2:
         raise ValueError(f"Invalid grad: Newton-Schulz needs a 2-D tensor, got shape {tuple(x.shape)}")

@@ -102,11 +102,10 @@ class LinearTransfer(TransferPolicy):
         device = state[moved[0].name].device
         cross = projector.project(projector.project_back(torch.eye(r_old, device=device), old), new)
         gram = projector.project(projector.project_back(torch.eye(r_new, device=device), new), new)
+        gram, cross = gram.double(), cross.double()  # r x r: solving in fp64 costs nothing
         gram = 0.5 * (gram + gram.T)
-        if side == LEFT:
-            coef = _solve_sym(gram, cross)  # (r_new, r_old): M' = coef @ M
-        else:
-            coef = _solve_sym(gram, cross.T).T  # (r_old, r_new): M' = M @ coef
+        # left: (r_new, r_old), M' = coef @ M; right: (r_old, r_new), M' = M @ coef
+        coef = _solve_sym(gram, cross).float() if side == LEFT else _solve_sym(gram, cross.T).T.float()
         for spec in moved:
             value = store.load(state, spec.name, spec.signed)
             base = value if spec.signed else value.clamp(min=0).sqrt()
@@ -148,7 +147,8 @@ class MatchTransfer(TransferPolicy):
     Storage: each moment is loaded through the store (fp32 view), rebuilt in fp32 and saved back. In fp32
     and bf16 the surviving entries are bit-exact copies; in 8-bit they are re-quantized, because the
     256-element blocks (and so their ``absmax``) change with the columns they hold: survivors then agree
-    to one quantization step.
+    to one quantization step, and new columns hold zero as the blockwise code stores it (bitsandbytes
+    encodes 0 within about 1e-4 of the block's ``absmax``).
     """
 
     name = "match"

@@ -1,0 +1,248 @@
+"""Memory planner: weights, gradients and optimizer state of a model before allocating it.
+
+``lowrank-optim estimate --model llama-7b --optimizer galore_adamw --rank 1024 --state-dtype 8bit
+--layerwise --budget-gb 24`` (or :func:`plan_memory` from Python). Optimizer state comes from
+:func:`lowrank_optim.memory.estimate_state_bytes` (one real ``step()`` on meta tensors, so every method's
+exact state layout is counted, including fp32 projector bases); weights and gradients are closed forms:
+
+* weights: every parameter in ``weight_dtype`` (bf16 by default, the GaLore paper's convention);
+* gradients: the same, for every trainable parameter; with ``layerwise=True`` (GaLore's per-layer updates,
+  :class:`lowrank_optim.layerwise.LayerwiseUpdater`, no gradient accumulation) only the largest single
+  gradient, since each one is applied and freed as soon as it exists.
+
+Not counted: activations (batch and sequence length dependent), temporaries of the step (e.g. the SVD at a
+refresh), the CUDA context and allocator slack. The GaLore paper's 22.0 GB for LLaMA-7B with 8-bit GaLore
+(arXiv:2403.03507, Sec. 5.5) is a measurement that includes activations at a 256-token batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._validation import check_choice, check_int, check_number
+from .memory import LLAMA_CONFIGS, estimate_state_bytes, llama_shapes
+from .registry import available_optimizers
+from .state import STATE_DTYPES
+
+Shape = tuple[int, ...]
+GB = 10**9
+GIB = 2**30
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: ``--model`` presets: GaLore's LLaMA configs (``configs/llama_*.json``), vocabulary 32000, untied head.
+PRESETS = {f"llama-{k.lower()}": k for k in LLAMA_CONFIGS}
+
+
+@dataclass
+class MemoryPlan:
+    """What :func:`plan_memory` found (all sizes in bytes).
+
+    Attributes:
+        model: the model's name or config path.
+        optimizer: the optimizer's registered name.
+        n_params: parameter count.
+        weights: bytes of the weights.
+        gradients: bytes of the gradients alive at the peak.
+        state: optimizer state by part (``projector bases``, ``low-rank moments``, ``plain moments``).
+        settings: rank, state dtype, weight dtype, layer-wise flag.
+        budget: the budget in bytes (``None``: none given).
+        n_lowrank: number of projected matrices.
+    """
+
+    model: str
+    optimizer: str
+    n_params: int
+    weights: int
+    gradients: int
+    state: dict[str, int]
+    settings: dict[str, Any] = field(default_factory=dict)
+    budget: int | None = None
+    n_lowrank: int = 0
+
+    @property
+    def state_total(self) -> int:
+        """Bytes of the whole optimizer state."""
+        return sum(self.state.values())
+
+    @property
+    def total(self) -> int:
+        """Weights + gradients + optimizer state."""
+        return self.weights + self.gradients + self.state_total
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether :attr:`total` fits :attr:`budget` (``None`` without a budget)."""
+        return None if self.budget is None else self.total <= self.budget
+
+    def format(self) -> str:
+        """A human-readable table (GB = 10^9 bytes, GiB = 2^30 bytes)."""
+        s = self.settings
+        rank = "full rank" if s["rank"] is None else f"rank {s['rank']}"
+        mode = ", layer-wise" if s["layerwise"] else ""
+        rows = [(f"weights ({s['weight_dtype']})", self.weights),
+                (f"gradients ({s['weight_dtype']}{', largest single tensor' if s['layerwise'] else ''})",
+                 self.gradients),
+                (f"optimizer state ({s['state_dtype']} moments)", self.state_total)]
+        rows += [(f"  {k}", v) for k, v in self.state.items()]
+        rows.append(("total", self.total))
+        lines = [f"{self.model}: {self.n_params / 1e9:.3f} B parameters, {self.optimizer}, {rank}, "
+                 f"{self.n_lowrank} projected matrices{mode}"]
+        lines += [f"  {name:<48} {v / GB:9.2f} GB {v / GIB:9.2f} GiB" for name, v in rows]
+        if self.budget is not None:
+            left = self.budget - self.total
+            verdict = "fits" if left >= 0 else "does NOT fit"
+            lines.append(f"  budget {self.budget / GB:.2f} GB: {verdict} ({left / GB:+.2f} GB)")
+        lines.append("  not counted: activations, step temporaries (SVD at refresh), CUDA context, allocator slack")
+        return "\n".join(lines)
+
+
+def hf_config_shapes(config: Mapping[str, Any]) -> dict[str, Shape]:
+    """Parameter names and shapes of a LLaMA-style decoder from an HF ``config.json`` dict.
+
+    Reads ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``,
+    ``vocab_size`` and, when present, ``num_key_value_heads`` (grouped-query attention), ``head_dim``,
+    ``tie_word_embeddings``, ``attention_bias`` and ``mlp_bias`` (LLaMA, Mistral, Qwen2 naming).
+    """
+    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [k for k in required if not isinstance(config.get(k), int)]
+    if missing:
+        raise ValueError(f"Invalid config: a LLaMA-style config needs integer {missing} "
+                         f"(model_type {config.get('model_type')!r})")
+    d, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or d // heads
+    attn_bias, mlp_bias = bool(config.get("attention_bias", False)), bool(config.get("mlp_bias", False))
+    shapes: dict[str, Shape] = {"model.embed_tokens.weight": (vocab, d)}
+    for i in range(config["num_hidden_layers"]):
+        pre = f"model.layers.{i}."
+        outs = {"q_proj": heads * head_dim, "k_proj": kv_heads * head_dim, "v_proj": kv_heads * head_dim}
+        for name, out in outs.items():
+            shapes[f"{pre}self_attn.{name}.weight"] = (out, d)
+            if attn_bias:
+                shapes[f"{pre}self_attn.{name}.bias"] = (out,)
+        shapes[f"{pre}self_attn.o_proj.weight"] = (d, heads * head_dim)
+        if attn_bias:
+            shapes[f"{pre}self_attn.o_proj.bias"] = (d,)
+        for name, shape in (("gate_proj", (ff, d)), ("up_proj", (ff, d)), ("down_proj", (d, ff))):
+            shapes[f"{pre}mlp.{name}.weight"] = shape
+            if mlp_bias:
+                shapes[f"{pre}mlp.{name}.bias"] = (shape[0],)
+        shapes[f"{pre}input_layernorm.weight"] = (d,)
+        shapes[f"{pre}post_attention_layernorm.weight"] = (d,)
+    shapes["model.norm.weight"] = (d,)
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, d)
+    return shapes
+
+
+def model_shapes(model: str | Path | Mapping[str, Sequence[int]]) -> dict[str, Shape]:
+    """Named shapes from a preset name (``llama-60m`` ... ``llama-7b``), an HF ``config.json`` path, or a
+    mapping name -> shape."""
+    if isinstance(model, Mapping):
+        return {str(n): tuple(int(s) for s in shape) for n, shape in model.items()}
+    if not isinstance(model, (str, Path)):
+        raise TypeError(f"Invalid model: expected a preset name, a config.json path or a mapping, got {model!r}")
+    key = str(model).lower()
+    if key in PRESETS:
+        return llama_shapes(**LLAMA_CONFIGS[PRESETS[key]])
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"Invalid model: {str(model)!r} is neither a preset {sorted(PRESETS)} nor a config.json")
+    return hf_config_shapes(json.loads(path.read_text()))
+
+
+def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str = "galore_adamw", *,
+                rank: int | None = 128, state_dtype: str = "8bit", layerwise: bool = False,
+                budget_gb: float | None = None, weight_dtype: str = "bf16",
+                target_modules: str | Sequence[str] = ("attn", "mlp"), update_proj_gap: int = 200,
+                **optimizer_kwargs: Any) -> MemoryPlan:
+    """Plans training memory (weights, gradients, optimizer state by part) without allocating the model.
+
+    Args:
+        model: preset (``llama-7b``, ...), HF ``config.json`` path (or its folder), or name -> shape.
+        optimizer: registered optimizer name (:func:`lowrank_optim.available_optimizers`).
+        rank: projection rank (``None`` or 0: every parameter plain, e.g. 8-bit Adam with ``galore_adamw``).
+        state_dtype: ``fp32``, ``bf16`` or ``8bit`` moments.
+        layerwise: per-layer updates (only the largest gradient is alive at a time).
+        budget_gb: memory budget in GB (10^9 bytes; a "24 GB" card has 24 GiB, so this is conservative).
+        weight_dtype: ``bf16``, ``fp16`` or ``fp32`` weights and gradients.
+        target_modules: name fragments or a regex selecting the projected weights.
+        update_proj_gap: refresh period (does not change the sizes; passed for completeness).
+        **optimizer_kwargs: further optimizer keyword arguments.
+    """
+    if not isinstance(optimizer, str):
+        raise TypeError(f"Invalid optimizer: expected a registered name, got {optimizer!r}")
+    if rank == 0:
+        rank = None
+    if rank is not None:
+        check_int("rank", rank, low=1)
+    check_choice("state_dtype", state_dtype, STATE_DTYPES)
+    check_choice("weight_dtype", weight_dtype, tuple(WEIGHT_DTYPES))
+    budget = None if budget_gb is None else round(check_number("budget_gb", budget_gb, low=0.0) * GB)
+    shapes = model_shapes(model)
+    dtype = WEIGHT_DTYPES[weight_dtype]
+    size = torch.empty((), dtype=dtype).element_size()
+    numels = {n: _numel(s) for n, s in shapes.items()}
+    est = estimate_state_bytes(shapes, optimizer, rank=rank, target_modules=target_modules,
+                               group_options={"update_proj_gap": update_proj_gap}, param_dtype=dtype,
+                               state_dtype=state_dtype, **optimizer_kwargs)
+    low = set(est.lowrank)
+    low_bytes = sum(v for n, v in est.per_param.items() if n in low)
+    state = {"projector bases": est.projector, "low-rank moments": low_bytes - est.projector,
+             "plain moments (embeddings, head, norms, ...)": est.total - low_bytes}
+    grads = max(numels.values()) * size if layerwise else sum(numels.values()) * size
+    return MemoryPlan(model=str(model) if not isinstance(model, Mapping) else "model", optimizer=optimizer,
+                      n_params=sum(numels.values()), weights=sum(numels.values()) * size, gradients=grads,
+                      state=state, budget=budget, n_lowrank=len(low),
+                      settings={"rank": rank, "state_dtype": state_dtype, "weight_dtype": weight_dtype,
+                                "layerwise": layerwise})
+
+
+def _numel(shape: Shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``lowrank-optim``; ``estimate`` returns 1 when the plan does not fit ``--budget-gb``."""
+    parser = argparse.ArgumentParser(prog="lowrank-optim", description="lowrank_optim tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    est = sub.add_parser("estimate", help="plan weights + gradients + optimizer-state memory",
+                         description=__doc__.split("\n\n")[0])
+    est.add_argument("--model", required=True, help=f"{', '.join(sorted(PRESETS))} or PATH/config.json")
+    est.add_argument("--optimizer", default="galore_adamw", choices=available_optimizers())
+    est.add_argument("--rank", type=int, default=128, help="projection rank (0: full rank, no projection)")
+    est.add_argument("--state-dtype", default="8bit", choices=STATE_DTYPES)
+    est.add_argument("--weight-dtype", default="bf16", choices=tuple(WEIGHT_DTYPES))
+    est.add_argument("--layerwise", action="store_true", help="per-layer updates (gradients freed one by one)")
+    est.add_argument("--budget-gb", type=float, default=None, help="budget in GB (10^9 bytes)")
+    est.add_argument("--target-modules", nargs="+", default=["attn", "mlp"], help="name fragments to project")
+    args = parser.parse_args(argv)
+    try:
+        plan = plan_memory(args.model, args.optimizer, rank=args.rank, state_dtype=args.state_dtype,
+                           layerwise=args.layerwise, budget_gb=args.budget_gb, weight_dtype=args.weight_dtype,
+                           target_modules=args.target_modules)
+    except (TypeError, ValueError) as err:
+        print(f"lowrank-optim estimate: error: {err}", file=sys.stderr)
+        return 2
+    print(plan.format())
+    return 1 if plan.fits is False else 0
+
+
+__all__ = ["MemoryPlan", "hf_config_shapes", "main", "model_shapes", "plan_memory"]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

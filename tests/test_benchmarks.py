@@ -1,0 +1,171 @@
+"""Smoke tests of the benchmark scripts on tiny configurations (schema, coverage, closed form == measured)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import lowrank_optim as lro
+from benchmarks import common, convergence, memory, projectors, quick, throughput
+from benchmarks.data import load_corpus
+from benchmarks.model import DecoderConfig, build_model
+from benchmarks.registry import OVERRIDES, specs
+from lowrank_optim.memory import count_state_bytes, estimate_state_bytes, llama_shapes
+from lowrank_optim.projectors import PROJECTORS
+
+TINY = llama_shapes(n_layers=1, d_model=64, d_ffn=160, vocab=96)
+RECORD_KEYS = {"optimizer", "impl", "state_dtype", "label", "lr"}
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LRO_BENCH_QUIET", "1")
+
+
+def _labels(records: list[dict]) -> set[str]:
+    return {r["label"] for r in records}
+
+
+def _expected_labels(stores: tuple[str, ...]) -> set[str]:
+    return {f"{n}[{s}]" for n in lro.available_optimizers() for s in stores} | {"torch:adamw"}
+
+
+def test_registry_covers_every_registered_optimizer_and_store() -> None:
+    labels = {s.label for s in specs()}
+    assert _expected_labels(("fp32", "bf16", "8bit")) <= labels
+    assert "galore_torch:galore_adamw" in labels and "bitsandbytes:adamw8bit" in labels
+    assert len(labels) == len(specs())  # labels are unique
+    assert set(OVERRIDES) <= set(lro.available_optimizers())  # no stale override entries
+
+
+def test_llama_shapes_parameter_counts() -> None:
+    # 60M config: two 32000x512 tables, 8 x (4 d^2 + 3 d ffn + 2 d) and the final norm.
+    n = sum(torch.Size(s).numel() for s in llama_shapes(8, 512, 1376).values())
+    assert n == 2 * 32000 * 512 + 8 * (4 * 512 * 512 + 3 * 512 * 1376 + 2 * 512) + 512 == 58_073_600
+    assert "lm_head.weight" not in llama_shapes(1, 8, 16, tie_embeddings=True)
+
+
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16", "8bit"])
+def test_galore_estimate_is_the_closed_form(state_dtype: str) -> None:
+    # one 512x64 weight, rank 16: basis 64x16 fp32 + two 512x16 moments; one 64-vector plain (two fp32 moments)
+    shapes = {"attn.weight": (512, 64), "norm.weight": (64,)}
+    est = estimate_state_bytes(shapes, "galore_adamw", rank=16, state_dtype=state_dtype)
+    per_moment = {"fp32": 4 * 8192, "bf16": 2 * 8192, "8bit": 8192 + 4 * 32}[state_dtype]
+    plain = 2 * 64 * (2 if state_dtype == "bf16" else 4)  # 64 < 4096 elements: 8-bit keeps fp32
+    assert est.projector == 64 * 16 * 4
+    assert est.total == 64 * 16 * 4 + 2 * per_moment + plain
+    assert est.lowrank == ["attn.weight"]
+
+
+@pytest.mark.parametrize("spec", specs(), ids=lambda s: s.label)
+def test_closed_form_equals_measured(spec) -> None:
+    est = memory.closed_form(spec, TINY, rank=16)
+    assert est["closed_form_bytes"] == memory.measured(spec, TINY, 16, torch.device("cpu"))
+    real = common.synthetic_params(TINY, torch.device("cpu"))
+    opt = spec.build(common.split_groups(real, 16, 200))
+    opt.step()
+    if hasattr(opt, "state_bytes"):  # our optimizers count themselves the same way
+        assert opt.state_bytes() == count_state_bytes(opt) == est["closed_form_bytes"]
+
+
+def test_estimate_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="named_shapes"):
+        estimate_state_bytes({}, "galore_adamw")
+    with pytest.raises(ValueError, match="target_modules"):
+        estimate_state_bytes({"x.weight": (4, 4)}, "galore_adamw", target_modules=["attn"])
+    with pytest.raises(ValueError, match="name"):
+        estimate_state_bytes(TINY, "no_such_optimizer")
+
+
+def test_memory_run_schema_and_ratio(tmp_path) -> None:
+    res = memory.run(["tiny"], ["tiny"], ("fp32", "8bit"), shapes_override={"tiny": TINY})
+    recs = res["records"]
+    assert _expected_labels(("fp32", "8bit")) <= _labels(recs)
+    for r in recs:
+        assert RECORD_KEYS <= set(r) and r["closed_equals_measured"] is True
+    adam = next(r for r in recs if r["label"] == "torch:adamw")
+    assert adam["ratio_to_adamw"] == 1.0
+    assert adam["closed_form_bytes"] == sum(2 * 4 * torch.Size(s).numel() + 4 for s in TINY.values())
+    path = common.write_json(tmp_path, "memory", "cpu", True, {"x": 1}, recs)
+    payload = json.loads(path.read_text())
+    assert payload["benchmark"] == "memory" and payload["records"][0]["optimizer"] == "adamw"
+    memory.plot(res, tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 0
+    assert "torch:adamw" in memory.summary(res)
+
+
+def test_paper_table_rows() -> None:
+    rows = memory.paper_table(["60M"])
+    adam = next(r for r in rows if r["method"] == "Adam")
+    assert adam["params"] == 58_073_600
+    assert adam["ours_GB"] == pytest.approx(6 * 58_073_600 / 1e9)  # 2 bytes weights + 2 x 2 bytes moments
+
+
+def test_throughput_run_schema(tmp_path) -> None:
+    recs = throughput.run("tiny", steps=2, refresh_steps=1, state_dtypes=("fp32",), shapes=TINY, rank=16)
+    assert _expected_labels(("fp32",)) <= _labels(recs)
+    for r in recs:
+        assert "error" not in r, r
+        assert RECORD_KEYS <= set(r) and r["median_step_s"] > 0 and r["p95_step_s"] >= r["median_step_s"] * 0.999
+        assert (r["refresh_step_s"] is None) == (r["impl"] in ("torch", "bitsandbytes"))
+        if r["refresh_step_s"] is not None:
+            expected = (r["median_step_s"] * 199 + r["refresh_step_s"]) / 200
+            assert r["amortized_step_s"] == pytest.approx(expected)
+    throughput.plot(recs, tmp_path / "t.png", "t")
+    assert "amortized" in throughput.summary(recs)
+
+
+def test_convergence_run_schema(tmp_path) -> None:
+    cfg = DecoderConfig(d_model=32, n_layers=1, n_heads=2, d_ffn=64, max_len=16)
+    recs = convergence.run(cfg, steps=3, batch_size=2, seq_len=16, rank=8, update_proj_gap=2, eval_every=3,
+                           eval_batches=1, state_dtypes=("fp32",))
+    assert _expected_labels(("fp32",)) <= _labels(recs)
+    for r in recs:
+        assert "error" not in r, r
+        assert RECORD_KEYS <= set(r) and len(r["train_curve"]) == 3 and r["state_bytes"] > 0
+    adam = next(r for r in recs if r["label"] == "torch:adamw")
+    assert math.isfinite(adam["val_loss"]) and adam["val_loss_minus_adamw"] == 0.0
+    convergence.plot(recs, tmp_path / "c.png", "c")
+    assert "val loss" in convergence.summary(recs)
+
+
+def test_projectors_run_covers_every_projector() -> None:
+    recs = projectors.run(["tiny"], shapes={"tiny": (48, 32, 8)})
+    assert {r["projector"] for r in recs} == set(PROJECTORS)
+    svd = next(r for r in recs if r["projector"] == "svd" and r["matrix"] == "decaying_spectrum")
+    assert svd["fraction_of_optimal"] == pytest.approx(1.0, abs=1e-4)  # Eckart-Young: exact SVD is optimal
+    for r in recs:
+        if "captured" in r:
+            assert -1e-6 <= r["captured"] <= 1 + 1e-4
+    assert "projector" in projectors.summary(recs)
+
+
+def test_lr_schedule_and_data_are_deterministic() -> None:
+    assert convergence.lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert convergence.lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert convergence.lr_factor(100, 100, 10) == pytest.approx(0.1)
+    a, b = load_corpus(source_bytes=20_000), load_corpus(source_bytes=20_000)
+    assert a.sha256 == b.sha256 and a.train.numel() + a.val.numel() == a.n_bytes
+    x1, y1 = a.batch("train", 3, 2, 8)
+    x2, _ = b.batch("train", 3, 2, 8)
+    assert torch.equal(x1, x2) and torch.equal(x1[:, 1:], y1[:, :-1])
+
+
+def test_decoder_is_causal() -> None:
+    model = build_model(DecoderConfig(d_model=32, n_layers=1, n_heads=2, d_ffn=64, max_len=16))
+    x = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    y[0, 8:] = (y[0, 8:] + 1) % 256
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0, :8], model(y)[0, :8], atol=1e-6)
+        assert not torch.allclose(model(x)[0, 8:], model(y)[0, 8:])
+    names = [n for n, _ in model.named_modules()]
+    assert any("attn" in n for n in names) and any("mlp" in n for n in names)
+
+
+def test_quick_plot_names() -> None:
+    assert quick.plot_name("throughput", "cuda") == "throughput_cuda.png"
+    assert quick.plot_name("projectors", "cuda") == "projectors.png"

@@ -1,0 +1,124 @@
+"""param_groups (HF target_modules semantics) and the optimizer registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_optim as lro
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn = nn.ModuleDict({"q_proj": nn.Linear(16, 16), "o_proj": nn.Linear(16, 16)})
+        self.mlp = nn.ModuleDict({"up_proj": nn.Linear(16, 32), "down_proj": nn.Linear(32, 16)})
+        self.norm = nn.LayerNorm(16)
+
+
+class LM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(50, 16)
+        self.layers = nn.ModuleList([Block(), Block()])
+        self.gate = nn.Linear(16, 16)
+        self.lm_head = nn.Linear(16, 50, bias=False)
+
+
+def _lowrank(groups) -> set[int]:
+    return {id(p) for g in groups if "rank" in g for p in g["params"]}
+
+
+def _names(model, ids) -> set[str]:
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def test_default_targets_attn_and_mlp_linear_weights_only() -> None:
+    model = LM()
+    groups = lro.param_groups(model, rank=4)
+    names = _names(model, _lowrank(groups))
+    assert names == {f"layers.{i}.{m}.weight" for i in range(2) for m in
+                     ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))  # nothing lost
+    assert groups[-1]["rank"] == 4
+
+
+def test_all_linear_excludes_output_head_and_embeddings() -> None:
+    model = LM()
+    names = _names(model, _lowrank(lro.param_groups(model, target_modules="all-linear")))
+    assert "gate.weight" in names and "lm_head.weight" not in names and "embed_tokens.weight" not in names
+    assert len(names) == 9
+
+
+def test_regex_is_full_match_and_fragments_can_be_regexes() -> None:
+    model = LM()
+    names = _names(model, _lowrank(lro.param_groups(model, target_modules=r"layers\.0\..*_proj")))
+    assert names == {f"layers.0.{m}.weight" for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj",
+                                                       "mlp.down_proj")}
+    names = _names(model, _lowrank(lro.param_groups(model, target_modules=[r".*\.mlp\..*"])))
+    assert len(names) == 4 and all(".mlp." in n for n in names)
+
+
+def test_head_goes_low_rank_only_when_named() -> None:
+    model = LM()
+    names = _names(model, _lowrank(lro.param_groups(model, target_modules=["attn", "lm_head"])))
+    assert "lm_head.weight" in names
+
+
+def test_no_match_raises_or_warns_loudly() -> None:
+    model = LM()
+    with pytest.raises(ValueError, match="target_modules"):
+        lro.param_groups(model, target_modules=["attention"])
+    with pytest.warns(UserWarning, match="plain Adam"):
+        groups = lro.param_groups(model, target_modules=["attention"], on_no_match="warn")
+    assert not _lowrank(groups)
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "word"), [
+    ({"target_modules": 3}, TypeError, "target_modules"), ({"target_modules": []}, ValueError, "target_modules"),
+    ({"rank": 0}, ValueError, "rank"), ({"on_no_match": "ignore"}, ValueError, "on_no_match"),
+])
+def test_bad_group_arguments(kwargs, exc, word) -> None:
+    with pytest.raises(exc, match=word):
+        lro.param_groups(LM(), **kwargs)
+
+
+def test_frozen_params_left_out_and_options_forwarded() -> None:
+    model = LM()
+    model.embed_tokens.weight.requires_grad_(False)
+    groups = lro.param_groups(model, rank=8, update_proj_gap=50, plain_options={"weight_decay": 0.0})
+    assert all(p is not model.embed_tokens.weight for g in groups for p in g["params"])
+    assert groups[-1]["update_proj_gap"] == 50 and groups[0]["weight_decay"] == 0.0
+
+
+def test_registry_create_from_model_and_names() -> None:
+    assert {"galore_adamw", "galore_adafactor"} <= set(lro.available_optimizers())
+    model = LM()
+    for name in ("galore_adamw", "GaLoreAdamW", "galore-adamw"):
+        opt = lro.create_optimizer(name, model, lr=1e-3, rank=4)
+        assert isinstance(opt, lro.GaLoreAdamW)
+        assert opt.param_groups[-1]["rank"] == 4
+    opt = lro.create_optimizer("galore_adamw", list(model.parameters()))
+    assert opt.param_groups[0]["rank"] is None
+
+
+def test_registry_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="name"):
+        lro.create_optimizer("adamw_but_better", LM())
+    with pytest.raises(TypeError, match="name"):
+        lro.create_optimizer(None, LM())  # type: ignore[arg-type]
+
+
+def test_every_registered_optimizer_runs_from_a_model() -> None:
+    model = LM()
+    x = torch.randint(0, 50, (4, 6))
+    for name in lro.available_optimizers():
+        opt = lro.create_optimizer(name, model, rank=4, lr=1e-3)
+        h = model.embed_tokens(x)
+        for blk in model.layers:
+            h = h + blk.mlp["down_proj"](torch.relu(blk.mlp["up_proj"](blk.self_attn["o_proj"](
+                blk.self_attn["q_proj"](blk.norm(h))))))
+        model.lm_head(model.gate(h)).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
