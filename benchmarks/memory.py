@@ -30,6 +30,15 @@ GAP = 200
 GIB = 2**30
 
 
+def size_config(size: str) -> dict[str, int]:
+    """LLaMA config of ``size``; ``"60M-1L"`` is LLaMA-60M cut to one decoder layer (cheap to measure)."""
+    base, _, layers = size.partition("-")
+    cfg = dict(LLAMA_CONFIGS[base])
+    if layers:
+        cfg["n_layers"] = int(layers.rstrip("L"))
+    return cfg
+
+
 def _groups_meta(spec: Spec, rank: int):
     def build(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         for g in groups:
@@ -101,8 +110,8 @@ def run(sizes: list[str], measure_sizes: list[str], state_dtypes: tuple[str, ...
     records: list[dict[str, Any]] = []
     jobs = [(size, spec) for size in sizes for spec in todo]
     for size, spec in common.progress(jobs, "memory", total=len(jobs)):
-        shapes = (shapes_override or {}).get(size) or llama_shapes(**LLAMA_CONFIGS[size])
-        rank = PAPER_RANKS.get(size, 128)
+        shapes = (shapes_override or {}).get(size) or llama_shapes(**size_config(size))
+        rank = PAPER_RANKS.get(size.split("-")[0], 128)
         rec: dict[str, Any] = {**spec.record(), "size": size, "rank": rank if spec.lowrank else None,
                                "update_proj_gap": GAP, "n_params": sum(torch.Size(s).numel() for s in shapes.values())}
         try:
@@ -182,9 +191,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--measure", default=None, help="comma-separated sizes to measure (default 60M; full: 60M,130M)")
     args = ap.parse_args(argv)
     common.setup(args)
-    sizes = list(LLAMA_CONFIGS)
-    if args.quick:
-        measure = ["60M"]
+    sizes: list[str] = list(LLAMA_CONFIGS)
+    if args.quick:  # one decoder layer of LLaMA-60M (+ embedding, head) is measured; closed forms at 60M and 1B
+        sizes = ["60M-1L", "60M", "1B"]
+        measure = ["60M-1L"]
         stores: tuple[str, ...] = ("fp32", "8bit")
     else:
         measure = ["60M", "130M"]
@@ -193,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         measure = [s for s in args.measure.split(",") if s]
     result = run(sizes, measure, stores, not args.no_references, common.only_list(args.only), args.device)
     config = {"sizes": sizes, "measured_sizes": measure, "state_dtypes": list(stores), "ranks": PAPER_RANKS,
-              "update_proj_gap": GAP, "shapes": {s: LLAMA_CONFIGS[s] for s in sizes}, "vocab": 32000}
+              "update_proj_gap": GAP, "shapes": {s: size_config(s) for s in sizes}, "vocab": 32000}
     path = common.write_json(args.out, "memory", args.device, args.quick, config, result["records"],
                              paper_table=result["paper_table"])
     plot(result, common.result_path(args.out, "memory", args.device, "png"))

@@ -7,6 +7,7 @@
 
 from .engine import LowRankOptimizer
 from .groups import param_groups, select_lowrank_modules
+from .layerwise import LayerwiseUpdater
 from .optimizers import (
     COAP,
     FRUGAL,
@@ -20,6 +21,7 @@ from .optimizers import (
     OnlineSubspaceDescent,
     galore_plus_groups,
 )
+from .planner import plan_memory
 from .projectors import Projector, make_projector
 from .registry import available_optimizers, create_optimizer, register_optimizer
 from .state import StateStore
@@ -36,6 +38,7 @@ __all__ = [
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLorePlus",
+    "LayerwiseUpdater",
     "LowRankOptimizer",
     "OnlineSubspaceDescent",
     "Projector",
@@ -46,6 +49,7 @@ __all__ = [
     "galore_plus_groups",
     "make_projector",
     "param_groups",
+    "plan_memory",
     "register_optimizer",
     "select_lowrank_modules",
 ]

@@ -121,10 +121,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     # -- groups ---------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a group (torch semantics) after validating every hyper-parameter it will use."""
-        if isinstance(param_group, dict) and "proj_type" in param_group:
+        """Adds a group (torch semantics) after validating every hyper-parameter it will use.
+
+        The group dict is copied first, so one ``param_groups(...)`` list can build several optimizers
+        without the first one's defaults leaking into the second.
+        """
+        if isinstance(param_group, dict):
             param_group = dict(param_group)
-            param_group["proj_side"] = param_group.pop("proj_type")
+            if "proj_type" in param_group:
+                param_group["proj_side"] = param_group.pop("proj_type")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -181,7 +186,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _parts(self, group: dict[str, Any]) -> tuple[Projector | None, InnerRule, ResidualRule, TransferPolicy,
                                                      StateStore]:
         """The (cached) strategy objects a group's keys select."""
-        opts = group["projector_options"] or {}
+        # a group's own options refine the optimizer-level ones instead of replacing them
+        opts = {**(self.defaults.get("projector_options") or {}), **(group["projector_options"] or {})}
         key = (group["projector"], group["rank"], group["proj_side"], repr(sorted(opts.items())), group["inner"],
                group["residual"], group["transfer"], group["state_dtype"])
         parts = self._parts_cache.get(key)
@@ -284,7 +290,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         proj, rule, residual, transfer, store = self._parts(group)
         state = self.state[p]
         grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
-        lowrank = proj is not None and self.is_lowrank(group, p) and self._targeted(group, p)
+        lowrank = proj is not None and self._targeted(group, p) and self.is_lowrank(group, p)
         if not lowrank and group.get("plain_inner") is not None:
             rule = INNER_RULES[group["plain_inner"]]
         if not state:
@@ -318,7 +324,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         else:
             pst = state["projector"]
             low_update = d.num if d.den is None else d.num / d.den
-            target.add_(proj.project_back(low_update, pst), alpha=-d.coef * group["scale"])
+            if low_update.numel():  # an empty subspace (FRUGAL's inactive block) adds nothing
+                target.add_(proj.project_back(low_update, pst), alpha=-d.coef * group["scale"])
             # a residual rule with ``wants_coef`` also gets the inner step's coefficient and lr (Fira)
             ctx = {"coef": d.coef, "lr": d.lr} if getattr(residual, "wants_coef", False) else {}
             extra = residual.step(grad, low, low_update, proj, pst, state, group, **ctx)
@@ -354,6 +361,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         new = proj.update(grad, old, **ctx)
         specs = rule.moments(proj.low_shape(p.shape, new), group)
         transfer.apply(state, old, new, proj, specs, store)
+        for spec in specs:
+            if tuple(state[spec.name].shape) != tuple(spec.shape):
+                raise ValueError(f"Invalid transfer: {group['transfer']!r} kept moment {spec.name!r} of shape "
+                                 f"{tuple(state[spec.name].shape)} but the new subspace needs {tuple(spec.shape)}; "
+                                 "use a transfer that rebuilds moments (e.g. 'reset') with this projector")
         state["projector"] = new
 
     def _layout(self, group: dict[str, Any], p: torch.Tensor) -> tuple[int, int, int]:

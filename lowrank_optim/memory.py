@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .engine import LowRankOptimizer
-from .registry import OPTIMIZERS, create_optimizer
+from .registry import create_optimizer
 
 Shape = tuple[int, ...]
 
@@ -70,13 +70,10 @@ def _tensor_bytes(obj: Any, seen: set, depth: int = 0) -> int:
     if depth > 6:
         return 0
     if isinstance(obj, torch.Tensor):
-        if obj.device.type == "meta":
-            key: Any = ("meta", id(obj))
-            size = obj.numel() * obj.element_size()
-        else:
-            storage = obj.untyped_storage()
-            key = (str(obj.device), storage.data_ptr())
-            size = storage.nbytes()
+        storage = obj.untyped_storage()  # a view keeps its whole storage alive: count the storage
+        ident = storage._cdata if obj.device.type == "meta" else storage.data_ptr()
+        key: Any = (str(obj.device), ident)
+        size = storage.nbytes()
         if key in seen:
             return 0
         seen.add(key)
@@ -94,7 +91,8 @@ def count_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Exact bytes held in ``optimizer.state``, for any optimizer (storage shared by tensors counted once).
 
     Also looks inside plain objects kept in state (galore-torch's and fira's projector objects), so
-    reference optimizers are counted the same way as ours. Meta tensors count ``numel * element_size``.
+    reference optimizers are counted the same way as ours. A view counts its whole storage (galore-torch's
+    basis is a slice of the full SVD factor, which stays allocated), on real and on meta tensors alike.
     """
     seen: set = set()
     return sum(_tensor_bytes(st, seen) for st in optimizer.state.values())
@@ -132,16 +130,11 @@ def _is_lowrank(name: str, shape: Shape, target: str | Sequence[str]) -> bool:
 
 def _build(optimizer: str | Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
            groups: list[dict[str, Any]], kwargs: dict[str, Any]) -> torch.optim.Optimizer:
-    if callable(optimizer):
-        return optimizer(groups)
-    from .registry import _normalise
-
-    key = _normalise(optimizer)
-    cls = OPTIMIZERS.get(key)
-    extra = dict(kwargs)
-    if cls is not None and issubclass(cls, LowRankOptimizer):
-        extra.setdefault("nonfinite", "ignore")  # the finiteness check reads values, meta tensors have none
-    return create_optimizer(optimizer, groups, **extra)
+    opt = optimizer(groups) if callable(optimizer) else create_optimizer(optimizer, groups, **kwargs)
+    if isinstance(opt, LowRankOptimizer):
+        for group in opt.param_groups:
+            group["nonfinite"] = "ignore"  # the finiteness check reads values; meta tensors have none
+    return opt
 
 
 def estimate_state_bytes(named_shapes: Mapping[str, Sequence[int]],

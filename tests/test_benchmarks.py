@@ -21,8 +21,13 @@ RECORD_KEYS = {"optimizer", "impl", "state_dtype", "label", "lr"}
 
 
 @pytest.fixture(autouse=True)
-def _quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+def _quiet(monkeypatch: pytest.MonkeyPatch):
+    """No progress bars; one thread (tiny tensors: thread start-up dominates and 2 cores are shared)."""
     monkeypatch.setenv("LRO_BENCH_QUIET", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _labels(records: list[dict]) -> set[str]:
@@ -63,12 +68,12 @@ def test_galore_estimate_is_the_closed_form(state_dtype: str) -> None:
 @pytest.mark.parametrize("spec", specs(), ids=lambda s: s.label)
 def test_closed_form_equals_measured(spec) -> None:
     est = memory.closed_form(spec, TINY, rank=16)
-    assert est["closed_form_bytes"] == memory.measured(spec, TINY, 16, torch.device("cpu"))
     real = common.synthetic_params(TINY, torch.device("cpu"))
     opt = spec.build(common.split_groups(real, 16, 200))
     opt.step()
+    assert count_state_bytes(opt) == est["closed_form_bytes"]
     if hasattr(opt, "state_bytes"):  # our optimizers count themselves the same way
-        assert opt.state_bytes() == count_state_bytes(opt) == est["closed_form_bytes"]
+        assert opt.state_bytes() == est["closed_form_bytes"]
 
 
 def test_estimate_rejects_bad_input() -> None:
@@ -81,9 +86,9 @@ def test_estimate_rejects_bad_input() -> None:
 
 
 def test_memory_run_schema_and_ratio(tmp_path) -> None:
-    res = memory.run(["tiny"], ["tiny"], ("fp32", "8bit"), shapes_override={"tiny": TINY})
+    res = memory.run(["tiny"], ["tiny"], ("8bit",), shapes_override={"tiny": TINY})
     recs = res["records"]
-    assert _expected_labels(("fp32", "8bit")) <= _labels(recs)
+    assert _expected_labels(("8bit",)) <= _labels(recs)
     for r in recs:
         assert RECORD_KEYS <= set(r) and r["closed_equals_measured"] is True
     adam = next(r for r in recs if r["label"] == "torch:adamw")

@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 from helpers import loss_fn, make_data, make_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lowrank_optim as lro
 from lowrank_optim.projectors import make_projector
@@ -190,3 +192,30 @@ def test_frugal_on_a_basis_projector_uses_rank_and_complement() -> None:
     adam = low / (low.abs() + 1e-8)  # first Adam step with beta1 = 0
     expected = before - 0.1 * p @ adam - 0.1 * torch.sign(w.grad - p @ low)
     torch.testing.assert_close(w.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 9), n=st.integers(1, 9), density=st.floats(0.0, 1.0), seed=st.integers(0, 2**31),
+       choice=st.sampled_from(["columns", "rows", "entries"]))
+def test_coordinate_split_property(m: int, n: int, density: float, seed: int, choice: str) -> None:
+    g = torch.randn(m, n, generator=torch.Generator().manual_seed(seed))
+    proj = make_projector(choice, 1, density=density)
+    state = proj.init(g, seed=seed)
+    low = proj.project(g, state)
+    count = {"columns": n, "rows": m, "entries": m * n}[choice]
+    assert state["indices"].numel() == int(density * count) and tuple(low.shape) == proj.low_shape(g.shape)
+    rest = proj.complement(g, state)
+    assert torch.equal(proj.project_back(low, state) + (torch.zeros_like(g) if rest is None else rest), g)
+
+
+@settings(max_examples=60, deadline=None)
+@given(count=st.integers(1, 40), period=st.integers(0, 50), density=st.floats(0.0, 1.0), seed=st.integers(0, 99),
+       order=st.sampled_from(["descending", "ascending", "random", "mirror"]))
+def test_active_blocks_property(count: int, period: int, density: float, seed: int, order: str) -> None:
+    active = active_blocks(count, period, density, order, seed)
+    k = min(count, round(count * density))
+    assert active == sorted(set(active)) and all(0 <= i < count for i in active)
+    if order == "mirror":
+        assert len(active) <= k and len(active) % 2 == 0 and all(count - 1 - i in active for i in active)
+    else:
+        assert len(active) == k

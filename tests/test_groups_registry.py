@@ -122,3 +122,20 @@ def test_every_registered_optimizer_runs_from_a_model() -> None:
         model.lm_head(model.gate(h)).logsumexp(-1).mean().backward()
         opt.step()
         opt.zero_grad()
+
+
+def test_one_group_list_builds_two_independent_optimizers() -> None:
+    model = LM()
+    groups = lro.param_groups(model, rank=4)
+    a = lro.GaLoreAdamW(groups, lr=1e-3)
+    b = lro.GaLoreAdamW(groups, lr=5e-2, scale=1.0)
+    assert a.param_groups[-1]["scale"] == 0.25 and b.param_groups[-1]["scale"] == 1.0
+    assert b.param_groups[0]["lr"] == 5e-2 and "lr" not in groups[0]
+
+
+def test_group_projector_options_refine_optimizer_level_ones() -> None:
+    model = LM()
+    groups = lro.param_groups(model, rank=4, projector="rsvd", projector_options={"power_iters": 3})
+    opt = lro.GaLoreAdamW(groups, projector_options={"oversample": 2})
+    proj = opt._parts(opt.param_groups[-1])[0]
+    assert (proj.power_iters, proj.oversample) == (3, 2)

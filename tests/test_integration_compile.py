@@ -12,7 +12,7 @@ from helpers import assert_same_state, build, loss_fn, make_data, make_model
 
 import lowrank_optim as lro
 
-STEPS = 5  # helpers.GROUP_OPTIONS refreshes every 3 steps: one refresh inside the compiled run
+STEPS = 4  # helpers.GROUP_OPTIONS refreshes every 3 steps: one refresh inside the compiled run
 
 
 def _weights(model: torch.nn.Module) -> list[torch.Tensor]:

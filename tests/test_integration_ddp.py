@@ -53,10 +53,10 @@ def _digest(model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> str:
 def _run(name: str, rank: int, zero: bool) -> tuple[str, str]:
     from helpers import CASES, GROUP_OPTIONS, build, loss_fn, make_data, make_model
     from torch.distributed.optim import ZeroRedundancyOptimizer
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.nn.parallel import DistributedDataParallel
 
     model = make_model()
-    ddp = DDP(model)
+    ddp = DistributedDataParallel(model)
     if zero:
         groups = lro.param_groups(model, rank=8, target_modules=["attn", "mlp"], **GROUP_OPTIONS)
         cls = lro.registry.OPTIMIZERS[name]
@@ -74,11 +74,11 @@ def _run(name: str, rank: int, zero: bool) -> tuple[str, str]:
 
 def _fsdp_refused() -> list[str]:
     from helpers import make_model
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
     messages = []
     for orig in (False, True):
-        wrapped = FSDP(make_model(), device_id=torch.device("cpu"), use_orig_params=orig)
+        wrapped = FullyShardedDataParallel(make_model(), device_id=torch.device("cpu"), use_orig_params=orig)
         for build in (lambda m: lro.GaLoreAdamW(m.parameters(), rank=8),
                       lambda m: lro.GaLoreAdamW(lro.param_groups(m, rank=8, target_modules=["attn", "mlp"]))):
             try:

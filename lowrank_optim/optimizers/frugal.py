@@ -85,5 +85,5 @@ class FRUGAL(LowRankOptimizer):
         kwargs.setdefault("scale", proj_params_lr_scale)
         kwargs.setdefault("transfer", "reset_on_change" if reset_statistics else "keep")
         super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay, projector=projector,
-                         residual=rule, rank=rank,
-                         projector_options=projector_options, state_dtype=state_dtype, **kwargs)
+                         residual=rule, rank=rank, projector_options=projector_options, state_dtype=state_dtype,
+                         **kwargs)
