@@ -122,17 +122,17 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     if plt is None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    for r in records:
-        if "train_curve" not in r:
-            continue
+    curves = [r for r in records if "train_curve" in r]
+    for i, r in enumerate(curves):
         style = "-" if r["impl"] == "lowrank_optim" else "--"
+        color = plt.cm.tab20(i % 20)
         xs, ys = zip(*r["train_curve"], strict=True)
         k = max(1, len(ys) // 50)  # light smoothing: mean over windows of k steps
-        sm = [sum(ys[i:i + k]) / len(ys[i:i + k]) for i in range(0, len(ys), k)]
-        ax1.plot(xs[::k][: len(sm)], sm, style, label=r["label"], lw=1)
+        sm = [sum(ys[j:j + k]) / len(ys[j:j + k]) for j in range(0, len(ys), k)]
+        ax1.plot(xs[::k][: len(sm)], sm, style, color=color, label=r["label"], lw=1)
         if r["val_curve"]:
             vx, vy = zip(*r["val_curve"], strict=True)
-            ax2.plot(vx, vy, style + "o", label=r["label"], lw=1, ms=3)
+            ax2.plot(vx, vy, style + "o", color=color, label=r["label"], lw=1, ms=3)
     ax1.set_title("train loss (smoothed)")
     ax2.set_title("validation loss")
     for ax in (ax1, ax2):

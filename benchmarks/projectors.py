@@ -59,7 +59,7 @@ def decoder_gradients(shape_names: list[str], steps: int = 3, seed: int = 0) -> 
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         for step in range(steps + 2):
-            x, y = corpus.batch("train", step, 16, 64, seed=seed)
+            x, y = corpus.batch("train", step, 64, 64, seed=seed)
             opt.zero_grad()
             model(x, y).backward()
             if step >= steps:

@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> Path:
              "(add `--device cuda` on a GPU). Raw records: `benchmarks/results/<name>.json`.", ""]
     notes = {
         "memory": "Optimizer-state bytes, closed form from shapes (meta device), LLaMA shapes with GaLore's ranks "
-                  "(60M: 128, 130M/350M: 256, 1B: 512, 7B: 1024); `measured == closed`: one real step at 60M "
-                  "gives exactly the closed-form bytes.",
+                  "(60M: 128, 130M/350M: 256, 1B: 512, 7B: 1024; quick mode: 60M-1L is LLaMA-60M cut to one layer, "
+                  "60M and 1B); `measured == closed`: one real step gives exactly the closed-form bytes (measured "
+                  "at 60M-1L in quick mode, at 60M and 130M in the full run).",
         "throughput": "Optimizer step only (synthetic seeded gradients, LLaMA-60M shapes on CPU, rank 128). "
                       f"Amortized = (median x {throughput.T_REFRESH - 1} + refresh) / {throughput.T_REFRESH}; "
                       "quick mode times the first step (initial subspace) as the refresh.",

@@ -44,7 +44,7 @@ def _timed_steps(opt: torch.optim.Optimizer, n: int, device: torch.device) -> li
 def time_spec(spec: Spec, params: dict[str, torch.nn.Parameter], rank: int, steps: int, refresh_steps: int,
               device: torch.device, period: int = T_REFRESH) -> dict[str, Any]:
     """Steady and refresh step times of ``spec`` on ``params`` (their gradients are already set)."""
-    snapshot = {n: p.detach().clone() for n, p in params.items()}
+    snapshot = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}  # off-device: not in the peak
     rec: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -40,18 +40,25 @@ class _StateFree(ResidualRule):
     def _lr(self, group: Group) -> float:
         return float(group["lr"]) * float(group["scale"]) * float(group["inactive_lr_scale"])
 
-
-class SignResidual(_StateFree):
-    """signSGD on the complement: subtract ``lr * scale * inactive_lr_scale * sign(G - lift(R))``."""
-
-    name = "sign"
+    def _direction(self, rest: torch.Tensor, lr: float) -> torch.Tensor:
+        """The step to subtract, as a new tensor (``rest`` may be the gradient itself)."""
+        raise NotImplementedError
 
     def step(self, grad: torch.Tensor, low_grad: torch.Tensor, low_update: torch.Tensor, projector: Projector,
              proj_state: ProjState, state: dict, group: Group) -> torch.Tensor | None:
         rest = complement(grad, low_grad, projector, proj_state)
         if rest is None:
             return None
-        return torch.sign(rest).mul_(self._lr(group))
+        return self._direction(rest, self._lr(group))
+
+
+class SignResidual(_StateFree):
+    """signSGD on the complement: subtract ``lr * scale * inactive_lr_scale * sign(G - lift(R))``."""
+
+    name = "sign"
+
+    def _direction(self, rest: torch.Tensor, lr: float) -> torch.Tensor:
+        return torch.sign(rest).mul_(lr)
 
 
 class SGDResidual(_StateFree):
@@ -59,12 +66,8 @@ class SGDResidual(_StateFree):
 
     name = "sgd"
 
-    def step(self, grad: torch.Tensor, low_grad: torch.Tensor, low_update: torch.Tensor, projector: Projector,
-             proj_state: ProjState, state: dict, group: Group) -> torch.Tensor | None:
-        rest = complement(grad, low_grad, projector, proj_state)
-        if rest is None:
-            return None
-        return rest * self._lr(group)
+    def _direction(self, rest: torch.Tensor, lr: float) -> torch.Tensor:
+        return rest * lr
 
 
 __all__ = ["SGDResidual", "SignResidual", "complement"]
