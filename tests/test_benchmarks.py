@@ -185,3 +185,16 @@ def test_count_state_bytes_counts_views_by_storage_once() -> None:
     meta = torch.zeros(10, 10, device="meta")
     opt.state[p] = {"basis": meta[:2], "again": meta[5:]}
     assert count_state_bytes(opt) == 400
+
+
+def test_quick_refresh_uses_first_step_and_custom_corpus(tmp_path) -> None:
+    recs = throughput.run("tiny", steps=1, refresh_steps=0, state_dtypes=("fp32",), references=False,
+                          only=["galore_adamw"], shapes=TINY, rank=16)
+    ours = next(r for r in recs if r["label"] == "galore_adamw[fp32]")
+    assert ours["refresh_source"] == "first_step" and ours["refresh_step_s"] == ours["first_step_s"]
+    path = tmp_path / "text.txt"
+    path.write_text("hello world, " * 1000)
+    corpus = load_corpus(path, val_fraction=0.25)
+    assert corpus.n_bytes == 13_000 and corpus.val.numel() == 3250 and corpus.source == str(path)
+    with pytest.raises(ValueError, match="val_fraction"):
+        load_corpus(path, val_fraction=1.0)

@@ -70,22 +70,27 @@ class AdafactorRule(InnerRule):
                   param: torch.Tensor) -> Direction:
         lr = self._lr(group, step, param)
         beta2t = 1.0 - math.pow(step, group["decay_rate"])
-        sq = grad * grad + group["eps"][0]
+        eps1 = group["eps"][0]
         if "exp_avg_sq_row" in moments:
+            # row / column means of g^2 + eps1 (= mean(g^2) + eps1: eps1 is added to the small vectors only)
             row, col = moments["exp_avg_sq_row"], moments["exp_avg_sq_col"]
-            row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
+            sq = grad.square()
+            row_mean = sq.mean(dim=-1).add_(eps1)
+            col_mean = sq.mean(dim=-2).add_(eps1)
+            del sq
+            row.mul_(beta2t).add_(row_mean, alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(col_mean, alpha=1.0 - beta2t)
             r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-            c_factor = col.rsqrt().unsqueeze(-2)
-            update = (r_factor * c_factor).mul_(grad)
+            update = grad * r_factor
+            update.mul_(col.rsqrt().unsqueeze(-2))
         else:
             v = moments["exp_avg_sq"]
-            v.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
+            v.mul_(beta2t).addcmul_(grad, grad, value=1.0 - beta2t).add_(eps1 * (1.0 - beta2t))
             update = v.rsqrt().mul_(grad)
-        update.div_(max(1.0, _rms(update) / group["clip_threshold"]))
-        update.mul_(lr)
+        # RMS clipping and the learning rate in one multiply
+        update.mul_(lr / max(1.0, _rms(update) / group["clip_threshold"]))
         if group["beta1"] is not None:
             exp_avg = moments["exp_avg"]
-            exp_avg.mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
+            exp_avg.lerp_(update, 1 - group["beta1"])
             update = exp_avg
         return Direction(update, None, 1.0, lr)
