@@ -9,7 +9,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,17 @@ def write_json(out: Path, name: str, device: str, quick: bool, config: Mapping[s
     payload = {"benchmark": name, "quick": quick, "environment": environment(device), "config": dict(config),
                "records": records, **extra}
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    return path
+
+
+def publish(args: argparse.Namespace, name: str, device: str, config: Mapping[str, Any], result: Any,
+            records: list[dict[str, Any]], plot: Callable[..., None], summary: Callable[[Any], str],
+            *plot_args: Any, **extra: Any) -> Path:
+    """The common end of every benchmark: JSON, PNG plot, printed summary table; returns the JSON path."""
+    path = write_json(args.out, name, device, args.quick, config, records, **extra)
+    plot(result, result_path(args.out, name, device, "png"), *plot_args)
+    print(summary(result))
+    print(f"wrote {path}")
     return path
 
 

@@ -182,11 +182,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     config.update({"corpus": corpus.source, "corpus_sha256": corpus.sha256, "corpus_bytes": corpus.n_bytes,
                    "schedule": "linear warmup (10% of steps) + cosine to 10% of peak", "state_dtypes": list(stores),
                    "seed": args.seed, "tokens": "utf-8 bytes"})
-    path = common.write_json(args.out, "convergence", args.device, args.quick, config, records)
-    plot(records, common.result_path(args.out, "convergence", args.device, "png"),
-         f"Byte-level decoder, {conf['steps']} steps, {args.device}")
-    print(summary(records))
-    print(f"wrote {path}")
+    common.publish(args, "convergence", args.device, config, records, records, plot, summary,
+                   f"Byte-level decoder, {conf['steps']} steps, {args.device}")
     return records
 
 

@@ -204,11 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run(sizes, measure, stores, not args.no_references, common.only_list(args.only), args.device)
     config = {"sizes": sizes, "measured_sizes": measure, "state_dtypes": list(stores), "ranks": PAPER_RANKS,
               "update_proj_gap": GAP, "shapes": {s: size_config(s) for s in sizes}, "vocab": 32000}
-    path = common.write_json(args.out, "memory", args.device, args.quick, config, result["records"],
-                             paper_table=result["paper_table"])
-    plot(result, common.result_path(args.out, "memory", args.device, "png"))
-    print(summary(result))
-    print(f"wrote {path}")
+    common.publish(args, "memory", args.device, config, result, result["records"], plot, summary,
+                   paper_table=result["paper_table"])
     return result
 
 

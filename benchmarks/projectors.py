@@ -200,10 +200,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     records = run(shape_names, repeats, common.only_list(args.only))
     config = {"shapes": {s: SHAPES[s] for s in shape_names}, "repeats": repeats, "decoder_steps": 3,
               "spectrum": "sigma_i = 1/i", "device": "cpu"}
-    path = common.write_json(args.out, "projectors", "cpu", args.quick, config, records)
-    plot(records, common.result_path(args.out, "projectors", "cpu", "png"))
-    print(summary(records))
-    print(f"wrote {path}")
+    common.publish(args, "projectors", "cpu", config, records, records, plot, summary)
     return records
 
 

@@ -158,11 +158,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     config = {"size": size, "shape": LLAMA_CONFIGS[size], "rank": rank, "steps": steps,
               "refresh_steps": refresh_steps, "update_proj_gap": T_REFRESH, "state_dtypes": list(stores),
               "gradients": "synthetic, seeded, set once"}
-    path = common.write_json(args.out, "throughput", args.device, args.quick, config, records)
-    plot(records, common.result_path(args.out, "throughput", args.device, "png"),
-         f"Optimizer step time, LLaMA-{size} shapes, {args.device}")
-    print(summary(records))
-    print(f"wrote {path}")
+    common.publish(args, "throughput", args.device, config, records, records, plot, summary,
+                   f"Optimizer step time, LLaMA-{size} shapes, {args.device}")
     return records
 
 
