@@ -118,3 +118,23 @@ def assert_same_state(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> Non
 
 def clone_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def resume_copy(model: nn.Module, opt: torch.optim.Optimizer, make) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A copied model with a fresh optimizer (``make(model)``) loaded from a weights_only round trip of ``opt``;
+    asserts the loaded state equals the original, tensor for tensor and dtype for dtype."""
+    model2 = clone_model(model)
+    opt2 = make(model2)
+    opt2.load_state_dict(roundtrip(opt.state_dict()))
+    assert_same_state(opt, opt2)
+    return model2, opt2
+
+
+def assert_same_continuation(model: nn.Module, opt: torch.optim.Optimizer, model2: nn.Module,
+                             opt2: torch.optim.Optimizer, steps: int) -> None:
+    """Both runs continue ``steps`` steps on the same batch: weights and state stay bit-identical."""
+    train(model, opt, steps, data_seed=2)
+    train(model2, opt2, steps, data_seed=2)
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert_same_state(opt, opt2)

@@ -8,11 +8,13 @@ import pytest
 import torch
 from helpers import (
     STATE_DTYPES,
+    assert_same_continuation,
     assert_same_state,
     build,
     loss_fn,
     make_data,
     make_model,
+    resume_copy,
     roundtrip,
     train,
 )
@@ -37,16 +39,8 @@ def test_state_dict_resume_is_bit_exact(name: str, state_dtype: str) -> None:
     model = make_model()
     opt = build(name, model, state_dtype)
     train(model, opt, 7)
-    saved = roundtrip(opt.state_dict())
-    model2 = copy.deepcopy(model)
-    opt2 = build(name, model2, state_dtype)
-    opt2.load_state_dict(saved)
-    assert_same_state(opt, opt2)
-    train(model, opt, 8, data_seed=2)
-    train(model2, opt2, 8, data_seed=2)
-    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
-        assert torch.equal(p, q)
-    assert_same_state(opt, opt2)
+    model2, opt2 = resume_copy(model, opt, lambda m: build(name, m, state_dtype))
+    assert_same_continuation(model, opt, model2, opt2, 8)
 
 
 @pytest.mark.parametrize("name", NAMES)

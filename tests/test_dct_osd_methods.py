@@ -3,11 +3,9 @@ rate through the engine, state bytes in closed form, and both projectors driving
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from helpers import assert_same_state, build, make_model, roundtrip, train
+from helpers import assert_same_continuation, build, make_model, resume_copy, roundtrip, train
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -241,16 +239,9 @@ def test_projectors_drive_galore(projector: str, transfer: str, state_dtype: str
     dtypes = {(i, k): v.dtype for i, st in saved["state"].items() for k, v in st.items() if torch.is_tensor(v)}
     if state_dtype == "8bit":
         assert torch.uint8 in dtypes.values()
-    model2 = copy.deepcopy(model)
-    opt2 = build("galore_adamw", model2, state_dtype, **kwargs)
-    opt2.load_state_dict(saved)
-    assert_same_state(opt, opt2)
+    model2, opt2 = resume_copy(model, opt, lambda m: build("galore_adamw", m, state_dtype, **kwargs))
     proj_dtypes = {k: v.dtype for st in opt2.state.values() if "projector" in st
                    for k, v in st["projector"].items() if torch.is_tensor(v)}
     assert proj_dtypes == ({"indices": torch.int64} if projector == "dct" else
                            dict.fromkeys(("basis", "p_exp_avg", "p_exp_avg_sq"), torch.float32))
-    train(model, opt, 7, data_seed=2)
-    train(model2, opt2, 7, data_seed=2)
-    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
-        assert torch.equal(p, q)
-    assert_same_state(opt, opt2)
+    assert_same_continuation(model, opt, model2, opt2, 7)

@@ -3,12 +3,17 @@ gradient scales, the randomized-SVD schedule, and the optimizer path."""
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import pytest
 import torch
-from helpers import assert_same_state, loss_fn, make_data, make_model, roundtrip, train
+from helpers import (
+    assert_same_continuation,
+    make_model,
+    resume_copy,
+    roundtrip,
+    train,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -153,17 +158,5 @@ def test_drives_galore_adamw_with_resume(state_dtype) -> None:
     opt = make(model)
     losses = train(model, opt, 20)
     assert losses[-1] < 0.8 * losses[0]
-    saved = roundtrip(opt.state_dict())
-    model2 = copy.deepcopy(model)
-    opt2 = make(model2)
-    opt2.load_state_dict(saved)
-    assert_same_state(opt, opt2)
-    x, y = make_data(2)
-    for o, m in ((opt, model), (opt2, model2)):
-        for _ in range(4):
-            o.zero_grad()
-            loss_fn(m, x, y).backward()
-            o.step()
-    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
-        assert torch.equal(p, q)
-    assert_same_state(opt, opt2)
+    model2, opt2 = resume_copy(model, opt, make)
+    assert_same_continuation(model, opt, model2, opt2, 4)

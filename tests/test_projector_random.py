@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
-from helpers import assert_same_state, loss_fn, make_data, make_model, roundtrip, train
+from helpers import (
+    assert_same_continuation,
+    make_model,
+    resume_copy,
+    roundtrip,
+    train,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -130,27 +135,16 @@ def test_bad_options(kwargs, exc, word) -> None:
 def test_drives_galore_adamw_with_resume(state_dtype, dist) -> None:
     """The random projector behind GaLoreAdamW (group projector=...): it trains, its state holds no
     projection, and a weights_only resume is bit-exact with dtypes kept."""
+    def make(m):
+        groups = lro.param_groups(m, rank=8, target_modules=["attn", "mlp"], update_proj_gap=3,
+                                  projector="random", projector_options={"distribution": dist})
+        return lro.GaLoreAdamW(groups, lr=1e-2, state_dtype=state_dtype, transfer="linear")
+
     model = make_model()
-    groups = lro.param_groups(model, rank=8, target_modules=["attn", "mlp"], update_proj_gap=3,
-                              projector="random", projector_options={"distribution": dist})
-    opt = lro.GaLoreAdamW(groups, lr=1e-2, state_dtype=state_dtype, transfer="linear")
+    opt = make(model)
     losses = train(model, opt, 20)
     assert losses[-1] < 0.8 * losses[0]
     for p in opt.param_groups[-1]["params"]:
         assert all(type(v) is int for v in opt.state[p]["projector"].values())
-    saved = roundtrip(opt.state_dict())
-    model2 = copy.deepcopy(model)
-    groups2 = lro.param_groups(model2, rank=8, target_modules=["attn", "mlp"], update_proj_gap=3,
-                               projector="random", projector_options={"distribution": dist})
-    opt2 = lro.GaLoreAdamW(groups2, lr=1e-2, state_dtype=state_dtype, transfer="linear")
-    opt2.load_state_dict(saved)
-    assert_same_state(opt, opt2)
-    x, y = make_data(2)
-    for o, m in ((opt, model), (opt2, model2)):
-        for _ in range(4):
-            o.zero_grad()
-            loss_fn(m, x, y).backward()
-            o.step()
-    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
-        assert torch.equal(p, q)
-    assert_same_state(opt, opt2)
+    model2, opt2 = resume_copy(model, opt, make)
+    assert_same_continuation(model, opt, model2, opt2, 4)
