@@ -10,6 +10,12 @@ Only the optimizer is timed: parameters and seeded gradients of the model's shap
 * amortized step time for refresh period ``T`` (200): ``(median * (T - 1) + refresh) / T``, and its ratio
   to AdamW's median;
 * on CUDA, peak memory (``torch.cuda.max_memory_allocated``) of parameters + gradients + state + step.
+
+On the CPU every timed steady step is followed by a timed step of one ``torch.optim.AdamW`` kept alive for
+the whole run (paired steps), and each ratio divides by the median of *those* AdamW steps: a shared or
+throttled machine slows both sides of a ratio alike, where a single AdamW measurement at the start of the
+run would drift by 10-20% against the later ones. (On CUDA the AdamW's state would enter the peak memory,
+so GPU ratios use AdamW's own record, whose timings are stable.)
 """
 
 from __future__ import annotations
@@ -30,20 +36,30 @@ from .registry import Spec, specs
 T_REFRESH = 200
 
 
-def _timed_steps(opt: torch.optim.Optimizer, n: int, device: torch.device) -> list[float]:
-    out = []
+def _timed_step(opt: torch.optim.Optimizer, device: torch.device) -> float:
+    common.sync(device)
+    t0 = time.perf_counter()
+    opt.step()
+    common.sync(device)
+    return time.perf_counter() - t0
+
+
+def _timed_steps(opt: torch.optim.Optimizer, n: int, device: torch.device,
+                 baseline: torch.optim.Optimizer | None = None) -> tuple[list[float], list[float]]:
+    """``n`` step times of ``opt`` and, when given, of ``baseline`` stepped right after each one."""
+    out, base = [], []
     for _ in range(n):
-        common.sync(device)
-        t0 = time.perf_counter()
-        opt.step()
-        common.sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
+        out.append(_timed_step(opt, device))
+        if baseline is not None:
+            base.append(_timed_step(baseline, device))
+    return out, base
 
 
 def time_spec(spec: Spec, params: dict[str, torch.nn.Parameter], rank: int, steps: int, refresh_steps: int,
-              device: torch.device, period: int = T_REFRESH) -> dict[str, Any]:
-    """Steady and refresh step times of ``spec`` on ``params`` (their gradients are already set)."""
+              device: torch.device, period: int = T_REFRESH,
+              baseline: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Steady and refresh step times of ``spec`` on ``params`` (their gradients are already set); with a
+    ``baseline`` optimizer, its step times paired with the steady steps too."""
     snapshot = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}  # off-device: not in the peak
     rec: dict[str, Any] = {}
     with warnings.catch_warnings():
@@ -51,8 +67,8 @@ def time_spec(spec: Spec, params: dict[str, torch.nn.Parameter], rank: int, step
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         opt = spec.build(common.split_groups(params, rank, 10**9))
-        first = _timed_steps(opt, 1, device)[0]  # state allocation + initial subspace
-        steady = _timed_steps(opt, steps, device)
+        first = _timed_step(opt, device)  # state allocation + initial subspace
+        steady, paired = _timed_steps(opt, steps, device, baseline)
         if device.type == "cuda":
             rec["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         rec["state_bytes"] = count_state_bytes(opt)
@@ -62,8 +78,8 @@ def time_spec(spec: Spec, params: dict[str, torch.nn.Parameter], rank: int, step
             refresh = first  # quick mode: the first step (initial subspace + allocation) stands in for a refresh
         elif spec.lowrank:
             opt = spec.build(common.split_groups(params, rank, 1))
-            _timed_steps(opt, 1, device)
-            refresh = common.median(_timed_steps(opt, refresh_steps, device))
+            _timed_step(opt, device)
+            refresh = common.median(_timed_steps(opt, refresh_steps, device)[0])
             del opt
     with torch.no_grad():
         for n, p in params.items():
@@ -75,6 +91,8 @@ def time_spec(spec: Spec, params: dict[str, torch.nn.Parameter], rank: int, step
                 "amortized_step_s": med if refresh is None else (med * (period - 1) + refresh) / period,
                 "steps": steps, "refresh_steps": refresh_steps if refresh is not None else 0,
                 "refresh_source": None if refresh is None else ("first_step" if refresh_steps == 0 else "gap_1")})
+    if paired:
+        rec["paired_adamw_median_step_s"] = common.median(paired)
     return rec
 
 
@@ -87,19 +105,26 @@ def run(size: str = "60M", steps: int = 10, refresh_steps: int = 2, state_dtypes
     params = common.synthetic_params(shapes, dev)
     records = []
     todo = specs(state_dtypes, references, only)
+    adamw = next(s for s in todo if s.impl == "torch")
+    baseline = None
+    if dev.type == "cpu":  # paired steps (module docstring); its state lives for the whole run
+        baseline = adamw.build(common.split_groups(params, rank, 10**9))
+        _timed_step(baseline, dev)
     for spec in common.progress(todo, f"throughput {size}", total=len(todo)):
         rec: dict[str, Any] = {**spec.record(), "size": size, "rank": rank if spec.lowrank else None,
                                "update_proj_gap": T_REFRESH, "device": device}
         try:
-            rec.update(time_spec(spec, params, rank, steps, refresh_steps, dev))
+            rec.update(time_spec(spec, params, rank, steps, refresh_steps, dev,
+                                 baseline=None if spec is adamw else baseline))
         except Exception as err:  # a failing reference is reported, not fatal
             rec["error"] = f"{type(err).__name__}: {err}"[:300]
         records.append(rec)
     base = next((r for r in records if r["impl"] == "torch" and "median_step_s" in r), None)
     for r in records:
-        if base and "amortized_step_s" in r:
-            r["amortized_ratio_to_adamw"] = r["amortized_step_s"] / base["median_step_s"]
-            r["median_ratio_to_adamw"] = r["median_step_s"] / base["median_step_s"]
+        ref = r.get("paired_adamw_median_step_s") or (base or {}).get("median_step_s")
+        if ref and "amortized_step_s" in r:
+            r["amortized_ratio_to_adamw"] = r["amortized_step_s"] / ref
+            r["median_ratio_to_adamw"] = r["median_step_s"] / ref
     return records
 
 
@@ -126,7 +151,9 @@ def summary(records: list[dict[str, Any]]) -> str:
     rows = []
     for r in records:
         row = {"optimizer": r["label"], "median ms": None, "p95 ms": None, "refresh ms": None,
-               "amortized ms": None, "amortized /AdamW": r.get("amortized_ratio_to_adamw")}
+               "amortized ms": None, "amortized /AdamW": r.get("amortized_ratio_to_adamw"),
+               "paired AdamW ms": None if "paired_adamw_median_step_s" not in r
+               else 1e3 * r["paired_adamw_median_step_s"]}
         if "median_step_s" in r:
             row.update({"median ms": 1e3 * r["median_step_s"], "p95 ms": 1e3 * r["p95_step_s"],
                         "refresh ms": None if r["refresh_step_s"] is None else 1e3 * r["refresh_step_s"],
@@ -137,6 +164,8 @@ def summary(records: list[dict[str, Any]]) -> str:
             row["optimizer"] += " (error)"
         rows.append(row)
     cols = ["optimizer", "median ms", "p95 ms", "refresh ms", "amortized ms", "amortized /AdamW"]
+    if any(r["paired AdamW ms"] is not None for r in rows):
+        cols.append("paired AdamW ms")
     if any("peak GiB" in r for r in rows):
         cols.append("peak GiB")
     return common.markdown_table(rows, cols)

@@ -325,7 +325,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             pst = state["projector"]
             low_update = d.num if d.den is None else d.num / d.den
             if low_update.numel():  # an empty subspace (FRUGAL's inactive block) adds nothing
-                target.add_(proj.project_back(low_update, pst), alpha=-d.coef * group["scale"])
+                proj.add_back(target, low_update, pst, -d.coef * group["scale"])
             # a residual rule with ``wants_coef`` also gets the inner step's coefficient and lr (Fira)
             ctx = {"coef": d.coef, "lr": d.lr} if getattr(residual, "wants_coef", False) else {}
             extra = residual.step(grad, low, low_update, proj, pst, state, group, **ctx)

@@ -119,8 +119,14 @@ def test_throughput_run_schema(tmp_path) -> None:
         if r["refresh_step_s"] is not None:
             expected = (r["median_step_s"] * 199 + r["refresh_step_s"]) / 200
             assert r["amortized_step_s"] == pytest.approx(expected)
+        # on the CPU every ratio divides by the AdamW steps paired with this optimizer's own steps
+        if r["impl"] == "torch":
+            assert "paired_adamw_median_step_s" not in r and r["amortized_ratio_to_adamw"] == 1.0
+        else:
+            assert r["amortized_ratio_to_adamw"] == pytest.approx(r["amortized_step_s"]
+                                                                  / r["paired_adamw_median_step_s"])
     throughput.plot(recs, tmp_path / "t.png", "t")
-    assert "amortized" in throughput.summary(recs)
+    assert "amortized" in throughput.summary(recs) and "paired AdamW ms" in throughput.summary(recs)
 
 
 def test_convergence_run_schema(tmp_path) -> None:

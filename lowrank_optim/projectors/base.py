@@ -117,6 +117,25 @@ class Projector:
             return basis @ low
         return low @ basis.T
 
+    def back_matrix(self, state: ProjState, device: torch.device) -> torch.Tensor | None:
+        """The ``(d, r)`` matrix ``B`` with ``project_back(N) = B N`` (left) or ``N B^T`` (right), or ``None``
+        when the map back is not a matrix product (selections, blocks). A subclass that overrides
+        :meth:`project_back` gets ``None`` unless it overrides this too."""
+        if type(self).project_back is not Projector.project_back:
+            return None
+        return state["basis"]
+
+    def add_back(self, target: torch.Tensor, low: torch.Tensor, state: ProjState, alpha: float) -> None:
+        """``target += alpha * project_back(low)``; one ``addmm_`` (no full-size temporary) when the map back
+        is a matrix product of ``target``'s dtype."""
+        b = self.back_matrix(state, target.device)
+        if b is None or b.dtype != target.dtype or low.dtype != target.dtype:
+            target.add_(self.project_back(low, state), alpha=alpha)
+        elif state["side"] == LEFT:
+            target.addmm_(b, low, alpha=alpha)
+        else:
+            target.addmm_(low, b.T, alpha=alpha)
+
     def low_shape(self, shape: tuple[int, ...] | torch.Size, state: ProjState | None = None) -> tuple[int, ...]:
         """Shape of ``project(G)`` for a gradient of ``shape`` (no tensor needed).
 

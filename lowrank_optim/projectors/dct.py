@@ -218,6 +218,9 @@ class DCTProjector(Projector):
         low = low.float()
         return rows.T @ low if side == LEFT else low @ rows
 
+    def back_matrix(self, state: ProjState, device: torch.device) -> torch.Tensor | None:
+        return self._selected(state, int(state["dim"]), device).T
+
     def state_numel(self, shape: tuple[int, ...] | torch.Size) -> int:
         """Zero: the state holds ``r`` int64 indices and ints, no float basis."""
         return 0

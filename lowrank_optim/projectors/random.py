@@ -96,6 +96,9 @@ class RandomProjector(Projector):
         p = self.basis(state, low.device)
         return p @ low if state["side"] == LEFT else low @ p.T
 
+    def back_matrix(self, state: ProjState, device: torch.device) -> torch.Tensor | None:
+        return self.basis(state, device)
+
     def state_numel(self, shape: tuple[int, ...] | torch.Size) -> int:
         """No float data: the basis is regenerated from the seed."""
         return 0

@@ -1,4 +1,4 @@
-"""Adafactor (Shazeer and Stern 2018, arXiv:1804.04235), as used by GaLore-Adafactor."""
+"""Adafactor (Shazeer and Stern 2018, arXiv:1804.04235), as used by GaLore-Adafactor and Flora."""
 
 from __future__ import annotations
 
@@ -10,9 +10,21 @@ import torch
 from .._validation import check_number
 from .base import Direction, Group, InnerRule, MomentSpec
 
+#: Elements per row block of the factored update on the CPU (4 MB of fp32): each block's temporaries stay
+#: in cache and are reused, instead of two full-size temporaries per step (a 16M-element embedding would
+#: otherwise allocate, and page-fault in, 128 MB every step).
+CPU_BLOCK_ELEMENTS = 1 << 20
+
 
 def _rms(t: torch.Tensor) -> float:
     return float(t.norm(2) / math.sqrt(t.numel()))
+
+
+def _row_blocks(grad: torch.Tensor) -> list[slice]:
+    """Row slices of a 2-D tensor: one block off the CPU (the caching allocator reuses the temporaries)."""
+    m, n = int(grad.shape[0]), int(grad.shape[1])
+    rows = max(1, CPU_BLOCK_ELEMENTS // max(n, 1)) if grad.device.type == "cpu" else max(m, 1)
+    return [slice(i, min(i + rows, m)) for i in range(0, m, rows)] or [slice(0, 0)]
 
 
 class AdafactorRule(InnerRule):
@@ -23,6 +35,10 @@ class AdafactorRule(InnerRule):
     the learning rate (relative ``min(1e-2, 1/sqrt(t))`` when ``relative_step``, times
     ``max(eps[1], RMS(param))`` when ``scale_parameter``), then averaged by ``beta1`` when given.
     As in HF, the first moment averages lr-scaled updates. Set ``relative_step=False`` to use ``lr``.
+
+    A matrix's update is computed block by block of rows (:data:`CPU_BLOCK_ELEMENTS` on the CPU): three
+    reads of the gradient and no full-size temporary; a plain matrix's whole step (moment, weight decay,
+    parameter) is applied in the same blocks. The low-rank path uses the same blocks and operation order.
     """
 
     name = "adafactor"
@@ -66,29 +82,70 @@ class AdafactorRule(InnerRule):
             lr *= max(group["eps"][1], _rms(param.float()))
         return lr
 
+    def _factored(self, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int, group: Group,
+                  lr: float, blocks: list[slice], buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Updates the row/column statistics; returns ``c`` (``(n,)``) and ``rs`` (``(m, 1)``) such that
+        the clipped, lr-scaled update is ``(g * c) * rs``."""
+        m, n = int(grad.shape[0]), int(grad.shape[1])
+        beta2t = 1.0 - math.pow(step, group["decay_rate"])
+        eps1 = group["eps"][0]
+        row_sum = torch.empty(m, dtype=grad.dtype, device=grad.device)
+        col_sum = torch.zeros(n, dtype=grad.dtype, device=grad.device)
+        for b in blocks:  # pass 1: row and column sums of g^2
+            sq = torch.mul(grad[b], grad[b], out=buf[: b.stop - b.start])
+            torch.sum(sq, dim=1, out=row_sum[b])
+            col_sum.add_(sq.sum(dim=0))
+        # row / column means of g^2 + eps1 (= mean(g^2) + eps1: eps1 is added to the small vectors only)
+        row, col = moments["exp_avg_sq_row"], moments["exp_avg_sq_col"]
+        row.mul_(beta2t).add_(row_sum.div_(n).add_(eps1), alpha=1.0 - beta2t)
+        col.mul_(beta2t).add_(col_sum.div_(m).add_(eps1), alpha=1.0 - beta2t)
+        r = (row / row.mean()).rsqrt_()
+        c = col.rsqrt()
+        for b in blocks:  # pass 2: RMS of the update g * r c^T, from the row norms of g * c
+            gc = torch.mul(grad[b], c, out=buf[: b.stop - b.start])
+            torch.linalg.vector_norm(gc, dim=1, out=row_sum[b])
+        rms = math.sqrt(float(row_sum.mul_(r).square_().sum()) / max(m * n, 1))
+        # RMS clipping and the learning rate in the row factor
+        return c, r.mul_(lr / max(1.0, rms / group["clip_threshold"])).unsqueeze(1)
+
+    def _blocked(self, grad: torch.Tensor) -> tuple[list[slice], torch.Tensor]:
+        blocks = _row_blocks(grad)
+        rows = max(b.stop - b.start for b in blocks)
+        return blocks, torch.empty(rows, int(grad.shape[1]), dtype=grad.dtype, device=grad.device)
+
+    def apply_plain(self, target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,
+                    group: Group) -> bool:
+        """A plain matrix's whole step, block by block (see the class docstring); other shapes: False."""
+        if grad.dim() != 2 or grad.numel() == 0:
+            return False
+        lr = self._lr(group, step, target)
+        blocks, buf = self._blocked(grad)
+        c, rs = self._factored(grad, moments, step, group, lr, blocks, buf)
+        exp_avg, beta1 = moments.get("exp_avg"), group["beta1"]
+        decay = 1.0 - lr * group["weight_decay"]
+        for b in blocks:  # pass 3: moment, weight decay and parameter, one block at a time
+            u = torch.mul(grad[b], c, out=buf[: b.stop - b.start]).mul_(rs[b])
+            if exp_avg is not None:
+                u = exp_avg[b].lerp_(u, 1 - beta1)
+            if decay != 1.0:
+                target[b].mul_(decay)
+            target[b].sub_(u)
+        return True
+
     def direction(self, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int, group: Group,
                   param: torch.Tensor) -> Direction:
         lr = self._lr(group, step, param)
-        beta2t = 1.0 - math.pow(step, group["decay_rate"])
-        eps1 = group["eps"][0]
         if "exp_avg_sq_row" in moments:
-            # row / column means of g^2 + eps1 (= mean(g^2) + eps1: eps1 is added to the small vectors only)
-            row, col = moments["exp_avg_sq_row"], moments["exp_avg_sq_col"]
-            sq = grad.square()
-            row_mean = sq.mean(dim=-1).add_(eps1)
-            col_mean = sq.mean(dim=-2).add_(eps1)
-            del sq
-            row.mul_(beta2t).add_(row_mean, alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(col_mean, alpha=1.0 - beta2t)
-            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-            update = grad * r_factor
-            update.mul_(col.rsqrt().unsqueeze(-2))
+            blocks, buf = self._blocked(grad)
+            c, rs = self._factored(grad, moments, step, group, lr, blocks, buf)
+            update = torch.mul(grad, c).mul_(rs)
         else:
+            beta2t = 1.0 - math.pow(step, group["decay_rate"])
             v = moments["exp_avg_sq"]
-            v.mul_(beta2t).addcmul_(grad, grad, value=1.0 - beta2t).add_(eps1 * (1.0 - beta2t))
+            v.mul_(beta2t).addcmul_(grad, grad, value=1.0 - beta2t).add_(group["eps"][0] * (1.0 - beta2t))
             update = v.rsqrt().mul_(grad)
-        # RMS clipping and the learning rate in one multiply
-        update.mul_(lr / max(1.0, _rms(update) / group["clip_threshold"]))
+            # RMS clipping and the learning rate in one multiply
+            update.mul_(lr / max(1.0, _rms(update) / group["clip_threshold"]))
         if group["beta1"] is not None:
             exp_avg = moments["exp_avg"]
             exp_avg.lerp_(update, 1 - group["beta1"])
