@@ -17,6 +17,8 @@ import torch
 
 import lowrank_optim as lro
 
+from . import malloc
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -29,13 +31,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--only", default=None, help="comma-separated optimizer names to run (default: all)")
     ap.add_argument("--no-references", action="store_true", help="skip the reference implementations")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--dynamic-malloc", action="store_true",
+                    help="leave glibc's malloc thresholds dynamic (default: pinned, see benchmarks/malloc.py)")
     return ap
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """Applies ``--threads`` and checks ``--device``."""
+    """Applies ``--threads``, pins the allocator (unless ``--dynamic-malloc``) and checks ``--device``."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not getattr(args, "dynamic_malloc", False):
+        malloc.pin()
     return check_device(args.device)
 
 
@@ -55,6 +61,7 @@ def environment(device: str) -> dict[str, Any]:
     env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                            "lowrank_optim": lro.__version__, "platform": platform.platform(),
                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+                           "malloc": malloc.describe(),
                            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if device == "cuda" and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()

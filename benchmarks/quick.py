@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> Path:
         passthrough.append("--no-references")
     if args.threads:
         passthrough += ["--threads", str(args.threads)]
+    if args.dynamic_malloc:
+        passthrough.append("--dynamic-malloc")
     sections: list[tuple[str, str, float]] = []
     t_all = time.perf_counter()
     steps: list[tuple[str, Any, Any]] = [("memory", memory.main, memory.summary),
@@ -54,7 +56,9 @@ def main(argv: list[str] | None = None) -> Path:
                   "at 60M-1L in quick mode, at 60M and 130M in the full run).",
         "throughput": "Optimizer step only (synthetic seeded gradients, LLaMA-60M shapes on CPU, rank 128). "
                       f"Amortized = (median x {throughput.T_REFRESH - 1} + refresh) / {throughput.T_REFRESH}; "
-                      "quick mode times the first step (initial subspace) as the refresh.",
+                      "quick mode times the first step (initial subspace) as the refresh. On the CPU each step is "
+                      "paired with a step of one torch AdamW, and `/AdamW` divides by those paired steps "
+                      "(`paired AdamW ms`).",
         "convergence": "Byte-level LLaMA-style decoder on the stdlib corpus; same seed, batches, steps and schedule "
                        "for every optimizer; `- AdamW` is the validation-loss difference to torch AdamW.",
         "projectors": "Refresh (update) time and captured energy of the refreshed subspace, as a fraction of "

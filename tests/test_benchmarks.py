@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import math
+import sys
 
 import pytest
 import torch
 
 import lowrank_optim as lro
-from benchmarks import common, convergence, memory, projectors, quick, throughput
+from benchmarks import common, convergence, malloc, memory, projectors, quick, throughput
 from benchmarks.data import load_corpus
 from benchmarks.model import DecoderConfig, build_model
 from benchmarks.registry import OVERRIDES, specs
@@ -204,3 +206,16 @@ def test_quick_refresh_uses_first_step_and_custom_corpus(tmp_path) -> None:
     assert corpus.n_bytes == 13_000 and corpus.val.numel() == 3250 and corpus.source == str(path)
     with pytest.raises(ValueError, match="val_fraction"):
         load_corpus(path, val_fraction=1.0)
+
+
+def test_malloc_pinning_is_recorded(monkeypatch) -> None:
+    """On glibc the benchmarks pin malloc's thresholds (``mallopt`` succeeds) and every result records it."""
+    monkeypatch.setitem(malloc._state, "pinned", False)
+    assert "defaults" in common.environment("cpu")["malloc"]
+    args = common.parser("x").parse_args(["--dynamic-malloc"])
+    common.setup(args)
+    assert not malloc._state["pinned"]
+    if ctypes.util.find_library("c") is None or not sys.platform.startswith("linux"):
+        pytest.skip("not glibc")
+    common.setup(common.parser("x").parse_args([]))
+    assert malloc._state["pinned"] and "pinned at 128 KiB" in common.environment("cpu")["malloc"]
