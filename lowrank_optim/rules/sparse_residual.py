@@ -61,15 +61,16 @@ class SparseResidual(ResidualRule):
         k = residual_count(group["residual_density"], grad.shape)
         if k == 0:
             return None
-        resid = grad - projector.project_back(low_grad, proj_state)
+        # E = G - lift(R), lifted straight into a copy of G: one full-size buffer in all
+        resid = grad.clone(memory_format=torch.contiguous_format)
+        projector.add_back(resid, low_grad, proj_state, -1.0)
         seen = int(state.get(_SEEN, 0)) + 1
         state[_SEEN] = seen
         warmup = int(group["residual_warmup"])
         store = StateStore(group["state_dtype"])
         if _INDEX not in state:
-            score = resid.square()
-            if _SCORE in state:
-                score.add_(state[_SCORE])
+            score = state.get(_SCORE)
+            score = resid.square() if score is None else score.addcmul_(resid, resid)
             if seen < max(warmup, 1):
                 state[_SCORE] = score
                 return None
@@ -94,6 +95,6 @@ class SparseResidual(ResidualRule):
         store.save(state, _M, m, True)
         store.save(state, _V, v, False)
         state[_STEP] = t
-        out = torch.zeros(grad.numel(), dtype=grad.dtype, device=grad.device)
+        out = resid.view(-1).zero_()  # E's buffer is free once its entries are gathered
         out.index_copy_(0, idx, upd)
-        return out.view(grad.shape)
+        return resid
