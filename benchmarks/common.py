@@ -121,6 +121,15 @@ def pyplot():
     return plt
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Lays out, writes (110 dpi) and closes a matplotlib figure."""
+    plt = pyplot()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    if plt is not None:
+        plt.close(fig)
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """A GitHub markdown table of ``rows`` (floats to 4 significant digits)."""
 

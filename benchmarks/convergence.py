@@ -140,9 +140,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_ylabel("cross-entropy (nats/byte)")
     ax2.legend(fontsize=6, ncol=2)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def summary(records: list[dict[str, Any]]) -> str:

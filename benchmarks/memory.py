@@ -154,9 +154,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("optimizer state (GiB, log)")
     ax.set_title("Optimizer-state memory at LLaMA shapes (closed form)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def summary(result: dict[str, Any]) -> str:

@@ -177,9 +177,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("refresh time (ms, log)")
     ax.set_ylabel("captured energy / optimal top-r energy")
     ax.set_title("Projectors: quality vs refresh cost (o: decoder gradients, x: decaying spectrum)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def summary(records: list[dict[str, Any]]) -> str:

@@ -142,9 +142,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_ylabel("ms per optimizer step")
     ax.set_title(title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def summary(records: list[dict[str, Any]]) -> str:

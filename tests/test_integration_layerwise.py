@@ -42,6 +42,19 @@ def layerwise(name: str) -> tuple[torch.nn.Module, LayerwiseUpdater]:
     return model, LayerwiseUpdater(opt, accumulation_steps=ACCUM, max_grad_norm=CLIP, lr_scheduler=sched)
 
 
+def count_live_gradients(lw: LayerwiseUpdater, model: torch.nn.Module) -> list[int]:
+    """Wraps ``lw.optimizer.step_parameter``: each call appends how many parameters hold a gradient."""
+    live: list[int] = []
+    step_parameter = lw.optimizer.step_parameter
+
+    def spy(p: torch.Tensor) -> None:
+        live.append(sum(q.grad is not None for q in model.parameters()))
+        step_parameter(p)
+
+    lw.optimizer.step_parameter = spy  # type: ignore[method-assign]
+    return live
+
+
 def run(model: torch.nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     for x, y in data:
         (loss_fn(model, x, y) / ACCUM).backward()
@@ -52,14 +65,7 @@ def test_layerwise_equals_ordinary_loop(name: str) -> None:
     cycles = 4
     ref_model, ref_opt = reference(name, cycles)
     model, lw = layerwise(name)
-    live: list[int] = []
-    step_parameter = lw.optimizer.step_parameter
-
-    def spy(p: torch.Tensor) -> None:
-        live.append(sum(q.grad is not None for q in model.parameters()))
-        step_parameter(p)
-
-    lw.optimizer.step_parameter = spy  # type: ignore[method-assign]
+    live = count_live_gradients(lw, model)
     data = batches(ACCUM * cycles)
     for i, (x, y) in enumerate(data):
         run(model, [(x, y)])
@@ -77,14 +83,7 @@ def test_layerwise_equals_ordinary_loop(name: str) -> None:
 def test_layerwise_without_accumulation_holds_one_gradient_at_a_time() -> None:
     model = make_model()
     lw = LayerwiseUpdater(build("galore_adamw", model))
-    live: list[int] = []
-    step_parameter = lw.optimizer.step_parameter
-
-    def spy(p: torch.Tensor) -> None:
-        live.append(sum(q.grad is not None for q in model.parameters()))
-        step_parameter(p)
-
-    lw.optimizer.step_parameter = spy  # type: ignore[method-assign]
+    live = count_live_gradients(lw, model)
     x, y = make_data()
     for _ in range(3):
         loss_fn(model, x, y).backward()

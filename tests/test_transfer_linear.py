@@ -34,6 +34,18 @@ def _moments(store: StateStore, low: tuple[int, int], seed: int) -> tuple[dict, 
     return state, specs
 
 
+def _resampled(shape: tuple[int, int], rank: int, side: str, seed: int, distribution: str) -> tuple:
+    """A random projector resampled once, an fp32 store and seeded moments in the old subspace:
+    ``(proj, g, old, new, store, state, specs)``."""
+    proj = make_projector("random", rank, side=side, distribution=distribution)
+    g = _matrix(*shape, seed)
+    old = proj.init(g, seed=seed)
+    new = proj.update(g, old)
+    store = StateStore("fp32")
+    state, specs = _moments(store, proj.low_shape(g.shape, old), seed)
+    return proj, g, old, new, store, state, specs
+
+
 def _snapshot(state: dict) -> dict:
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
@@ -61,12 +73,7 @@ def test_unchanged_basis_is_bit_exact_identity(shape, rank, side, seed, name, dt
 @given(shape=shapes, rank=st.integers(1, 12), side=sides, seed=st.integers(0, 2**16))
 def test_orthonormal_closed_form_first_and_second_moment(shape, rank, side, seed) -> None:
     """M' = M P_old^T P_new (left: P_new^T P_old M); V' = (sqrt(V) P_old^T P_new)^2; 1-D statistics kept."""
-    proj = make_projector("random", rank, side=side, distribution="orthonormal")
-    g = _matrix(*shape, seed)
-    old = proj.init(g, seed=seed)
-    new = proj.update(g, old)
-    store = StateStore("fp32")
-    state, specs = _moments(store, proj.low_shape(g.shape, old), seed)
+    proj, _g, old, new, store, state, specs = _resampled(shape, rank, side, seed, "orthonormal")
     m, v, row = state["exp_avg"].clone(), state["exp_avg_sq"].clone(), state["row"].clone()
     LINEAR.apply(state, old, new, proj, specs, store)
     po, pn = proj.basis(old).double(), proj.basis(new).double()
@@ -86,12 +93,7 @@ def test_orthonormal_closed_form_first_and_second_moment(shape, rank, side, seed
 def test_new_moment_decodes_to_the_projection_of_the_old_one(shape, rank, side, seed, dist) -> None:
     """decode_new(M') = decode_old(M) projected orthogonally onto the new subspace: the transfer loses
     exactly the projection error, for non-orthonormal (Gaussian) bases too."""
-    proj = make_projector("random", rank, side=side, distribution=dist)
-    g = _matrix(*shape, seed)
-    old = proj.init(g, seed=seed)
-    new = proj.update(g, old)
-    store = StateStore("fp32")
-    state, specs = _moments(store, proj.low_shape(g.shape, old), seed)
+    proj, _g, old, new, store, state, specs = _resampled(shape, rank, side, seed, dist)
     full_old = proj.project_back(state["exp_avg"], old).double()
     LINEAR.apply(state, old, new, proj, specs, store)
     full_new = proj.project_back(state["exp_avg"], new).double()
@@ -109,12 +111,7 @@ def test_full_rank_change_of_basis_is_lossless(shape, seed, side) -> None:
     """A full-rank change of orthonormal basis loses nothing (square Gaussian bases are too ill-conditioned
     for an fp32 closed form and are covered by the projection test above)."""
     rank = min(shape)
-    proj = make_projector("random", rank, side=side, distribution="orthonormal")
-    g = _matrix(*shape, seed)
-    old = proj.init(g, seed=seed)
-    new = proj.update(g, old)
-    store = StateStore("fp32")
-    state, specs = _moments(store, proj.low_shape(g.shape, old), seed)
+    proj, g, old, new, store, state, specs = _resampled(shape, rank, side, seed, "orthonormal")
     d = g.shape[0] if old["side"] == LEFT else g.shape[1]
     if d != rank:  # the square case only: the subspace is the whole space
         return
