@@ -138,7 +138,8 @@ class AdafactorRule(InnerRule):
         if "exp_avg_sq_row" in moments:
             blocks, buf = self._blocked(grad)
             c, rs = self._factored(grad, moments, step, group, lr, blocks, buf)
-            update = torch.mul(grad, c).mul_(rs)
+            # one block (a small matrix, or off the CPU): the scratch buffer is full-size, reuse it
+            update = torch.mul(grad, c, out=buf if len(blocks) == 1 else None).mul_(rs)
         else:
             beta2t = 1.0 - math.pow(step, group["decay_rate"])
             v = moments["exp_avg_sq"]
