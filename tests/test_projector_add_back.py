@@ -26,6 +26,9 @@ def test_add_back_equals_adding_project_back(name, m, n, rank, side, alpha, seed
     expected = target + alpha * proj.project_back(low, state)
     proj.add_back(target, low, state, alpha)
     torch.testing.assert_close(target, expected, rtol=1e-5, atol=1e-5)
+    dropped = proj.residual(g, low, state, alpha)
+    torch.testing.assert_close(dropped, g - alpha * proj.project_back(low, state), rtol=1e-5, atol=1e-5)
+    assert dropped.is_contiguous() and dropped.data_ptr() != g.data_ptr()
 
 
 def test_matrix_projectors_take_the_addmm_path() -> None:

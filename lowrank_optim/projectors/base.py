@@ -136,6 +136,13 @@ class Projector:
         else:
             target.addmm_(low, b.T, alpha=alpha)
 
+    def residual(self, grad: torch.Tensor, low: torch.Tensor, state: ProjState, alpha: float = 1.0) -> torch.Tensor:
+        """``G - alpha * project_back(low)`` as a new contiguous tensor: ``low`` is lifted straight into a copy
+        of ``G`` (:meth:`add_back`), one full-size buffer in all."""
+        out = grad.clone(memory_format=torch.contiguous_format)
+        self.add_back(out, low, state, -alpha)
+        return out
+
     def low_shape(self, shape: tuple[int, ...] | torch.Size, state: ProjState | None = None) -> tuple[int, ...]:
         """Shape of ``project(G)`` for a gradient of ``shape`` (no tensor needed).
 

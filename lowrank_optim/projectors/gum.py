@@ -101,7 +101,7 @@ class GUMProjector(Projector):
 
     def project(self, grad: torch.Tensor, state: ProjState) -> torch.Tensor:
         low = self._svd.project(grad, state)
-        out = grad - self._svd.project_back(low, state) if state["full"] else low
+        out = self._svd.residual(grad, low, state) if state["full"] else low
         if self.weighting == "paper":
             out.mul_(self.weight(state))
         return out

@@ -86,10 +86,9 @@ class FiraResidual(ResidualRule):
             eta *= math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
         if eta == 0.0:
             return None
-        # G - alpha * lift(R) ("reference") or G - lift(R), lifted straight into a copy of G
-        residual = grad.clone(memory_format=torch.contiguous_format)
+        # G - alpha * lift(R) ("reference") or G - lift(R)
         alpha = group["scale"] if group["fira_residual"] == "reference" else 1.0
-        projector.add_back(residual, low_grad, proj_state, -alpha)
+        residual = projector.residual(grad, low_grad, proj_state, alpha)
         phi = slice_scaling(low_update, low_grad, int(proj_state.get("side", LEFT)))
         phi.mul_(coef / eta)
         residual.mul_(phi)

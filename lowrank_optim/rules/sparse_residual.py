@@ -61,9 +61,7 @@ class SparseResidual(ResidualRule):
         k = residual_count(group["residual_density"], grad.shape)
         if k == 0:
             return None
-        # E = G - lift(R), lifted straight into a copy of G: one full-size buffer in all
-        resid = grad.clone(memory_format=torch.contiguous_format)
-        projector.add_back(resid, low_grad, proj_state, -1.0)
+        resid = projector.residual(grad, low_grad, proj_state)  # E = G - lift(R), a new contiguous buffer
         seen = int(state.get(_SEEN, 0)) + 1
         state[_SEEN] = seen
         warmup = int(group["residual_warmup"])

@@ -22,7 +22,7 @@ def complement(grad: torch.Tensor, low_grad: torch.Tensor, projector: Projector,
     own = getattr(projector, "complement", None)
     if own is not None:
         return own(grad, proj_state)
-    return grad - projector.project_back(low_grad, proj_state)
+    return projector.residual(grad, low_grad, proj_state)
 
 
 class _StateFree(ResidualRule):
