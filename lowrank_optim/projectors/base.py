@@ -13,20 +13,43 @@ Conventions, for a gradient ``G`` of shape ``(m, n)`` and rank ``r``:
 
 The side is chosen once, from the shape and the side rule, and stored as an int; it is never guessed
 back from a tensor's shape (galore-torch's ``reverse_std`` bug on square projections).
+
+Sign convention of bases computed by a decomposition (``sign`` option of ``svd``, ``rsvd``, ``rsvd_heads``,
+``coap``, ``gum``, ``online_pca``'s first basis): a singular vector is only defined up to its sign, and LAPACK's
+choice depends on the algorithm, the library and rounding. With moments kept across a refresh (GaLore's
+``keep``) a flipped column negates the first moment's coordinate, so the sign is part of the trajectory.
+
+* ``"canonical"``: :func:`canonical_signs`, a function of the basis alone (the first entry of largest
+  magnitude of each column is positive), so an SVD, an eigendecomposition of an all-reduced Gram matrix
+  and a randomized SVD of the same subspace give the same basis;
+* ``"align"`` (default): canonical for a new basis; on a refresh each column takes the sign that makes
+  it agree with the previous basis's column (:func:`aligned_signs`), which is what kept moments assume;
+  a column nearly orthogonal to its predecessor (``|cos| < ALIGN_MIN_COSINE``) stays canonical;
+* ``"raw"``: whatever the decomposition returned (galore-torch's convention; for parity tests).
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Any
 
 import torch
 
 from .._validation import check_choice, check_int
+from ..linalg import DecompositionError
 
 LEFT = 0
 RIGHT = 1
 SIDE_RULES = ("std", "reverse_std", "left", "right")
+SIGN_RULES = ("align", "canonical", "raw")
+#: Entries within this relative distance of a column's largest magnitude count as tied for the
+#: canonical sign (the first of them decides), so rounding differences between decompositions
+#: (~1e-6 relative in fp32) do not move the pivot of an exactly tied column.
+SIGN_TIE_RTOL = 1e-4
+#: ``"align"`` follows the previous column only when ``|cos(new, old)|`` is at least this; below it the
+#: old coordinate says nothing about the new one and the canonical sign is kept.
+ALIGN_MIN_COSINE = 1e-3
 
 ProjState = dict[str, Any]
 
@@ -55,6 +78,50 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def canonical_signs(basis: torch.Tensor) -> torch.Tensor:
+    """``basis`` (``(d, r)``) with each column multiplied by +-1 so that its pivot is positive.
+
+    The pivot is the first entry (lowest row index) whose magnitude is within :data:`SIGN_TIE_RTOL` of the
+    column's largest magnitude. The rule depends on the column alone, so ``canonical_signs(B D) ==
+    canonical_signs(B)`` exactly for any diagonal sign matrix ``D`` (a multiplication by -1 is exact). A
+    zero column is left as it is. Returns a new tensor of ``basis``'s dtype.
+    """
+    if basis.dim() != 2 or basis.numel() == 0:
+        return basis.clone()
+    mag = basis.abs()
+    peak = mag.amax(dim=0, keepdim=True)
+    tied = mag >= peak * (1.0 - SIGN_TIE_RTOL)
+    pivot_row = tied.to(torch.uint8).argmax(dim=0, keepdim=True)  # first True of each column
+    pivot = basis.gather(0, pivot_row)
+    return basis * torch.where(pivot < 0, -1.0, 1.0).to(basis.dtype)
+
+
+def aligned_signs(basis: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """``basis`` with each column's sign chosen to agree with the same column of ``previous``.
+
+    A column whose cosine with its predecessor is below :data:`ALIGN_MIN_COSINE` in magnitude (or every
+    column, when ``previous`` is ``None`` or of another shape) gets :func:`canonical_signs`'s sign.
+    """
+    canon = canonical_signs(basis)
+    if previous is None or tuple(previous.shape) != tuple(basis.shape) or basis.numel() == 0:
+        return canon
+    prev = previous.to(device=basis.device, dtype=torch.float32)
+    cur = canon.float()
+    dots = (cur * prev).sum(dim=0)
+    norms = cur.norm(dim=0) * prev.norm(dim=0)
+    flip = (dots < 0) & (dots.abs() >= ALIGN_MIN_COSINE * norms)
+    return canon * torch.where(flip, -1.0, 1.0).to(basis.dtype)
+
+
+def apply_sign_rule(rule: str | None, basis: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """``basis`` under a sign rule of :data:`SIGN_RULES` (``None`` or ``"raw"``: unchanged)."""
+    if rule == "canonical":
+        return canonical_signs(basis)
+    if rule == "align":
+        return aligned_signs(basis, previous)
+    return basis
+
+
 def cpu_generator(*parts: int) -> torch.Generator:
     """A CPU generator seeded from integers: draws are device independent."""
     gen = torch.Generator(device="cpu")
@@ -74,13 +141,29 @@ class Projector:
     #: When True the engine passes ``moments={name: fp32 tensor}`` (low-rank moments before the
     #: refresh) to :meth:`update`, e.g. for COAP's correlation-aware correction.
     wants_moments = False
+    #: Whether the basis has orthonormal columns (``P^T P = I``), so that ``project_back(project(G))`` is
+    #: the orthogonal projection of ``G`` onto the subspace and ``G - project_back(project(G))`` its
+    #: complement. Residual rules that take that complement (FRUGAL's state-free part, Fira, GaLore+'s
+    #: sparse residual) are refused at construction with a projector that says False. Conservative
+    #: default: a projector must declare it.
+    orthonormal: bool = False
+    #: Whether ``project`` / ``project_back`` are the matrix products with :meth:`basis_matrix` (``B^T G`` and
+    #: ``B N`` on the left, ``G B`` and ``N B^T`` on the right): what the ``linear`` transfer needs.
+    matrix_map: bool = True
+    #: Whether :meth:`low_shape` depends on the shape only (not on the state): what the ``keep``, ``linear``
+    #: and ``match`` transfers need (FRUGAL's blocks and GUM's full-rank branch change it on a refresh).
+    fixed_low_shape: bool = True
+    #: Sign rule of a basis computed by a decomposition (:data:`SIGN_RULES`); ``None``: the projector has no
+    #: sign freedom (selections, fixed or seeded bases).
+    sign_rule: str | None = None
 
     def __init__(self, rank: int, side: str = "std") -> None:
         self.rank = check_int("rank", rank, low=1)
         self.side_rule = check_choice("proj_side", side, SIDE_RULES)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(rank={self.rank}, side={self.side_rule!r})"
+        sign = "" if self.sign_rule is None else f", sign={self.sign_rule!r}"
+        return f"{type(self).__name__}(rank={self.rank}, side={self.side_rule!r}{sign})"
 
     # -- contract -------------------------------------------------------------------------------
     def init(self, grad: torch.Tensor, *, seed: int = 0) -> ProjState:
@@ -90,7 +173,7 @@ class Projector:
         side = choose_side(grad.shape, self.side_rule)
         rank = min(self.rank, int(grad.shape[0]), int(grad.shape[1]))
         state: ProjState = {"side": side, "rank": rank, "seed": int(seed), "refresh": 0}
-        state["basis"] = self._basis(grad, state, previous=None)
+        state["basis"] = self.fresh_basis(grad, state, None)
         return state
 
     def update(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
@@ -100,8 +183,28 @@ class Projector:
         """
         new = dict(state)
         new["refresh"] = int(state["refresh"]) + 1
-        new["basis"] = self._basis(grad, new, previous=state["basis"])
+        new["basis"] = self.fresh_basis(grad, new, state["basis"])
         return new
+
+    def signed(self, basis: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """A freshly decomposed ``basis`` under :attr:`sign_rule` (``previous``: the basis it replaces)."""
+        return apply_sign_rule(self.sign_rule, basis, previous)
+
+    def fresh_basis(self, grad: torch.Tensor, state: ProjState, previous: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`_basis` under the sign rule; when the decomposition fails on every path
+        (:class:`~lowrank_optim.linalg.DecompositionError`) the previous basis is kept (at the first basis:
+        the first ``r`` coordinate vectors), with a ``RuntimeWarning``."""
+        try:
+            basis = self._basis(grad, state, previous=previous)
+        except DecompositionError as err:
+            dim = int(grad.shape[0] if state["side"] == LEFT else grad.shape[1])
+            return fallback_basis(previous, dim, int(state["rank"]), grad.device, str(err))
+        return self.signed(basis, previous)
+
+    def basis_matrix(self, state: ProjState, device: torch.device) -> torch.Tensor | None:
+        """The ``(d, r)`` matrix ``B`` with ``project(G) = B^T G`` (left) or ``G B`` (right), or ``None`` when
+        ``project`` is not such a product (:attr:`matrix_map` False). Default: :meth:`back_matrix`."""
+        return self.back_matrix(state, device) if self.matrix_map else None
 
     def project(self, grad: torch.Tensor, state: ProjState) -> torch.Tensor:
         """Maps a full ``(m, n)`` tensor into the subspace."""
@@ -161,6 +264,17 @@ class Projector:
     # -- subclass hook --------------------------------------------------------------------------
     def _basis(self, grad: torch.Tensor, state: ProjState, previous: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+
+def fallback_basis(previous: torch.Tensor | None, dim: int, rank: int, device: torch.device,
+                   reason: str) -> torch.Tensor:
+    """The basis a projector keeps when no decomposition succeeded: ``previous``, or the first ``rank``
+    columns of the ``dim x dim`` identity when there is none (fp32), with a ``RuntimeWarning`` naming ``reason``."""
+    kept = "keeping the previous basis" if previous is not None else "using the first coordinate vectors"
+    warnings.warn(f"lowrank_optim: {reason}; {kept}", RuntimeWarning, stacklevel=4)
+    if previous is not None:
+        return previous
+    return torch.eye(dim, rank, dtype=torch.float32, device=device)
 
 
 def oriented(grad: torch.Tensor, side: int) -> torch.Tensor:

@@ -56,6 +56,9 @@ class BlockProjector(Projector):
 
     name = "blocks"
     wants_layout = True
+    orthonormal = True  # the subspace is all of the tensor or nothing: its complement is exact
+    matrix_map = False
+    fixed_low_shape = False  # the moments change shape when a tensor switches between active and inactive
 
     def __init__(self, rank: int, side: str = "std", *, density: float = 0.25, order: str = "descending") -> None:
         super().__init__(rank, side)

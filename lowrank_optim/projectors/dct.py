@@ -138,6 +138,7 @@ class DCTProjector(Projector):
     """
 
     name = "dct"
+    orthonormal = True  # columns of the orthonormal DCT-II matrix
 
     def __init__(self, rank: int, side: str = "std", *, score: str = "l2", path: str = "auto") -> None:
         super().__init__(rank, side)

@@ -49,13 +49,19 @@ class GUMProjector(Projector):
         full_rank_layers: gamma, the exact number of matrices in the full branch per period (without
             replacement, q = gamma / count). Exactly one of the two must be given.
         weighting: ``"paper"``, ``"after"`` or ``"none"``.
+        sign: sign rule of the SVD basis (as :class:`~lowrank_optim.projectors.svd.SVDProjector`; ``"align"``
+            default). GUM resets its momentum every period, so the sign does not change the trajectory.
     """
 
     name = "gum"
     wants_layout = True
+    orthonormal = True
+    #: ``project`` is weighted and the full branch works at full size: no matrix map, no fixed low shape.
+    matrix_map = False
+    fixed_low_shape = False
 
     def __init__(self, rank: int, side: str = "std", *, full_rank_prob: float | None = None,
-                 full_rank_layers: int | None = 2, weighting: str = "paper") -> None:
+                 full_rank_layers: int | None = 2, weighting: str = "paper", sign: str = "align") -> None:
         super().__init__(rank, side)
         if (full_rank_prob is None) == (full_rank_layers is None):
             raise ValueError(f"Invalid full_rank_prob / full_rank_layers: give exactly one "
@@ -67,7 +73,8 @@ class GUMProjector(Projector):
         self.prob = full_rank_prob
         self.layers = full_rank_layers
         self.weighting = check_choice("weighting", weighting, WEIGHTINGS)
-        self._svd = SVDProjector(rank, side)
+        self._svd = SVDProjector(rank, side, sign=sign)
+        self.sign_rule = self._svd.sign_rule
 
     def __repr__(self) -> str:
         return (f"GUMProjector(rank={self.rank}, full_rank_prob={self.prob}, full_rank_layers={self.layers}, "

@@ -30,14 +30,15 @@ class HeadSharedRSVDProjector(RandomizedSVDProjector):
         rank: target rank.
         side: side rule for matrices that are not split into heads.
         num_heads: heads of the matrices this projector sees (``None``: no head split).
-        oversample, power_iters, warm_start: as :class:`RandomizedSVDProjector`.
+        oversample, power_iters, warm_start, sign: as :class:`RandomizedSVDProjector`.
     """
 
     name = "rsvd_heads"
 
     def __init__(self, rank: int, side: str = "std", *, num_heads: int | None = None, oversample: int = 8,
-                 power_iters: int = 1, warm_start: bool = True) -> None:
-        super().__init__(rank, side, oversample=oversample, power_iters=power_iters, warm_start=warm_start)
+                 power_iters: int = 1, warm_start: bool = True, sign: str = "align") -> None:
+        super().__init__(rank, side, oversample=oversample, power_iters=power_iters, warm_start=warm_start,
+                         sign=sign)
         if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int)):
             raise TypeError(f"Invalid num_heads: expected an int or None, got {num_heads!r}")
         if num_heads is not None and num_heads < 1:
@@ -45,7 +46,8 @@ class HeadSharedRSVDProjector(RandomizedSVDProjector):
         self.num_heads = num_heads
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(rank={self.rank}, side={self.side_rule!r}, num_heads={self.num_heads})"
+        return (f"{type(self).__name__}(rank={self.rank}, side={self.side_rule!r}, num_heads={self.num_heads}, "
+                f"sign={self.sign_rule!r})")
 
     def split(self, shape: tuple[int, ...] | torch.Size) -> bool:
         """Whether a matrix of ``shape`` is split into heads."""
@@ -65,7 +67,7 @@ class HeadSharedRSVDProjector(RandomizedSVDProjector):
         state: ProjState = {"side": side, "rank": rank, "seed": int(seed), "refresh": 0}
         if self.split(grad.shape):
             state["head"] = 0
-        state["basis"] = self._basis(grad, state, previous=None)
+        state["basis"] = self.fresh_basis(grad, state, None)
         return state
 
     def _basis(self, grad: torch.Tensor, state: ProjState, previous: torch.Tensor | None) -> torch.Tensor:

@@ -108,6 +108,11 @@ class OnlinePCAProjector(SVDProjector):
             raise TypeError(f"Invalid orthonormalize: expected a bool, got {orthonormalize!r}")
         self.orthonormalize = orthonormalize
 
+    @property
+    def orthonormal(self) -> bool:  # type: ignore[override]
+        """Only with ``orthonormalize=True``: otherwise ``P`` drifts from orthonormality after the first step."""
+        return self.orthonormalize
+
     def __repr__(self) -> str:
         return (f"OnlinePCAProjector(rank={self.rank}, side={self.side_rule!r}, optimizer={self.optimizer!r}, "
                 f"lr_rule={self.lr_rule!r}, lr_ratio={self.lr_ratio}, lr={self.lr})")

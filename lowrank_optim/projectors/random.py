@@ -53,6 +53,12 @@ class RandomProjector(Projector):
         return (f"{type(self).__name__}(rank={self.rank}, side={self.side_rule!r}, "
                 f"distribution={self.distribution!r})")
 
+    @property
+    def orthonormal(self) -> bool:  # type: ignore[override]
+        """True for ``"orthonormal"``; Flora's Gaussian basis is not (``P^T P != I``): ``G - P P^T G`` is then
+        noise, not the complement of the subspace."""
+        return self.distribution == "orthonormal"
+
     def init(self, grad: torch.Tensor, *, seed: int = 0) -> ProjState:
         if grad.dim() != 2:
             raise ValueError(f"Invalid grad: projectors take 2-D tensors, got shape {tuple(grad.shape)}")
