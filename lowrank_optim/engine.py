@@ -172,7 +172,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if plain_rule is not inner:
             plain_rule.validate(group)
         if group["rank"] is not None:
-            self._parts(group)  # builds the projector now, so bad options fail at construction
+            proj, _, _, transfer, _ = self._parts(group)  # builds the projector now: bad options fail here
+            residual.check_projector(proj, group)  # combinations that cannot work are refused by name
+            transfer.check_projector(proj, group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -17,8 +17,8 @@ class Flora(LowRankOptimizer):
     the projection. On each resample the compressed first moment is moved into the new basis (the
     ``"linear"`` transfer). Inside the subspace the default rule is Adafactor with momentum
     (``beta1=0.9``), fixed ``lr`` scaled by the parameter's RMS, as in Flora's torch code; ``inner="adam"``
-    is the Adam variant users of the reference asked for, with both moments compressed (the second
-    moved through its square root on resample).
+    is the Adam variant users of the reference asked for, with both moments compressed (on a resample the
+    second moves as ``V (C o C)``, the variance of the linear map that moves the first).
 
     Deliberate differences from ``flora-opt`` (the engine projects first, then runs the rule):
 

@@ -153,6 +153,8 @@ class Projector:
     #: Whether :meth:`low_shape` depends on the shape only (not on the state): what the ``keep``, ``linear``
     #: and ``match`` transfers need (FRUGAL's blocks and GUM's full-rank branch change it on a refresh).
     fixed_low_shape: bool = True
+    #: Whether the state holds ``indices`` of the selected basis columns / coordinates (what ``match`` needs).
+    indexed: bool = False
     #: Sign rule of a basis computed by a decomposition (:data:`SIGN_RULES`); ``None``: the projector has no
     #: sign freedom (selections, fixed or seeded bases).
     sign_rule: str | None = None

@@ -29,6 +29,7 @@ class CoordinateProjector(Projector):
     name = "coords"
     choice: ClassVar[str] = "columns"
     orthonormal = True  # coordinate vectors: the complement zeroes the kept coordinates exactly
+    indexed = True
 
     def __init__(self, rank: int, side: str = "std", *, density: float | None = None) -> None:
         super().__init__(rank, side)

@@ -139,6 +139,7 @@ class DCTProjector(Projector):
 
     name = "dct"
     orthonormal = True  # columns of the orthonormal DCT-II matrix
+    indexed = True
 
     def __init__(self, rank: int, side: str = "std", *, score: str = "l2", path: str = "auto") -> None:
         super().__init__(rank, side)

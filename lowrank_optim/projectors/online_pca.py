@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from .._validation import check_betas, check_choice, check_number
+from ..linalg import max_abs_scale, robust
 from .base import ProjState, oriented
 from .svd import SVDProjector
 
@@ -67,7 +68,7 @@ def reconstruction_grad(a_hat: torch.Tensor, basis: torch.Tensor) -> torch.Tenso
 
 def _orthonormalize(basis: torch.Tensor) -> torch.Tensor:
     """Q factor of ``basis`` with a positive diagonal of R (continuous in ``basis``)."""
-    q, r = torch.linalg.qr(basis, mode="reduced")
+    q, r = robust(lambda x: torch.linalg.qr(x, mode="reduced"), basis, what="QR")
     signs = torch.sign(r.diagonal())
     signs[signs == 0] = 1.0
     return (q * signs).contiguous()
@@ -142,6 +143,7 @@ class OnlinePCAProjector(SVDProjector):
         new = dict(state)
         new["refresh"] = int(state["refresh"]) + 1
         a = oriented(grad, state["side"])
+        a = a / max_abs_scale(a)  # Â is scale-free: dividing first keeps ||A|| finite for entries near 1e19
         norm = a.norm()
         if not bool(norm > 0):
             return new

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .._validation import check_choice, check_int
+from ..linalg import robust
 from .base import LEFT, Projector, ProjState, choose_side, cpu_generator
 
 DISTRIBUTIONS = ("gaussian", "orthonormal")
@@ -85,7 +86,7 @@ class RandomProjector(Projector):
         if self.distribution == "gaussian":
             p = z.div_(math.sqrt(r))
         else:
-            q, rr = torch.linalg.qr(z, mode="reduced")
+            q, rr = robust(lambda x: torch.linalg.qr(x, mode="reduced"), z, what="QR")
             p = q * torch.where(torch.diagonal(rr) < 0, -1.0, 1.0)
         p = p.to(device)
         if self.cache_size:
