@@ -52,8 +52,9 @@ def _cast(result: T, dtype: torch.dtype, device: torch.device) -> T:
 
 
 def max_abs_scale(a: torch.Tensor) -> float:
-    """``max |a|`` as a float, or 1.0 when it is zero or not finite (then there is nothing to rescale)."""
-    if a.numel() == 0:
+    """``max |a|`` as a float, or 1.0 when it is zero or not finite (then there is nothing to rescale) or ``a``
+    has no data (meta tensors: shape-only runs such as the memory estimator)."""
+    if a.numel() == 0 or a.device.type == "meta":
         return 1.0
     peak = float(a.detach().abs().amax())
     return peak if 0.0 < peak < float("inf") else 1.0
@@ -75,6 +76,8 @@ def robust(fn: Callable[[torch.Tensor], T], a: torch.Tensor, *, what: str) -> T:
     Raises:
         DecompositionError: every attempt raised or returned a non-finite value.
     """
+    if a.device.type == "meta":  # shape-only run (memory estimates): nothing can fail, nothing to check
+        return fn(a)
     errors: list[str] = []
     try:
         out = fn(a)
