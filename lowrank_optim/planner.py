@@ -103,12 +103,45 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+#: Config keys holding the number of routed experts (Mixtral / GPT-OSS, Qwen-MoE / OLMoE, DeepSeek naming).
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+#: ``model_type`` -> width of the per-layer q/k RMSNorms: ``"head"`` (one head_dim vector, Qwen3) or
+#: ``"full"`` (the whole projection, OLMo / OLMoE).
+QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full", "olmo2": "full"}
+
+
+def num_experts(config: Mapping[str, Any]) -> int:
+    """Routed experts per MoE layer read from an HF config (0: a dense model); see :data:`EXPERT_COUNT_KEYS`."""
+    for key in EXPERT_COUNT_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+def _is_sparse_layer(config: Mapping[str, Any], i: int) -> bool:
+    """Qwen-MoE's rule (``decoder_sparse_step``, ``mlp_only_layers``); every layer for Mixtral / OLMoE."""
+    step = config.get("decoder_sparse_step") or 1
+    return i not in (config.get("mlp_only_layers") or ()) and (i + 1) % step == 0
+
+
 def hf_config_shapes(config: Mapping[str, Any]) -> dict[str, Shape]:
-    """Parameter names and shapes of a LLaMA-style decoder from an HF ``config.json`` dict.
+    """Parameter names and shapes of a LLaMA-style decoder, dense or MoE, from an HF ``config.json`` dict.
 
     Reads ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``,
     ``vocab_size`` and, when present, ``num_key_value_heads`` (grouped-query attention), ``head_dim``,
-    ``tie_word_embeddings``, ``attention_bias`` and ``mlp_bias`` (LLaMA, Mistral, Qwen2 naming).
+    ``tie_word_embeddings``, ``attention_bias`` (q, k, v, o), ``qkv_bias`` (q, k, v: Qwen2-MoE) and
+    ``mlp_bias`` (LLaMA, Mistral, Qwen2 naming), the q/k norms of :data:`QK_NORM`'s model types and
+    Qwen2's q, k, v biases (built unconditionally by its attention).
+
+    MoE (HF Transformers v5 layout: experts as 3-D parameters ``(E, out, in)``): the number of experts
+    ``E`` from :data:`EXPERT_COUNT_KEYS`; the expert width from ``moe_intermediate_size`` (Qwen-MoE,
+    DeepSeek) or else ``intermediate_size`` (Mixtral, OLMoE); a router ``mlp.gate.weight`` ``(E, d)``,
+    ``mlp.experts.gate_up_proj`` ``(E, 2 f, d)`` and ``mlp.experts.down_proj`` ``(E, d, f)``; a shared
+    expert of ``shared_expert_intermediate_size`` with its ``(1, d)`` gate (Qwen2-MoE); layers in
+    ``mlp_only_layers`` or off the ``decoder_sparse_step`` are dense MLPs of ``intermediate_size``.
+    Checked against the models Transformers builds for Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE configs.
+    Other attention layouts (DeepSeek's MLA, GPT-OSS's sinks and expert biases) are not modeled.
     """
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in required if not isinstance(config.get(k), int)]
@@ -120,21 +153,40 @@ def hf_config_shapes(config: Mapping[str, Any]) -> dict[str, Shape]:
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or d // heads
     attn_bias, mlp_bias = bool(config.get("attention_bias", False)), bool(config.get("mlp_bias", False))
+    qkv_bias = attn_bias or bool(config.get("qkv_bias", False)) or config.get("model_type") == "qwen2"
+    experts = num_experts(config)
+    expert_ff = config.get("moe_intermediate_size") or ff
+    shared_ff = config.get("shared_expert_intermediate_size") or 0
+    qk_norm = QK_NORM.get(str(config.get("model_type")))
     shapes: dict[str, Shape] = {"model.embed_tokens.weight": (vocab, d)}
     for i in range(config["num_hidden_layers"]):
         pre = f"model.layers.{i}."
         outs = {"q_proj": heads * head_dim, "k_proj": kv_heads * head_dim, "v_proj": kv_heads * head_dim}
         for name, out in outs.items():
             shapes[f"{pre}self_attn.{name}.weight"] = (out, d)
-            if attn_bias:
+            if qkv_bias:
                 shapes[f"{pre}self_attn.{name}.bias"] = (out,)
         shapes[f"{pre}self_attn.o_proj.weight"] = (d, heads * head_dim)
         if attn_bias:
             shapes[f"{pre}self_attn.o_proj.bias"] = (d,)
-        for name, shape in (("gate_proj", (ff, d)), ("up_proj", (ff, d)), ("down_proj", (d, ff))):
-            shapes[f"{pre}mlp.{name}.weight"] = shape
-            if mlp_bias:
-                shapes[f"{pre}mlp.{name}.bias"] = (shape[0],)
+        if qk_norm is not None:
+            full = qk_norm == "full"
+            shapes[f"{pre}self_attn.q_norm.weight"] = (heads * head_dim if full else head_dim,)
+            shapes[f"{pre}self_attn.k_norm.weight"] = (kv_heads * head_dim if full else head_dim,)
+        if experts and _is_sparse_layer(config, i):
+            shapes[f"{pre}mlp.gate.weight"] = (experts, d)
+            shapes[f"{pre}mlp.experts.gate_up_proj"] = (experts, 2 * expert_ff, d)
+            shapes[f"{pre}mlp.experts.down_proj"] = (experts, d, expert_ff)
+            mlps = {"mlp.shared_expert.": shared_ff} if shared_ff else {}
+        else:
+            mlps = {"mlp.": ff}
+        for sub, width in mlps.items():
+            for name, shape in (("gate_proj", (width, d)), ("up_proj", (width, d)), ("down_proj", (d, width))):
+                shapes[f"{pre}{sub}{name}.weight"] = shape
+                if mlp_bias:
+                    shapes[f"{pre}{sub}{name}.bias"] = (shape[0],)
+        if experts and shared_ff and _is_sparse_layer(config, i):
+            shapes[f"{pre}mlp.shared_expert_gate.weight"] = (1, d)
         shapes[f"{pre}input_layernorm.weight"] = (d,)
         shapes[f"{pre}post_attention_layernorm.weight"] = (d,)
     shapes["model.norm.weight"] = (d,)
