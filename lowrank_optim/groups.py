@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -75,6 +75,20 @@ def is_expert_param(module_name: str, module: nn.Module, p: torch.Tensor) -> boo
     module's qualified name or class name (case-insensitive). Their 2-D per-expert biases are not stacks.
     """
     return p.dim() == 3 and ("expert" in module_name.lower() or "expert" in type(module).__name__.lower())
+
+
+#: Names of an MoE block's router module, a sibling of its ``experts`` (HF: ``mlp.gate`` in Mixtral, Qwen-MoE,
+#: OLMoE, DeepSeek; ``mlp.router`` in GPT-OSS).
+ROUTER_NAMES = ("gate", "router")
+
+
+def moe_router_weights(names: Iterable[str]) -> set[str]:
+    """Router weights among parameter names: ``<block>.gate.weight`` / ``<block>.router.weight`` where
+    ``<block>.experts.*`` also exists. For name-only selection (no module types), where a 2-D
+    ``<module>.weight`` otherwise reads as a linear layer; routers stay plain, as with ``param_groups``."""
+    names = list(names)
+    blocks = {n.rpartition(".experts.")[0] for n in names if ".experts." in n}
+    return {f"{b}.{r}.weight" for b in blocks for r in ROUTER_NAMES} & set(names)
 
 
 def _module_matches(name: str, all_linear: bool, heads: set[str], target: str | Sequence[str]) -> bool:
@@ -206,7 +220,8 @@ def param_groups(model: nn.Module, rank: int = 128, target_modules: str | Sequen
     lowrank = [p for p in selected.values() if p.requires_grad]
     chosen = {id(p) for p in lowrank}
     if not lowrank:
-        kinds = "nn.Linear weight, MoE expert stack" + (" or convolution weight" if include_conv else "")
+        kinds = ("nn.Linear weight, MoE expert stack or convolution weight" if include_conv
+                 else "nn.Linear weight or MoE expert stack")
         msg = (f"target_modules={target_modules!r} matched no {kinds} of {type(model).__name__}; "
                "the optimizer would silently be plain Adam")
         if on_no_match == "raise":

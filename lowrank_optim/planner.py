@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ._validation import check_choice, check_int, check_number
-from .memory import LLAMA_CONFIGS, estimate_state_bytes, llama_shapes
+from .memory import LLAMA_CONFIGS, estimate_state_bytes, llama_shapes, n_matrices
 from .registry import available_optimizers
 from .state import STATE_DTYPES
 
@@ -53,7 +53,7 @@ class MemoryPlan:
         state: optimizer state by part (``projector bases``, ``low-rank moments``, ``plain moments``).
         settings: rank, state dtype, weight dtype, layer-wise flag.
         budget: the budget in bytes (``None``: none given).
-        n_lowrank: number of projected matrices.
+        n_lowrank: number of projected matrices (an MoE expert stack ``(E, m, n)`` counts ``E``).
     """
 
     model: str
@@ -217,7 +217,7 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
                 rank: int | None = 128, state_dtype: str = "8bit", layerwise: bool = False,
                 budget_gb: float | None = None, weight_dtype: str = "bf16",
                 target_modules: str | Sequence[str] = ("attn", "mlp"), update_proj_gap: int = 200,
-                **optimizer_kwargs: Any) -> MemoryPlan:
+                include_conv: bool = False, **optimizer_kwargs: Any) -> MemoryPlan:
     """Plans training memory (weights, gradients, optimizer state by part) without allocating the model.
 
     Args:
@@ -230,6 +230,8 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
         weight_dtype: ``bf16``, ``fp16`` or ``fp32`` weights and gradients.
         target_modules: name fragments or a regex selecting the projected weights.
         update_proj_gap: refresh period (does not change the sizes; passed for completeness).
+        include_conv: also project convolution weights (3-D to 5-D ``.weight`` tensors of matched modules,
+            for a name -> shape mapping).
         **optimizer_kwargs: further optimizer keyword arguments.
     """
     if not isinstance(optimizer, str):
@@ -246,8 +248,8 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
     size = torch.empty((), dtype=dtype).element_size()
     numels = {n: _numel(s) for n, s in shapes.items()}
     est = estimate_state_bytes(shapes, optimizer, rank=rank, target_modules=target_modules,
-                               group_options={"update_proj_gap": update_proj_gap}, param_dtype=dtype,
-                               state_dtype=state_dtype, **optimizer_kwargs)
+                               include_conv=include_conv, group_options={"update_proj_gap": update_proj_gap},
+                               param_dtype=dtype, state_dtype=state_dtype, **optimizer_kwargs)
     low = set(est.lowrank)
     low_bytes = sum(v for n, v in est.per_param.items() if n in low)
     state = {"projector bases": est.projector, "low-rank moments": low_bytes - est.projector,
@@ -255,7 +257,7 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
     grads = max(numels.values()) * size if layerwise else sum(numels.values()) * size
     return MemoryPlan(model=str(model) if not isinstance(model, Mapping) else "model", optimizer=optimizer,
                       n_params=sum(numels.values()), weights=sum(numels.values()) * size, gradients=grads,
-                      state=state, budget=budget, n_lowrank=len(low),
+                      state=state, budget=budget, n_lowrank=sum(n_matrices(n, shapes[n]) for n in low),
                       settings={"rank": rank, "state_dtype": state_dtype, "weight_dtype": weight_dtype,
                                 "layerwise": layerwise})
 
@@ -293,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if plan.fits is False else 0
 
 
-__all__ = ["MemoryPlan", "hf_config_shapes", "main", "model_shapes", "plan_memory"]
+__all__ = ["EXPERT_COUNT_KEYS", "MemoryPlan", "hf_config_shapes", "main", "model_shapes", "num_experts",
+           "plan_memory"]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .groups import FLATTENED_HINT, _matches, select_lowrank_params
+from .groups import FLATTENED_HINT, _matches, moe_router_weights, select_lowrank_params
 
 _WEIGHT = ".weight"
 
@@ -87,7 +87,8 @@ def resolve_targets(param_groups: list[dict[str, Any]], module: nn.Module | None
 
     With ``module``, the selection is :func:`lowrank_optim.select_lowrank_params` (``nn.Linear`` weights,
     MoE expert stacks, and convolution weights when the group sets ``include_conv=True``); from torch's
-    ``param_names``, the same rules read from names and shapes.
+    ``param_names``, the same rules read from names and shapes (MoE routers recognised by
+    :func:`lowrank_optim.groups.moe_router_weights` stay plain).
 
     Raises:
         ValueError: a selected parameter has fewer than 2 dimensions (e.g. a flattened shard), or, named
@@ -104,8 +105,9 @@ def resolve_targets(param_groups: list[dict[str, Any]], module: nn.Module | None
             names = {id(p): n for n, p in selected.items()}
             named = [(names[id(p)], p) for p in group["params"] if id(p) in names]
         else:
+            routers = moe_router_weights(group["param_names"])
             named = [(n, p) for n, p in zip(group["param_names"], group["params"], strict=True)
-                     if _named_selected(n, p, target)]
+                     if n not in routers and _named_selected(n, p, target)]
         for name, p in named:
             _check_selected(name, p, include_conv)
             chosen.add(id(p))
