@@ -145,9 +145,11 @@ class Decoder(nn.Module):
 
 
 def build_model(cfg: DecoderConfig, seed: int = 0, device: torch.device | str = "cpu") -> Decoder:
-    """A freshly initialised decoder (same weights for the same seed on every run)."""
+    """A freshly initialised decoder (same weights for the same seed on every run and device type), built
+    directly on ``device`` (a LLaMA-1B decoder is not initialised on the CPU first)."""
     torch.manual_seed(seed)
-    return Decoder(cfg).to(device)
+    with torch.device(device):
+        return Decoder(cfg)
 
 
 #: The decoder at GaLore's LLaMA shapes (``configs/llama_*.json``: layers, width, SwiGLU width, heads,

@@ -282,3 +282,29 @@ def test_warm_regime_runs_in_a_child_process_with_the_tunables() -> None:
     assert envs["warm"]["malloc_regime"] == "warm" and "GLIBC_TUNABLES" in envs["warm"]["malloc"]
     assert {r["malloc"] for r in records} == {"warm"} and {r["label"] for r in records} == {
         "torch:adamw", "galore_adamw[fp32]"}
+
+
+def test_gpu_check_cpu_part(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU check's code paths on the CPU with tiny shapes (the CUDA run: ``python -m benchmarks.gpu_check``)."""
+    from benchmarks import gpu_check
+
+    result = gpu_check.main(["--device", "cpu", "--tiny", "--only", "galore_adamw,fira", "--out", str(tmp_path)])
+    assert [r["label"] for r in result["matrix"]] == [f"{n}[{s}]" for n in ("fira", "galore_adamw")
+                                                      for s in ("fp32", "bf16", "8bit")]
+    assert all(r["status"] == "ok" and r["state_bytes"] > 0 for r in result["matrix"]), result["matrix"]
+    # on the CPU both "devices" are the CPU: the same seeds must give bit-identical trajectories
+    assert [(r["label"], r["status"], r["max_rel_diff"]) for r in result["trajectories"]] == [
+        ("fira[fp32]", "ok", 0.0), ("galore_adamw[fp32]", "ok", 0.0)]
+    speed = {r["label"]: r for r in result["speed"]}
+    assert {"torch:adamw(fused)", "galore_adamw[fp32]", "galore_adamw[8bit]", "fira[fp32]"} <= set(speed)
+    assert speed["torch:adamw(fused)"]["tokens_per_s_ratio_to_adamw"] == 1.0
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in result["speed"]), result["speed"]
+    assert speed["galore_adamw[fp32]"]["state_bytes"] < speed["torch:adamw(fused)"]["state_bytes"]
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["anchor"]["galore_8bit"] == {"tokens_per_s": 1109, "memory_GB": 7.95}
+    assert "anchor, GaLore paper" in gpu_check.summary(result)
+    # without bitsandbytes the 8-bit cases are skipped, not failed
+    monkeypatch.setattr(gpu_check, "_have_bnb", lambda: False)
+    matrix = gpu_check.check_matrix(torch.device("cpu"), gpu_check.SETTINGS["tiny"]["matrix_shapes"], 8, 1,
+                                    only=["galore_adamw"])
+    assert [r["status"][:7] for r in matrix] == ["ok", "ok", "skipped"]
