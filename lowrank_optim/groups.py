@@ -203,7 +203,10 @@ def param_groups(model: nn.Module, rank: int = 128, target_modules: str | Sequen
         **options: extra keys for the low-rank group.
 
     Returns:
-        ``[{"params": plain, ...}, {"params": lowrank, "rank": rank, ...}]`` (empty groups left out).
+        ``[{"params": plain, ...}, {"params": lowrank, "rank": rank, ...}]``, plus, with ``include_conv``, a
+        third group ``{"params": convs, "rank": rank, ..., "nd_layout": "conv"}`` (the engine's group key that
+        reads every N-D tensor of the group as a convolution, a 3-D ``Conv1d`` weight included); empty groups
+        left out.
 
     Raises:
         ValueError: a bad ``rank`` / ``on_no_match``, flattened parameters (FSDP1, ZeRO-3), or nothing
@@ -217,9 +220,12 @@ def param_groups(model: nn.Module, rank: int = 128, target_modules: str | Sequen
     if any(is_flattened(p) for p in model.parameters()):
         raise ValueError(f"Invalid model: {type(model).__name__} holds flattened parameters; {FLATTENED_HINT}")
     selected = select_lowrank_params(model, target_modules, include_conv=include_conv)
+    convs = {id(m.weight) for m in model.modules() if isinstance(m, CONV_TYPES)}
     lowrank = [p for p in selected.values() if p.requires_grad]
     chosen = {id(p) for p in lowrank}
-    if not lowrank:
+    conv_params = [p for p in lowrank if id(p) in convs]
+    lowrank = [p for p in lowrank if id(p) not in convs]
+    if not lowrank and not conv_params:
         kinds = ("nn.Linear weight, MoE expert stack or convolution weight" if include_conv
                  else "nn.Linear weight or MoE expert stack")
         msg = (f"target_modules={target_modules!r} matched no {kinds} of {type(model).__name__}; "
@@ -233,4 +239,6 @@ def param_groups(model: nn.Module, rank: int = 128, target_modules: str | Sequen
         groups.append({"params": plain, **(plain_options or {})})
     if lowrank:
         groups.append({"params": lowrank, "rank": rank, **options})
+    if conv_params:  # their own group: a Conv1d weight is 3-D, which the engine would otherwise read as experts
+        groups.append({"params": conv_params, "rank": rank, **options, "nd_layout": "conv"})
     return groups

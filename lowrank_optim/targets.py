@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .groups import FLATTENED_HINT, _matches, moe_router_weights, select_lowrank_params
+from .groups import CONV_TYPES, FLATTENED_HINT, _matches, moe_router_weights, select_lowrank_params
 
 _WEIGHT = ".weight"
 
@@ -104,14 +104,35 @@ def resolve_targets(param_groups: list[dict[str, Any]], module: nn.Module | None
             selected = select_lowrank_params(module, target, include_conv=include_conv)
             names = {id(p): n for n, p in selected.items()}
             named = [(names[id(p)], p) for p in group["params"] if id(p) in names]
+            convs = {id(m.weight) for m in module.modules() if isinstance(m, CONV_TYPES)}
         else:
             routers = moe_router_weights(group["param_names"])
             named = [(n, p) for n, p in zip(group["param_names"], group["params"], strict=True)
                      if n not in routers and _named_selected(n, p, target)]
+            convs = {id(p) for n, p in named if p.dim() > 2 and not (p.dim() == 3 and "expert" in n.lower())}
         for name, p in named:
             _check_selected(name, p, include_conv)
+            _check_layout(name, p, id(p) in convs, group.get("nd_layout", "auto"))
             chosen.add(id(p))
     return chosen
+
+
+def _check_layout(name: str, p: torch.Tensor, conv: bool, layout: str) -> None:
+    """Refuses a selected N-D tensor that the group's ``nd_layout`` would read as the other kind: with
+    ``"auto"`` a 3-D tensor is a stack of experts and a 4-D one a convolution (:mod:`lowrank_optim.plan`)."""
+    if p.dim() <= 2:
+        return
+    if conv:
+        ok = layout == "conv" or (layout == "auto" and p.dim() == 4)
+        want = "nd_layout='conv'"
+    else:
+        ok = layout == "experts" or (layout == "auto" and p.dim() == 3)
+        want = "nd_layout='auto' or 'experts'"
+    if not ok:
+        kind = "convolution weight" if conv else "MoE expert stack"
+        raise ValueError(f"Invalid params: {name!r} (shape {tuple(p.shape)}) is a {kind} selected by target_modules, "
+                         f"but its group's nd_layout={layout!r} would read it as the other kind; put it in a group "
+                         f"with {want} (lowrank_optim.param_groups does)")
 
 
 def _check_selected(name: str, p: torch.Tensor, include_conv: bool) -> None:

@@ -117,11 +117,13 @@ def test_conv_needs_the_opt_in_and_is_named_when_left_plain() -> None:
     assert groups[1]["params"] == [model.fc.weight]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        groups = lro.param_groups(model, rank=4, target_modules="all-linear", include_conv=True)
-    assert groups[1]["params"] == [model.conv1.weight, model.conv2.weight, model.conv3.weight,
-                                   model.fc.weight]
-    assert lro.param_groups(model, rank=4, target_modules=["conv2"], include_conv=True)[1]["params"] == [
-        model.conv2.weight]
+        groups = lro.param_groups(model, rank=4, target_modules="all-linear", include_conv=True, scale=0.5)
+    # convolutions get their own group: nd_layout="conv" makes the engine read the 3-D Conv1d weight as a conv
+    assert groups[1]["params"] == [model.fc.weight] and "nd_layout" not in groups[1]
+    assert groups[2] == {"params": [model.conv1.weight, model.conv2.weight, model.conv3.weight], "rank": 4,
+                         "scale": 0.5, "nd_layout": "conv"}
+    assert lro.param_groups(model, rank=4, target_modules=["conv2"], include_conv=True)[1:] == [
+        {"params": [model.conv2.weight], "rank": 4, "nd_layout": "conv"}]
     with pytest.raises(TypeError, match="include_conv"):
         lro.param_groups(model, rank=4, include_conv="yes")
 
@@ -157,9 +159,14 @@ def test_target_modules_resolution_follows_the_same_rules() -> None:
     ok = lro.GaLoreAdamW(list(conv.named_parameters()), rank=4, target_modules=["conv1"], include_conv=True)
     assert ok._targeted(ok.param_groups[0], conv.conv1.weight)
     assert not ok._targeted(ok.param_groups[0], conv.conv1.bias)
-    via_module = lro.GaLoreAdamW(conv.parameters(), rank=4, target_modules=["conv"], module=conv, include_conv=True)
+    via_module = lro.GaLoreAdamW([{"params": list(conv.parameters()), "nd_layout": "conv"}], rank=4,
+                                 target_modules=["conv"], module=conv, include_conv=True)
     assert [via_module._targeted(via_module.param_groups[0], p) for p in conv.parameters()] == [
         True, False, True, False, True, False, False, False]
+    # with the default nd_layout ("auto": 3-D = experts) the Conv1d weight would be misread: refused by name
+    auto = lro.GaLoreAdamW(conv.parameters(), rank=4, target_modules=["conv"], module=conv, include_conv=True)
+    with pytest.raises(ValueError, match=r"'conv3\.weight' \(shape \(24, 32, 3\)\) is a convolution weight"):
+        auto._targeted(auto.param_groups[0], conv.conv3.weight)
 
 
 # -- planner ------------------------------------------------------------------------------------------------------
@@ -227,6 +234,12 @@ def closed_form(model: nn.Module, lowrank: set[int], rank: int) -> int:
     return total
 
 
+def _has_projector(st: dict, p: torch.Tensor) -> bool:
+    """A conv's state holds one projector; an expert stack's, one per matrix (``st["matrices"]``)."""
+    mats = st.get("matrices")
+    return "projector" in st if mats is None else len(mats) == p.shape[0] and all("projector" in m for m in mats)
+
+
 def _lm_batch(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, MIXTRAL["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(seed))
 
@@ -265,7 +278,7 @@ def _build(case: str, seed: int = 0) -> tuple[nn.Module, object, torch.optim.Opt
     model = make(seed)
     groups = lro.param_groups(model, update_proj_gap=5, **kw)
     opt = lro.GaLoreAdamW(groups, lr=3e-3)
-    return model, loss_fn, opt, {id(p) for p in groups[-1]["params"]}
+    return model, loss_fn, opt, {id(p) for g in groups[1:] for p in g["params"]}
 
 
 @needs_nd
@@ -274,7 +287,7 @@ def test_nd_weights_carry_projector_state_in_closed_form(case: str) -> None:
     model, loss_fn, opt, low = _build(case)
     _train(model, loss_fn, opt, 1)
     nd = [p for p in model.parameters() if id(p) in low and p.dim() > 2]
-    assert nd and all("projector" in opt.state[p] for p in nd)
+    assert nd and all(_has_projector(opt.state[p], p) for p in nd)
     rank = CASES[case][2]["rank"]
     assert opt.state_bytes() == count_state_bytes(opt) == closed_form(model, low, rank)
 
