@@ -19,6 +19,7 @@ from torch import nn
 import lowrank_optim as lro
 from lowrank_optim.memory import count_state_bytes, estimate_state_bytes, is_lowrank_shape, n_matrices
 from lowrank_optim.planner import hf_config_shapes, num_experts, plan_memory
+from lowrank_optim.targets import resolve_targets
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,13 +59,19 @@ def cnn(seed: int = 0) -> SmallCNN:
     return SmallCNN()
 
 
+def _has_projector(st: dict, p: torch.Tensor) -> bool:
+    """A conv's state holds one projector; an expert stack's, one per matrix (``st["matrices"]``)."""
+    mats = st.get("matrices")
+    return "projector" in st if mats is None else len(mats) == p.shape[0] and all("projector" in m for m in mats)
+
+
 def _nd_supported() -> bool:
     """Whether the engine projects a 3-D parameter (the N-D engine contract); skips the optimizer tests until then."""
     p = nn.Parameter(torch.randn(2, 6, 5))
     p.grad = torch.randn_like(p)
     opt = lro.GaLoreAdamW([{"params": [p], "rank": 2}])
     opt.step()
-    return "projector" in opt.state[p]
+    return _has_projector(opt.state[p], p)
 
 
 needs_nd = pytest.mark.skipif(not _nd_supported(), reason="engine without N-D weight support")
@@ -148,25 +155,24 @@ def test_target_modules_resolution_follows_the_same_rules() -> None:
     model = mixtral()
     expect = set(map(id, lro.param_groups(model, rank=RANK, target_modules=TARGETS)[1]["params"]))
     opt = lro.GaLoreAdamW(model.parameters(), rank=RANK, target_modules=TARGETS, module=model)
-    assert all(opt._targeted(opt.param_groups[0], p) == (id(p) in expect) for p in model.parameters())
+    assert resolve_targets(opt.param_groups, model) == expect
     named = lro.GaLoreAdamW(list(model.named_parameters()), rank=RANK, target_modules=TARGETS)
-    assert all(named._targeted(named.param_groups[0], p) == (id(p) in expect) for p in model.parameters())
+    assert resolve_targets(named.param_groups, None) == expect
     # a convolution weight named in param_names: refused by name without include_conv, taken with it
     conv = cnn()
     bad = lro.GaLoreAdamW(list(conv.named_parameters()), rank=4, target_modules=["conv1"])
     with pytest.raises(ValueError, match=r"'conv1\.weight'.*include_conv=True"):
-        bad._targeted(bad.param_groups[0], conv.conv1.weight)
+        resolve_targets(bad.param_groups, None)
     ok = lro.GaLoreAdamW(list(conv.named_parameters()), rank=4, target_modules=["conv1"], include_conv=True)
-    assert ok._targeted(ok.param_groups[0], conv.conv1.weight)
-    assert not ok._targeted(ok.param_groups[0], conv.conv1.bias)
+    assert resolve_targets(ok.param_groups, None) == {id(conv.conv1.weight)}
     via_module = lro.GaLoreAdamW([{"params": list(conv.parameters()), "nd_layout": "conv"}], rank=4,
                                  target_modules=["conv"], module=conv, include_conv=True)
-    assert [via_module._targeted(via_module.param_groups[0], p) for p in conv.parameters()] == [
-        True, False, True, False, True, False, False, False]
+    assert resolve_targets(via_module.param_groups, conv) == {id(conv.conv1.weight), id(conv.conv2.weight),
+                                                              id(conv.conv3.weight)}
     # with the default nd_layout ("auto": 3-D = experts) the Conv1d weight would be misread: refused by name
     auto = lro.GaLoreAdamW(conv.parameters(), rank=4, target_modules=["conv"], module=conv, include_conv=True)
     with pytest.raises(ValueError, match=r"'conv3\.weight' \(shape \(24, 32, 3\)\) is a convolution weight"):
-        auto._targeted(auto.param_groups[0], conv.conv3.weight)
+        resolve_targets(auto.param_groups, conv)
 
 
 # -- planner ------------------------------------------------------------------------------------------------------
@@ -234,12 +240,6 @@ def closed_form(model: nn.Module, lowrank: set[int], rank: int) -> int:
     return total
 
 
-def _has_projector(st: dict, p: torch.Tensor) -> bool:
-    """A conv's state holds one projector; an expert stack's, one per matrix (``st["matrices"]``)."""
-    mats = st.get("matrices")
-    return "projector" in st if mats is None else len(mats) == p.shape[0] and all("projector" in m for m in mats)
-
-
 def _lm_batch(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, MIXTRAL["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(seed))
 
@@ -256,9 +256,9 @@ def _cnn_loss(model: nn.Module, step: int) -> torch.Tensor:
     return nn.functional.cross_entropy(model(x), y)
 
 
-CASES = {
-    "moe": (mixtral, _lm_loss, {"target_modules": TARGETS, "rank": RANK}),
-    "cnn": (cnn, _cnn_loss, {"target_modules": "all-linear", "rank": 4, "include_conv": True}),
+CASES = {  # model, loss, param_groups keys, lr (low-rank updates are scaled by GaLore's 0.25)
+    "moe": (mixtral, _lm_loss, {"target_modules": TARGETS, "rank": RANK}, 3e-3),
+    "cnn": (cnn, _cnn_loss, {"target_modules": "all-linear", "rank": 4, "include_conv": True}, 1e-1),
 }
 
 
@@ -274,10 +274,10 @@ def _train(model: nn.Module, loss_fn, opt: torch.optim.Optimizer, steps: int, st
 
 
 def _build(case: str, seed: int = 0) -> tuple[nn.Module, object, torch.optim.Optimizer, set[int]]:
-    make, loss_fn, kw = CASES[case]
+    make, loss_fn, kw, lr = CASES[case]
     model = make(seed)
     groups = lro.param_groups(model, update_proj_gap=5, **kw)
-    opt = lro.GaLoreAdamW(groups, lr=3e-3)
+    opt = lro.GaLoreAdamW(groups, lr=lr)
     return model, loss_fn, opt, {id(p) for g in groups[1:] for p in g["params"]}
 
 
