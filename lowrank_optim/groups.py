@@ -133,8 +133,8 @@ def select_lowrank_params(model: nn.Module, target_modules: str | Sequence[str] 
       matrices ``m x n``, one basis each; a target may also name the parameter itself
       (``target_modules=["gate_up_proj"]`` selects ``mlp.experts.gate_up_proj``);
     * with ``include_conv=True``, the weight ``(out, in / groups, *kernel)`` of every ``nn.Conv1d/2d/3d``,
-      projected as the matrix ``out x (in / groups * prod(kernel))`` (GaLore's reference code and
-      Tensor-GaLore, arXiv:2501.02379, treat convolutions this way).
+      projected as the matrix ``out x (in / groups * prod(kernel))`` (the mode-1 matricization; Tucker-style
+      per-mode projection, as in Tensor-GaLore, arXiv:2501.02379, is not implemented).
 
     Args:
         model: the model.
