@@ -104,28 +104,34 @@ def test_adam_step_after_gradients_shrink_10x_matches_fp32(store: str) -> None:
         assert got[t] / ref[t] == pytest.approx(1.0, abs=0.03), t
 
 
-def test_adafactor_factored_statistics_track_fp32_in_bf16() -> None:
+@pytest.mark.parametrize("store", ["bf16", pytest.param("8bit", marks=pytest.mark.xfail(
+    strict=True, reason="8-bit rounds to the nearest code: once gradients shrink, the factored statistics of a "
+    "matrix with a dimension >= 4096 (quantized) end 4.6% below fp32 here; open"))])
+def test_adafactor_factored_statistics_track_fp32(store: str) -> None:
     """Adafactor's row / column means of g^2 (``beta2_t = 1 - t^-0.8``: its decay drops below half a bf16
-    ulp after ~2400 steps) kept in bf16 follow fp32 after gradients shrink 10x."""
+    ulp after ~2400 steps) follow fp32 after gradients shrink 10x. 8-bit quantizes vectors of at least
+    ``min_8bit_size`` elements (a 4096-wide matrix's statistics); lowered here so that the 64 / 72 are."""
     rule = AdafactorRule()
     group = {**AdafactorRule.defaults, "lr": 1e-2, "relative_step": False, "scale_parameter": False,
              "weight_decay": 0.0}
     grads = _shrinking_grads(2500, 1000)
     results = {}
-    for name in ("fp32", "bf16"):
-        store, state = StateStore(name), {"step": 0}
+    for name in ("fp32", store):
+        kept, state = StateStore(name, min_8bit_size=64), {"step": 0}
         specs = rule.moments(SHAPE, group)
         for spec in specs:
-            store.create(state, spec.name, spec.shape, CPU, seed=2)
+            kept.create(state, spec.name, spec.shape, CPU, seed=2)
+        if name == "8bit":
+            assert state["exp_avg_sq_row"].dtype == torch.uint8
         for t, g in enumerate(grads, 1):
-            moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
+            moments = {s.name: kept.load(state, s.name, s.signed) for s in specs}
             rule.direction(g, moments, t, group, g)
             for spec in specs:
-                store.save(state, spec.name, moments[spec.name], spec.signed)
+                kept.save(state, spec.name, moments[spec.name], spec.signed)
             state["step"] = t
-        results[name] = {s.name: store.load(state, s.name, s.signed).clone() for s in specs}
+        results[name] = {s.name: kept.load(state, s.name, s.signed).clone() for s in specs}
     for key in ("exp_avg_sq_row", "exp_avg_sq_col"):
-        ref, got = results["fp32"][key], results["bf16"][key]
+        ref, got = results["fp32"][key], results[store][key]
         assert got.mean().item() == pytest.approx(ref.mean().item(), rel=0.02), key
         # unbiased per element, with the random-walk spread of ~1000 roundings (about sqrt(1000) * 2^-9)
         assert ((got - ref) / ref).std().item() < 0.15, key
