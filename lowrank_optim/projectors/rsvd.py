@@ -46,7 +46,7 @@ def _randomized_range(a: torch.Tensor, rank: int, oversample: int, power_iters: 
         cols.append(w)
         n_random = k - w.shape[1]
     if n_random > 0:
-        draw = torch.randn(q, n_random, generator=cpu_generator(*seed), dtype=torch.float32)
+        draw = torch.randn(q, n_random, generator=cpu_generator(*seed), dtype=torch.float32, device="cpu")
         cols.append(draw.to(device=a.device, dtype=a.dtype))
     omega = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
     basis = _orth(a @ omega)
