@@ -93,7 +93,7 @@ def canonical_signs(basis: torch.Tensor) -> torch.Tensor:
     tied = mag >= peak * (1.0 - SIGN_TIE_RTOL)
     pivot_row = tied.to(torch.uint8).argmax(dim=0, keepdim=True)  # first True of each column
     pivot = basis.gather(0, pivot_row)
-    return basis * torch.where(pivot < 0, -1.0, 1.0).to(basis.dtype)
+    return basis * torch.where(pivot < 0, -1.0, 1.0).to(dtype=basis.dtype)
 
 
 def aligned_signs(basis: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
@@ -110,7 +110,7 @@ def aligned_signs(basis: torch.Tensor, previous: torch.Tensor | None) -> torch.T
     dots = (cur * prev).sum(dim=0)
     norms = cur.norm(dim=0) * prev.norm(dim=0)
     flip = (dots < 0) & (dots.abs() >= ALIGN_MIN_COSINE * norms)
-    return canon * torch.where(flip, -1.0, 1.0).to(basis.dtype)
+    return canon * torch.where(flip, -1.0, 1.0).to(dtype=basis.dtype)
 
 
 def apply_sign_rule(rule: str | None, basis: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:

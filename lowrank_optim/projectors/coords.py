@@ -104,7 +104,7 @@ class CoordinateProjector(Projector):
         d = int(state["cols"] if self.choice == "columns" else state["rows"])
         idx = state["indices"].to(device)
         out = torch.zeros(d, idx.numel(), dtype=torch.float32, device=device)
-        out[idx, torch.arange(idx.numel(), device=device)] = 1.0
+        out[idx, torch.arange(idx.numel(), dtype=torch.int64, device=device)] = 1.0
         return out
 
     def complement(self, grad: torch.Tensor, state: ProjState) -> torch.Tensor | None:
