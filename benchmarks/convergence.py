@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sweep", action="store_true", help="tuned comparison: lr grid, validation, 3 seeds")
     ap.add_argument("--jobs", type=int, default=2, help="--sweep: worker processes (one torch thread each)")
+    ap.add_argument("--sweep-size", choices=("full", "small"), default="full",
+                    help="--sweep: full (200 steps x 1024 tokens, 3 stores) or small (100 x 512, fp32 and 8-bit)")
     ap.add_argument("--resume", action="store_true", help="--sweep: keep the runs already in <out>/*_runs.jsonl")
     args = ap.parse_args(argv)
     common.setup(args)

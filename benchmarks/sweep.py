@@ -85,18 +85,26 @@ class SweepConfig:
                 "report": f"val batches {self.eval_batches}..{2 * self.eval_batches - 1}, mean over seeds"}
 
 
-#: The sweep committed under ``benchmarks/results/`` (~30-35 min on an idle 2-core machine, 2 jobs).
-SWEEP = SweepConfig(cfg=DecoderConfig(d_model=128, n_layers=2, n_heads=4, d_ffn=344, max_len=64), steps=200,
-                    batch_size=16, seq_len=64, rank=32, update_proj_gap=50, eval_batches=8)
+_MODEL = DecoderConfig(d_model=128, n_layers=2, n_heads=4, d_ffn=344, max_len=64)
+#: The designed sweep (``--sweep-size full``): 200 steps x 1024 tokens per run, three state stores; about
+#: 190 runs of ~16 s each (one thread), ~30 min with 2 jobs on an idle 2-core machine.
+SWEEP = SweepConfig(cfg=_MODEL, steps=200, batch_size=16, seq_len=64, rank=32, update_proj_gap=50, eval_batches=8)
+#: A quarter of the compute per run (100 steps x 512 tokens) and two stores (``--sweep-size small``): for a
+#: busy machine; the same model, grid, selection and seeds.
+SWEEP_SMALL = SweepConfig(cfg=_MODEL, steps=100, batch_size=8, seq_len=64, rank=32, update_proj_gap=25,
+                          eval_batches=8, state_dtypes=("fp32", "8bit"))
+SIZES = {"full": SWEEP, "small": SWEEP_SMALL}
 
 
 @dataclass(frozen=True)
 class Task:
-    """One training run: a spec label at one lr and seed."""
+    """One training run: a spec label at one lr and seed; ``priority`` orders the queue (0: lr search,
+    1: seeds at the best lr, 2: other state stores), so a sweep cut short has finished whole phases."""
 
     label: str
     lr: float
     seed: int
+    priority: int = field(default=0, compare=False)
 
     def key(self) -> tuple[str, str, int]:
         return (self.label, f"{self.lr:.6g}", self.seed)
@@ -279,10 +287,10 @@ def run_sweep(conf: SweepConfig, runs_path: Path, jobs: int = 2, only: Sequence[
         best = search.best()
         if best is None:
             return []
-        out = [Task(label, best, seed) for seed in range(1, conf.seeds)]
+        out = [Task(label, best, seed, 1) for seed in range(1, conf.seeds)]
         for s in stores:
             if s.optimizer == label.split("[")[0] and label.endswith("[fp32]"):
-                out += [Task(s.label, best, seed) for seed in range(conf.seeds)]
+                out += [Task(s.label, best, seed, 2) for seed in range(conf.seeds)]
         return [t for t in out if t.key() not in runs]
 
     pending: dict[tuple[str, str, int], Task] = {}
@@ -307,24 +315,29 @@ def run_sweep(conf: SweepConfig, runs_path: Path, jobs: int = 2, only: Sequence[
             return new
 
         if executor is not None:
-            while batch := refill():
+            while batch := sorted(refill(), key=lambda t: t.priority):
                 for rec in executor(batch):
                     pending.pop(_key(rec), None)
                     record(rec)
         else:
             ctx = multiprocessing.get_context("fork")
+            queue: list[Task] = []
             with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
                                      initargs=(conf, corpus_path, labels)) as pool:
-                futures: dict[Future, Task] = {pool.submit(_run_task, t): t for t in refill()}
-                while futures:
+                futures: dict[Future, Task] = {}
+                while True:
+                    queue += refill()
+                    queue.sort(key=lambda t: t.priority)  # stable: first planned, first run within a phase
+                    while queue and len(futures) < jobs:
+                        t = queue.pop(0)
+                        futures[pool.submit(_run_task, t)] = t
+                    if not futures:
+                        break
                     done, _ = wait(futures, return_when=FIRST_COMPLETED)
                     for f in done:
                         task = futures.pop(f)
-                        rec = f.result()
                         pending.pop(task.key(), None)
-                        record(rec)
-                    for t in refill():
-                        futures[pool.submit(_run_task, t)] = t
+                        record(f.result())
     return summarise(conf, runs, all_specs, searches)
 
 
@@ -418,12 +431,13 @@ def summary(result: dict[str, Any]) -> str:
                                         "- AdamW", "diverged"])
 
 
-def main(args: Any, conf: SweepConfig = SWEEP) -> list[dict[str, Any]]:
+def main(args: Any) -> list[dict[str, Any]]:
     """``--sweep`` of :mod:`benchmarks.convergence`: runs the sweep, writes JSON, plots and the frontier."""
     import dataclasses
 
     from . import common, frontier
 
+    conf = SIZES[args.sweep_size]
     if args.device != "cpu":
         raise SystemExit("--sweep runs on the CPU (one torch thread per job); drop --device")
     if args.steps:
@@ -441,7 +455,9 @@ def main(args: Any, conf: SweepConfig = SWEEP) -> list[dict[str, Any]]:
     corpus = load_corpus(args.corpus)
     config = {**conf.asdict(), "jobs": args.jobs, "torch_threads_per_job": 1, "corpus": corpus.source,
               "corpus_sha256": corpus.sha256, "corpus_bytes": corpus.n_bytes, "tokens": "utf-8 bytes",
-              "command": "python -m benchmarks.convergence --sweep"}
+              "size": args.sweep_size,
+              "command": f"python -m benchmarks.convergence --sweep --sweep-size {args.sweep_size} --jobs {args.jobs}"
+                         + (f" --steps {args.steps}" if args.steps else "")}
     common.write_json(out, name, "cpu", False, config, result["rows"], wall_s=wall, n_runs=result["n_runs"],
                       cpu_s_total=result["cpu_s_total"], complete=result["complete"])
     plot(result, out / f"{name}.png", f"lr sweep: {conf.steps} steps x {conf.batch_size * conf.seq_len} tokens, "

@@ -29,7 +29,7 @@ import torch
 
 from ._validation import check_choice, check_int, check_number
 from .memory import LLAMA_CONFIGS, estimate_state_bytes, llama_shapes
-from .registry import available_optimizers
+from .registry import HF_OPTIM, available_optimizers, resolve_optimizer
 from .state import STATE_DTYPES
 
 Shape = tuple[int, ...]
@@ -170,7 +170,9 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
 
     Args:
         model: preset (``llama-7b``, ...), HF ``config.json`` path (or its folder), or name -> shape.
-        optimizer: registered optimizer name (:func:`lowrank_optim.available_optimizers`).
+        optimizer: registered optimizer name (:func:`lowrank_optim.available_optimizers`), class name or HF
+            ``optim`` name (:func:`lowrank_optim.resolve_optimizer`: ``galore_adamw_8bit`` sets
+            ``state_dtype="8bit"``, a ``*_layerwise`` name sets ``layerwise=True``).
         rank: projection rank (``None`` or 0: every parameter plain, e.g. 8-bit Adam with ``galore_adamw``).
         state_dtype: ``fp32``, ``bf16`` or ``8bit`` moments.
         layerwise: per-layer updates (only the largest gradient is alive at a time).
@@ -182,6 +184,11 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
     """
     if not isinstance(optimizer, str):
         raise TypeError(f"Invalid optimizer: expected a registered name, got {optimizer!r}")
+    optimizer, implied, hf_layerwise = resolve_optimizer(optimizer)
+    layerwise = layerwise or hf_layerwise
+    if "state_dtype" in implied and implied["state_dtype"] != state_dtype:
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r} contradicts the optimizer name, which means "
+                         f"state_dtype={implied['state_dtype']!r}")
     if rank == 0:
         rank = None
     if rank is not None:
@@ -222,15 +229,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     est = sub.add_parser("estimate", help="plan weights + gradients + optimizer-state memory",
                          description=__doc__.split("\n\n")[0])
     est.add_argument("--model", required=True, help=f"{', '.join(sorted(PRESETS))} or PATH/config.json")
-    est.add_argument("--optimizer", default="galore_adamw", choices=available_optimizers())
+    est.add_argument("--optimizer", default="galore_adamw",
+                     help=f"registry name ({', '.join(available_optimizers())}), class name (GaLoreAdamW) or HF "
+                          f"optim name ({', '.join(sorted(HF_OPTIM))}, and their _layerwise forms)")
     est.add_argument("--rank", type=int, default=128, help="projection rank (0: full rank, no projection)")
-    est.add_argument("--state-dtype", default="8bit", choices=STATE_DTYPES)
+    est.add_argument("--state-dtype", default=None, choices=STATE_DTYPES,
+                     help="moment storage (default: 8bit, or what the optimizer name implies)")
     est.add_argument("--weight-dtype", default="bf16", choices=tuple(WEIGHT_DTYPES))
     est.add_argument("--layerwise", action="store_true", help="per-layer updates (gradients freed one by one)")
     est.add_argument("--budget-gb", type=float, default=None, help="budget in GB (10^9 bytes)")
     est.add_argument("--target-modules", nargs="+", default=["attn", "mlp"], help="name fragments to project")
     args = parser.parse_args(argv)
     try:
+        if args.state_dtype is None:
+            args.state_dtype = resolve_optimizer(args.optimizer)[1].get("state_dtype", "8bit")
         plan = plan_memory(args.model, args.optimizer, rank=args.rank, state_dtype=args.state_dtype,
                            layerwise=args.layerwise, budget_gb=args.budget_gb, weight_dtype=args.weight_dtype,
                            target_modules=args.target_modules)
