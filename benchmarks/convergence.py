@@ -189,8 +189,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     config.update({"corpus": corpus.source, "corpus_sha256": corpus.sha256, "corpus_bytes": corpus.n_bytes,
                    "schedule": "linear warmup (10% of steps) + cosine to 10% of peak", "state_dtypes": list(stores),
                    "seed": args.seed, "tokens": "utf-8 bytes"})
+    config["lr"] = "fixed, not tuned (benchmarks/registry.py); the tuned comparison is --sweep"
     common.publish(args, "convergence", args.device, config, records, records, plot, summary,
-                   f"Byte-level decoder, {conf['steps']} steps, {args.device}")
+                   f"Byte-level decoder, {conf['steps']} steps, {args.device}: fixed lr, not tuned")
     return records
 
 

@@ -165,7 +165,7 @@ def test_hf_optim_names_resolve_with_their_implied_kwargs(hf: str, expected: tup
 
 
 def test_hf_name_contradicted_by_a_keyword_and_layerwise_names_are_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="state_dtype.*galore_adamw_8bit"):
+    with pytest.raises(ValueError, match=r"state_dtype.*galore_adamw_8bit"):
         lro.create_optimizer("galore_adamw_8bit", LM(), rank=4, state_dtype="fp32")
     assert lro.create_optimizer("galore_adamw_8bit", LM(), rank=4, state_dtype="8bit").param_groups[-1][
         "state_dtype"] == "8bit"
@@ -180,7 +180,7 @@ def test_apollo_adamw_maps_to_apollo() -> None:
         assert lro.resolve_optimizer("apollo_adamw_layerwise") == ("apollo", {}, True)
         assert type(lro.create_optimizer("apollo_adamw", LM(), rank=4)).__name__ == "APOLLO"
     else:
-        with pytest.raises(ValueError, match="apollo_adamw.*'apollo'.*not registered"):
+        with pytest.raises(ValueError, match=r"apollo_adamw.*'apollo'.*not registered"):
             lro.resolve_optimizer("apollo_adamw")
 
 
