@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--sweep-size", choices=("full", "small"), default="full",
                     help="--sweep: full (200 steps x 1024 tokens, 3 stores) or small (100 x 512, fp32 and 8-bit)")
     ap.add_argument("--resume", action="store_true", help="--sweep: keep the runs already in <out>/*_runs.jsonl")
+    ap.add_argument("--report-only", action="store_true",
+                    help="--sweep: summarise <out>/*_runs.jsonl (JSON, plots, frontier) without running anything")
     args = ap.parse_args(argv)
     common.setup(args)
     if args.sweep:

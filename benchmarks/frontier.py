@@ -104,9 +104,14 @@ def plot(recs: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.plot([], [], "o", color="tab:blue", label="lowrank_optim")
     ax.plot([], [], "o", color="tab:orange", label="reference implementations")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel(f"optimizer state at LLaMA-{SIZE} shapes, rank {RANK} (GiB, log scale)")
     ax.set_ylabel("held-out validation loss at the tuned lr, mean over seeds, min-max bars (nats/byte)")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="best", framealpha=0.6)
     ax.set_title(title, fontsize=9)
     common.save_figure(fig, path)
 

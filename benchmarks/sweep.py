@@ -445,12 +445,14 @@ def main(args: Any) -> list[dict[str, Any]]:
     name = "convergence_sweep"
     out = Path(args.out)
     runs_path = out / f"{name}_runs.jsonl"
-    if runs_path.exists() and not args.resume:
+    report_only = getattr(args, "report_only", False)
+    if runs_path.exists() and not (args.resume or report_only):
         runs_path.unlink()
     t0 = time.perf_counter()
     result = run_sweep(conf, runs_path, jobs=args.jobs, only=common.only_list(args.only),
                        references=not args.no_references,
-                       corpus_path=None if args.corpus is None else str(args.corpus))
+                       corpus_path=None if args.corpus is None else str(args.corpus),
+                       executor=(lambda tasks: iter(())) if report_only else None)
     wall = time.perf_counter() - t0
     corpus = load_corpus(args.corpus)
     config = {**conf.asdict(), "jobs": args.jobs, "torch_threads_per_job": 1, "corpus": corpus.source,
@@ -458,6 +460,8 @@ def main(args: Any) -> list[dict[str, Any]]:
               "size": args.sweep_size,
               "command": f"python -m benchmarks.convergence --sweep --sweep-size {args.sweep_size} --jobs {args.jobs}"
                          + (f" --steps {args.steps}" if args.steps else "")}
+    if report_only:
+        config["report_only"] = "summarised from the runs file without running the missing runs"
     common.write_json(out, name, "cpu", False, config, result["rows"], wall_s=wall, n_runs=result["n_runs"],
                       cpu_s_total=result["cpu_s_total"], complete=result["complete"])
     plot(result, out / f"{name}.png", f"lr sweep: {conf.steps} steps x {conf.batch_size * conf.seq_len} tokens, "
