@@ -37,7 +37,7 @@ def state_bytes_at(labels: Sequence[str], size: str = SIZE, rank: int = RANK) ->
     shapes = llama_shapes(**LLAMA_CONFIGS[size])
     wanted = set(labels)
     out: dict[str, int | None] = {}
-    for spec in specs():
+    for spec in specs(controls=True):
         if spec.label in wanted:
             try:
                 with warnings.catch_warnings():
@@ -96,7 +96,7 @@ def plot(recs: list[dict[str, Any]], path: Path, title: str) -> None:
     front = sorted((r for r in recs if r["on_front"]), key=lambda r: r["state_bytes_1b"])
     ax.step([r["state_GiB_1b"] for r in front], [r["heldout_mean"] for r in front], where="post", color="red",
             lw=1.2, label="Pareto front (fewer bytes and lower loss)")
-    adamw = next((r for r in recs if r["impl"] == "torch"), None)
+    adamw = next((r for r in recs if r["label"] == "torch:adamw"), None)
     if adamw:
         ax.axhline(adamw["heldout_mean"], color="black", ls=":", lw=0.8, label="torch AdamW (tuned)")
     for sd, m in markers.items():

@@ -188,8 +188,21 @@ def _references() -> list[Spec]:
     return refs
 
 
+def _adamw_block_scaled(groups: Groups, lr: float) -> torch.optim.Optimizer:
+    """torch AdamW with the projected group's lr times GaLore's scale 0.25: a full-rank control with the two
+    step sizes a low-rank preset has at one ``lr`` (``lr`` on embeddings, head and norms; ``0.25 lr`` (times a
+    projection) on the attention and MLP weights)."""
+    out = [{"params": g["params"], **({"lr": lr * SCALE} if "rank" in g else {})} for g in groups]
+    return torch.optim.AdamW(out, lr=lr, weight_decay=0.0)
+
+
+#: Controls the tuned sweep adds (``specs(controls=True)``): full-rank optimizers that isolate one ingredient.
+CONTROLS = [Spec("adamw_blocks_x0.25", "torch", "fp32", FULL_RANK_LR, False, _adamw_block_scaled,
+                 {"weight_decay": 0.0, "block_lr_factor": SCALE}, default_lr(torch.optim.AdamW))]
+
+
 def specs(state_dtypes: Sequence[str] = STATE_DTYPES, references: bool = True,
-          only: Sequence[str] | None = None) -> list[Spec]:
+          only: Sequence[str] | None = None, controls: bool = False) -> list[Spec]:
     """Every registered optimizer in every requested state store, then the references (AdamW first).
 
     Args:
@@ -197,10 +210,11 @@ def specs(state_dtypes: Sequence[str] = STATE_DTYPES, references: bool = True,
         references: include the reference implementations that are installed.
         only: keep only specs whose optimizer name, impl or label is listed (AdamW is always kept: it is
             the baseline every ratio divides by).
+        controls: add :data:`CONTROLS` right after AdamW.
     """
     out = [_ours(name, sd) for name in lro.available_optimizers() for sd in state_dtypes]
     refs = _references()
-    out = refs[:1] + out + (refs[1:] if references else [])
+    out = refs[:1] + (CONTROLS if controls else []) + out + (refs[1:] if references else [])
     if only:
         keep = set(only)
         out = [s for s in out if s.impl == "torch" or keep & {s.optimizer, s.impl, s.label}]

@@ -170,7 +170,7 @@ def _init_worker(conf: SweepConfig, corpus_path: str | None, labels: Sequence[st
     torch.set_num_threads(1)
     _WORKER["conf"] = conf
     _WORKER["corpus"] = load_corpus(corpus_path)
-    _WORKER["specs"] = {s.label: s for s in specs(conf.state_dtypes) if s.label in set(labels)}
+    _WORKER["specs"] = {s.label: s for s in specs(conf.state_dtypes, controls=True) if s.label in set(labels)}
 
 
 def _run_task(task: Task) -> dict[str, Any]:
@@ -261,7 +261,7 @@ def run_sweep(conf: SweepConfig, runs_path: Path, jobs: int = 2, only: Sequence[
         executor: for tests: runs a batch of tasks in this process and yields records.
         log: progress lines.
     """
-    all_specs = specs(conf.state_dtypes, references, only)
+    all_specs = specs(conf.state_dtypes, references, only, controls=True)
     tuned = [s for s in all_specs if s.state_dtype == "fp32" or s.impl != "lowrank_optim"]
     stores = [s for s in all_specs if s not in tuned]
     searches = {s.label: LrSearch(conf.grid, conf.max_extensions) for s in tuned}
@@ -372,7 +372,7 @@ def summarise(conf: SweepConfig, runs: dict[tuple[str, str, int], dict[str, Any]
             row["wall_s_per_run"] = _stats([r["wall_s"] for r in done if "wall_s" in r])["mean"]
             row["errors"] = sorted({r["error"] for r in done if "error" in r})
         rows.append(row)
-    base = next((r for r in rows if r["impl"] == "torch"), None)
+    base = next((r for r in rows if r["label"] == "torch:adamw"), None)
     base_mean = base["heldout"]["mean"] if base and base.get("heldout") else None
     for r in rows:
         mean = (r.get("heldout") or {}).get("mean")

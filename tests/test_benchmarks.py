@@ -297,19 +297,19 @@ def test_sweep_counts_a_diverged_run_as_worst(tmp_path) -> None:
 def test_sweep_real_runs_schema_and_frontier(tmp_path) -> None:
     """Two real (3-step) trainings per spec through the worker path; the JSON, plots and frontier from them."""
     conf = dataclasses.replace(TINY_SWEEP, grid=(1e-3, 1e-2), max_extensions=0, seeds=2, state_dtypes=("fp32",))
-    labels = [s.label for s in specs(conf.state_dtypes)]
+    labels = [s.label for s in specs(conf.state_dtypes, controls=True)]
     sweep._init_worker(conf, None, labels)
     result = sweep.run_sweep(conf, tmp_path / "r.jsonl", only=["galore_adamw"], references=False,
                              executor=lambda tasks: [sweep._run_task(t) for t in tasks], log=lambda s: None)
     rows = _rows(result)
-    assert set(rows) == {"torch:adamw", "galore_adamw[fp32]"}
+    assert set(rows) == {"torch:adamw", "torch:adamw_blocks_x0.25", "galore_adamw[fp32]"}
     for r in rows.values():
         assert r["seeds_done"] == 2 and not r["errors"] and math.isfinite(r["heldout"]["mean"])
         assert r["documented_lr"] == 1e-3 and r["state_bytes_toy"] > 0
     sweep.plot(result, tmp_path / "s.png", "s")
     assert "held-out loss" in sweep.summary(result)
     payload = {"records": result["rows"], "config": conf.asdict()}
-    recs = frontier.build(payload, {"torch:adamw": 100, "galore_adamw[fp32]": 40})
+    recs = frontier.build(payload, {"torch:adamw": 100, "torch:adamw_blocks_x0.25": 100, "galore_adamw[fp32]": 40})
     assert {r["label"] for r in recs} == set(rows)
     frontier.plot(recs, tmp_path / "f.png", "f")
     assert (tmp_path / "f.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0
