@@ -98,8 +98,9 @@ SIZES = {"full": SWEEP, "small": SWEEP_SMALL}
 
 @dataclass(frozen=True)
 class Task:
-    """One training run: a spec label at one lr and seed; ``priority`` orders the queue (0: lr search,
-    1: seeds at the best lr, 2: other state stores), so a sweep cut short has finished whole phases."""
+    """One training run: a spec label at one lr and seed; ``priority`` orders the queue (0: lr search and
+    the full-rank baselines' seeds, 1: other seeds at the best lr, 2: other state stores), so a sweep cut
+    short has finished whole phases."""
 
     label: str
     lr: float
@@ -287,7 +288,8 @@ def run_sweep(conf: SweepConfig, runs_path: Path, jobs: int = 2, only: Sequence[
         best = search.best()
         if best is None:
             return []
-        out = [Task(label, best, seed, 1) for seed in range(1, conf.seeds)]
+        baseline = label.startswith("torch:")  # every "- AdamW" needs the baseline's seeds: they go first
+        out = [Task(label, best, seed, 0 if baseline else 1) for seed in range(1, conf.seeds)]
         for s in stores:
             if s.optimizer == label.split("[")[0] and label.endswith("[fp32]"):
                 out += [Task(s.label, best, seed, 2) for seed in range(conf.seeds)]
