@@ -7,7 +7,7 @@
 
 from . import hf
 from .engine import LowRankOptimizer
-from .groups import param_groups, select_lowrank_modules
+from .groups import param_groups, select_lowrank_modules, select_lowrank_params
 from .layerwise import LayerwiseUpdater
 from .optimizers import (
     COAP,
@@ -55,4 +55,5 @@ __all__ = [
     "register_optimizer",
     "resolve_optimizer",
     "select_lowrank_modules",
+    "select_lowrank_params",
 ]
