@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from ._validation import check_choice, check_int, check_number
-from .groups import FLATTENED_HINT, is_flattened
+from .groups import FLATTENED_HINT, is_flattened, method_overrides, warn_method_overrides
 from .projectors import PROJECTORS, SIDE_RULES, Projector, make_projector
 from .projectors.base import derive_seed
 from .rules import INNER_RULES, RESIDUAL_RULES, TRANSFER_POLICIES, InnerRule, MomentSpec, ResidualRule, TransferPolicy
@@ -124,14 +124,20 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Adds a group (torch semantics) after validating every hyper-parameter it will use.
 
         The group dict is copied first, so one ``param_groups(...)`` list can build several optimizers
-        without the first one's defaults leaking into the second.
+        without the first one's defaults leaking into the second. A group that explicitly contradicts a
+        value defining this optimizer's method (its own refresh period, scale, parts) gets a
+        :class:`lowrank_optim.groups.MethodDefaultWarning` naming the key and both values.
         """
+        given: set[str] = set()
         if isinstance(param_group, dict):
             param_group = dict(param_group)
             if "proj_type" in param_group:
                 param_group["proj_side"] = param_group.pop("proj_type")
+            given = set(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        warn_method_overrides(type(self).__name__, len(self.param_groups) - 1,  # before a refusal, to explain it
+                              method_overrides(group, given, self.defaults, ENGINE_DEFAULTS, set(self.preset_defaults)))
         try:
             self._validate_group(group)
         except (TypeError, ValueError):

@@ -164,7 +164,7 @@ def model_shapes(model: str | Path | Mapping[str, Sequence[int]]) -> dict[str, S
 def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str = "galore_adamw", *,
                 rank: int | None = 128, state_dtype: str = "8bit", layerwise: bool = False,
                 budget_gb: float | None = None, weight_dtype: str = "bf16",
-                target_modules: str | Sequence[str] = ("attn", "mlp"), update_proj_gap: int = 200,
+                target_modules: str | Sequence[str] = ("attn", "mlp"), update_proj_gap: int | None = None,
                 **optimizer_kwargs: Any) -> MemoryPlan:
     """Plans training memory (weights, gradients, optimizer state by part) without allocating the model.
 
@@ -177,7 +177,8 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
         budget_gb: memory budget in GB (10^9 bytes; a "24 GB" card has 24 GiB, so this is conservative).
         weight_dtype: ``bf16``, ``fp16`` or ``fp32`` weights and gradients.
         target_modules: name fragments or a regex selecting the projected weights.
-        update_proj_gap: refresh period (does not change the sizes; passed for completeness).
+        update_proj_gap: refresh period (``None``: the method's own; does not change the sizes). Passed to the
+            optimizer, not the group, so it never overrides a method's own period silently.
         **optimizer_kwargs: further optimizer keyword arguments.
     """
     if not isinstance(optimizer, str):
@@ -193,8 +194,9 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
     dtype = WEIGHT_DTYPES[weight_dtype]
     size = torch.empty((), dtype=dtype).element_size()
     numels = {n: _numel(s) for n, s in shapes.items()}
-    est = estimate_state_bytes(shapes, optimizer, rank=rank, target_modules=target_modules,
-                               group_options={"update_proj_gap": update_proj_gap}, param_dtype=dtype,
+    if update_proj_gap is not None:
+        optimizer_kwargs["update_proj_gap"] = check_int("update_proj_gap", update_proj_gap, low=1)
+    est = estimate_state_bytes(shapes, optimizer, rank=rank, target_modules=target_modules, param_dtype=dtype,
                                state_dtype=state_dtype, **optimizer_kwargs)
     low = set(est.lowrank)
     low_bytes = sum(v for n, v in est.per_param.items() if n in low)
