@@ -33,6 +33,9 @@ from .state import STATE_DTYPES, StateStore
 from .targets import resolve_targets, validate_target_modules
 
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
+#: State key (int 1) of a low-rank parameter whose gradients so far were all exactly zero: its subspace is
+#: chosen at its first nonzero gradient instead of from the zero matrix (arbitrary for a whole period).
+PENDING = "subspace_pending"
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -301,6 +304,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             rule = INNER_RULES[group["plain_inner"]]
         if not state:
             self._init_state(state, group, p, grad, proj if lowrank else None, rule, store, index)
+        elif lowrank and PENDING in state:
+            self._init_subspace(state, group, p, grad, proj, rule, store, index)
         elif lowrank and state["step"] % group["update_proj_gap"] == 0:
             self._refresh(state, group, p, grad, proj, rule, transfer, store)
         step = state["step"] + 1
@@ -348,10 +353,26 @@ class LowRankOptimizer(torch.optim.Optimizer):
             ctx = {"layout": self._layout(group, p)} if getattr(proj, "wants_layout", False) else {}
             state["projector"] = proj.init(grad, seed=derive_seed(group["seed"], index), **ctx)
             shape = proj.low_shape(p.shape, state["projector"])
+            if grad.device.type != "meta" and not bool(grad.any()):
+                state[PENDING] = 1  # a zero gradient defines no subspace: choose it at the first nonzero one
         else:
             shape = tuple(p.shape)
         for spec in rule.moments(tuple(shape), group):
             store.create(state, spec.name, spec.shape, p.device)
+
+    def _init_subspace(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor,
+                       proj: Projector, rule: InnerRule, store: StateStore, index: int) -> None:
+        """Chooses the subspace from the first nonzero gradient of a parameter whose earlier gradients were all
+        exactly zero (a layer feeding a zero-initialised one): those steps' moments are zero in any subspace,
+        so only the projector state is rebuilt (and moments of another shape recreated, as zeros)."""
+        if not bool(grad.any()):
+            return
+        del state[PENDING]
+        ctx = {"layout": self._layout(group, p)} if getattr(proj, "wants_layout", False) else {}
+        state["projector"] = proj.init(grad, seed=derive_seed(group["seed"], index), **ctx)
+        for spec in rule.moments(proj.low_shape(p.shape, state["projector"]), group):
+            if tuple(state[spec.name].shape) != tuple(spec.shape):
+                store.create(state, spec.name, spec.shape, p.device)
 
     def _refresh(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, proj: Projector,
                  rule: InnerRule, transfer: TransferPolicy, store: StateStore) -> None:
