@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from ._validation import check_choice, check_int, check_number
-from .memory import LLAMA_CONFIGS, estimate_state_bytes, llama_shapes
+from .engine import LowRankOptimizer
+from .memory import LLAMA_CONFIGS, estimate_state_bytes, llama_shapes, state_phases
 from .registry import available_optimizers
 from .state import STATE_DTYPES
 
@@ -54,6 +55,9 @@ class MemoryPlan:
         settings: rank, state dtype, weight dtype, layer-wise flag.
         budget: the budget in bytes (``None``: none given).
         n_lowrank: number of projected matrices.
+        state_peak: the largest optimizer state at any step (GaLore+'s warm-up score, the largest FRUGAL
+            window or GUM draw); ``None``: the same as :attr:`state_total`.
+        state_steady: the largest once warm-up buffers are freed; ``None``: the same as :attr:`state_total`.
     """
 
     model: str
@@ -65,16 +69,19 @@ class MemoryPlan:
     settings: dict[str, Any] = field(default_factory=dict)
     budget: int | None = None
     n_lowrank: int = 0
+    state_peak: int | None = None
+    state_steady: int | None = None
 
     @property
     def state_total(self) -> int:
-        """Bytes of the whole optimizer state."""
+        """Bytes of the whole optimizer state after the first step (by part in :attr:`state`)."""
         return sum(self.state.values())
 
     @property
     def total(self) -> int:
-        """Weights + gradients + optimizer state."""
-        return self.weights + self.gradients + self.state_total
+        """Weights + gradients + optimizer state at its peak (what must fit)."""
+        peak = self.state_total if self.state_peak is None else max(self.state_peak, self.state_total)
+        return self.weights + self.gradients + peak
 
     @property
     def fits(self) -> bool | None:
@@ -91,6 +98,10 @@ class MemoryPlan:
                  self.gradients),
                 (f"optimizer state ({s['state_dtype']} moments)", self.state_total)]
         rows += [(f"  {k}", v) for k, v in self.state.items()]
+        if self.state_peak is not None and self.state_peak != self.state_total:
+            rows.append(("optimizer state, peak (warm-up / largest draw)", self.state_peak))
+        if self.state_steady is not None and self.state_steady != self.state_total:
+            rows.append(("optimizer state, steady (after warm-up)", self.state_steady))
         rows.append(("total", self.total))
         lines = [f"{self.model}: {self.n_params / 1e9:.3f} B parameters, {self.optimizer}, {rank}, "
                  f"{self.n_lowrank} projected matrices{mode}"]
@@ -203,9 +214,13 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
     state = {"projector bases": est.projector, "low-rank moments": low_bytes - est.projector,
              "plain moments (embeddings, head, norms, ...)": est.total - low_bytes}
     grads = max(numels.values()) * size if layerwise else sum(numels.values()) * size
+    engine = isinstance(est.optimizer, LowRankOptimizer) and est.method == "meta-step" and bool(est.optimizer.state)
+    phases = state_phases(est.optimizer, est.names) if engine else None
     return MemoryPlan(model=str(model) if not isinstance(model, Mapping) else "model", optimizer=optimizer,
                       n_params=sum(numels.values()), weights=sum(numels.values()) * size, gradients=grads,
                       state=state, budget=budget, n_lowrank=len(low),
+                      state_peak=None if phases is None else phases.peak,
+                      state_steady=None if phases is None else phases.steady,
                       settings={"rank": rank, "state_dtype": state_dtype, "weight_dtype": weight_dtype,
                                 "layerwise": layerwise})
 

@@ -86,6 +86,7 @@ class StateStore:
         else:
             dt = torch.bfloat16 if self.dtype == "bf16" else torch.float32
             state[name] = torch.zeros(tuple(shape), dtype=dt, device=device)
+            state.pop(name + ABSMAX, None)  # a moment recreated below the 8-bit threshold drops its old absmax
 
     @staticmethod
     def load(state: dict, name: str, signed: bool = True) -> torch.Tensor:

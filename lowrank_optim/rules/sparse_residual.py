@@ -70,8 +70,9 @@ class SparseResidual(ResidualRule):
         if _INDEX not in state:
             score = state.get(_SCORE)
             score = resid.square() if score is None else score.addcmul_(resid, resid)
-            if seen < max(warmup, 1) or not bool(score.any()):  # an all-zero score (zero gradients) ranks nothing:
-                state[_SCORE] = score                             # the warm-up lasts until one is nonzero
+            # an all-zero score (only zero gradients so far) ranks nothing: the warm-up lasts until one is nonzero
+            if seen < max(warmup, 1) or (score.device.type != "meta" and not bool(score.any())):
+                state[_SCORE] = score
                 return None
             state.pop(_SCORE, None)
             idx = torch.topk(score.flatten(), k, sorted=False).indices.sort().values
