@@ -82,7 +82,8 @@ def _contradictions(name: str) -> list[tuple[str, Any, Any]]:
                     "residual": lambda v: "drop" if v != "drop" else "sign",
                     "transfer": lambda v: "reset" if v != "reset" else "keep",
                     "residual_density": lambda v: v * 2, "residual_warmup": lambda v: v + 1,
-                    "beta1": lambda v: 0.5, "relative_step": lambda v: not v}
+                    "beta1": lambda v: 0.5, "relative_step": lambda v: not v,
+                    "scale_parameter": lambda v: not v}
     out = []
     keys = (set(METHOD_KEYS) | set(type(opt).preset_defaults)) & set(opt.defaults)
     missing = object()
