@@ -361,7 +361,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         else:
             shape = tuple(p.shape)
         for spec in rule.moments(tuple(shape), group):
-            store.create(state, spec.name, spec.shape, p.device)
+            store.create(state, spec.name, spec.shape, p.device, like=None if proj is not None else p,
+                         seed=derive_seed(group["seed"], index))
 
     def _init_subspace(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor,
                        proj: Projector, rule: InnerRule, store: StateStore, index: int) -> None:

@@ -257,7 +257,7 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
     budget = None if budget_gb is None else round(check_number("budget_gb", budget_gb, low=0.0) * GB)
     shapes = model_shapes(model)
     dtype = WEIGHT_DTYPES[weight_dtype]
-    size = torch.empty((), dtype=dtype).element_size()
+    size = torch.empty((), dtype=dtype, device="meta").element_size()
     numels = {n: _numel(s) for n, s in shapes.items()}
     if update_proj_gap is not None:
         optimizer_kwargs["update_proj_gap"] = check_int("update_proj_gap", update_proj_gap, low=1)
