@@ -7,7 +7,7 @@
 
 from . import hf
 from .engine import LowRankOptimizer
-from .groups import param_groups, select_lowrank_modules, select_lowrank_params
+from .groups import MethodDefaultWarning, param_groups, select_lowrank_modules, select_lowrank_params
 from .layerwise import LayerwiseUpdater
 from .optimizers import (
     COAP,
@@ -41,6 +41,7 @@ __all__ = [
     "GaLorePlus",
     "LayerwiseUpdater",
     "LowRankOptimizer",
+    "MethodDefaultWarning",
     "OnlineSubspaceDescent",
     "Projector",
     "StateStore",
