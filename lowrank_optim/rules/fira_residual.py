@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._validation import check_number
+from ..distributed import comm
 from ..projectors.base import LEFT, Projector, ProjState
 from .base import Group, ResidualRule
 
@@ -36,7 +37,7 @@ def limit_norm_growth(residual: torch.Tensor, state: dict, gamma: float) -> torc
     ``s_t`` (the norm after limiting) is kept in ``state[LIMITER_KEY]``; the first call only stores it.
     Works on tensors (no host synchronisation) and rescales ``residual`` in place.
     """
-    norm = residual.norm()
+    norm = comm.param_norm(residual)  # of the whole matrix when ``residual`` is a row shard (FSDP2)
     stored = state.get(LIMITER_KEY)
     if stored is None:
         state[LIMITER_KEY] = norm.detach().to(torch.float32).clone()
