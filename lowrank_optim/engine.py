@@ -25,10 +25,10 @@ from typing import Any, ClassVar
 import torch
 
 from ._validation import check_choice, check_int, check_number
-from .groups import FLATTENED_HINT, is_flattened
 from .distributed import checkpoint as _checkpoint
 from .distributed import fsdp as _fsdp
 from .distributed import shards as _shards
+from .groups import FLATTENED_HINT, is_flattened
 from .projectors import PROJECTORS, SIDE_RULES, Projector, make_projector
 from .projectors.base import derive_seed
 from .rules import INNER_RULES, RESIDUAL_RULES, TRANSFER_POLICIES, InnerRule, MomentSpec, ResidualRule, TransferPolicy

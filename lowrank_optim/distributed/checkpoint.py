@@ -49,7 +49,7 @@ def _split_axis(name: str, ndim: int, low_ndim: int, dim: int) -> int | None:
 
 def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` with the sharded state of FSDP2 parameters wrapped as ``DTensor``s (see the module)."""
-    from .fsdp import _lowrank, mode
+    from .fsdp import mode, moment_layout
 
     pairs = _group_of(opt)
     if not any(is_dtensor(p) for _, p in pairs):
@@ -60,22 +60,14 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
         if not is_dtensor(p) or not st or mode(opt, group, p) != "sharded":
             out[idx] = st
             continue
-        proj, rule, _, _, store = opt._parts(group)
+        store = opt._parts(group)[4]
         lay = layout(p)
         st = dict(st)
-        if _lowrank(opt, group, p):
-            pst = st["projector"]
-            r, m, n = int(pst["rank"]), int(p.shape[0]), int(p.shape[1])
-            left = int(pst["side"]) == LEFT
-            low, dim = ((r, n), 1) if left else ((m, r), 0)
-            if "basis" in pst:
-                st["projector"] = {**pst, "basis": wrap(pst["basis"], lay, 0, (m if left else n, r))}
-        else:
-            if group.get("plain_inner") is not None:
-                from ..rules import INNER_RULES
-
-                rule = INNER_RULES[group["plain_inner"]]
-            low, dim = tuple(p.shape), 0
+        rule, low, dim = moment_layout(opt, group, p)
+        pst = st.get("projector")
+        if isinstance(pst, dict) and "basis" in pst:
+            r, d = int(pst["rank"]), int(p.shape[0] if int(pst["side"]) == LEFT else p.shape[1])
+            st["projector"] = {**pst, "basis": wrap(pst["basis"], lay, 0, (d, r))}
         for spec in rule.moments(low, group):
             if spec.name not in st:
                 continue
@@ -104,26 +96,32 @@ def import_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
 
 def requantize(opt: LowRankOptimizer) -> None:
     """Quantizes, in place, every fp32 moment that an ``"8bit"`` group keeps as codes (a moment exported
-    dequantized by :func:`export_state`, or a full state dict gathered from ranks)."""
+    dequantized by :func:`export_state`, or a full state dict gathered from ranks). Whether a moment is
+    quantized follows the whole moment's size, as in one process."""
+    from .fsdp import local_store, mode, moment_layout
+
     for group, p in _group_of(opt):
         st = opt.state.get(p)
-        if not st:
+        store = opt._parts(group)[4]
+        if not st or store.dtype != "8bit":
             continue
-        _, rule, _, _, store = opt._parts(group)
-        if store.dtype != "8bit":
-            continue
-        rules = [rule]
-        if group.get("plain_inner") is not None:
-            from ..rules import INNER_RULES
-
-            rules.append(INNER_RULES[group["plain_inner"]])
-        for r in rules:
-            for spec in [*r.moments((2, 2), group), *r.moments((2,), group)]:
-                t = st.get(spec.name)
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and spec.name + ABSMAX not in st \
-                        and store.quantized(t.numel()):
-                    store.create(st, spec.name, tuple(t.shape), t.device)
-                    store.save(st, spec.name, t, spec.signed)
+        if is_dtensor(p) and mode(opt, group, p) == "sharded":
+            rule, low, _ = moment_layout(opt, group, p)
+        else:
+            low = None
+            rule = moment_layout(opt, group, p)[0] if "projector" not in st else opt._parts(group)[1]
+        for spec in rule.moments(low if low is not None else (2, 2), group) + \
+                (rule.moments((2,), group) if low is None else []):
+            t = st.get(spec.name)
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or spec.name + ABSMAX in st:
+                continue
+            whole = spec.shape if low is not None else tuple(t.shape)
+            numel = 1
+            for s in whole:
+                numel *= int(s)
+            if store.quantized(numel):
+                local_store(store, numel).create(st, spec.name, tuple(t.shape), t.device)
+                store.save(st, spec.name, t, spec.signed)
 
 
 __all__ = ["export_state", "import_state", "requantize"]

@@ -32,6 +32,7 @@ import torch
 
 from ..projectors import PROJECTORS
 from ..projectors.base import LEFT, Projector, derive_seed
+from ..state import StateStore
 from . import comm
 from .shards import Layout, all_gather_cols, all_gather_rows, broadcast_from, gather_rows_to, layout, local
 
@@ -67,6 +68,42 @@ def mode(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> str:
 
 def _lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> bool:
     return opt._parts(group)[0] is not None and opt._targeted(group, p) and opt.is_lowrank(group, p)
+
+
+def moment_layout(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> tuple[Any, tuple[int, ...],
+                                                                                     int]:
+    """``(rule, global shape, split axis)`` of the tensor the inner rule of a sharded parameter sees: the
+    low-rank gradient (``(m, r)`` split along 0, or ``(r, n)`` along 1) or the parameter (along 0)."""
+    _, rule, _, _, _ = opt._parts(group)
+    if _lowrank(opt, group, p):
+        pst = opt.state[p]["projector"]
+        r, m, n = int(pst["rank"]), int(p.shape[0]), int(p.shape[1])
+        return (rule, (r, n), 1) if int(pst["side"]) == LEFT else (rule, (m, r), 0)
+    if group.get("plain_inner") is not None:
+        from ..rules import INNER_RULES
+
+        rule = INNER_RULES[group["plain_inner"]]
+    return rule, tuple(p.shape), 0
+
+
+def local_store(store: StateStore, global_numel: int) -> StateStore:
+    """A store that quantizes a rank's chunk exactly when one process would quantize the whole moment
+    (the ``min_8bit_size`` rule applies to the whole tensor, never to a shard)."""
+    if store.dtype != "8bit":
+        return store
+    return StateStore("8bit", min_8bit_size=1 if store.quantized(global_numel) else 1 << 62)
+
+
+def _create(store: StateStore, state: dict, specs: list[Any], global_specs: list[Any], device: torch.device) -> None:
+    for spec, whole in zip(specs, global_specs, strict=True):
+        local_store(store, _numel(whole.shape)).create(state, spec.name, spec.shape, device)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
 
 
 def owner(index: int, world: int) -> int:
@@ -107,8 +144,7 @@ def _step_plain(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, l
     grad = grad if grad.dtype == torch.float32 else grad.float()
     if not state:
         state["step"], state["inner_step"] = 0, 0
-        for spec in rule.moments(tuple(w.shape), group):
-            store.create(state, spec.name, spec.shape, w.device)
+        _create(store, state, rule.moments(tuple(w.shape), group), rule.moments(tuple(p.shape), group), w.device)
     specs = rule.moments(tuple(w.shape), group)
     moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
     target = w if w.dtype == torch.float32 else w.float()
@@ -196,14 +232,16 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
     if not state:
         state["step"], state["inner_step"] = 0, 0
         state["projector"], _, _ = _refreshed(opt, group, p, index, lay, None, full_old=False)
-        for spec in rule.moments(_low_shape(state["projector"], p.shape, lay), group):
-            store.create(state, spec.name, spec.shape, w.device)
+        _create(store, state, rule.moments(_low_shape(state["projector"], p.shape, lay), group),
+                rule.moments(_low_shape(state["projector"], p.shape, None), group), w.device)
     elif state["step"] % group["update_proj_gap"] == 0:
         old = state["projector"]
         linear = group["transfer"] == "linear" and "basis" in old
         new, new_full, old_full = _refreshed(opt, group, p, index, lay, old, full_old=linear)
         specs = rule.moments(_low_shape(new, p.shape, lay), group)
-        transfer.apply(state, old_full if linear else old, new_full if linear else new, proj, specs, store)
+        whole = _numel(rule.moments(_low_shape(new, p.shape, None), group)[0].shape) if specs else 0
+        transfer.apply(state, old_full if linear else old, new_full if linear else new, proj, specs,
+                       local_store(store, whole))
         for spec in specs:
             if tuple(state[spec.name].shape) != tuple(spec.shape):
                 raise ValueError(f"Invalid transfer: {group['transfer']!r} kept moment {spec.name!r} of shape "
@@ -256,12 +294,13 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
         w.copy_(target)
 
 
-def _low_shape(pst: dict[str, Any], shape: torch.Size, lay: Layout) -> tuple[int, int]:
-    """This rank's part of the low-rank gradient: ``(m_i, r)`` on the right side, ``(r, n_j)`` on the left."""
+def _low_shape(pst: dict[str, Any], shape: torch.Size, lay: Layout | None) -> tuple[int, int]:
+    """This rank's part of the low-rank gradient: ``(m_i, r)`` on the right side, ``(r, n_j)`` on the left
+    (``lay`` None: the whole ``(m, r)`` or ``(r, n)``)."""
     r = int(pst["rank"])
     if int(pst["side"]) == LEFT:
-        return r, lay.rows(int(shape[1]))[1]
-    return lay.rows(int(shape[0]))[1], r
+        return r, (lay.rows(int(shape[1]))[1] if lay is not None else int(shape[1]))
+    return (lay.rows(int(shape[0]))[1] if lay is not None else int(shape[0])), r
 
 
 __all__ = ["REFRESH_CALLS", "SHARDED_PROJECTORS", "SHARDED_RESIDUALS", "SHARDED_RULES", "SHARDED_TRANSFERS",
