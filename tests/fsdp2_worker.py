@@ -65,12 +65,41 @@ def build(name: str, model: nn.Module, store: str) -> torch.optim.Optimizer:
     return lro.create_optimizer(name, groups, state_dtype=store, **kwargs)
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int = 0, world: int = 1) -> None:
+def synthetic_grads(model: nn.Module, step: int) -> None:
+    """Sets every gradient to ``0.1 W + noise(step)`` computed on the whole weight, the same bits on every rank
+    and in one process; a sharded parameter gets its rows. Methods that take signs or top-k of the gradient
+    (FRUGAL, GaLore+, GUM, online PCA) amplify the last-bit differences of a model's reduce-scattered
+    gradient, so their equality with one process is shown on identical gradients."""
+    for i, p in enumerate(model.parameters()):
+        w = p.full_tensor() if hasattr(p, "full_tensor") else p
+        gen = torch.Generator().manual_seed(7919 * step + i)
+        if p.dim() == 2:  # a clear spectral gap: 8 strong directions over weak noise (subspaces are stable)
+            k = min(8, *p.shape)
+            g = torch.randn(p.shape[0], k, generator=gen) @ torch.randn(k, p.shape[1], generator=gen)
+            g.add_(torch.randn(tuple(p.shape), generator=gen), alpha=0.01)
+        else:
+            g = torch.randn(tuple(p.shape), generator=gen)
+        g.add_(w.detach(), alpha=0.1)
+        if hasattr(p, "full_tensor"):
+            from torch.distributed.tensor import DTensor
+
+            mesh = p.device_mesh
+            c = -(-p.shape[0] // mesh.size())
+            rows = g[mesh.get_local_rank() * c: (mesh.get_local_rank() + 1) * c].clone()
+            g = DTensor.from_local(rows, mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
+        p.grad = g
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int = 0, world: int = 1,
+          source: str = "model") -> None:
     for step in steps:
-        x, y = batch(step)
-        part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
         opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x[part]), y[part]).backward()
+        if source == "synthetic":
+            synthetic_grads(model, step)
+        else:
+            x, y = batch(step)
+            part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+            torch.nn.functional.mse_loss(model(x[part]), y[part]).backward()
         opt.step()
 
 
@@ -80,11 +109,11 @@ def whole(model: nn.Module) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters()}
 
 
-def single(name: str, store: str, steps: int = STEPS) -> dict[str, torch.Tensor]:
+def single(name: str, store: str, source: str = "model", steps: int = STEPS) -> dict[str, torch.Tensor]:
     """One process on the whole batches (the reference)."""
     model = make_model()
     opt = build(name, model, store)
-    train(model, opt, range(steps))
+    train(model, opt, range(steps), source=source)
     return whole(model)
 
 
@@ -100,13 +129,13 @@ def sharded_model(world: int) -> Net:
     return model
 
 
-def parity(cases: list[tuple[str, str]], rank: int, world: int) -> dict[str, Any]:
+def parity(cases: list[tuple[str, str, str]], rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, store in cases:
+    for name, store, source in cases:
         model = sharded_model(world)
         opt = build(name, model, store)
-        train(model, opt, range(STEPS), rank, world)
-        out[f"{name}/{store}"] = {"params": whole(model), "bytes": opt.state_bytes(),
+        train(model, opt, range(STEPS), rank, world, source)
+        out[f"{name}/{store}/{source}"] = {"params": whole(model), "bytes": opt.state_bytes(),
                                   "global_bytes": opt.global_state_bytes()}
     return out
 
@@ -128,3 +157,74 @@ def main(rank: int, world: int, port: int, job: str, cases: list[tuple[str, str]
 
 
 JOBS: dict[str, Any] = {}
+
+
+# -- checkpoints (torch.distributed.checkpoint) ------------------------------------------------------------
+def _dcp_save(model: nn.Module, opt: torch.optim.Optimizer, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=path)
+
+
+def dcp_load(model: nn.Module, opt: torch.optim.Optimizer, path: str) -> None:
+    """The documented DCP resume: templates from a fresh model and optimizer, ``dcp.load``, set."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+
+
+def checkpoint_save(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """Per case: 15 steps, DCP save, 15 more (the uninterrupted run); a fresh model and optimizer loaded from
+    the checkpoint continue 15 steps (same world size); the full (gathered) state dicts are kept."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    out: dict[str, Any] = {}
+    for name, store, source in cases:
+        key = f"{name}/{store}/{source}"
+        path = str(Path(out_dir) / key.replace("/", "-"))
+        model = sharded_model(world)
+        opt = build(name, model, store)
+        train(model, opt, range(SAVE_AT), rank, world, source)
+        _dcp_save(model, opt, path)
+        full = StateDictOptions(full_state_dict=True)
+        full_model = get_model_state_dict(model, options=full)
+        full_optim = get_optimizer_state_dict(model, opt, options=full)
+        train(model, opt, range(SAVE_AT, STEPS), rank, world, source)
+        model2 = sharded_model(world)
+        opt2 = build(name, model2, store)
+        dcp_load(model2, opt2, path)
+        train(model2, opt2, range(SAVE_AT, STEPS), rank, world, source)
+        out[key] = {"path": path, "uninterrupted": whole(model), "resumed": whole(model2),
+                    "full_model": full_model, "full_optim": full_optim}
+    return out
+
+
+def checkpoint_load(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """Per case: a fresh model and optimizer at this world size load the checkpoint and continue 15 steps."""
+    out: dict[str, Any] = {}
+    for name, store, source in cases:
+        key = f"{name}/{store}/{source}"
+        model = sharded_model(world)
+        opt = build(name, model, store)
+        dcp_load(model, opt, str(Path(out_dir) / key.replace("/", "-")))
+        train(model, opt, range(SAVE_AT, STEPS), rank, world, source)
+        out[key] = {"resumed": whole(model)}
+    return out
+
+
+JOBS.update({"checkpoint_save": checkpoint_save, "checkpoint_load": checkpoint_load})

@@ -63,8 +63,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _check(result: dict[str, Any], world: int) -> list[str]:
     failures = []
     for key, got in result.items():
-        name, store = key.split("/")
-        ref = worker.single(name, store)
+        name, store, source = key.split("/")
+        ref = worker.single(name, store, source)
         for pname, ref_p in ref.items():
             rel = _rel(got["params"][pname], ref_p)
             if not rel <= TOL[store]:
