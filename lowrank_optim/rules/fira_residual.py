@@ -34,8 +34,8 @@ def slice_scaling(low_step: torch.Tensor, low_grad: torch.Tensor, side: int) -> 
 def limit_norm_growth(residual: torch.Tensor, state: dict, gamma: float) -> torch.Tensor:
     """Fira's norm-growth limiter: if ``||S_t|| > gamma * s_{t-1}``, rescale ``S_t`` to ``gamma * s_{t-1}``.
 
-    ``s_t`` (the norm after limiting) is kept in ``state[LIMITER_KEY]``; the first call only stores it.
-    Works on tensors (no host synchronisation) and rescales ``residual`` in place.
+    ``s_t`` (the norm after limiting) is kept in ``state[LIMITER_KEY]``; the first call only stores it (as does
+    a call that finds the placeholder -1 left by a zero-lr step). Works on tensors (no host synchronisation) and rescales ``residual`` in place.
     """
     norm = comm.param_norm(residual)  # of the whole matrix when ``residual`` is a row shard (FSDP2)
     stored = state.get(LIMITER_KEY)
@@ -43,6 +43,7 @@ def limit_norm_growth(residual: torch.Tensor, state: dict, gamma: float) -> torc
         state[LIMITER_KEY] = norm.detach().to(torch.float32).clone()
         return residual
     factor = (norm / (stored + _TINY)).clamp(min=gamma) / gamma
+    factor = torch.where(stored < 0, torch.ones_like(factor), factor)  # placeholder: store only
     residual.div_(factor)
     stored.copy_(norm / factor)
     return residual
@@ -86,6 +87,10 @@ class FiraResidual(ResidualRule):
             beta1, beta2 = group["betas"]
             eta *= math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
         if eta == 0.0:
+            if group["limiter_gamma"] is not None:
+                # the stored norm exists from the first step on, even a zero-lr one (DCP's fresh-optimizer
+                # template comes from such a step): -1 means "not measured yet"
+                state.setdefault(LIMITER_KEY, torch.full((), -1.0, device=grad.device))
             return None
         # G - alpha * lift(R) ("reference") or G - lift(R)
         alpha = group["scale"] if group["fira_residual"] == "reference" else 1.0
