@@ -356,7 +356,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         state["inner_step"] = 0
         if proj is not None:
             ctx = {"layout": self._layout(group, p)} if getattr(proj, "wants_layout", False) else {}
-            state["projector"] = proj.init(grad, seed=derive_seed(group["seed"], index), **ctx)
+            seed = derive_seed(group["seed"], index)
+            state["projector"] = _fsdp.once(self, lambda: proj.init(grad, seed=seed, **ctx), index)
             shape = proj.low_shape(p.shape, state["projector"])
         else:
             shape = tuple(p.shape)
@@ -374,7 +375,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             ctx["layout"] = self._layout(group, p)
         if getattr(proj, "wants_lr", False):  # the group's lr now and at the start (LR schedulers' initial_lr)
             ctx["lr"], ctx["initial_lr"] = group["lr"], group.get("initial_lr", group["lr"])
-        new = proj.update(grad, old, **ctx)
+        new = _fsdp.once(self, lambda: proj.update(grad, old, **ctx), self._index_of(p))
         specs = rule.moments(proj.low_shape(p.shape, new), group)
         transfer.apply(state, old, new, proj, specs, store)
         for spec in specs:
@@ -383,6 +384,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
                                  f"{tuple(state[spec.name].shape)} but the new subspace needs {tuple(spec.shape)}; "
                                  "use a transfer that rebuilds moments (e.g. 'reset') with this projector")
         state["projector"] = new
+
+    def _index_of(self, p: torch.Tensor) -> int:
+        """Position of ``p`` among all the optimizer's parameters (its seed and refresh-owner index)."""
+        return next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
 
     def _layout(self, group: dict[str, Any], p: torch.Tensor) -> tuple[int, int, int]:
         """``(position, count, group seed)`` of ``p`` among the group's projected params, for projectors

@@ -129,34 +129,49 @@ def sharded_model(world: int) -> Net:
     return model
 
 
-def parity(cases: list[tuple[str, str, str]], rank: int, world: int) -> dict[str, Any]:
+def _calls() -> dict[str, int]:
+    from lowrank_optim.distributed import fsdp
+
+    return dict(fsdp.REFRESH_CALLS)
+
+
+def _sum_calls(before: dict[str, int]) -> dict[str, int]:
+    """Refresh computations (projector ``init`` / ``update``) since ``before``, summed over the ranks."""
+    now = _calls()
+    t = torch.tensor([now[k] - before[k] for k in sorted(now)], dtype=torch.int64)
+    dist.all_reduce(t)
+    return dict(zip(sorted(now), t.tolist(), strict=True))
+
+
+def parity(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, store, source in cases:
         model = sharded_model(world)
         opt = build(name, model, store)
+        before = _calls()
         train(model, opt, range(STEPS), rank, world, source)
         out[f"{name}/{store}/{source}"] = {"params": whole(model), "bytes": opt.state_bytes(),
-                                  "global_bytes": opt.global_state_bytes()}
+                                           "global_bytes": opt.global_state_bytes(), "calls": _sum_calls(before)}
     return out
 
 
-def main(rank: int, world: int, port: int, job: str, cases: list[tuple[str, str]], out_dir: str) -> None:
+def main(rank: int, world: int, port: int, jobs: list[tuple[str, list[Any]]], out_dir: str) -> None:
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(__file__))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        result = parity(cases, rank, world) if job == "parity" else JOBS[job](cases, rank, world, out_dir)
+        result = {job: JOBS[job](cases, rank, world, out_dir) for job, cases in jobs}
         if rank == 0:
-            torch.save(result, Path(out_dir) / f"{job}-{world}.pt")
+            torch.save(result, Path(out_dir) / f"result-{world}.pt")
     except Exception:
-        Path(out_dir, f"error-{job}-{world}-{rank}.txt").write_text(traceback.format_exc())
+        Path(out_dir, f"error-{world}-{rank}.txt").write_text(traceback.format_exc())
         raise
     finally:
         dist.destroy_process_group()
 
 
-JOBS: dict[str, Any] = {}
+JOBS: dict[str, Any] = {"parity": parity}
 
 
 # -- checkpoints (torch.distributed.checkpoint) ------------------------------------------------------------

@@ -26,6 +26,8 @@ Two modes, chosen per parameter from its group's parts (:func:`mode`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -51,7 +53,7 @@ SEEDED_PROJECTORS = ("random",)
 _BASIS = Projector(rank=1)  # the base class's matrix products on an explicit ``basis`` (a view of a shard)
 
 #: Calls of projector ``init`` / ``update`` made by this process (tests count them: one per refresh per job).
-REFRESH_CALLS: dict[str, int] = {"init": 0, "update": 0}
+REFRESH_CALLS: dict[str, int] = {"init": 0, "update": 0, "engine": 0}
 
 
 def mode(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> str:
@@ -106,6 +108,46 @@ def _numel(shape: tuple[int, ...]) -> int:
     return out
 
 
+_ONCE: ContextVar[Layout | None] = ContextVar("lowrank_optim_refresh_group", default=None)
+
+
+def divide_refresh(optimizer: LowRankOptimizer, process_group: Any = None) -> None:
+    """Under DDP (or ZeRO-1), computes each parameter's refresh (SVD, rSVD, DCT selection ...) on one rank and
+    broadcasts it, instead of repeating it on every rank; replicas stay bit-identical (the owner runs the very
+    computation every rank would). Every rank must call it, and every rank must hold the same parameters with
+    the same gradients (data parallel). FSDP2 parameters need no call: their refreshes are divided already.
+
+    Args:
+        optimizer: a lowrank_optim optimizer.
+        process_group: the data-parallel group (default: the default group).
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialized.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("divide_refresh: torch.distributed is not initialized")
+    group = process_group if process_group is not None else dist.group.WORLD
+    optimizer._refresh_layout = Layout(None, group, dist.get_rank(group), dist.get_world_size(group))
+
+
+def once(opt: LowRankOptimizer, compute: Callable[[], dict[str, Any]], index: int) -> dict[str, Any]:
+    """``compute()`` (a projector ``init`` or ``update`` on a whole gradient), run on the parameter's owner rank
+    and broadcast when refreshes are divided (:func:`divide_refresh`, FSDP2's replicated mode); else run here."""
+    lay = _ONCE.get() or getattr(opt, "_refresh_layout", None)
+    if lay is None or lay.world == 1:
+        REFRESH_CALLS["engine"] += 1
+        return compute()
+    own = owner(index, lay.world)
+    new = None
+    if lay.rank == own:
+        REFRESH_CALLS["engine"] += 1
+        new = compute()
+    with comm.phase("refresh"):
+        return broadcast_from(new, lay, own)
+
+
 def owner(index: int, world: int) -> int:
     """The rank that computes the refreshes of the parameter at ``index`` (round robin over the group)."""
     return index % world
@@ -127,7 +169,11 @@ def _step_replicated(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tens
     m = int(p.shape[0])
     grad = all_gather_rows(local(p.grad), m, lay)
     full = all_gather_rows(local(p).detach(), m, lay)
-    opt._step_param(group, p, index, param=full, grad=grad)
+    token = _ONCE.set(lay)  # the engine's refreshes of this parameter run on its owner rank only
+    try:
+        opt._step_param(group, p, index, param=full, grad=grad)
+    finally:
+        _ONCE.reset(token)
     offset, size = lay.rows(m)
     local(p).copy_(full[offset: offset + size])
 
@@ -304,7 +350,7 @@ def _low_shape(pst: dict[str, Any], shape: torch.Size, lay: Layout | None) -> tu
 
 
 __all__ = ["REFRESH_CALLS", "SHARDED_PROJECTORS", "SHARDED_RESIDUALS", "SHARDED_RULES", "SHARDED_TRANSFERS",
-           "mode", "owner", "step_param"]
+           "divide_refresh", "mode", "once", "owner", "step_param"]
 
 
 def agree_finite(finite: bool, params: list[torch.Tensor]) -> bool:
