@@ -6,6 +6,7 @@ parameters (gathered) of each case, which the test compares with one process on 
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import sys
@@ -218,7 +219,8 @@ def checkpoint_save(cases: list[tuple[str, str, str]], rank: int, world: int, ou
         _dcp_save(model, opt, path)
         full = StateDictOptions(full_state_dict=True)
         full_model = get_model_state_dict(model, options=full)
-        full_optim = get_optimizer_state_dict(model, opt, options=full)
+        full_optim = copy.deepcopy(get_optimizer_state_dict(model, opt, options=full))  # replicated entries
+        # are the live tensors (training goes on below)
         train(model, opt, range(SAVE_AT, STEPS), rank, world, source)
         model2 = sharded_model(world)
         opt2 = build(name, model2, store)
