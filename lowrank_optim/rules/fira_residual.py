@@ -35,7 +35,8 @@ def limit_norm_growth(residual: torch.Tensor, state: dict, gamma: float) -> torc
     """Fira's norm-growth limiter: if ``||S_t|| > gamma * s_{t-1}``, rescale ``S_t`` to ``gamma * s_{t-1}``.
 
     ``s_t`` (the norm after limiting) is kept in ``state[LIMITER_KEY]``; the first call only stores it (as does
-    a call that finds the placeholder -1 left by a zero-lr step). Works on tensors (no host synchronisation) and rescales ``residual`` in place.
+    a call that finds the placeholder -1 left by a zero-lr step). Works on tensors (no host synchronisation)
+    and rescales ``residual`` in place.
     """
     norm = comm.param_norm(residual)  # of the whole matrix when ``residual`` is a row shard (FSDP2)
     stored = state.get(LIMITER_KEY)
