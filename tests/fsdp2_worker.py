@@ -245,3 +245,44 @@ def checkpoint_load(cases: list[tuple[str, str, str]], rank: int, world: int, ou
 
 
 JOBS.update({"checkpoint_save": checkpoint_save, "checkpoint_load": checkpoint_load})
+
+
+# -- accelerate ---------------------------------------------------------------------------------------------
+def accelerate_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+
+
+def accelerate_train(model: nn.Module, opt: Any, backward: Any, rank: int, world: int) -> None:
+    for step in range(6):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step))
+        part = x.chunk(world)[rank]
+        backward(model(part).pow(2).mean())
+        opt.step()
+        opt.zero_grad()
+
+
+def accelerate_opt(model: nn.Module) -> torch.optim.Optimizer:
+    return lro.GaLoreAdamW(lro.param_groups(model, rank=4, target_modules="all-linear", update_proj_gap=3), lr=1e-2)
+
+
+def accelerate_job(cases: list[Any], rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """accelerate's FSDP2 plugin (``fsdp_version=2``) prepares a model and a GaLoreAdamW built beforehand.
+    accelerate turns FSDP on for accelerator devices only, so the CPU test sets the distributed type the GPU
+    launch would set; ``prepare`` then runs its own ``fully_shard`` and moves the optimizer to the DTensors."""
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    acc = Accelerator(cpu=True, fsdp_plugin=plugin)
+    acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+    model = accelerate_net()
+    model, opt = acc.prepare(model, accelerate_opt(model))
+    sharded = all(hasattr(p, "full_tensor") for g in opt.optimizer.param_groups for p in g["params"])
+    accelerate_train(model, opt, acc.backward, rank, world)
+    return {"sharded": sharded, "params": whole(model)}
+
+
+JOBS["accelerate"] = accelerate_job

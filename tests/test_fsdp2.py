@@ -117,7 +117,7 @@ CHECKPOINT = _cases(CORE, ("fp32",), "synthetic") + _cases(("galore_adamw",), ("
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("fsdp2")
-    return launch(2, [("parity", PARITY_2), ("checkpoint_save", CHECKPOINT)], out), out
+    return launch(2, [("parity", PARITY_2), ("checkpoint_save", CHECKPOINT), ("accelerate", [])], out), out
 
 
 def test_two_ranks_equal_one_process(two_ranks: tuple[dict[str, Any], Path]) -> None:
@@ -212,10 +212,15 @@ def test_four_ranks(two_ranks: tuple[dict[str, Any], Path]) -> None:
         assert rel <= bound, (key, "dcp 2 -> 4", pname, rel)
     failures = check_parity(result["parity"], 4)
     assert not failures, "\n".join(failures)
+    shapes = {n: tuple(p.shape) for n, p in worker.make_model().named_parameters()}
     for name in CORE:
         got = result["parity"][f"{name}/fp32/synthetic"]
         single = saved["parity"][f"{name}/fp32/synthetic"]["global_bytes"]
         assert got["bytes"] <= 0.30 * single, (name, got["bytes"], single)
+        # the planner's closed form per rank agrees with rank 0's measured bytes (chunks here are nearly even)
+        plan = lro.plan_memory(shapes, name, rank=worker.RANK, state_dtype="fp32", weight_dtype="fp32",
+                               target_modules=["attn", "mlp"], shards=4)
+        assert abs(plan.state_total - got["bytes"]) <= 0.1 * got["bytes"], (name, plan.state, got["bytes"])
 
 
 @pytest.mark.slow
@@ -226,3 +231,31 @@ def test_three_ranks_uneven_shards(tmp_path: Path) -> None:
     result = launch(3, [("parity", cases)], tmp_path)
     failures = check_parity(result["parity"], 3)
     assert not failures, "\n".join(failures)
+
+
+def test_planner_shards() -> None:
+    """``shards=K`` divides weights, gradients and the state of sharded presets by K; a replicated-mode preset
+    (DCT-AdamW) divides only its plain moments; layer-wise updates are refused under FSDP2."""
+    one = lro.plan_memory("llama-60m", "galore_adamw", rank=128, state_dtype="8bit")
+    eight = lro.plan_memory("llama-60m", "galore_adamw", rank=128, state_dtype="8bit", shards=8)
+    assert eight.weights == -(-one.weights // 8) and eight.gradients == -(-one.gradients // 8)
+    assert all(eight.state[k] == -(-v // 8) for k, v in one.state.items())
+    dct1 = lro.plan_memory("llama-60m", "dct_adamw", rank=128, state_dtype="8bit")
+    dct8 = lro.plan_memory("llama-60m", "dct_adamw", rank=128, state_dtype="8bit", shards=8)
+    assert dct8.state["low-rank moments"] == dct1.state["low-rank moments"]
+    with pytest.raises(ValueError, match="shards"):
+        lro.plan_memory("llama-60m", "galore_adamw", rank=128, layerwise=True, shards=2)
+    with pytest.raises(ValueError, match="shards"):
+        lro.plan_memory("llama-60m", "galore_adamw", rank=128, shards=0)
+
+
+def test_accelerate_fsdp2_plugin(two_ranks: tuple[dict[str, Any], Path]) -> None:
+    """accelerate (``FullyShardedDataParallelPlugin(fsdp_version=2)``) shards the model and hands the optimizer
+    DTensors; 6 steps (a refresh at 3) equal one process on the same global batches."""
+    got = two_ranks[0]["accelerate"]
+    assert got["sharded"]
+    model = worker.accelerate_net()
+    opt = worker.accelerate_opt(model)
+    worker.accelerate_train(model, opt, lambda loss: loss.backward(), 0, 1)
+    rel, pname = worst(got["params"], worker.whole(model))
+    assert rel <= 1e-5, (pname, rel)
