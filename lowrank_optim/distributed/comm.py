@@ -55,8 +55,10 @@ def sharded(spec: Sharding | None) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
-#: Bytes the optimizer itself sent through collectives in this process (a benchmark reads and resets it).
-TRAFFIC: dict[str, int] = {"step": 0, "refresh": 0}
+#: Bytes the optimizer's own collectives moved into this rank, by phase (a benchmark reads and resets it), in the
+#: usual ring model averaged over ranks: all-reduce ``2 (k-1)/k T``, all-gather ``(k-1) c`` for chunks of ``c``,
+#: gather to one rank ``(k-1) c / k``, broadcast ``(k-1)/k T``.
+TRAFFIC: dict[str, float] = {"step": 0.0, "refresh": 0.0}
 _PHASE: ContextVar[str] = ContextVar("lowrank_optim_phase", default="step")
 
 
@@ -70,20 +72,27 @@ def phase(name: str) -> Iterator[None]:
         _PHASE.reset(token)
 
 
-def _count(t: torch.Tensor) -> None:
-    TRAFFIC[_PHASE.get()] = TRAFFIC.get(_PHASE.get(), 0) + t.numel() * t.element_size()
+def _count(t: torch.Tensor, factor: float) -> None:
+    """Adds ``factor`` times the bytes of ``t`` to the current phase of :data:`TRAFFIC`."""
+    TRAFFIC[_PHASE.get()] = TRAFFIC.get(_PHASE.get(), 0.0) + factor * t.numel() * t.element_size()
+
+
+def _world(group: Any) -> int:
+    return dist.get_world_size(group)
 
 
 def all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
     """In-place SUM all-reduce of ``t`` over ``group`` (returns ``t``)."""
-    _count(t)
+    k = _world(group)
+    _count(t, 2 * (k - 1) / k)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
 
 
 def all_reduce_max(t: torch.Tensor, group: Any) -> torch.Tensor:
     """In-place MAX all-reduce of ``t`` over ``group`` (returns ``t``)."""
-    _count(t)
+    k = _world(group)
+    _count(t, 2 * (k - 1) / k)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t
 

@@ -84,7 +84,7 @@ def all_gather_rows(part: torch.Tensor, length: int, lay: Layout) -> torch.Tenso
     c = -(-length // lay.world) if length else 0
     padded = _pad_rows(part, c)
     bufs = [torch.empty_like(padded) for _ in range(lay.world)]
-    comm._count(padded)
+    comm._count(padded, lay.world - 1)
     dist.all_gather(bufs, padded, group=lay.group)
     return torch.cat(bufs)[:length]
 
@@ -99,7 +99,7 @@ def gather_rows_to(part: torch.Tensor, length: int, lay: Layout, owner: int) -> 
     c = -(-length // lay.world) if length else 0
     padded = _pad_rows(part, c)
     bufs = [torch.empty_like(padded) for _ in range(lay.world)] if lay.rank == owner else None
-    comm._count(padded)
+    comm._count(padded, (lay.world - 1) / lay.world)
     dist.gather(padded, bufs, dst=dist.get_global_rank(lay.group, owner), group=lay.group)
     return torch.cat(bufs)[:length] if bufs is not None else None
 
@@ -120,7 +120,7 @@ def broadcast_from(obj: Any, lay: Layout, owner: int) -> Any:
             continue
         shape, dtype = rest
         t = obj[k].contiguous() if lay.rank == owner else torch.empty(shape, dtype=dtype)
-        comm._count(t)
+        comm._count(t, (lay.world - 1) / lay.world)
         dist.broadcast(t, src=src, group=lay.group)
         out[k] = t
     return out
