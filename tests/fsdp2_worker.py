@@ -61,7 +61,10 @@ def build(name: str, model: nn.Module, store: str) -> torch.optim.Optimizer:
     sys.path.insert(0, os.path.dirname(__file__))
     from helpers import CASES
 
-    kwargs = dict(CASES.get(name, {}))
+    kwargs = dict(CASES.get(name.removesuffix("+relative"), {}))
+    if name.endswith("+relative"):  # Adafactor's relative step scaled by RMS(W): sums over the whole weight
+        name = name.removesuffix("+relative")
+        kwargs.update(lr=None, relative_step=True, scale_parameter=True)
     groups = lro.param_groups(model, rank=RANK, target_modules=["attn", "mlp"], update_proj_gap=GAP)
     return lro.create_optimizer(name, groups, state_dtype=store, **kwargs)
 

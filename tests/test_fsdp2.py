@@ -109,7 +109,8 @@ def _cases(names: tuple[str, ...] | list[str], stores: tuple[str, ...], source: 
     return [(n, s, source) for n in names for s in stores]
 
 
-PARITY_2 = (_cases(lro.available_optimizers(), ("fp32",), "synthetic") + _cases(CORE, ("bf16", "8bit"), "synthetic")
+PARITY_2 = (_cases([*lro.available_optimizers(), "galore_adafactor+relative"], ("fp32",), "synthetic")
+            + _cases(CORE, ("bf16", "8bit"), "synthetic")
             + _cases(CONTINUOUS, ("fp32",), "model"))
 CHECKPOINT = _cases(CORE, ("fp32",), "synthetic") + _cases(("galore_adamw",), ("bf16", "8bit"), "synthetic")
 
