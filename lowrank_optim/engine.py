@@ -261,6 +261,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p is param:
+                    if _shards.is_dtensor(p):
+                        raise ValueError("Invalid param: step_parameter does not support FSDP2 (DTensor) parameters; "
+                                         "call step()")
                     if p.grad is not None:
                         self._check_grad(p, index)
                         if self._gradients_ok([(group, p, index)]):

@@ -112,10 +112,11 @@ _ONCE: ContextVar[Layout | None] = ContextVar("lowrank_optim_refresh_group", def
 
 
 def divide_refresh(optimizer: LowRankOptimizer, process_group: Any = None) -> None:
-    """Under DDP (or ZeRO-1), computes each parameter's refresh (SVD, rSVD, DCT selection ...) on one rank and
-    broadcasts it, instead of repeating it on every rank; replicas stay bit-identical (the owner runs the very
-    computation every rank would). Every rank must call it, and every rank must hold the same parameters with
-    the same gradients (data parallel). FSDP2 parameters need no call: their refreshes are divided already.
+    """Under DDP, computes each parameter's refresh (SVD, rSVD, DCT selection ...) on one rank and broadcasts it,
+    instead of repeating it on every rank; replicas stay bit-identical (the owner runs the very computation every
+    rank would). Every rank must call it, and every rank's optimizer must hold the same parameters with the same
+    gradients (DDP; not ``ZeroRedundancyOptimizer``, whose ranks hold different parameters). FSDP2 parameters need
+    no call: their refreshes are divided already.
 
     Args:
         optimizer: a lowrank_optim optimizer.
