@@ -56,6 +56,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "nonfinite": "skip",
     "seed": 0,
     "target_modules": None,
+    "include_conv": False,  # with target_modules: also select convolution weights (lowrank_optim.targets)
     "differentiable": False,  # torch's __setstate__ adds it on load; kept so groups round-trip unchanged
 }
 
@@ -88,6 +89,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             modules it selects (:func:`lowrank_optim.select_lowrank_modules` semantics), resolved at the
             first step; for groups built by someone else (HF Trainer's ``optimizer_cls_and_kwargs``).
             Parameter names come from ``module`` or from torch's named param groups (``param_names``).
+        include_conv: with ``target_modules``, also project the selected convolution weights (default
+            ``False``; see :func:`lowrank_optim.select_lowrank_params`).
         module: the model whose ``named_modules()`` resolve ``target_modules`` (kept by reference, never
             saved in the state dict; not a group key).
         **hyper: hyper-parameters of the inner / residual rule (``betas``, ``eps``, ...).
@@ -365,7 +368,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         else:
             shape = tuple(p.shape)
         for spec in rule.moments(tuple(shape), group):
-            store.create(state, spec.name, spec.shape, p.device)
+            store.create(state, spec.name, spec.shape, p.device, like=None if proj is not None else p,
+                         seed=derive_seed(group["seed"], index))
 
     def _refresh(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, proj: Projector,
                  rule: InnerRule, transfer: TransferPolicy, store: StateStore) -> None:
