@@ -96,9 +96,10 @@ def local_store(store: StateStore, global_numel: int) -> StateStore:
     return StateStore("8bit", min_8bit_size=1 if store.quantized(global_numel) else 1 << 62)
 
 
-def _create(store: StateStore, state: dict, specs: list[Any], global_specs: list[Any], device: torch.device) -> None:
+def _create(store: StateStore, state: dict, specs: list[Any], global_specs: list[Any], device: torch.device,
+            seed: int) -> None:
     for spec, whole in zip(specs, global_specs, strict=True):
-        local_store(store, _numel(whole.shape)).create(state, spec.name, spec.shape, device)
+        local_store(store, _numel(whole.shape)).create(state, spec.name, spec.shape, device, seed=seed)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -162,7 +163,7 @@ def step_param(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, in
     elif _lowrank(opt, group, p):
         _step_lowrank(opt, group, p, index, lay)
     else:
-        _step_plain(opt, group, p, lay)
+        _step_plain(opt, group, p, lay, index)
 
 
 def _step_replicated(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, index: int,
@@ -179,7 +180,7 @@ def _step_replicated(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tens
     local(p).copy_(full[offset: offset + size])
 
 
-def _step_plain(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, lay: Layout) -> None:
+def _step_plain(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, lay: Layout, index: int) -> None:
     _, rule, _, _, store = opt._parts(group)
     if group.get("plain_inner") is not None:
         from ..rules import INNER_RULES
@@ -191,7 +192,8 @@ def _step_plain(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, l
     grad = grad if grad.dtype == torch.float32 else grad.float()
     if not state:
         state["step"], state["inner_step"] = 0, 0
-        _create(store, state, rule.moments(tuple(w.shape), group), rule.moments(tuple(p.shape), group), w.device)
+        _create(store, state, rule.moments(tuple(w.shape), group), rule.moments(tuple(p.shape), group), w.device,
+                derive_seed(group["seed"], index))
     specs = rule.moments(tuple(w.shape), group)
     moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
     target = w if w.dtype == torch.float32 else w.float()
@@ -280,7 +282,8 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
         state["step"], state["inner_step"] = 0, 0
         state["projector"], _, _ = _refreshed(opt, group, p, index, lay, None, full_old=False)
         _create(store, state, rule.moments(_low_shape(state["projector"], p.shape, lay), group),
-                rule.moments(_low_shape(state["projector"], p.shape, None), group), w.device)
+                rule.moments(_low_shape(state["projector"], p.shape, None), group), w.device,
+                derive_seed(group["seed"], index))
     elif state["step"] % group["update_proj_gap"] == 0:
         old = state["projector"]
         linear = group["transfer"] == "linear" and "basis" in old
