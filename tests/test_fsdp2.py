@@ -98,8 +98,10 @@ def check_parity(result: dict[str, Any], world: int) -> list[str]:
         ref = reference(name, store, source)
         rel, pname = worst(got["params"], ref)
         bound = 1e-5
-        if store != "fp32":  # two runs, each rounded by the store (the k-rank one in its own chunks' blocks):
-            bound = max(bound, 2 * worst(ref, reference(name, "fp32", source))[0])  # twice one store's effect
+        if store != "fp32":  # two runs, each rounded by the store: the k-rank one in its chunks' own 8-bit blocks
+            # and bf16 stochastic-rounding streams (keyed by the chunk's element index): independent noise, so
+            # the bound is a small multiple of what the store changes in one process
+            bound = max(bound, 3 * worst(ref, reference(name, "fp32", source))[0])
         if not rel <= bound:
             failures.append(f"{world} ranks {key} {pname}: relative difference {rel:.2e} > {bound:.2e}")
     return failures
