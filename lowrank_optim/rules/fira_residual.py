@@ -34,9 +34,13 @@ def slice_scaling(low_step: torch.Tensor, low_grad: torch.Tensor, side: int) -> 
 def limit_norm_growth(residual: torch.Tensor, state: dict, gamma: float) -> torch.Tensor:
     """Fira's norm-growth limiter: if ``||S_t|| > gamma * s_{t-1}``, rescale ``S_t`` to ``gamma * s_{t-1}``.
 
-    ``s_t`` (the norm after limiting) is kept in ``state[LIMITER_KEY]``; the first call only stores it (as does
-    a call that finds the placeholder -1 left by a zero-lr step). Works on tensors (no host synchronisation)
-    and rescales ``residual`` in place.
+    ``s_t`` (the norm after limiting) is kept in ``state[LIMITER_KEY]``; the first call only stores it.
+    The limiter is armed only once a nonzero norm has been stored: while ``s_{t-1} = 0`` (a zero-initialised
+    layer whose first residuals are exactly zero) ``S_t`` passes unchanged and its norm becomes the reference.
+    The reference code compares with ``s_{t-1} + 1e-8`` from the first call on, so after a zero first residual
+    every later one was capped at ``1e-8 * gamma^k`` (about 2000 steps to grow back to 1 at gamma = 1.01).
+    A placeholder -1 (left by a zero-lr step) is not armed either.
+    Works on tensors (no host synchronisation) and rescales ``residual`` in place.
     """
     norm = comm.param_norm(residual)  # of the whole matrix when ``residual`` is a row shard (FSDP2)
     stored = state.get(LIMITER_KEY)
@@ -44,7 +48,7 @@ def limit_norm_growth(residual: torch.Tensor, state: dict, gamma: float) -> torc
         state[LIMITER_KEY] = norm.detach().to(torch.float32).clone()
         return residual
     factor = (norm / (stored + _TINY)).clamp(min=gamma) / gamma
-    factor = torch.where(stored < 0, torch.ones_like(factor), factor)  # placeholder: store only
+    factor = torch.where(stored > 0, factor, torch.ones_like(factor))  # not armed before a nonzero norm
     residual.div_(factor)
     stored.copy_(norm / factor)
     return residual
