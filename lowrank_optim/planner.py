@@ -93,6 +93,8 @@ class MemoryPlan:
         s = self.settings
         rank = "full rank" if s["rank"] is None else f"rank {s['rank']}"
         mode = ", layer-wise" if s["layerwise"] else ""
+        if s.get("shards", 1) > 1:
+            mode += f", per rank of {s['shards']} (FSDP2)"
         rows = [(f"weights ({s['weight_dtype']})", self.weights),
                 (f"gradients ({s['weight_dtype']}{', largest single tensor' if s['layerwise'] else ''})",
                  self.gradients),
@@ -228,7 +230,7 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
                 rank: int | None = 128, state_dtype: str = "8bit", layerwise: bool = False,
                 budget_gb: float | None = None, weight_dtype: str = "bf16",
                 target_modules: str | Sequence[str] = ("attn", "mlp"), update_proj_gap: int | None = None,
-                include_conv: bool = False, **optimizer_kwargs: Any) -> MemoryPlan:
+                include_conv: bool = False, shards: int = 1, **optimizer_kwargs: Any) -> MemoryPlan:
     """Plans training memory (weights, gradients, optimizer state by part) without allocating the model.
 
     Args:
@@ -246,7 +248,15 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
             optimizer, not the group, so it never overrides a method's own period silently.
         include_conv: also project convolution weights (3-D to 5-D ``.weight`` tensors of matched modules,
             for a name -> shape mapping).
+        shards: FSDP2 ranks (``fully_shard``): weights, gradients and optimizer state per rank. Presets whose
+            parts run sharded (:mod:`lowrank_optim.distributed.fsdp`: svd / rsvd / random projectors with Adam,
+            Adafactor or SGD, drop or Fira residual) divide everything by ``shards``; the others keep their
+            low-rank state (moments and bases) replicated and divide only the plain moments. 1: one process
+            or DDP (every rank holds everything). Not counted: FSDP2's all-gathered unit of weights.
         **optimizer_kwargs: further optimizer keyword arguments.
+
+    Raises:
+        ValueError: ``shards < 1``, or ``shards > 1`` with ``layerwise`` (no layer-wise updates under FSDP2).
     """
     if not isinstance(optimizer, str):
         raise TypeError(f"Invalid optimizer: expected a registered name, got {optimizer!r}")
@@ -262,6 +272,9 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
     check_choice("state_dtype", state_dtype, STATE_DTYPES)
     check_choice("weight_dtype", weight_dtype, tuple(WEIGHT_DTYPES))
     budget = None if budget_gb is None else round(check_number("budget_gb", budget_gb, low=0.0) * GB)
+    check_int("shards", shards, low=1)
+    if shards > 1 and layerwise:
+        raise ValueError("Invalid shards: layer-wise updates (layerwise=True) do not run under FSDP2")
     shapes = model_shapes(model)
     dtype = WEIGHT_DTYPES[weight_dtype]
     size = torch.empty((), dtype=dtype, device="meta").element_size()
@@ -276,15 +289,33 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
     state = {"projector bases": est.projector, "low-rank moments": low_bytes - est.projector,
              "plain moments (embeddings, head, norms, ...)": est.total - low_bytes}
     grads = max(numels.values()) * size if layerwise else sum(numels.values()) * size
+    weights = sum(numels.values()) * size
+    if shards > 1:
+        divided = _runs_sharded(optimizer, rank, optimizer_kwargs)
+        state = {k: (-(-v // shards) if divided or k.startswith("plain") else v) for k, v in state.items()}
+        weights, grads = -(-weights // shards), -(-grads // shards)
     engine = isinstance(est.optimizer, LowRankOptimizer) and est.method == "meta-step" and bool(est.optimizer.state)
     phases = state_phases(est.optimizer, est.names) if engine else None
     return MemoryPlan(model=str(model) if not isinstance(model, Mapping) else "model", optimizer=optimizer,
-                      n_params=sum(numels.values()), weights=sum(numels.values()) * size, gradients=grads,
+                      n_params=sum(numels.values()), weights=weights, gradients=grads,
                       state=state, budget=budget, n_lowrank=sum(n_matrices(n, shapes[n]) for n in low),
-                      state_peak=None if phases is None else phases.peak,
-                      state_steady=None if phases is None else phases.steady,
+                      state_peak=None if phases is None or shards > 1 else phases.peak,
+                      state_steady=None if phases is None or shards > 1 else phases.steady,
                       settings={"rank": rank, "state_dtype": state_dtype, "weight_dtype": weight_dtype,
-                                "layerwise": layerwise})
+                                "layerwise": layerwise, "shards": shards})
+
+
+def _runs_sharded(optimizer: str, rank: int | None, kwargs: Mapping[str, Any]) -> bool:
+    """Whether the projected matrices of ``optimizer`` run in FSDP2's sharded mode (state divided by ranks)."""
+    from .distributed import fsdp
+    from .engine import ENGINE_DEFAULTS
+    from .registry import OPTIMIZERS
+
+    if rank is None:
+        return True
+    opts = {**ENGINE_DEFAULTS, **OPTIMIZERS[optimizer].preset_defaults, **kwargs}
+    return (opts["projector"] in fsdp.SHARDED_PROJECTORS and opts["inner"] in fsdp.SHARDED_RULES
+            and opts["residual"] in fsdp.SHARDED_RESIDUALS and opts["transfer"] in fsdp.SHARDED_TRANSFERS)
 
 
 def _numel(shape: Shape) -> int:
@@ -311,13 +342,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     est.add_argument("--layerwise", action="store_true", help="per-layer updates (gradients freed one by one)")
     est.add_argument("--budget-gb", type=float, default=None, help="budget in GB (10^9 bytes)")
     est.add_argument("--target-modules", nargs="+", default=["attn", "mlp"], help="name fragments to project")
+    est.add_argument("--shards", type=int, default=1, help="FSDP2 ranks: report per-rank memory (1: one process / DDP)")
     args = parser.parse_args(argv)
     try:
         if args.state_dtype is None:
             args.state_dtype = resolve_optimizer(args.optimizer)[1].get("state_dtype", "8bit")
         plan = plan_memory(args.model, args.optimizer, rank=args.rank, state_dtype=args.state_dtype,
                            layerwise=args.layerwise, budget_gb=args.budget_gb, weight_dtype=args.weight_dtype,
-                           target_modules=args.target_modules)
+                           target_modules=args.target_modules, shards=args.shards)
     except (TypeError, ValueError) as err:
         print(f"lowrank-optim estimate: error: {err}", file=sys.stderr)
         return 2
