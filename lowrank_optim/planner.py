@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from ._validation import check_choice, check_int, check_number
-from .memory import LLAMA_CONFIGS, estimate_state_bytes, llama_shapes, n_matrices
-from .registry import available_optimizers
+from .engine import LowRankOptimizer
+from .memory import LLAMA_CONFIGS, estimate_state_bytes, llama_shapes, n_matrices, state_phases
+from .registry import HF_OPTIM, available_optimizers, resolve_optimizer
 from .state import STATE_DTYPES
 
 Shape = tuple[int, ...]
@@ -54,6 +55,9 @@ class MemoryPlan:
         settings: rank, state dtype, weight dtype, layer-wise flag.
         budget: the budget in bytes (``None``: none given).
         n_lowrank: number of projected matrices (an MoE expert stack ``(E, m, n)`` counts ``E``).
+        state_peak: the largest optimizer state at any step (GaLore+'s warm-up score, the largest FRUGAL
+            window or GUM draw); ``None``: the same as :attr:`state_total`.
+        state_steady: the largest once warm-up buffers are freed; ``None``: the same as :attr:`state_total`.
     """
 
     model: str
@@ -65,16 +69,19 @@ class MemoryPlan:
     settings: dict[str, Any] = field(default_factory=dict)
     budget: int | None = None
     n_lowrank: int = 0
+    state_peak: int | None = None
+    state_steady: int | None = None
 
     @property
     def state_total(self) -> int:
-        """Bytes of the whole optimizer state."""
+        """Bytes of the whole optimizer state after the first step (by part in :attr:`state`)."""
         return sum(self.state.values())
 
     @property
     def total(self) -> int:
-        """Weights + gradients + optimizer state."""
-        return self.weights + self.gradients + self.state_total
+        """Weights + gradients + optimizer state at its peak (what must fit)."""
+        peak = self.state_total if self.state_peak is None else max(self.state_peak, self.state_total)
+        return self.weights + self.gradients + peak
 
     @property
     def fits(self) -> bool | None:
@@ -86,11 +93,17 @@ class MemoryPlan:
         s = self.settings
         rank = "full rank" if s["rank"] is None else f"rank {s['rank']}"
         mode = ", layer-wise" if s["layerwise"] else ""
+        if s.get("shards", 1) > 1:
+            mode += f", per rank of {s['shards']} (FSDP2)"
         rows = [(f"weights ({s['weight_dtype']})", self.weights),
                 (f"gradients ({s['weight_dtype']}{', largest single tensor' if s['layerwise'] else ''})",
                  self.gradients),
                 (f"optimizer state ({s['state_dtype']} moments)", self.state_total)]
         rows += [(f"  {k}", v) for k, v in self.state.items()]
+        if self.state_peak is not None and self.state_peak != self.state_total:
+            rows.append(("optimizer state, peak (warm-up / largest draw)", self.state_peak))
+        if self.state_steady is not None and self.state_steady != self.state_total:
+            rows.append(("optimizer state, steady (after warm-up)", self.state_steady))
         rows.append(("total", self.total))
         lines = [f"{self.model}: {self.n_params / 1e9:.3f} B parameters, {self.optimizer}, {rank}, "
                  f"{self.n_lowrank} projected matrices{mode}"]
@@ -216,26 +229,42 @@ def model_shapes(model: str | Path | Mapping[str, Sequence[int]]) -> dict[str, S
 def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str = "galore_adamw", *,
                 rank: int | None = 128, state_dtype: str = "8bit", layerwise: bool = False,
                 budget_gb: float | None = None, weight_dtype: str = "bf16",
-                target_modules: str | Sequence[str] = ("attn", "mlp"), update_proj_gap: int = 200,
-                include_conv: bool = False, **optimizer_kwargs: Any) -> MemoryPlan:
+                target_modules: str | Sequence[str] = ("attn", "mlp"), update_proj_gap: int | None = None,
+                include_conv: bool = False, shards: int = 1, **optimizer_kwargs: Any) -> MemoryPlan:
     """Plans training memory (weights, gradients, optimizer state by part) without allocating the model.
 
     Args:
         model: preset (``llama-7b``, ...), HF ``config.json`` path (or its folder), or name -> shape.
-        optimizer: registered optimizer name (:func:`lowrank_optim.available_optimizers`).
+        optimizer: registered optimizer name (:func:`lowrank_optim.available_optimizers`), class name or HF
+            ``optim`` name (:func:`lowrank_optim.resolve_optimizer`: ``galore_adamw_8bit`` sets
+            ``state_dtype="8bit"``, a ``*_layerwise`` name sets ``layerwise=True``).
         rank: projection rank (``None`` or 0: every parameter plain, e.g. 8-bit Adam with ``galore_adamw``).
         state_dtype: ``fp32``, ``bf16`` or ``8bit`` moments.
         layerwise: per-layer updates (only the largest gradient is alive at a time).
         budget_gb: memory budget in GB (10^9 bytes; a "24 GB" card has 24 GiB, so this is conservative).
         weight_dtype: ``bf16``, ``fp16`` or ``fp32`` weights and gradients.
         target_modules: name fragments or a regex selecting the projected weights.
-        update_proj_gap: refresh period (does not change the sizes; passed for completeness).
+        update_proj_gap: refresh period (``None``: the method's own; does not change the sizes). Passed to the
+            optimizer, not the group, so it never overrides a method's own period silently.
         include_conv: also project convolution weights (3-D to 5-D ``.weight`` tensors of matched modules,
             for a name -> shape mapping).
+        shards: FSDP2 ranks (``fully_shard``): weights, gradients and optimizer state per rank. Presets whose
+            parts run sharded (:mod:`lowrank_optim.distributed.fsdp`: svd / rsvd / random projectors with Adam,
+            Adafactor or SGD, drop or Fira residual) divide everything by ``shards``; the others keep their
+            low-rank state (moments and bases) replicated and divide only the plain moments. 1: one process
+            or DDP (every rank holds everything). Not counted: FSDP2's all-gathered unit of weights.
         **optimizer_kwargs: further optimizer keyword arguments.
+
+    Raises:
+        ValueError: ``shards < 1``, or ``shards > 1`` with ``layerwise`` (no layer-wise updates under FSDP2).
     """
     if not isinstance(optimizer, str):
         raise TypeError(f"Invalid optimizer: expected a registered name, got {optimizer!r}")
+    optimizer, implied, hf_layerwise = resolve_optimizer(optimizer)
+    layerwise = layerwise or hf_layerwise
+    if "state_dtype" in implied and implied["state_dtype"] != state_dtype:
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r} contradicts the optimizer name, which means "
+                         f"state_dtype={implied['state_dtype']!r}")
     if rank == 0:
         rank = None
     if rank is not None:
@@ -243,23 +272,50 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
     check_choice("state_dtype", state_dtype, STATE_DTYPES)
     check_choice("weight_dtype", weight_dtype, tuple(WEIGHT_DTYPES))
     budget = None if budget_gb is None else round(check_number("budget_gb", budget_gb, low=0.0) * GB)
+    check_int("shards", shards, low=1)
+    if shards > 1 and layerwise:
+        raise ValueError("Invalid shards: layer-wise updates (layerwise=True) do not run under FSDP2")
     shapes = model_shapes(model)
     dtype = WEIGHT_DTYPES[weight_dtype]
-    size = torch.empty((), dtype=dtype).element_size()
+    size = torch.empty((), dtype=dtype, device="meta").element_size()
     numels = {n: _numel(s) for n, s in shapes.items()}
+    if update_proj_gap is not None:
+        optimizer_kwargs["update_proj_gap"] = check_int("update_proj_gap", update_proj_gap, low=1)
     est = estimate_state_bytes(shapes, optimizer, rank=rank, target_modules=target_modules,
-                               include_conv=include_conv, group_options={"update_proj_gap": update_proj_gap},
-                               param_dtype=dtype, state_dtype=state_dtype, **optimizer_kwargs)
+                               include_conv=include_conv, param_dtype=dtype, state_dtype=state_dtype,
+                               **optimizer_kwargs)
     low = set(est.lowrank)
     low_bytes = sum(v for n, v in est.per_param.items() if n in low)
     state = {"projector bases": est.projector, "low-rank moments": low_bytes - est.projector,
              "plain moments (embeddings, head, norms, ...)": est.total - low_bytes}
     grads = max(numels.values()) * size if layerwise else sum(numels.values()) * size
+    weights = sum(numels.values()) * size
+    if shards > 1:
+        divided = _runs_sharded(optimizer, rank, optimizer_kwargs)
+        state = {k: (-(-v // shards) if divided or k.startswith("plain") else v) for k, v in state.items()}
+        weights, grads = -(-weights // shards), -(-grads // shards)
+    engine = isinstance(est.optimizer, LowRankOptimizer) and est.method == "meta-step" and bool(est.optimizer.state)
+    phases = state_phases(est.optimizer, est.names) if engine else None
     return MemoryPlan(model=str(model) if not isinstance(model, Mapping) else "model", optimizer=optimizer,
-                      n_params=sum(numels.values()), weights=sum(numels.values()) * size, gradients=grads,
+                      n_params=sum(numels.values()), weights=weights, gradients=grads,
                       state=state, budget=budget, n_lowrank=sum(n_matrices(n, shapes[n]) for n in low),
+                      state_peak=None if phases is None or shards > 1 else phases.peak,
+                      state_steady=None if phases is None or shards > 1 else phases.steady,
                       settings={"rank": rank, "state_dtype": state_dtype, "weight_dtype": weight_dtype,
-                                "layerwise": layerwise})
+                                "layerwise": layerwise, "shards": shards})
+
+
+def _runs_sharded(optimizer: str, rank: int | None, kwargs: Mapping[str, Any]) -> bool:
+    """Whether the projected matrices of ``optimizer`` run in FSDP2's sharded mode (state divided by ranks)."""
+    from .distributed import fsdp
+    from .engine import ENGINE_DEFAULTS
+    from .registry import OPTIMIZERS
+
+    if rank is None:
+        return True
+    opts = {**ENGINE_DEFAULTS, **OPTIMIZERS[optimizer].preset_defaults, **kwargs}
+    return (opts["projector"] in fsdp.SHARDED_PROJECTORS and opts["inner"] in fsdp.SHARDED_RULES
+            and opts["residual"] in fsdp.SHARDED_RESIDUALS and opts["transfer"] in fsdp.SHARDED_TRANSFERS)
 
 
 def _numel(shape: Shape) -> int:
@@ -276,18 +332,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     est = sub.add_parser("estimate", help="plan weights + gradients + optimizer-state memory",
                          description=__doc__.split("\n\n")[0])
     est.add_argument("--model", required=True, help=f"{', '.join(sorted(PRESETS))} or PATH/config.json")
-    est.add_argument("--optimizer", default="galore_adamw", choices=available_optimizers())
+    est.add_argument("--optimizer", default="galore_adamw",
+                     help=f"registry name ({', '.join(available_optimizers())}), class name (GaLoreAdamW) or HF "
+                          f"optim name ({', '.join(sorted(HF_OPTIM))}, and their _layerwise forms)")
     est.add_argument("--rank", type=int, default=128, help="projection rank (0: full rank, no projection)")
-    est.add_argument("--state-dtype", default="8bit", choices=STATE_DTYPES)
+    est.add_argument("--state-dtype", default=None, choices=STATE_DTYPES,
+                     help="moment storage (default: 8bit, or what the optimizer name implies)")
     est.add_argument("--weight-dtype", default="bf16", choices=tuple(WEIGHT_DTYPES))
     est.add_argument("--layerwise", action="store_true", help="per-layer updates (gradients freed one by one)")
     est.add_argument("--budget-gb", type=float, default=None, help="budget in GB (10^9 bytes)")
     est.add_argument("--target-modules", nargs="+", default=["attn", "mlp"], help="name fragments to project")
+    est.add_argument("--shards", type=int, default=1, help="FSDP2 ranks: report per-rank memory (1: one process / DDP)")
     args = parser.parse_args(argv)
     try:
+        if args.state_dtype is None:
+            args.state_dtype = resolve_optimizer(args.optimizer)[1].get("state_dtype", "8bit")
         plan = plan_memory(args.model, args.optimizer, rank=args.rank, state_dtype=args.state_dtype,
                            layerwise=args.layerwise, budget_gb=args.budget_gb, weight_dtype=args.weight_dtype,
-                           target_modules=args.target_modules)
+                           target_modules=args.target_modules, shards=args.shards)
     except (TypeError, ValueError) as err:
         print(f"lowrank-optim estimate: error: {err}", file=sys.stderr)
         return 2
