@@ -9,9 +9,11 @@ from .engine import LowRankOptimizer
 from .groups import param_groups, select_lowrank_modules
 from .layerwise import LayerwiseUpdater
 from .optimizers import (
+    APOLLO,
     COAP,
     FRUGAL,
     GUM,
+    APOLLOMini,
     DCTAdamW,
     Fira,
     Flora,
@@ -29,9 +31,11 @@ from .state import StateStore
 __version__ = "0.1.0"
 
 __all__ = [
+    "APOLLO",
     "COAP",
     "FRUGAL",
     "GUM",
+    "APOLLOMini",
     "DCTAdamW",
     "Fira",
     "Flora",
