@@ -106,7 +106,7 @@ def test_projection_scale_is_absorbed_by_alpha(monkeypatch: pytest.MonkeyPatch) 
         return [start, w.detach().clone()], deltas
 
     (_, end), d_ref = run(1.0, 1.0, 10)
-    (_, end_c), d_c = run(c, c, 10)
+    (_, end_c), _ = run(c, c, 10)
     assert torch.allclose(end_c, end, rtol=1e-5, atol=1e-6)
     _, d_plain = run(c, 1.0, 1)
     assert torch.allclose(d_plain[0] * c, d_ref[0], rtol=1e-5, atol=2e-6)  # deltas of ~1 weights
@@ -214,7 +214,7 @@ def test_state_bytes_closed_form(name: str, state_dtype: str) -> None:
     train(model, opt, 2)
     store = lro.StateStore(state_dtype)
     expected = 0
-    for mod, p in [(model.attn, model.attn.weight), (model.mlp, model.mlp.weight)]:
+    for p in (model.attn.weight, model.mlp.weight):
         m, n = p.shape
         r = 1 if name == "apollo_mini" else 8
         low = (m * r) if m >= n else (r * n)
@@ -242,12 +242,30 @@ def test_rejects_bad_options() -> None:
         lro.APOLLO([{"params": [w], "rank": 2}], distribution="uniform")
 
 
-def test_limiter_off_gives_unlimited_closed_form() -> None:
-    """``limiter_gamma=None``: every step is ``eta_t * scale * G diag(s)``, no stored norm."""
-    torch.manual_seed(1)
-    w = torch.nn.Parameter(torch.randn(8, 5))
-    opt = lro.APOLLO([{"params": [w], "rank": 5}], lr=0.01, limiter_gamma=None, distribution="orthonormal")
-    for k in range(3):
-        g = torch.randn(8, 5) * 10 ** k
-        _step(opt, w, g)
-    assert LIMITER_KEY not in opt.state[w]
+def test_limiter_damps_the_bias_correction_rise() -> None:
+    """A constant gradient: Adam's un-corrected step ``c_t = (1 - b1^t) / sqrt(1 - b2^t)`` (per entry) rises
+    3.16, 4.25, 4.99, ..., so the default limiter caps the step at ``1.01^(t-1)`` of the first and the
+    unlimited step (``limiter_gamma=None``, no stored norm) is ``c_t / (c_1 1.01^(t-1))`` times larger."""
+
+    def steps(gamma: float | None) -> tuple[list[torch.Tensor], dict]:
+        torch.manual_seed(1)
+        w = torch.nn.Parameter(torch.randn(8, 5))
+        g = torch.randn(8, 5)
+        opt = lro.APOLLO([{"params": [w], "rank": 5}], lr=0.01, eps=0.0, limiter_gamma=gamma)
+        out = []
+        for _ in range(4):
+            before = w.detach().clone()
+            _step(opt, w, g)
+            out.append(before - w.detach())
+        return out, opt.state[w]
+
+    free, st_free = steps(None)
+    capped, st_capped = steps(1.01)
+    assert LIMITER_KEY not in st_free and LIMITER_KEY in st_capped
+
+    def c(t: int) -> float:
+        return (1 - 0.9**t) / math.sqrt(1 - 0.999**t)
+
+    for t in range(1, 5):
+        ratio = c(t) / (c(1) * 1.01 ** (t - 1))
+        assert torch.allclose(free[t - 1], capped[t - 1] * ratio, rtol=1e-4, atol=1e-7)

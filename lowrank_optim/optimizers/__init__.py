@@ -11,5 +11,5 @@ from .galore_plus import GaLorePlus, galore_plus_groups
 from .gum import GUM
 from .osd import OnlineSubspaceDescent
 
-__all__ = ["APOLLO", "COAP", "FRUGAL", "GUM", "APOLLOMini", "DCTAdamW", "Fira", "Flora", "GaLoreAdafactor", "GaLoreAdamW", "GaLorePlus",
-           "OnlineSubspaceDescent", "galore_plus_groups"]
+__all__ = ["APOLLO", "COAP", "FRUGAL", "GUM", "APOLLOMini", "DCTAdamW", "Fira", "Flora", "GaLoreAdafactor",
+           "GaLoreAdamW", "GaLorePlus", "OnlineSubspaceDescent", "galore_plus_groups"]
