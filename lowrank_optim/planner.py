@@ -29,6 +29,7 @@ import torch
 
 from ._validation import check_choice, check_int, check_number
 from .memory import LLAMA_CONFIGS, estimate_state_bytes, llama_shapes
+from .projectors.quantized_basis import BASIS_DTYPES
 from .registry import available_optimizers
 from .state import STATE_DTYPES
 
@@ -90,7 +91,8 @@ class MemoryPlan:
                 (f"gradients ({s['weight_dtype']}{', largest single tensor' if s['layerwise'] else ''})",
                  self.gradients),
                 (f"optimizer state ({s['state_dtype']} moments)", self.state_total)]
-        rows += [(f"  {k}", v) for k, v in self.state.items()]
+        rows += [(f"  {k}" + (f" ({s.get('basis_dtype', 'fp32')})" if k == "projector bases" else ""), v)
+                 for k, v in self.state.items()]
         rows.append(("total", self.total))
         lines = [f"{self.model}: {self.n_params / 1e9:.3f} B parameters, {self.optimizer}, {rank}, "
                  f"{self.n_lowrank} projected matrices{mode}"]
@@ -165,7 +167,7 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
                 rank: int | None = 128, state_dtype: str = "8bit", layerwise: bool = False,
                 budget_gb: float | None = None, weight_dtype: str = "bf16",
                 target_modules: str | Sequence[str] = ("attn", "mlp"), update_proj_gap: int = 200,
-                **optimizer_kwargs: Any) -> MemoryPlan:
+                basis_dtype: str = "fp32", **optimizer_kwargs: Any) -> MemoryPlan:
     """Plans training memory (weights, gradients, optimizer state by part) without allocating the model.
 
     Args:
@@ -178,6 +180,9 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
         weight_dtype: ``bf16``, ``fp16`` or ``fp32`` weights and gradients.
         target_modules: name fragments or a regex selecting the projected weights.
         update_proj_gap: refresh period (does not change the sizes; passed for completeness).
+        basis_dtype: how projector bases are stored, ``fp32`` (default), ``bf16``, ``int8`` or ``int4``
+            (:mod:`lowrank_optim.projectors.quantized_basis`); given to the optimizer as
+            ``projector_options={"basis_dtype": ...}``.
         **optimizer_kwargs: further optimizer keyword arguments.
     """
     if not isinstance(optimizer, str):
@@ -189,6 +194,10 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
     check_choice("state_dtype", state_dtype, STATE_DTYPES)
     check_choice("weight_dtype", weight_dtype, tuple(WEIGHT_DTYPES))
     budget = None if budget_gb is None else round(check_number("budget_gb", budget_gb, low=0.0) * GB)
+    check_choice("basis_dtype", basis_dtype, BASIS_DTYPES)
+    if basis_dtype != "fp32":
+        options = dict(optimizer_kwargs.get("projector_options") or {})
+        optimizer_kwargs["projector_options"] = {**options, "basis_dtype": basis_dtype}
     shapes = model_shapes(model)
     dtype = WEIGHT_DTYPES[weight_dtype]
     size = torch.empty((), dtype=dtype).element_size()
@@ -205,7 +214,7 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
                       n_params=sum(numels.values()), weights=sum(numels.values()) * size, gradients=grads,
                       state=state, budget=budget, n_lowrank=len(low),
                       settings={"rank": rank, "state_dtype": state_dtype, "weight_dtype": weight_dtype,
-                                "layerwise": layerwise})
+                                "layerwise": layerwise, "basis_dtype": basis_dtype})
 
 
 def _numel(shape: Shape) -> int:
@@ -229,11 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     est.add_argument("--layerwise", action="store_true", help="per-layer updates (gradients freed one by one)")
     est.add_argument("--budget-gb", type=float, default=None, help="budget in GB (10^9 bytes)")
     est.add_argument("--target-modules", nargs="+", default=["attn", "mlp"], help="name fragments to project")
+    est.add_argument("--basis-dtype", default="fp32", choices=BASIS_DTYPES,
+                     help="projector basis storage (blockwise absmax along columns for int8/int4)")
     args = parser.parse_args(argv)
     try:
         plan = plan_memory(args.model, args.optimizer, rank=args.rank, state_dtype=args.state_dtype,
                            layerwise=args.layerwise, budget_gb=args.budget_gb, weight_dtype=args.weight_dtype,
-                           target_modules=args.target_modules)
+                           target_modules=args.target_modules, basis_dtype=args.basis_dtype)
     except (TypeError, ValueError) as err:
         print(f"lowrank-optim estimate: error: {err}", file=sys.stderr)
         return 2
