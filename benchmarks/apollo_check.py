@@ -7,7 +7,8 @@ Same model, data, seed and schedule for every run (``convergence.train_one``); p
 * GaLore-AdamW with fp32 / bf16 / int8 / int4 projector bases (bars: |delta| <= 0.005 for bf16, 0.01 for int8;
   int4 is reported against the int8 bar);
 * GaLore-AdamW with lazy refresh at two thresholds: the fraction of scheduled refreshes saved (bar: >= 30%)
-  and the validation-loss change against the fixed schedule (bar: |delta| <= 0.005).
+  and the validation-loss change against the fixed schedule (bar: |delta| <= 0.005);
+* the noise floor of those deltas: the fp32 run again with two threads (only the summation order differs).
 
 ``python -m benchmarks.apollo_check`` (9 runs of 200 steps, one CPU thread; ``--steps`` to change).
 """
@@ -76,8 +77,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  {"projector_options": {"basis_dtype": "int4"}}))
     runs.append(("galore_adamw[lazy 0.5]", "galore_adamw", LOWRANK_LR,
                  {"projector_options": {"lazy_refresh": True, "lazy_threshold": 0.5}}))
+    # the noise floor: fp32 bases again with two threads (another summation order, perturbations ~1e-7)
+    runs.append(("galore_adamw[basis fp32, 2 threads]", "galore_adamw", LOWRANK_LR, {}))
     records: dict[str, dict[str, Any]] = {}
     for label, name, lr, kwargs in runs:
+        torch.set_num_threads(2 if "2 threads" in label else args.threads)
         made: list[torch.optim.Optimizer] = []
         t0 = time.perf_counter()
         rec = train_one(_spec(label, name, lr, made, **kwargs), conf["cfg"], corpus, conf["steps"],
@@ -98,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "apollo_mini_vs_adamw": records["apollo_mini"]["val_loss"] / adamw - 1.0,
         "scheduled_refreshes": scheduled,
     }
+    figures["noise_floor_delta"] = records["galore_adamw[basis fp32, 2 threads]"]["val_loss"] - base["val_loss"]
     for dt in ("bf16", "int8", "int4"):
         figures[f"basis_{dt}_delta"] = records[f"galore_adamw[basis {dt}]"]["val_loss"] - base["val_loss"]
     for threshold in (0.9, 0.5):
