@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=CONFIG["steps"])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated run labels to (re)run; the other records are read from the last result")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     conf = {**CONFIG, "steps": args.steps}
@@ -80,6 +82,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # the noise floor: fp32 bases again with two threads (another summation order, perturbations ~1e-7)
     runs.append(("galore_adamw[basis fp32, 2 threads]", "galore_adamw", LOWRANK_LR, {}))
     records: dict[str, dict[str, Any]] = {}
+    path = args.out / "apollo_check.json"
+    only = common.only_list(args.only)
+    if only:
+        records = json.loads(path.read_text())["records"]
+        runs = [r for r in runs if r[0] in only]
     for label, name, lr, kwargs in runs:
         torch.set_num_threads(2 if "2 threads" in label else args.threads)
         made: list[torch.optim.Optimizer] = []
@@ -118,12 +125,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bars[f"lazy {threshold}: >= 30% saved, |delta| <= 0.005"] = (
             figures[f"lazy_{threshold}_saved"] >= 0.30 and abs(figures[f"lazy_{threshold}_delta"]) <= 0.005)
     result = {"benchmark": "apollo_check", "command": "python -m benchmarks.apollo_check"
-              + (f" --steps {args.steps}" if args.steps != CONFIG["steps"] else ""),
+              + (f" --steps {args.steps}" if args.steps != CONFIG["steps"] else "")
+              + (f" --only '{args.only}'" if args.only else ""),
               "environment": common.environment("cpu"),
               "config": {**{k: v for k, v in conf.items() if k != "cfg"}, "cfg": conf["cfg"].asdict()},
               "records": records, "figures": figures, "bars": bars}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "apollo_check.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     for k, v in figures.items():
         print(f"{k:32s} {v:+.4f}" if isinstance(v, float) else f"{k:32s} {v}")
