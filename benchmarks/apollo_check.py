@@ -54,11 +54,45 @@ def _refreshes(opt: torch.optim.Optimizer) -> int:
     return sum(int(st["projector"]["refresh"]) for st in opt.state.values() if "projector" in st)
 
 
+def _figures(records: dict[str, dict[str, Any]], conf: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
+    """The issue's figures and bars from whichever records exist (a partial ``--only`` run gives fewer)."""
+
+    def val(label: str) -> float | None:
+        return records[label]["val_loss"] if label in records else None
+
+    figures: dict[str, Any] = {}
+    bars: dict[str, bool] = {}
+    adamw, base = val("adamw"), val("galore_adamw[basis fp32]")
+    for name, bar in (("apollo", 0.01), ("apollo_mini", 0.03)):
+        if adamw is not None and val(name) is not None:
+            figures[f"{name}_vs_adamw"] = val(name) / adamw - 1.0
+            bars[f"{name} within {bar:.0%} of AdamW"] = figures[f"{name}_vs_adamw"] <= bar
+    if base is None:
+        return figures, bars
+    fp32 = records["galore_adamw[basis fp32]"]
+    figures["scheduled_refreshes"] = fp32["projected"] * ((conf["steps"] - 1) // conf["update_proj_gap"])
+    if val("galore_adamw[basis fp32, 2 threads]") is not None:
+        figures["noise_floor_delta"] = val("galore_adamw[basis fp32, 2 threads]") - base
+    for dt, bar in (("bf16", 0.005), ("int8", 0.01), ("int4", 0.01)):
+        if val(f"galore_adamw[basis {dt}]") is not None:
+            figures[f"basis_{dt}_delta"] = val(f"galore_adamw[basis {dt}]") - base
+            bars[f"{dt} bases |delta| <= {bar}"] = abs(figures[f"basis_{dt}_delta"]) <= bar
+    for threshold in (0.9, 0.5):
+        label = f"galore_adamw[lazy {threshold}]"
+        if label in records:
+            figures[f"lazy_{threshold}_saved"] = 1.0 - records[label]["refreshes"] / fp32["refreshes"]
+            figures[f"lazy_{threshold}_delta"] = records[label]["val_loss"] - base
+            bars[f"lazy {threshold}: >= 30% saved, |delta| <= 0.005"] = (
+                figures[f"lazy_{threshold}_saved"] >= 0.30 and abs(figures[f"lazy_{threshold}_delta"]) <= 0.005)
+    return figures, bars
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=CONFIG["steps"])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)")
+    ap.add_argument("--seed", type=int, default=0, help="model and data seed (results: apollo_check[_seedN].json)")
     ap.add_argument("--only", default=None,
                     help="comma-separated run labels to (re)run; the other records are read from the last result")
     args = ap.parse_args(argv)
@@ -82,10 +116,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # the noise floor: fp32 bases again with two threads (another summation order, perturbations ~1e-7)
     runs.append(("galore_adamw[basis fp32, 2 threads]", "galore_adamw", LOWRANK_LR, {}))
     records: dict[str, dict[str, Any]] = {}
-    path = args.out / "apollo_check.json"
+    path = args.out / ("apollo_check.json" if args.seed == 0 else f"apollo_check_seed{args.seed}.json")
     only = common.only_list(args.only)
     if only:
-        records = json.loads(path.read_text())["records"]
+        records = json.loads(path.read_text())["records"] if path.exists() else {}
         runs = [r for r in runs if r[0] in only]
     for label, name, lr, kwargs in runs:
         torch.set_num_threads(2 if "2 threads" in label else args.threads)
@@ -93,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         rec = train_one(_spec(label, name, lr, made, **kwargs), conf["cfg"], corpus, conf["steps"],
                         conf["batch_size"], conf["seq_len"], conf["rank"], conf["update_proj_gap"],
-                        conf["eval_every"], conf["eval_batches"], torch.device("cpu"))
+                        conf["eval_every"], conf["eval_batches"], torch.device("cpu"), seed=args.seed)
         out = {k: rec[k] for k in ("val_loss", "state_bytes", "wall_s", "diverged")}
         out["refreshes"] = _refreshes(made[0]) if name != "adamw" else None
         out["projected"] = sum(1 for st in made[0].state.values() if "projector" in st)
@@ -101,32 +135,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         records[label] = out
         print(f"{label:32s} val {out['val_loss']:.4f} state {out['state_bytes']} B refreshes {out['refreshes']} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    adamw = records["adamw"]["val_loss"]
-    base = records["galore_adamw[basis fp32]"]
-    scheduled = records["galore_adamw[basis fp32]"]["projected"] * ((conf["steps"] - 1) // conf["update_proj_gap"])
-    figures: dict[str, Any] = {
-        "apollo_vs_adamw": records["apollo"]["val_loss"] / adamw - 1.0,
-        "apollo_mini_vs_adamw": records["apollo_mini"]["val_loss"] / adamw - 1.0,
-        "scheduled_refreshes": scheduled,
-    }
-    figures["noise_floor_delta"] = records["galore_adamw[basis fp32, 2 threads]"]["val_loss"] - base["val_loss"]
-    for dt in ("bf16", "int8", "int4"):
-        figures[f"basis_{dt}_delta"] = records[f"galore_adamw[basis {dt}]"]["val_loss"] - base["val_loss"]
-    for threshold in (0.9, 0.5):
-        lazy = records[f"galore_adamw[lazy {threshold}]"]
-        figures[f"lazy_{threshold}_saved"] = 1.0 - lazy["refreshes"] / base["refreshes"]
-        figures[f"lazy_{threshold}_delta"] = lazy["val_loss"] - base["val_loss"]
-    bars = {"apollo within 1% of AdamW": figures["apollo_vs_adamw"] <= 0.01,
-            "apollo_mini within 3% of AdamW": figures["apollo_mini_vs_adamw"] <= 0.03,
-            "bf16 bases |delta| <= 0.005": abs(figures["basis_bf16_delta"]) <= 0.005,
-            "int8 bases |delta| <= 0.01": abs(figures["basis_int8_delta"]) <= 0.01,
-            "int4 bases |delta| <= 0.01": abs(figures["basis_int4_delta"]) <= 0.01}
-    for threshold in (0.9, 0.5):
-        bars[f"lazy {threshold}: >= 30% saved, |delta| <= 0.005"] = (
-            figures[f"lazy_{threshold}_saved"] >= 0.30 and abs(figures[f"lazy_{threshold}_delta"]) <= 0.005)
+    figures, bars = _figures(records, conf)
     result = {"benchmark": "apollo_check", "command": "python -m benchmarks.apollo_check"
               + (f" --steps {args.steps}" if args.steps != CONFIG["steps"] else "")
-              + (f" --only '{args.only}'" if args.only else ""),
+              + (f" --seed {args.seed}" if args.seed else "") + (f" --only '{args.only}'" if args.only else ""),
               "environment": common.environment("cpu"),
               "config": {**{k: v for k, v in conf.items() if k != "cfg"}, "cfg": conf["cfg"].asdict()},
               "records": records, "figures": figures, "bars": bars}
