@@ -71,8 +71,8 @@ def _figures(records: dict[str, dict[str, Any]], conf: dict[str, Any]) -> tuple[
         return figures, bars
     fp32 = records["galore_adamw[basis fp32]"]
     figures["scheduled_refreshes"] = fp32["projected"] * ((conf["steps"] - 1) // conf["update_proj_gap"])
-    if val("galore_adamw[basis fp32, 2 threads]") is not None:
-        figures["noise_floor_delta"] = val("galore_adamw[basis fp32, 2 threads]") - base
+    if val("galore_adamw[basis fp32 2threads]") is not None:
+        figures["noise_floor_delta"] = val("galore_adamw[basis fp32 2threads]") - base
     for dt, bar in (("bf16", 0.005), ("int8", 0.01), ("int4", 0.01)):
         if val(f"galore_adamw[basis {dt}]") is not None:
             figures[f"basis_{dt}_delta"] = val(f"galore_adamw[basis {dt}]") - base
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs.append(("galore_adamw[lazy 0.5]", "galore_adamw", LOWRANK_LR,
                  {"projector_options": {"lazy_refresh": True, "lazy_threshold": 0.5}}))
     # the noise floor: fp32 bases again with two threads (another summation order, perturbations ~1e-7)
-    runs.append(("galore_adamw[basis fp32, 2 threads]", "galore_adamw", LOWRANK_LR, {}))
+    runs.append(("galore_adamw[basis fp32 2threads]", "galore_adamw", LOWRANK_LR, {}))
     records: dict[str, dict[str, Any]] = {}
     path = args.out / ("apollo_check.json" if args.seed == 0 else f"apollo_check_seed{args.seed}.json")
     only = common.only_list(args.only)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         records = json.loads(path.read_text())["records"] if path.exists() else {}
         runs = [r for r in runs if r[0] in only]
     for label, name, lr, kwargs in runs:
-        torch.set_num_threads(2 if "2 threads" in label else args.threads)
+        torch.set_num_threads(2 if "2threads" in label else args.threads)
         made: list[torch.optim.Optimizer] = []
         t0 = time.perf_counter()
         rec = train_one(_spec(label, name, lr, made, **kwargs), conf["cfg"], corpus, conf["steps"],
