@@ -120,9 +120,9 @@ def test_refusals_name_the_option() -> None:
 
 def test_planner_reports_quantized_bases_llama_7b() -> None:
     """LLaMA-7B, GaLore 8-bit, rank 1024, layer-wise: 224 bases of 4096 x 1024 are 3.76 GB in fp32 (21.32 GB in
-    all); each form's bases equal the closed form and the rest of the plan does not move."""
+    all); int8 bases equal their closed form (0.95 GB) and the rest of the plan does not move."""
     plans = {dt: lro.plan_memory("llama-7b", "galore_adamw", rank=1024, state_dtype="8bit", layerwise=True,
-                                 basis_dtype=dt) for dt in ("fp32", "bf16", "int8", "int4")}
+                                 basis_dtype=dt) for dt in ("fp32", "int8")}
     shapes = llama_shapes(**LLAMA_CONFIGS["7B"])
     n = sum(1 for k, s in shapes.items() if len(s) == 2 and ("attn" in k or "mlp" in k))
     assert n == plans["fp32"].n_lowrank == 224
