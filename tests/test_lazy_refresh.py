@@ -68,7 +68,7 @@ def test_moving_subspace_refreshes_every_time() -> None:
     grads = [torch.randn(12, 30, generator=gen) for _ in range(10)]
     refreshes, st = _svd_run(grads)
     assert refreshes == list(range(1, 10))
-    assert st["lazy_multiple"] == 1 and 0.0 <= st["overlap"] < 0.9
+    assert st["lazy_multiple"] == 1 and 0.0 <= st["overlap"] < 0.5
 
 
 @pytest.mark.parametrize("basis_dtype", ["fp32", "int8"])

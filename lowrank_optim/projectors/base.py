@@ -101,7 +101,7 @@ class Projector:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, side={self.side_rule!r})"
 
-    def configure(self, *, basis_dtype: str = "fp32", lazy_refresh: bool = False, lazy_threshold: float = 0.9,
+    def configure(self, *, basis_dtype: str = "fp32", lazy_refresh: bool = False, lazy_threshold: float = 0.5,
                   lazy_max_multiple: int = 8) -> Projector:
         """Sets the basis storage and the lazy refresh schedule; returns ``self``.
 
@@ -109,7 +109,7 @@ class Projector:
             basis_dtype: ``"fp32"``, ``"bf16"``, ``"int8"`` or ``"int4"`` (blockwise absmax along columns).
             lazy_refresh: double the refresh period (up to ``lazy_max_multiple``) while the subspace overlap
                 between consecutive refreshes stays at or above ``lazy_threshold``.
-            lazy_threshold: overlap ``||P_old^T P_new||_F^2 / r`` counted as still (0.9).
+            lazy_threshold: overlap ``||P_old^T P_new||_F^2 / r`` counted as still (0.5).
             lazy_max_multiple: longest period in multiples of ``update_proj_gap`` (8).
 
         Raises:

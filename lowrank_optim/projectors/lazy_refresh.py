@@ -27,11 +27,13 @@ class LazyRefresh:
     """Settings of the lazy schedule.
 
     Attributes:
-        threshold: overlap at or above which the subspace counts as still (0.9 by default).
+        threshold: overlap at or above which the subspace counts as still (0.5 by default: on the benchmark
+            decoder, GaLore bases 20 steps apart overlap below 0.9 almost always, and 0.5 skips about half
+            of the refreshes at no loss, `benchmarks/apollo_check.py`).
         max_multiple: the longest period, in multiples of ``update_proj_gap`` (8 by default).
     """
 
-    threshold: float = 0.9
+    threshold: float = 0.5
     max_multiple: int = 8
 
     def __post_init__(self) -> None:
