@@ -350,7 +350,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         else:
             shape = tuple(p.shape)
         for spec in rule.moments(tuple(shape), group):
-            store.create(state, spec.name, spec.shape, p.device)
+            store.create(state, spec.name, spec.shape, p.device, like=None if proj is not None else p,
+                         seed=derive_seed(group["seed"], index))
 
     def _refresh(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, proj: Projector,
                  rule: InnerRule, transfer: TransferPolicy, store: StateStore) -> None:

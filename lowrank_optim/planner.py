@@ -254,7 +254,7 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
         optimizer_kwargs["projector_options"] = {**options, "basis_dtype": basis_dtype}
     shapes = model_shapes(model)
     dtype = WEIGHT_DTYPES[weight_dtype]
-    size = torch.empty((), dtype=dtype).element_size()
+    size = torch.empty((), dtype=dtype, device="meta").element_size()
     numels = {n: _numel(s) for n, s in shapes.items()}
     est = estimate_state_bytes(shapes, optimizer, rank=rank, target_modules=target_modules,
                                include_conv=include_conv, group_options={"update_proj_gap": update_proj_gap},
