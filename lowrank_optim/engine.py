@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from ._validation import check_choice, check_int, check_number
-from .groups import FLATTENED_HINT, is_flattened
+from .groups import FLATTENED_HINT, is_flattened, method_overrides, warn_method_overrides
 from .projectors import PROJECTORS, SIDE_RULES, Projector, make_projector
 from .projectors.base import derive_seed
 from .rules import INNER_RULES, RESIDUAL_RULES, TRANSFER_POLICIES, InnerRule, MomentSpec, ResidualRule, TransferPolicy
@@ -33,6 +33,9 @@ from .state import STATE_DTYPES, StateStore
 from .targets import resolve_targets, validate_target_modules
 
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
+#: State key (int 1) of a low-rank parameter whose gradients so far were all exactly zero: its subspace is
+#: chosen at its first nonzero gradient instead of from the zero matrix (arbitrary for a whole period).
+PENDING = "subspace_pending"
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -127,14 +130,20 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Adds a group (torch semantics) after validating every hyper-parameter it will use.
 
         The group dict is copied first, so one ``param_groups(...)`` list can build several optimizers
-        without the first one's defaults leaking into the second.
+        without the first one's defaults leaking into the second. A group that explicitly contradicts a
+        value defining this optimizer's method (its own refresh period, scale, parts) gets a
+        :class:`lowrank_optim.groups.MethodDefaultWarning` naming the key and both values.
         """
+        given: set[str] = set()
         if isinstance(param_group, dict):
             param_group = dict(param_group)
             if "proj_type" in param_group:
                 param_group["proj_side"] = param_group.pop("proj_type")
+            given = set(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        warn_method_overrides(type(self).__name__, len(self.param_groups) - 1,  # before a refusal, to explain it
+                              method_overrides(group, given, self.defaults, ENGINE_DEFAULTS, set(self.preset_defaults)))
         try:
             self._validate_group(group)
         except (TypeError, ValueError):
@@ -298,6 +307,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             rule = INNER_RULES[group["plain_inner"]]
         if not state:
             self._init_state(state, group, p, grad, proj if lowrank else None, rule, store, index)
+        elif lowrank and PENDING in state:
+            self._init_subspace(state, group, p, grad, proj, rule, store, index)
         elif lowrank and state["step"] % group["update_proj_gap"] == 0:
             self._refresh(state, group, p, grad, proj, rule, transfer, store)
         step = state["step"] + 1
@@ -347,11 +358,27 @@ class LowRankOptimizer(torch.optim.Optimizer):
             ctx = {"layout": self._layout(group, p)} if getattr(proj, "wants_layout", False) else {}
             state["projector"] = proj.init(grad, seed=derive_seed(group["seed"], index), **ctx)
             shape = proj.low_shape(p.shape, state["projector"])
+            if grad.device.type != "meta" and not bool(grad.any()):
+                state[PENDING] = 1  # a zero gradient defines no subspace: choose it at the first nonzero one
         else:
             shape = tuple(p.shape)
         for spec in rule.moments(tuple(shape), group):
             store.create(state, spec.name, spec.shape, p.device, like=None if proj is not None else p,
                          seed=derive_seed(group["seed"], index))
+
+    def _init_subspace(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor,
+                       proj: Projector, rule: InnerRule, store: StateStore, index: int) -> None:
+        """Chooses the subspace from the first nonzero gradient of a parameter whose earlier gradients were all
+        exactly zero (a layer feeding a zero-initialised one): those steps' moments are zero in any subspace,
+        so only the projector state is rebuilt (and moments of another shape recreated, as zeros)."""
+        if not bool(grad.any()):
+            return
+        del state[PENDING]
+        ctx = {"layout": self._layout(group, p)} if getattr(proj, "wants_layout", False) else {}
+        state["projector"] = proj.init(grad, seed=derive_seed(group["seed"], index), **ctx)
+        for spec in rule.moments(proj.low_shape(p.shape, state["projector"]), group):
+            if tuple(state[spec.name].shape) != tuple(spec.shape):
+                store.create(state, spec.name, spec.shape, p.device)
 
     def _refresh(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, proj: Projector,
                  rule: InnerRule, transfer: TransferPolicy, store: StateStore) -> None:
