@@ -25,6 +25,9 @@ from typing import Any, ClassVar
 import torch
 
 from ._validation import check_choice, check_int, check_number
+from .distributed import checkpoint as _checkpoint
+from .distributed import fsdp as _fsdp
+from .distributed import shards as _shards
 from .groups import FLATTENED_HINT, is_flattened, method_overrides, warn_method_overrides
 from .projectors import PROJECTORS, SIDE_RULES, Projector, make_projector
 from .projectors.base import derive_seed
@@ -179,6 +182,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self._target_ids = None
         if group["rank"] is not None:
             _refuse_flattened(group)
+        for i, p in enumerate(group["params"]):
+            if _shards.is_dtensor(p):
+                _shards.check_placement(p, f"parameter {i} (shape {tuple(p.shape)})")
         inner.validate(group)
         residual.validate(group)
         if plain_rule is not inner:
@@ -251,7 +257,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if not work or not self._gradients_ok(work):
             return loss
         for group, p, idx in work:
-            self._step_param(group, p, idx)
+            if _shards.is_dtensor(p):  # FSDP2: lowrank_optim.distributed.fsdp
+                _fsdp.step_param(self, group, p, idx)
+            else:
+                self._step_param(group, p, idx)
         return loss
 
     @torch.compiler.disable
@@ -264,6 +273,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p is param:
+                    if _shards.is_dtensor(p):
+                        raise ValueError("Invalid param: step_parameter does not support FSDP2 (DTensor) parameters; "
+                                         "call step()")
                     if p.grad is not None:
                         self._check_grad(p, index)
                         if self._gradients_ok([(group, p, index)]):
@@ -287,8 +299,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return True
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for _, p in checked:
-            by_device.setdefault(p.grad.device, []).append(p.grad.sum(dtype=torch.float32))
+            grad = _shards.local(p.grad)  # FSDP2: this rank's rows; the verdict is agreed below
+            by_device.setdefault(grad.device, []).append(grad.sum(dtype=torch.float32))
         finite = all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values())
+        finite = _fsdp.agree_finite(finite, [p for _, p in checked])
         if finite:
             return True
         if any(g["nonfinite"] == "raise" for g, _ in checked):
@@ -298,10 +312,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
                       "optimizer state is unchanged", RuntimeWarning, stacklevel=3)
         return False
 
-    def _step_param(self, group: dict[str, Any], p: torch.Tensor, index: int) -> None:
+    def _step_param(self, group: dict[str, Any], p: torch.Tensor, index: int, *, param: torch.Tensor | None = None,
+                    grad: torch.Tensor | None = None) -> None:
+        """Steps ``p`` (state ``self.state[p]``); ``param`` / ``grad`` replace ``p`` / ``p.grad`` as the tensors
+        computed on (FSDP2's replicated mode passes the gathered weight and gradient)."""
         proj, rule, residual, transfer, store = self._parts(group)
         state = self.state[p]
-        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+        grad = p.grad if grad is None else grad
+        grad = grad if grad.dtype == torch.float32 else grad.float()
+        param = p if param is None else param
         lowrank = proj is not None and self._targeted(group, p) and self.is_lowrank(group, p)
         if not lowrank and group.get("plain_inner") is not None:
             rule = INNER_RULES[group["plain_inner"]]
@@ -316,11 +335,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         low = proj.project(grad, state["projector"]) if lowrank else grad
         specs = rule.moments(tuple(low.shape), group)
         moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
-        target = p if p.dtype == torch.float32 else p.float()
+        target = param if param.dtype == torch.float32 else param.float()
         if not lowrank and rule.apply_plain(target, low, moments, inner_step, group):
             d = None  # the rule applied the whole update (fused kernel), weight decay included
         else:
-            d = rule.direction(low, moments, inner_step, group, p)
+            d = rule.direction(low, moments, inner_step, group, param)
         for s in specs:
             store.save(state, s.name, moments[s.name], s.signed)
         state["step"], state["inner_step"] = step, inner_step
@@ -347,8 +366,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             extra = residual.step(grad, low, low_update, proj, pst, state, group, **ctx)
             if extra is not None:
                 target.sub_(extra)
-        if target is not p:
-            p.copy_(target)
+        if target is not param:
+            param.copy_(target)
 
     def _init_state(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor,
                     proj: Projector | None, rule: InnerRule, store: StateStore, index: int) -> None:
@@ -356,7 +375,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         state["inner_step"] = 0
         if proj is not None:
             ctx = {"layout": self._layout(group, p)} if getattr(proj, "wants_layout", False) else {}
-            state["projector"] = proj.init(grad, seed=derive_seed(group["seed"], index), **ctx)
+            seed = derive_seed(group["seed"], index)
+            state["projector"] = _fsdp.once(self, lambda: proj.init(grad, seed=seed, **ctx), index)
             shape = proj.low_shape(p.shape, state["projector"])
             if grad.device.type != "meta" and not bool(grad.any()):
                 state[PENDING] = 1  # a zero gradient defines no subspace: choose it at the first nonzero one
@@ -391,7 +411,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             ctx["layout"] = self._layout(group, p)
         if getattr(proj, "wants_lr", False):  # the group's lr now and at the start (LR schedulers' initial_lr)
             ctx["lr"], ctx["initial_lr"] = group["lr"], group.get("initial_lr", group["lr"])
-        new = proj.update(grad, old, **ctx)
+        new = _fsdp.once(self, lambda: proj.update(grad, old, **ctx), self._index_of(p))
         specs = rule.moments(proj.low_shape(p.shape, new), group)
         transfer.apply(state, old, new, proj, specs, store)
         for spec in specs:
@@ -400,6 +420,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
                                  f"{tuple(state[spec.name].shape)} but the new subspace needs {tuple(spec.shape)}; "
                                  "use a transfer that rebuilds moments (e.g. 'reset') with this projector")
         state["projector"] = new
+
+    def _index_of(self, p: torch.Tensor) -> int:
+        """Position of ``p`` among all the optimizer's parameters (its seed and refresh-owner index)."""
+        return next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
 
     def _layout(self, group: dict[str, Any], p: torch.Tensor) -> tuple[int, int, int]:
         """``(position, count, group seed)`` of ``p`` among the group's projected params, for projectors
@@ -434,6 +458,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
             visit(st)
         return total
 
+    def global_state_bytes(self) -> int:
+        """Bytes of optimizer state held by all ranks together: :meth:`state_bytes` summed over the default
+        process group (equal to :meth:`state_bytes` in one process). Every rank must call it."""
+        return _fsdp.sum_over_ranks(self.state_bytes())
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict; under FSDP2 the sharded state of each ``DTensor`` parameter is wrapped as
+        ``DTensor``s on its mesh (row or column chunks; 8-bit moments dequantized to fp32, requantized on load),
+        so ``torch.distributed.checkpoint`` saves, gathers and reshards it."""
+        return _checkpoint.export_state(self, super().state_dict())
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict, keeping every saved tensor's dtype (only the device follows the parameter).
 
@@ -441,6 +476,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         the parameter's dtype, which would turn 8-bit codes, int indices and fp32 moments of bf16
         parameters into something else; here tensors are copied to the parameter's device unchanged.
         """
+        state_dict = _checkpoint.import_state(self, state_dict)
         saved = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         params = [p for g in self.param_groups for p in g["params"]]
@@ -451,6 +487,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 p = id_map[key]
                 self.state[p] = _to_device(value, p.device)
         self._parts_cache = {}
+        _checkpoint.requantize(self)
         self._target_ids = None
 
 

@@ -60,6 +60,12 @@ class LayerwiseUpdater:
                  lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
         if not isinstance(optimizer, LowRankOptimizer):
             raise TypeError(f"Invalid optimizer: expected a lowrank_optim optimizer, got {type(optimizer).__name__}")
+        from .distributed.shards import is_dtensor
+
+        if any(is_dtensor(p) for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("Invalid optimizer: LayerwiseUpdater does not support FSDP2 (DTensor) parameters: "
+                             "FSDP2 reduce-scatters a gradient after its accumulation hook, and a sharded step "
+                             "needs every rank in the same collective order; call optimizer.step() instead")
         self.optimizer = optimizer
         self.accumulation_steps = check_int("accumulation_steps", accumulation_steps, low=1)
         self.max_grad_norm = None if max_grad_norm is None else check_number("max_grad_norm", max_grad_norm,
