@@ -63,8 +63,11 @@ def main(argv: list[str] | None = None) -> Path:
                       "tokens), tokens/s against paired AdamW steps. Each column group is one allocator regime, "
                       "each run in its own process: `warm` (GLIBC_TUNABLES warm heap, the headline) and `pinned` "
                       "(glibc thresholds pinned at 128 KiB); `faults/step` are minor page faults per steady step.",
-        "convergence": "Byte-level LLaMA-style decoder on the stdlib corpus; same seed, batches, steps and schedule "
-                       "for every optimizer; `- AdamW` is the validation-loss difference to torch AdamW.",
+        "convergence": "**Fixed lr, not tuned** (AdamW 3e-3, low-rank methods 1e-2, also on their embedding, head "
+                       "and norms): this shows that every optimizer trains, not which is best; for that see the tuned "
+                       "comparison (`python -m benchmarks.convergence --sweep`, `frontier.png`). Byte-level "
+                       "LLaMA-style decoder on the stdlib corpus; same seed, batches, steps and schedule for every "
+                       "optimizer; `- AdamW` is the validation-loss difference to torch AdamW.",
         "projectors": "Refresh (update) time and captured energy of the refreshed subspace, as a fraction of "
                       "||G||^2 and of the optimal top-r energy.",
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes.util
+import dataclasses
 import json
 import math
 import sys
@@ -11,11 +12,11 @@ import pytest
 import torch
 
 import lowrank_optim as lro
-from benchmarks import common, convergence, malloc, memory, projectors, quick, throughput
+from benchmarks import common, convergence, frontier, malloc, memory, projectors, quick, sweep, throughput
 from benchmarks.data import load_corpus
 from benchmarks.model import DecoderConfig, build_model
 from benchmarks.registry import OVERRIDES, specs
-from lowrank_optim.memory import count_state_bytes, estimate_state_bytes, llama_shapes
+from lowrank_optim.memory import LLAMA_CONFIGS, count_state_bytes, estimate_state_bytes, llama_shapes
 from lowrank_optim.projectors import PROJECTORS
 
 TINY = llama_shapes(n_layers=1, d_model=64, d_ffn=160, vocab=96)
@@ -308,3 +309,110 @@ def test_gpu_check_cpu_part(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     matrix = gpu_check.check_matrix(torch.device("cpu"), gpu_check.SETTINGS["tiny"]["matrix_shapes"], 8, 1,
                                     only=["galore_adamw"])
     assert [r["status"][:7] for r in matrix] == ["ok", "ok", "skipped"]
+
+
+# -- tuned comparison (benchmarks.sweep) and the frontier ----------------------------------------------------
+TINY_SWEEP = sweep.SweepConfig(cfg=DecoderConfig(d_model=32, n_layers=1, n_heads=2, d_ffn=64, max_len=16), steps=3,
+                               batch_size=2, seq_len=16, rank=4, update_proj_gap=2, eval_batches=1, seeds=3,
+                               grid=(1e-3, 10**-2.5, 1e-2, 10**-1.5), max_extensions=3,
+                               state_dtypes=("fp32", "8bit"))
+
+
+def _fake_executor(optimum: dict[str, float], calls: list[sweep.Task], diverge_above: float = math.inf):
+    """Runs no training: the selection loss is (log10 lr - log10 optimum)^2 (+ 0.01 * seed), NaN above
+    ``diverge_above``; every task it is given is appended to ``calls``."""
+
+    def execute(tasks):
+        for t in tasks:
+            calls.append(t)
+            opt_name = t.label.split("[")[0].split(":")[-1]
+            loss = (math.log10(t.lr) - math.log10(optimum.get(opt_name, 1e-2))) ** 2 + 0.01 * t.seed
+            if t.lr > diverge_above:
+                loss = math.nan
+            yield {"label": t.label, "optimizer": opt_name, "impl": "x", "state_dtype": "fp32", "lr": t.lr,
+                   "seed": t.seed, "val_loss": loss, "heldout_loss": loss + 0.5, "diverged": not math.isfinite(loss),
+                   "wall_s": 0.0, "state_bytes": 1}
+
+    return execute
+
+
+def _rows(result: dict) -> dict[str, dict]:
+    return {r["label"]: r for r in result["rows"]}
+
+
+def test_sweep_extends_an_edge_until_the_best_lr_is_interior(tmp_path) -> None:
+    calls: list[sweep.Task] = []
+    # AdamW's optimum 0.1 lies beyond the grid's top (3.16e-2): two extensions (0.1, 0.316) make it interior.
+    # galore_adamw's optimum 1e-6 lies 3 half-decades below the grid's floor plus more: 3 extensions, still edge.
+    result = sweep.run_sweep(TINY_SWEEP, tmp_path / "runs.jsonl", only=["galore_adamw"], references=False,
+                             executor=_fake_executor({"adamw": 0.1, "galore_adamw": 1e-6}, calls),
+                             log=lambda s: None)
+    rows = _rows(result)
+    adamw = rows["torch:adamw"]
+    assert [p["lr"] for p in adamw["tried"]] == pytest.approx([1e-3, 10**-2.5, 1e-2, 10**-1.5, 0.1, 10**-0.5],
+                                                              rel=1e-5)
+    assert adamw["best_lr"] == pytest.approx(0.1) and not adamw["at_edge"] and adamw["extensions"] == 2
+    assert adamw["grid"] == list(TINY_SWEEP.grid)
+    low = rows["galore_adamw[fp32]"]
+    assert low["extensions"] == 3 and low["at_edge"] and low["best_lr"] == pytest.approx(10**-4.5, rel=1e-5)
+    assert not result["complete"]  # an lr still on its grid's edge is not a finished comparison
+    # seeds 1..2 at the best lr; the 8-bit store runs at the fp32 spec's best lr on every seed
+    assert adamw["seeds_done"] == 3 and adamw["heldout"]["mean"] == pytest.approx(0.5 + 0.01)
+    assert adamw["heldout"]["std"] == pytest.approx(0.01) and adamw["heldout_minus_adamw"] == 0.0
+    store = rows["galore_adamw[8bit]"]
+    assert store["tuned_on"] == "galore_adamw[fp32]" and store["best_lr"] == low["best_lr"]
+    assert sorted(t.seed for t in calls if t.label == "galore_adamw[8bit]") == [0, 1, 2]
+    assert len({t.key() for t in calls}) == len(calls)  # no run twice
+    # resume: every run is in the file, so nothing runs again and the summary is the same
+    again: list[sweep.Task] = []
+    result2 = sweep.run_sweep(TINY_SWEEP, tmp_path / "runs.jsonl", only=["galore_adamw"], references=False,
+                              executor=_fake_executor({}, again), log=lambda s: None)
+    assert again == [] and result2["rows"] == result["rows"]
+
+
+def test_sweep_counts_a_diverged_run_as_worst(tmp_path) -> None:
+    calls: list[sweep.Task] = []
+    # optimum above the grid, but everything above 0.02 diverges: the best is 1e-2, interior, no extension
+    result = sweep.run_sweep(dataclasses.replace(TINY_SWEEP, state_dtypes=("fp32",)), tmp_path / "r.jsonl",
+                             only=["galore_adamw"], references=False,
+                             executor=_fake_executor({"adamw": 1.0, "galore_adamw": 1.0}, calls, diverge_above=0.02),
+                             log=lambda s: None)
+    row = _rows(result)["torch:adamw"]
+    assert row["best_lr"] == pytest.approx(1e-2) and not row["at_edge"] and row["extensions"] == 0
+    assert row["tried"][-1]["val_loss"] is None and row["tried"][-1]["diverged"]
+    assert result["complete"]
+
+
+def test_sweep_real_runs_schema_and_frontier(tmp_path) -> None:
+    """Two real (3-step) trainings per spec through the worker path; the JSON, plots and frontier from them."""
+    conf = dataclasses.replace(TINY_SWEEP, grid=(1e-3, 1e-2), max_extensions=0, seeds=2, state_dtypes=("fp32",))
+    labels = [s.label for s in specs(conf.state_dtypes, controls=True)]
+    sweep._init_worker(conf, None, labels)
+    result = sweep.run_sweep(conf, tmp_path / "r.jsonl", only=["galore_adamw"], references=False,
+                             executor=lambda tasks: [sweep._run_task(t) for t in tasks], log=lambda s: None)
+    rows = _rows(result)
+    assert set(rows) == {"torch:adamw", "torch:adamw_blocks_x0.25", "galore_adamw[fp32]"}
+    for r in rows.values():
+        assert r["seeds_done"] == 2 and not r["errors"] and math.isfinite(r["heldout"]["mean"])
+        assert r["documented_lr"] == 1e-3 and r["state_bytes_toy"] > 0
+    sweep.plot(result, tmp_path / "s.png", "s")
+    assert "held-out loss" in sweep.summary(result)
+    payload = {"records": result["rows"], "config": conf.asdict()}
+    recs = frontier.build(payload, {"torch:adamw": 100, "torch:adamw_blocks_x0.25": 100, "galore_adamw[fp32]": 40})
+    assert {r["label"] for r in recs} == set(rows)
+    frontier.plot(recs, tmp_path / "f.png", "f")
+    assert (tmp_path / "f.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_pareto_front() -> None:
+    pts = [(10.0, 1.0), (5.0, 2.0), (5.0, 3.0), (1.0, 5.0), (20.0, 1.0), (3.0, 2.0)]
+    # (5, 2) loses to (3, 2); (5, 3) to (3, 2); (20, 1) to (10, 1)
+    assert frontier.pareto_front(pts) == [3, 5, 0]
+
+
+def test_frontier_bytes_are_the_closed_form_at_1b() -> None:
+    """torch AdamW at LLaMA-1B shapes: two fp32 moments per weight and one fp32 step counter per tensor."""
+    shapes = llama_shapes(**LLAMA_CONFIGS["1B"])
+    n = sum(torch.Size(s).numel() for s in shapes.values())
+    got = frontier.state_bytes_at(["torch:adamw"])
+    assert got == {"torch:adamw": 8 * n + 4 * len(shapes)}

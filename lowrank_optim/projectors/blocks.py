@@ -55,6 +55,9 @@ class BlockProjector(Projector):
     """
 
     name = "blocks"
+    #: no stored basis: neither a quantized basis nor lazy refresh applies
+    basis_dtypes = ("fp32",)
+    supports_lazy = False
     wants_layout = True
 
     def __init__(self, rank: int, side: str = "std", *, density: float = 0.25, order: str = "descending") -> None:

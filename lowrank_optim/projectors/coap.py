@@ -116,18 +116,18 @@ class COAPProjector(Projector):
         return randomized_range(oriented(grad, state["side"]), state["rank"], oversample=self.oversample,
                                 power_iters=self.power_iters, seed=(state["seed"], state["refresh"]), warm=previous)
 
-    def update(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
+    def refresh(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
         new = dict(state)
         new["refresh"] = int(state["refresh"]) + 1
         if new["refresh"] % self.reproject_factor == 0:
-            new["basis"] = self._basis(grad, new, previous=state["basis"])
+            new["basis"] = self._basis(grad, new, previous=self.basis_of(state))
         else:
             new["basis"] = self.correct(grad, state, context.get("moments"))
         return new
 
     def correct(self, grad: torch.Tensor, state: ProjState, moments: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """One correlation-aware step on the basis of ``state`` (a new tensor; ``state`` is untouched)."""
-        u = state["basis"]
+        u = self.basis_of(state)
         a = oriented(grad, state["side"])
         mo = self._oriented_moment(moments, state, tuple(a.shape))
         _, _, g = correction_objective(a, u, mo, normalize=self.normalize)

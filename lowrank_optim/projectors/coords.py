@@ -27,6 +27,9 @@ class CoordinateProjector(Projector):
     """
 
     name = "coords"
+    #: no stored basis: neither a quantized basis nor lazy refresh applies
+    basis_dtypes = ("fp32",)
+    supports_lazy = False
     choice: ClassVar[str] = "columns"
 
     def __init__(self, rank: int, side: str = "std", *, density: float | None = None) -> None:

@@ -140,6 +140,9 @@ class DCTProjector(Projector):
     """
 
     name = "dct"
+    #: indices, no stored basis: neither a quantized basis nor lazy refresh applies
+    basis_dtypes = ("fp32",)
+    supports_lazy = False
 
     def __init__(self, rank: int, side: str = "std", *, score: str = "l2", path: str = "auto") -> None:
         super().__init__(rank, side)

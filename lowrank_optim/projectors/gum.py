@@ -53,6 +53,8 @@ class GUMProjector(Projector):
     """
 
     name = "gum"
+    #: every period redraws the full-rank branch too, so no refresh may be skipped
+    supports_lazy = False
     wants_layout = True
 
     def __init__(self, rank: int, side: str = "std", *, full_rank_prob: float | None = None,
@@ -93,10 +95,11 @@ class GUMProjector(Projector):
         return state
 
     # -- contract -------------------------------------------------------------------------------
-    def init(self, grad: torch.Tensor, *, seed: int = 0, layout: tuple[int, int, int] = (0, 1, 0)) -> ProjState:
+    def init_state(self, grad: torch.Tensor, *, seed: int = 0, layout: tuple[int, int, int] = (0, 1, 0),
+                   **context: Any) -> ProjState:
         return self._draw(self._svd.init(grad, seed=seed), layout)
 
-    def update(self, grad: torch.Tensor, state: ProjState, *, layout: tuple[int, int, int] = (0, 1, 0),
+    def refresh(self, grad: torch.Tensor, state: ProjState, *, layout: tuple[int, int, int] = (0, 1, 0),
                **context: Any) -> ProjState:
         return self._draw(self._svd.update(grad, state), layout)
 
