@@ -63,6 +63,7 @@ def environment(device: str) -> dict[str, Any]:
                            "lowrank_optim": lro.__version__, "platform": platform.platform(),
                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
                            "malloc": malloc.describe(), "malloc_regime": malloc.regime(),
+                           "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if device == "cuda" and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()

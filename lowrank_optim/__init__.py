@@ -10,9 +10,11 @@ from .engine import LowRankOptimizer
 from .groups import MethodDefaultWarning, param_groups, select_lowrank_modules, select_lowrank_params
 from .layerwise import LayerwiseUpdater
 from .optimizers import (
+    APOLLO,
     COAP,
     FRUGAL,
     GUM,
+    APOLLOMini,
     DCTAdamW,
     Fira,
     Flora,
@@ -30,9 +32,11 @@ from .state import StateStore
 __version__ = "0.1.0"
 
 __all__ = [
+    "APOLLO",
     "COAP",
     "FRUGAL",
     "GUM",
+    "APOLLOMini",
     "DCTAdamW",
     "Fira",
     "Flora",

@@ -359,7 +359,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         else:
             pst = state["projector"]
             low_update = d.num if d.den is None else d.num / d.den
-            if low_update.numel():  # an empty subspace (FRUGAL's inactive block) adds nothing
+            # an empty subspace (FRUGAL's inactive block) adds nothing; a residual rule that ``replaces_lift``
+            # (APOLLO) returns the whole update itself
+            if low_update.numel() and not getattr(residual, "replaces_lift", False):
                 proj.add_back(target, low_update, pst, -d.coef * group["scale"])
             # a residual rule with ``wants_coef`` also gets the inner step's coefficient and lr (Fira)
             ctx = {"coef": d.coef, "lr": d.lr} if getattr(residual, "wants_coef", False) else {}

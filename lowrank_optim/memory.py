@@ -11,7 +11,10 @@ does (``method="meta-init"``); for the engine's presets that allocation is the w
 The closed forms behind it (GaLore, arXiv:2403.03507, for an ``m x n`` weight with ``r`` the rank):
 basis ``min(m, n) r`` fp32 values plus the inner rule's moments of shape ``max(m, n) x r`` in the state
 store (``fp32`` 4 bytes, ``bf16`` 2 bytes, ``8bit`` 1 byte per element plus 4 bytes per 256-element block
-for tensors of at least 4096 elements). An MoE expert stack ``(E, m, n)`` is ``E`` such matrices (``E`` bases,
+for tensors of at least 4096 elements). With ``projector_options={"basis_dtype": ...}`` the basis takes
+:func:`lowrank_optim.projectors.quantized_basis.basis_bytes` instead: ``2 d r`` (bf16), ``d r + 4 r ceil(d / 256)``
+(int8), ``ceil(d / 2) r + 4 r ceil(d / 256)`` (int4), ``d = min(m, n)``. APOLLO keeps no basis: two ``r x max(m, n)``
+moments and one fp32 norm per matrix. An MoE expert stack ``(E, m, n)`` is ``E`` such matrices (``E`` bases,
 ``E`` sets of moments); a convolution weight ``(out, in, *kernel)`` is the matrix ``out x (in * prod(kernel))``.
 """
 

@@ -30,6 +30,7 @@ import torch
 from ._validation import check_choice, check_int, check_number
 from .engine import LowRankOptimizer
 from .memory import LLAMA_CONFIGS, estimate_state_bytes, llama_shapes, n_matrices, state_phases
+from .projectors.quantized_basis import BASIS_DTYPES
 from .registry import HF_OPTIM, available_optimizers, resolve_optimizer
 from .state import STATE_DTYPES
 
@@ -99,7 +100,8 @@ class MemoryPlan:
                 (f"gradients ({s['weight_dtype']}{', largest single tensor' if s['layerwise'] else ''})",
                  self.gradients),
                 (f"optimizer state ({s['state_dtype']} moments)", self.state_total)]
-        rows += [(f"  {k}", v) for k, v in self.state.items()]
+        rows += [(f"  {k}" + (f" ({s.get('basis_dtype', 'fp32')})" if k == "projector bases" else ""), v)
+                 for k, v in self.state.items()]
         if self.state_peak is not None and self.state_peak != self.state_total:
             rows.append(("optimizer state, peak (warm-up / largest draw)", self.state_peak))
         if self.state_steady is not None and self.state_steady != self.state_total:
@@ -230,7 +232,8 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
                 rank: int | None = 128, state_dtype: str = "8bit", layerwise: bool = False,
                 budget_gb: float | None = None, weight_dtype: str = "bf16",
                 target_modules: str | Sequence[str] = ("attn", "mlp"), update_proj_gap: int | None = None,
-                include_conv: bool = False, shards: int = 1, **optimizer_kwargs: Any) -> MemoryPlan:
+                include_conv: bool = False, shards: int = 1, basis_dtype: str = "fp32",
+                **optimizer_kwargs: Any) -> MemoryPlan:
     """Plans training memory (weights, gradients, optimizer state by part) without allocating the model.
 
     Args:
@@ -253,6 +256,9 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
             Adafactor or SGD, drop or Fira residual) divide everything by ``shards``; the others keep their
             low-rank state (moments and bases) replicated and divide only the plain moments. 1: one process
             or DDP (every rank holds everything). Not counted: FSDP2's all-gathered unit of weights.
+        basis_dtype: how projector bases are stored, ``fp32`` (default), ``bf16``, ``int8`` or ``int4``
+            (:mod:`lowrank_optim.projectors.quantized_basis`); given to the optimizer as
+            ``projector_options={"basis_dtype": ...}``.
         **optimizer_kwargs: further optimizer keyword arguments.
 
     Raises:
@@ -275,6 +281,10 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
     check_int("shards", shards, low=1)
     if shards > 1 and layerwise:
         raise ValueError("Invalid shards: layer-wise updates (layerwise=True) do not run under FSDP2")
+    check_choice("basis_dtype", basis_dtype, BASIS_DTYPES)
+    if basis_dtype != "fp32":
+        options = dict(optimizer_kwargs.get("projector_options") or {})
+        optimizer_kwargs["projector_options"] = {**options, "basis_dtype": basis_dtype}
     shapes = model_shapes(model)
     dtype = WEIGHT_DTYPES[weight_dtype]
     size = torch.empty((), dtype=dtype, device="meta").element_size()
@@ -302,7 +312,8 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
                       state_peak=None if phases is None or shards > 1 else phases.peak,
                       state_steady=None if phases is None or shards > 1 else phases.steady,
                       settings={"rank": rank, "state_dtype": state_dtype, "weight_dtype": weight_dtype,
-                                "layerwise": layerwise, "shards": shards})
+                                "layerwise": layerwise, "shards": shards,
+                                "basis_dtype": basis_dtype})
 
 
 def _runs_sharded(optimizer: str, rank: int | None, kwargs: Mapping[str, Any]) -> bool:
@@ -343,13 +354,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     est.add_argument("--budget-gb", type=float, default=None, help="budget in GB (10^9 bytes)")
     est.add_argument("--target-modules", nargs="+", default=["attn", "mlp"], help="name fragments to project")
     est.add_argument("--shards", type=int, default=1, help="FSDP2 ranks: report per-rank memory (1: one process / DDP)")
+    est.add_argument("--basis-dtype", default="fp32", choices=BASIS_DTYPES,
+                     help="projector basis storage (blockwise absmax along columns for int8/int4)")
     args = parser.parse_args(argv)
     try:
         if args.state_dtype is None:
             args.state_dtype = resolve_optimizer(args.optimizer)[1].get("state_dtype", "8bit")
         plan = plan_memory(args.model, args.optimizer, rank=args.rank, state_dtype=args.state_dtype,
                            layerwise=args.layerwise, budget_gb=args.budget_gb, weight_dtype=args.weight_dtype,
-                           target_modules=args.target_modules, shards=args.shards)
+                           target_modules=args.target_modules, shards=args.shards,
+                           basis_dtype=args.basis_dtype)
     except (TypeError, ValueError) as err:
         print(f"lowrank-optim estimate: error: {err}", file=sys.stderr)
         return 2

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from .._validation import check_choice, check_int
 from ..linalg import DecompositionError
+from .lazy_refresh import LazyRefresh, subspace_overlap
+from .quantized_basis import BASIS_DTYPES, decode_basis, encode_basis, is_encoded
 
 LEFT = 0
 RIGHT = 1
@@ -132,6 +134,17 @@ def cpu_generator(*parts: int) -> torch.Generator:
 class Projector:
     """Base class: subclasses implement :meth:`_basis` (and may override the rest).
 
+    Two storage/schedule options apply to every projector that stores a basis (set them with
+    :meth:`configure`, or through ``projector_options`` / :func:`make_projector`):
+
+    * ``basis_dtype``: ``"fp32"`` (default), ``"bf16"``, ``"int8"`` or ``"int4"``, how the basis is kept in the
+      state (:mod:`lowrank_optim.projectors.quantized_basis`); it is decoded to fp32 for every projection.
+    * ``lazy_refresh``: skip scheduled refreshes of a matrix whose subspace keeps still
+      (:mod:`lowrank_optim.projectors.lazy_refresh`), with ``lazy_threshold`` and ``lazy_max_multiple``.
+
+    Subclasses customise :meth:`init_state` and :meth:`refresh` (or just :meth:`_basis`); the public
+    :meth:`init` and :meth:`update` wrap them with the storage and the lazy schedule.
+
     Args:
         rank: target rank ``r``; clamped to ``min(m, n)`` per matrix.
         side: side rule, one of ``"std"``, ``"reverse_std"``, ``"left"``, ``"right"``.
@@ -158,18 +171,75 @@ class Projector:
     #: Sign rule of a basis computed by a decomposition (:data:`SIGN_RULES`); ``None``: the projector has no
     #: sign freedom (selections, fixed or seeded bases).
     sign_rule: str | None = None
+    #: Basis storage forms this projector accepts (``("fp32",)``: it stores no basis, or must keep it exact).
+    basis_dtypes: ClassVar[tuple[str, ...]] = BASIS_DTYPES
+    #: Whether :meth:`configure` accepts ``lazy_refresh`` (needs a stored basis to measure the overlap).
+    supports_lazy: ClassVar[bool] = True
 
     def __init__(self, rank: int, side: str = "std") -> None:
         self.rank = check_int("rank", rank, low=1)
         self.side_rule = check_choice("proj_side", side, SIDE_RULES)
+        self.basis_dtype = "fp32"
+        self.lazy: LazyRefresh | None = None
 
     def __repr__(self) -> str:
         sign = "" if self.sign_rule is None else f", sign={self.sign_rule!r}"
         return f"{type(self).__name__}(rank={self.rank}, side={self.side_rule!r}{sign})"
 
+    def configure(self, *, basis_dtype: str = "fp32", lazy_refresh: bool = False, lazy_threshold: float = 0.5,
+                  lazy_max_multiple: int = 8) -> Projector:
+        """Sets the basis storage and the lazy refresh schedule; returns ``self``.
+
+        Args:
+            basis_dtype: ``"fp32"``, ``"bf16"``, ``"int8"`` or ``"int4"`` (blockwise absmax along columns).
+            lazy_refresh: double the refresh period (up to ``lazy_max_multiple``) while the subspace overlap
+                between consecutive refreshes stays at or above ``lazy_threshold``.
+            lazy_threshold: overlap ``||P_old^T P_new||_F^2 / r`` counted as still (0.5).
+            lazy_max_multiple: longest period in multiples of ``update_proj_gap`` (8).
+
+        Raises:
+            ValueError: an unknown ``basis_dtype``, a quantized basis or lazy refresh for a projector that
+                stores no basis (``random``, ``dct``, selections) or cannot use it, bad schedule numbers.
+            TypeError: wrong types.
+        """
+        check_choice("basis_dtype", basis_dtype, BASIS_DTYPES)
+        if basis_dtype not in self.basis_dtypes:
+            raise ValueError(f"Invalid basis_dtype: {basis_dtype!r} for projector {self.name!r} "
+                             f"(it accepts {self.basis_dtypes})")
+        if not isinstance(lazy_refresh, bool):
+            raise TypeError(f"Invalid lazy_refresh: expected a bool, got {lazy_refresh!r}")
+        lazy = LazyRefresh(lazy_threshold, lazy_max_multiple)
+        if lazy_refresh and not self.supports_lazy:
+            raise ValueError(f"Invalid lazy_refresh: True for projector {self.name!r}, which has no stored basis "
+                             "whose overlap could be measured (or must refresh every period)")
+        self.basis_dtype = basis_dtype
+        self.lazy = lazy if lazy_refresh else None
+        return self
+
     # -- contract -------------------------------------------------------------------------------
-    def init(self, grad: torch.Tensor, *, seed: int = 0) -> ProjState:
-        """Creates the projector state from the first gradient of a parameter."""
+    def init(self, grad: torch.Tensor, *, seed: int = 0, **context: Any) -> ProjState:
+        """Creates the projector state from the first gradient of a parameter (:meth:`init_state`, then the
+        basis stored in ``basis_dtype`` and the lazy schedule started)."""
+        state = self.init_state(grad, seed=seed, **context)
+        if self.lazy is not None:
+            LazyRefresh.start(state)
+        return self._encode(state)
+
+    def update(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
+        """Returns a refreshed state (the old one is not modified): :meth:`refresh`, or, under lazy refresh, the
+        same state with its countdown lowered when this scheduled refresh is to be skipped.
+
+        ``context`` carries ``moments`` when :attr:`wants_moments` is set.
+        """
+        if self.lazy is not None and LazyRefresh.skips(state):
+            return LazyRefresh.skipped(state)
+        new = self.refresh(grad, state, **context)
+        if self.lazy is not None and "basis" in new and new["basis"] is not state.get("basis"):
+            self.lazy.record(new, subspace_overlap(self.basis_of(state), self.basis_of(new)))
+        return self._encode(new)
+
+    def init_state(self, grad: torch.Tensor, *, seed: int = 0, **context: Any) -> ProjState:
+        """Subclass hook of :meth:`init`: side, rank, seed, refresh count and the first fp32 basis."""
         if grad.dim() != 2:
             raise ValueError(f"Invalid grad: projectors take 2-D tensors, got shape {tuple(grad.shape)}")
         side = choose_side(grad.shape, self.side_rule)
@@ -178,14 +248,11 @@ class Projector:
         state["basis"] = self.fresh_basis(grad, state, None)
         return state
 
-    def update(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
-        """Returns a refreshed state (the old one is not modified).
-
-        ``context`` carries ``moments`` when :attr:`wants_moments` is set.
-        """
+    def refresh(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
+        """Subclass hook of :meth:`update`: a new state with a new fp32 basis (the old state untouched)."""
         new = dict(state)
         new["refresh"] = int(state["refresh"]) + 1
-        new["basis"] = self.fresh_basis(grad, new, state["basis"])
+        new["basis"] = self.fresh_basis(grad, new, self.basis_of(state))
         return new
 
     def signed(self, basis: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
@@ -208,16 +275,26 @@ class Projector:
         ``project`` is not such a product (:attr:`matrix_map` False). Default: :meth:`back_matrix`."""
         return self.back_matrix(state, device) if self.matrix_map else None
 
+    def basis_of(self, state: ProjState) -> torch.Tensor:
+        """The fp32 ``(d, r)`` basis of ``state``, decoded from its stored form."""
+        return decode_basis(state)
+
+    def _encode(self, state: ProjState) -> ProjState:
+        """Stores a freshly computed fp32 basis in ``basis_dtype`` (a basis already stored is left alone)."""
+        if self.basis_dtype != "fp32" and "basis" in state and not is_encoded(state):
+            state.update(encode_basis(state["basis"], self.basis_dtype))
+        return state
+
     def project(self, grad: torch.Tensor, state: ProjState) -> torch.Tensor:
         """Maps a full ``(m, n)`` tensor into the subspace."""
-        basis = state["basis"]
+        basis = self.basis_of(state)
         if state["side"] == LEFT:
             return basis.T @ grad
         return grad @ basis
 
     def project_back(self, low: torch.Tensor, state: ProjState) -> torch.Tensor:
         """Maps a low-rank tensor back to the full ``(m, n)`` space."""
-        basis = state["basis"]
+        basis = self.basis_of(state)
         if state["side"] == LEFT:
             return basis @ low
         return low @ basis.T
@@ -228,7 +305,7 @@ class Projector:
         :meth:`project_back` gets ``None`` unless it overrides this too."""
         if type(self).project_back is not Projector.project_back:
             return None
-        return state["basis"]
+        return self.basis_of(state)
 
     def add_back(self, target: torch.Tensor, low: torch.Tensor, state: ProjState, alpha: float) -> None:
         """``target += alpha * project_back(low)``; one ``addmm_`` (no full-size temporary) when the map back

@@ -55,6 +55,9 @@ class BlockProjector(Projector):
     """
 
     name = "blocks"
+    #: no stored basis: neither a quantized basis nor lazy refresh applies
+    basis_dtypes = ("fp32",)
+    supports_lazy = False
     wants_layout = True
     orthonormal = True  # the subspace is all of the tensor or nothing: its complement is exact
     matrix_map = False

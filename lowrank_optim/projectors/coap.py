@@ -126,18 +126,18 @@ class COAPProjector(Projector):
         return randomized_range(oriented(grad, state["side"]), state["rank"], oversample=self.oversample,
                                 power_iters=self.power_iters, seed=(state["seed"], state["refresh"]), warm=previous)
 
-    def update(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
+    def refresh(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
         new = dict(state)
         new["refresh"] = int(state["refresh"]) + 1
         if new["refresh"] % self.reproject_factor == 0:
-            new["basis"] = self.fresh_basis(grad, new, state["basis"])
+            new["basis"] = self.fresh_basis(grad, new, self.basis_of(state))
         else:
             new["basis"] = self.correct(grad, state, context.get("moments"))
         return new
 
     def correct(self, grad: torch.Tensor, state: ProjState, moments: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """One correlation-aware step on the basis of ``state`` (a new tensor; ``state`` is untouched)."""
-        u = state["basis"]
+        u = self.basis_of(state)
         a = oriented(grad, state["side"])
         if self.normalize:  # the normalised objective is scale-free: divide first so no norm overflows fp32
             a = a / max_abs_scale(a)

@@ -27,6 +27,9 @@ class CoordinateProjector(Projector):
     """
 
     name = "coords"
+    #: no stored basis: neither a quantized basis nor lazy refresh applies
+    basis_dtypes = ("fp32",)
+    supports_lazy = False
     choice: ClassVar[str] = "columns"
     orthonormal = True  # coordinate vectors: the complement zeroes the kept coordinates exactly
     indexed = True

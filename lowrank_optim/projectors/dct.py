@@ -142,6 +142,9 @@ class DCTProjector(Projector):
     name = "dct"
     orthonormal = True  # columns of the orthonormal DCT-II matrix
     indexed = True
+    #: indices, no stored basis: neither a quantized basis nor lazy refresh applies
+    basis_dtypes = ("fp32",)
+    supports_lazy = False
 
     def __init__(self, rank: int, side: str = "std", *, score: str = "l2", path: str = "auto") -> None:
         super().__init__(rank, side)

@@ -55,6 +55,8 @@ class GUMProjector(Projector):
     """
 
     name = "gum"
+    #: every period redraws the full-rank branch too, so no refresh may be skipped
+    supports_lazy = False
     wants_layout = True
     orthonormal = True
     #: ``project`` is weighted and the full branch works at full size: no matrix map, no fixed low shape.
@@ -100,10 +102,11 @@ class GUMProjector(Projector):
         return state
 
     # -- contract -------------------------------------------------------------------------------
-    def init(self, grad: torch.Tensor, *, seed: int = 0, layout: tuple[int, int, int] = (0, 1, 0)) -> ProjState:
+    def init_state(self, grad: torch.Tensor, *, seed: int = 0, layout: tuple[int, int, int] = (0, 1, 0),
+                   **context: Any) -> ProjState:
         return self._draw(self._svd.init(grad, seed=seed), layout)
 
-    def update(self, grad: torch.Tensor, state: ProjState, *, layout: tuple[int, int, int] = (0, 1, 0),
+    def refresh(self, grad: torch.Tensor, state: ProjState, *, layout: tuple[int, int, int] = (0, 1, 0),
                **context: Any) -> ProjState:
         return self._draw(self._svd.update(grad, state), layout)
 

@@ -17,6 +17,8 @@ with every head of that matrix. There is no public code; the concrete choices ar
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .base import RIGHT, ProjState, choose_side, cpu_generator, oriented
@@ -60,7 +62,7 @@ class HeadSharedRSVDProjector(RandomizedSVDProjector):
             return RIGHT, min(self.rank, m // self.num_heads, n)
         return choose_side(shape, self.side_rule), min(self.rank, m, n)
 
-    def init(self, grad: torch.Tensor, *, seed: int = 0) -> ProjState:
+    def init_state(self, grad: torch.Tensor, *, seed: int = 0, **context: Any) -> ProjState:
         if grad.dim() != 2:
             raise ValueError(f"Invalid grad: projectors take 2-D tensors, got shape {tuple(grad.shape)}")
         side, rank = self._side_rank(grad.shape)

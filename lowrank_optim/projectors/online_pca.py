@@ -99,6 +99,8 @@ class OnlinePCAProjector(SVDProjector):
     """
 
     name = "online_pca"
+    #: the basis takes a small optimizer step every refresh, which rounding to a coarser form would erase
+    basis_dtypes = ("fp32",)
     #: The engine passes ``lr`` (the group's current lr) and ``initial_lr`` to :meth:`update` (both optional).
     wants_lr = True
 
@@ -140,15 +142,15 @@ class OnlinePCAProjector(SVDProjector):
         lr_0 = context.get("initial_lr") or lr_w
         return self.lr * float(lr_w) / float(lr_0) if float(lr_0) != 0 else 0.0
 
-    def init(self, grad: torch.Tensor, *, seed: int = 0) -> ProjState:
-        state = super().init(grad, seed=seed)
+    def init_state(self, grad: torch.Tensor, *, seed: int = 0, **context: Any) -> ProjState:
+        state = super().init_state(grad, seed=seed)
         state["p_step"] = 0
         if self.optimizer == "adam":
             state["p_exp_avg"] = torch.zeros_like(state["basis"])
             state["p_exp_avg_sq"] = torch.zeros_like(state["basis"])
         return state
 
-    def update(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
+    def refresh(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
         new = dict(state)
         new["refresh"] = int(state["refresh"]) + 1
         a = oriented(grad, state["side"])

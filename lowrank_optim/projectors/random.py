@@ -43,6 +43,9 @@ class RandomProjector(Projector):
     """
 
     name = "random"
+    #: no stored basis: neither a quantized basis nor lazy refresh applies
+    basis_dtypes = ("fp32",)
+    supports_lazy = False
 
     def __init__(self, rank: int, side: str = "std", *, distribution: str = "gaussian", cache_size: int = 2) -> None:
         super().__init__(rank, side)
