@@ -2,8 +2,13 @@
 
 Every optimizer and reference gets the same initial weights (seed), the same batches in the same order,
 the same number of steps and the same schedule (linear warm-up then cosine decay to 10% of the peak lr,
-GaLore's recipe); only the peak lr differs, from the fixed table in :mod:`benchmarks.registry`. Reports
-validation loss and perplexity (bits per byte too), wall time, optimizer time per step and state bytes.
+GaLore's recipe). Two modes:
+
+* default / ``--quick``: one run per optimizer at the *fixed* lr of :mod:`benchmarks.registry` (fixed lr,
+  not tuned: it shows each method trains, not which is best). Reports validation loss and perplexity,
+  wall time, optimizer time per step and state bytes.
+* ``--sweep``: the tuned comparison of :mod:`benchmarks.sweep` (lr grid with edge extension, selection on
+  validation, seeds), then the memory/loss frontier of :mod:`benchmarks.frontier`.
 """
 
 from __future__ import annotations
@@ -23,14 +28,9 @@ from . import common
 from .data import Corpus, load_corpus
 from .model import DecoderConfig, build_model
 from .registry import Spec, specs
+from .sweep import lr_factor
 
-
-def lr_factor(step: int, total: int, warmup: int, final: float = 0.1) -> float:
-    """Linear warm-up to 1, then cosine decay to ``final`` at ``total`` (step counts from 0)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+__all__ = ["lr_factor", "main", "run", "summary", "train_one"]
 
 
 @torch.no_grad()
@@ -167,8 +167,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--corpus", type=Path, default=None, help="any text file (default: stdlib corpus)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sweep", action="store_true", help="tuned comparison: lr grid, validation, 3 seeds")
+    ap.add_argument("--jobs", type=int, default=2, help="--sweep: worker processes (one torch thread each)")
+    ap.add_argument("--sweep-size", choices=("full", "small"), default="full",
+                    help="--sweep: full (200 steps x 1024 tokens, 3 stores) or small (100 x 512, fp32 and 8-bit)")
+    ap.add_argument("--resume", action="store_true", help="--sweep: keep the runs already in <out>/*_runs.jsonl")
+    ap.add_argument("--report-only", action="store_true",
+                    help="--sweep: summarise <out>/*_runs.jsonl (JSON, plots, frontier) without running anything")
     args = ap.parse_args(argv)
     common.setup(args)
+    if args.sweep:
+        from . import sweep
+
+        return sweep.main(args)
     conf = dict(QUICK if args.quick else FULL)
     if args.steps:
         conf["steps"] = args.steps
@@ -180,8 +191,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     config.update({"corpus": corpus.source, "corpus_sha256": corpus.sha256, "corpus_bytes": corpus.n_bytes,
                    "schedule": "linear warmup (10% of steps) + cosine to 10% of peak", "state_dtypes": list(stores),
                    "seed": args.seed, "tokens": "utf-8 bytes"})
+    config["lr"] = "fixed, not tuned (benchmarks/registry.py); the tuned comparison is --sweep"
     common.publish(args, "convergence", args.device, config, records, records, plot, summary,
-                   f"Byte-level decoder, {conf['steps']} steps, {args.device}")
+                   f"Byte-level decoder, {conf['steps']} steps, {args.device}: fixed lr, not tuned")
     return records
 
 

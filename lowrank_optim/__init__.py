@@ -5,13 +5,16 @@
 >>> opt = lro.GaLoreAdamW(groups, lr=1e-2, state_dtype="8bit")  # doctest: +SKIP
 """
 
+from . import hf
 from .engine import LowRankOptimizer
-from .groups import param_groups, select_lowrank_modules
+from .groups import MethodDefaultWarning, param_groups, select_lowrank_modules, select_lowrank_params
 from .layerwise import LayerwiseUpdater
 from .optimizers import (
+    APOLLO,
     COAP,
     FRUGAL,
     GUM,
+    APOLLOMini,
     DCTAdamW,
     Fira,
     Flora,
@@ -23,15 +26,17 @@ from .optimizers import (
 )
 from .planner import plan_memory
 from .projectors import Projector, make_projector
-from .registry import available_optimizers, create_optimizer, register_optimizer
+from .registry import available_optimizers, create_optimizer, register_optimizer, resolve_optimizer
 from .state import StateStore
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "APOLLO",
     "COAP",
     "FRUGAL",
     "GUM",
+    "APOLLOMini",
     "DCTAdamW",
     "Fira",
     "Flora",
@@ -40,6 +45,7 @@ __all__ = [
     "GaLorePlus",
     "LayerwiseUpdater",
     "LowRankOptimizer",
+    "MethodDefaultWarning",
     "OnlineSubspaceDescent",
     "Projector",
     "StateStore",
@@ -47,9 +53,12 @@ __all__ = [
     "available_optimizers",
     "create_optimizer",
     "galore_plus_groups",
+    "hf",
     "make_projector",
     "param_groups",
     "plan_memory",
     "register_optimizer",
+    "resolve_optimizer",
     "select_lowrank_modules",
+    "select_lowrank_params",
 ]

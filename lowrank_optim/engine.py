@@ -25,7 +25,10 @@ from typing import Any, ClassVar
 import torch
 
 from ._validation import check_choice, check_int, check_number
-from .groups import FLATTENED_HINT, is_flattened
+from .distributed import checkpoint as _checkpoint
+from .distributed import fsdp as _fsdp
+from .distributed import shards as _shards
+from .groups import FLATTENED_HINT, is_flattened, method_overrides, warn_method_overrides
 from .projectors import PROJECTORS, SIDE_RULES, Projector, make_projector
 from .projectors.base import derive_seed
 from .rules import INNER_RULES, RESIDUAL_RULES, TRANSFER_POLICIES, InnerRule, MomentSpec, ResidualRule, TransferPolicy
@@ -33,6 +36,9 @@ from .state import STATE_DTYPES, StateStore
 from .targets import resolve_targets, validate_target_modules
 
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
+#: State key (int 1) of a low-rank parameter whose gradients so far were all exactly zero: its subspace is
+#: chosen at its first nonzero gradient instead of from the zero matrix (arbitrary for a whole period).
+PENDING = "subspace_pending"
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -53,6 +59,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "nonfinite": "skip",
     "seed": 0,
     "target_modules": None,
+    "include_conv": False,  # with target_modules: also select convolution weights (lowrank_optim.targets)
     "differentiable": False,  # torch's __setstate__ adds it on load; kept so groups round-trip unchanged
 }
 
@@ -85,6 +92,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             modules it selects (:func:`lowrank_optim.select_lowrank_modules` semantics), resolved at the
             first step; for groups built by someone else (HF Trainer's ``optimizer_cls_and_kwargs``).
             Parameter names come from ``module`` or from torch's named param groups (``param_names``).
+        include_conv: with ``target_modules``, also project the selected convolution weights (default
+            ``False``; see :func:`lowrank_optim.select_lowrank_params`).
         module: the model whose ``named_modules()`` resolve ``target_modules`` (kept by reference, never
             saved in the state dict; not a group key).
         **hyper: hyper-parameters of the inner / residual rule (``betas``, ``eps``, ...).
@@ -124,14 +133,20 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Adds a group (torch semantics) after validating every hyper-parameter it will use.
 
         The group dict is copied first, so one ``param_groups(...)`` list can build several optimizers
-        without the first one's defaults leaking into the second.
+        without the first one's defaults leaking into the second. A group that explicitly contradicts a
+        value defining this optimizer's method (its own refresh period, scale, parts) gets a
+        :class:`lowrank_optim.groups.MethodDefaultWarning` naming the key and both values.
         """
+        given: set[str] = set()
         if isinstance(param_group, dict):
             param_group = dict(param_group)
             if "proj_type" in param_group:
                 param_group["proj_side"] = param_group.pop("proj_type")
+            given = set(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        warn_method_overrides(type(self).__name__, len(self.param_groups) - 1,  # before a refusal, to explain it
+                              method_overrides(group, given, self.defaults, ENGINE_DEFAULTS, set(self.preset_defaults)))
         try:
             self._validate_group(group)
         except (TypeError, ValueError):
@@ -167,12 +182,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self._target_ids = None
         if group["rank"] is not None:
             _refuse_flattened(group)
+        for i, p in enumerate(group["params"]):
+            if _shards.is_dtensor(p):
+                _shards.check_placement(p, f"parameter {i} (shape {tuple(p.shape)})")
         inner.validate(group)
         residual.validate(group)
         if plain_rule is not inner:
             plain_rule.validate(group)
         if group["rank"] is not None:
-            self._parts(group)  # builds the projector now, so bad options fail at construction
+            proj, _, _, transfer, _ = self._parts(group)  # builds the projector now: bad options fail here
+            residual.check_projector(proj, group)  # combinations that cannot work are refused by name
+            transfer.check_projector(proj, group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -239,7 +259,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if not work or not self._gradients_ok(work):
             return loss
         for group, p, idx in work:
-            self._step_param(group, p, idx)
+            if _shards.is_dtensor(p):  # FSDP2: lowrank_optim.distributed.fsdp
+                _fsdp.step_param(self, group, p, idx)
+            else:
+                self._step_param(group, p, idx)
         return loss
 
     @torch.compiler.disable
@@ -252,6 +275,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p is param:
+                    if _shards.is_dtensor(p):
+                        raise ValueError("Invalid param: step_parameter does not support FSDP2 (DTensor) parameters; "
+                                         "call step()")
                     if p.grad is not None:
                         self._check_grad(p, index)
                         if self._gradients_ok([(group, p, index)]):
@@ -275,8 +301,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return True
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for _, p in checked:
-            by_device.setdefault(p.grad.device, []).append(p.grad.sum(dtype=torch.float32))
+            grad = _shards.local(p.grad)  # FSDP2: this rank's rows; the verdict is agreed below
+            by_device.setdefault(grad.device, []).append(grad.sum(dtype=torch.float32))
         finite = all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values())
+        finite = _fsdp.agree_finite(finite, [p for _, p in checked])
         if finite:
             return True
         if any(g["nonfinite"] == "raise" for g, _ in checked):
@@ -286,15 +314,22 @@ class LowRankOptimizer(torch.optim.Optimizer):
                       "optimizer state is unchanged", RuntimeWarning, stacklevel=3)
         return False
 
-    def _step_param(self, group: dict[str, Any], p: torch.Tensor, index: int) -> None:
+    def _step_param(self, group: dict[str, Any], p: torch.Tensor, index: int, *, param: torch.Tensor | None = None,
+                    grad: torch.Tensor | None = None) -> None:
+        """Steps ``p`` (state ``self.state[p]``); ``param`` / ``grad`` replace ``p`` / ``p.grad`` as the tensors
+        computed on (FSDP2's replicated mode passes the gathered weight and gradient)."""
         proj, rule, residual, transfer, store = self._parts(group)
         state = self.state[p]
-        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+        grad = p.grad if grad is None else grad
+        grad = grad if grad.dtype == torch.float32 else grad.float()
+        param = p if param is None else param
         lowrank = proj is not None and self._targeted(group, p) and self.is_lowrank(group, p)
         if not lowrank and group.get("plain_inner") is not None:
             rule = INNER_RULES[group["plain_inner"]]
         if not state:
             self._init_state(state, group, p, grad, proj if lowrank else None, rule, store, index)
+        elif lowrank and PENDING in state:
+            self._init_subspace(state, group, p, grad, proj, rule, store, index)
         elif lowrank and state["step"] % group["update_proj_gap"] == 0:
             self._refresh(state, group, p, grad, proj, rule, transfer, store)
         step = state["step"] + 1
@@ -302,11 +337,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         low = proj.project(grad, state["projector"]) if lowrank else grad
         specs = rule.moments(tuple(low.shape), group)
         moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
-        target = p if p.dtype == torch.float32 else p.float()
+        target = param if param.dtype == torch.float32 else param.float()
         if not lowrank and rule.apply_plain(target, low, moments, inner_step, group):
             d = None  # the rule applied the whole update (fused kernel), weight decay included
         else:
-            d = rule.direction(low, moments, inner_step, group, p)
+            d = rule.direction(low, moments, inner_step, group, param)
         for s in specs:
             store.save(state, s.name, moments[s.name], s.signed)
         state["step"], state["inner_step"] = step, inner_step
@@ -324,15 +359,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
         else:
             pst = state["projector"]
             low_update = d.num if d.den is None else d.num / d.den
-            if low_update.numel():  # an empty subspace (FRUGAL's inactive block) adds nothing
+            # an empty subspace (FRUGAL's inactive block) adds nothing; a residual rule that ``replaces_lift``
+            # (APOLLO) returns the whole update itself
+            if low_update.numel() and not getattr(residual, "replaces_lift", False):
                 proj.add_back(target, low_update, pst, -d.coef * group["scale"])
             # a residual rule with ``wants_coef`` also gets the inner step's coefficient and lr (Fira)
             ctx = {"coef": d.coef, "lr": d.lr} if getattr(residual, "wants_coef", False) else {}
             extra = residual.step(grad, low, low_update, proj, pst, state, group, **ctx)
             if extra is not None:
                 target.sub_(extra)
-        if target is not p:
-            p.copy_(target)
+        if target is not param:
+            param.copy_(target)
 
     def _init_state(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor,
                     proj: Projector | None, rule: InnerRule, store: StateStore, index: int) -> None:
@@ -340,12 +377,30 @@ class LowRankOptimizer(torch.optim.Optimizer):
         state["inner_step"] = 0
         if proj is not None:
             ctx = {"layout": self._layout(group, p)} if getattr(proj, "wants_layout", False) else {}
-            state["projector"] = proj.init(grad, seed=derive_seed(group["seed"], index), **ctx)
+            seed = derive_seed(group["seed"], index)
+            state["projector"] = _fsdp.once(self, lambda: proj.init(grad, seed=seed, **ctx), index)
             shape = proj.low_shape(p.shape, state["projector"])
+            if grad.device.type != "meta" and not bool(grad.any()):
+                state[PENDING] = 1  # a zero gradient defines no subspace: choose it at the first nonzero one
         else:
             shape = tuple(p.shape)
         for spec in rule.moments(tuple(shape), group):
-            store.create(state, spec.name, spec.shape, p.device)
+            store.create(state, spec.name, spec.shape, p.device, like=None if proj is not None else p,
+                         seed=derive_seed(group["seed"], index))
+
+    def _init_subspace(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor,
+                       proj: Projector, rule: InnerRule, store: StateStore, index: int) -> None:
+        """Chooses the subspace from the first nonzero gradient of a parameter whose earlier gradients were all
+        exactly zero (a layer feeding a zero-initialised one): those steps' moments are zero in any subspace,
+        so only the projector state is rebuilt (and moments of another shape recreated, as zeros)."""
+        if not bool(grad.any()):
+            return
+        del state[PENDING]
+        ctx = {"layout": self._layout(group, p)} if getattr(proj, "wants_layout", False) else {}
+        state["projector"] = proj.init(grad, seed=derive_seed(group["seed"], index), **ctx)
+        for spec in rule.moments(proj.low_shape(p.shape, state["projector"]), group):
+            if tuple(state[spec.name].shape) != tuple(spec.shape):
+                store.create(state, spec.name, spec.shape, p.device)
 
     def _refresh(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, proj: Projector,
                  rule: InnerRule, transfer: TransferPolicy, store: StateStore) -> None:
@@ -358,7 +413,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             ctx["layout"] = self._layout(group, p)
         if getattr(proj, "wants_lr", False):  # the group's lr now and at the start (LR schedulers' initial_lr)
             ctx["lr"], ctx["initial_lr"] = group["lr"], group.get("initial_lr", group["lr"])
-        new = proj.update(grad, old, **ctx)
+        new = _fsdp.once(self, lambda: proj.update(grad, old, **ctx), self._index_of(p))
         specs = rule.moments(proj.low_shape(p.shape, new), group)
         transfer.apply(state, old, new, proj, specs, store)
         for spec in specs:
@@ -367,6 +422,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
                                  f"{tuple(state[spec.name].shape)} but the new subspace needs {tuple(spec.shape)}; "
                                  "use a transfer that rebuilds moments (e.g. 'reset') with this projector")
         state["projector"] = new
+
+    def _index_of(self, p: torch.Tensor) -> int:
+        """Position of ``p`` among all the optimizer's parameters (its seed and refresh-owner index)."""
+        return next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
 
     def _layout(self, group: dict[str, Any], p: torch.Tensor) -> tuple[int, int, int]:
         """``(position, count, group seed)`` of ``p`` among the group's projected params, for projectors
@@ -401,6 +460,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
             visit(st)
         return total
 
+    def global_state_bytes(self) -> int:
+        """Bytes of optimizer state held by all ranks together: :meth:`state_bytes` summed over the default
+        process group (equal to :meth:`state_bytes` in one process). Every rank must call it."""
+        return _fsdp.sum_over_ranks(self.state_bytes())
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict; under FSDP2 the sharded state of each ``DTensor`` parameter is wrapped as
+        ``DTensor``s on its mesh (row or column chunks; 8-bit moments dequantized to fp32, requantized on load),
+        so ``torch.distributed.checkpoint`` saves, gathers and reshards it."""
+        return _checkpoint.export_state(self, super().state_dict())
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict, keeping every saved tensor's dtype (only the device follows the parameter).
 
@@ -408,6 +478,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         the parameter's dtype, which would turn 8-bit codes, int indices and fp32 moments of bf16
         parameters into something else; here tensors are copied to the parameter's device unchanged.
         """
+        state_dict = _checkpoint.import_state(self, state_dict)
         saved = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         params = [p for g in self.param_groups for p in g["params"]]
@@ -418,6 +489,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 p = id_map[key]
                 self.state[p] = _to_device(value, p.device)
         self._parts_cache = {}
+        _checkpoint.requantize(self)
         self._target_ids = None
 
 

@@ -28,8 +28,10 @@ from typing import Any
 import torch
 
 from ._validation import check_choice, check_int, check_number
-from .memory import LLAMA_CONFIGS, estimate_state_bytes, llama_shapes
-from .registry import available_optimizers
+from .engine import LowRankOptimizer
+from .memory import LLAMA_CONFIGS, estimate_state_bytes, llama_shapes, n_matrices, state_phases
+from .projectors.quantized_basis import BASIS_DTYPES
+from .registry import HF_OPTIM, available_optimizers, resolve_optimizer
 from .state import STATE_DTYPES
 
 Shape = tuple[int, ...]
@@ -53,7 +55,10 @@ class MemoryPlan:
         state: optimizer state by part (``projector bases``, ``low-rank moments``, ``plain moments``).
         settings: rank, state dtype, weight dtype, layer-wise flag.
         budget: the budget in bytes (``None``: none given).
-        n_lowrank: number of projected matrices.
+        n_lowrank: number of projected matrices (an MoE expert stack ``(E, m, n)`` counts ``E``).
+        state_peak: the largest optimizer state at any step (GaLore+'s warm-up score, the largest FRUGAL
+            window or GUM draw); ``None``: the same as :attr:`state_total`.
+        state_steady: the largest once warm-up buffers are freed; ``None``: the same as :attr:`state_total`.
     """
 
     model: str
@@ -65,16 +70,19 @@ class MemoryPlan:
     settings: dict[str, Any] = field(default_factory=dict)
     budget: int | None = None
     n_lowrank: int = 0
+    state_peak: int | None = None
+    state_steady: int | None = None
 
     @property
     def state_total(self) -> int:
-        """Bytes of the whole optimizer state."""
+        """Bytes of the whole optimizer state after the first step (by part in :attr:`state`)."""
         return sum(self.state.values())
 
     @property
     def total(self) -> int:
-        """Weights + gradients + optimizer state."""
-        return self.weights + self.gradients + self.state_total
+        """Weights + gradients + optimizer state at its peak (what must fit)."""
+        peak = self.state_total if self.state_peak is None else max(self.state_peak, self.state_total)
+        return self.weights + self.gradients + peak
 
     @property
     def fits(self) -> bool | None:
@@ -86,11 +94,18 @@ class MemoryPlan:
         s = self.settings
         rank = "full rank" if s["rank"] is None else f"rank {s['rank']}"
         mode = ", layer-wise" if s["layerwise"] else ""
+        if s.get("shards", 1) > 1:
+            mode += f", per rank of {s['shards']} (FSDP2)"
         rows = [(f"weights ({s['weight_dtype']})", self.weights),
                 (f"gradients ({s['weight_dtype']}{', largest single tensor' if s['layerwise'] else ''})",
                  self.gradients),
                 (f"optimizer state ({s['state_dtype']} moments)", self.state_total)]
-        rows += [(f"  {k}", v) for k, v in self.state.items()]
+        rows += [(f"  {k}" + (f" ({s.get('basis_dtype', 'fp32')})" if k == "projector bases" else ""), v)
+                 for k, v in self.state.items()]
+        if self.state_peak is not None and self.state_peak != self.state_total:
+            rows.append(("optimizer state, peak (warm-up / largest draw)", self.state_peak))
+        if self.state_steady is not None and self.state_steady != self.state_total:
+            rows.append(("optimizer state, steady (after warm-up)", self.state_steady))
         rows.append(("total", self.total))
         lines = [f"{self.model}: {self.n_params / 1e9:.3f} B parameters, {self.optimizer}, {rank}, "
                  f"{self.n_lowrank} projected matrices{mode}"]
@@ -103,12 +118,45 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+#: Config keys holding the number of routed experts (Mixtral / GPT-OSS, Qwen-MoE / OLMoE, DeepSeek naming).
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+#: ``model_type`` -> width of the per-layer q/k RMSNorms: ``"head"`` (one head_dim vector, Qwen3) or
+#: ``"full"`` (the whole projection, OLMo / OLMoE).
+QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full", "olmo2": "full"}
+
+
+def num_experts(config: Mapping[str, Any]) -> int:
+    """Routed experts per MoE layer read from an HF config (0: a dense model); see :data:`EXPERT_COUNT_KEYS`."""
+    for key in EXPERT_COUNT_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+def _is_sparse_layer(config: Mapping[str, Any], i: int) -> bool:
+    """Qwen-MoE's rule (``decoder_sparse_step``, ``mlp_only_layers``); every layer for Mixtral / OLMoE."""
+    step = config.get("decoder_sparse_step") or 1
+    return i not in (config.get("mlp_only_layers") or ()) and (i + 1) % step == 0
+
+
 def hf_config_shapes(config: Mapping[str, Any]) -> dict[str, Shape]:
-    """Parameter names and shapes of a LLaMA-style decoder from an HF ``config.json`` dict.
+    """Parameter names and shapes of a LLaMA-style decoder, dense or MoE, from an HF ``config.json`` dict.
 
     Reads ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``,
     ``vocab_size`` and, when present, ``num_key_value_heads`` (grouped-query attention), ``head_dim``,
-    ``tie_word_embeddings``, ``attention_bias`` and ``mlp_bias`` (LLaMA, Mistral, Qwen2 naming).
+    ``tie_word_embeddings``, ``attention_bias`` (q, k, v, o), ``qkv_bias`` (q, k, v: Qwen2-MoE) and
+    ``mlp_bias`` (LLaMA, Mistral, Qwen2 naming), the q/k norms of :data:`QK_NORM`'s model types and
+    Qwen2's q, k, v biases (built unconditionally by its attention).
+
+    MoE (HF Transformers v5 layout: experts as 3-D parameters ``(E, out, in)``): the number of experts
+    ``E`` from :data:`EXPERT_COUNT_KEYS`; the expert width from ``moe_intermediate_size`` (Qwen-MoE,
+    DeepSeek) or else ``intermediate_size`` (Mixtral, OLMoE); a router ``mlp.gate.weight`` ``(E, d)``,
+    ``mlp.experts.gate_up_proj`` ``(E, 2 f, d)`` and ``mlp.experts.down_proj`` ``(E, d, f)``; a shared
+    expert of ``shared_expert_intermediate_size`` with its ``(1, d)`` gate (Qwen2-MoE); layers in
+    ``mlp_only_layers`` or off the ``decoder_sparse_step`` are dense MLPs of ``intermediate_size``.
+    Checked against the models Transformers builds for Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE configs.
+    Other attention layouts (DeepSeek's MLA, GPT-OSS's sinks and expert biases) are not modeled.
     """
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in required if not isinstance(config.get(k), int)]
@@ -120,21 +168,40 @@ def hf_config_shapes(config: Mapping[str, Any]) -> dict[str, Shape]:
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or d // heads
     attn_bias, mlp_bias = bool(config.get("attention_bias", False)), bool(config.get("mlp_bias", False))
+    qkv_bias = attn_bias or bool(config.get("qkv_bias", False)) or config.get("model_type") == "qwen2"
+    experts = num_experts(config)
+    expert_ff = config.get("moe_intermediate_size") or ff
+    shared_ff = config.get("shared_expert_intermediate_size") or 0
+    qk_norm = QK_NORM.get(str(config.get("model_type")))
     shapes: dict[str, Shape] = {"model.embed_tokens.weight": (vocab, d)}
     for i in range(config["num_hidden_layers"]):
         pre = f"model.layers.{i}."
         outs = {"q_proj": heads * head_dim, "k_proj": kv_heads * head_dim, "v_proj": kv_heads * head_dim}
         for name, out in outs.items():
             shapes[f"{pre}self_attn.{name}.weight"] = (out, d)
-            if attn_bias:
+            if qkv_bias:
                 shapes[f"{pre}self_attn.{name}.bias"] = (out,)
         shapes[f"{pre}self_attn.o_proj.weight"] = (d, heads * head_dim)
         if attn_bias:
             shapes[f"{pre}self_attn.o_proj.bias"] = (d,)
-        for name, shape in (("gate_proj", (ff, d)), ("up_proj", (ff, d)), ("down_proj", (d, ff))):
-            shapes[f"{pre}mlp.{name}.weight"] = shape
-            if mlp_bias:
-                shapes[f"{pre}mlp.{name}.bias"] = (shape[0],)
+        if qk_norm is not None:
+            full = qk_norm == "full"
+            shapes[f"{pre}self_attn.q_norm.weight"] = (heads * head_dim if full else head_dim,)
+            shapes[f"{pre}self_attn.k_norm.weight"] = (kv_heads * head_dim if full else head_dim,)
+        if experts and _is_sparse_layer(config, i):
+            shapes[f"{pre}mlp.gate.weight"] = (experts, d)
+            shapes[f"{pre}mlp.experts.gate_up_proj"] = (experts, 2 * expert_ff, d)
+            shapes[f"{pre}mlp.experts.down_proj"] = (experts, d, expert_ff)
+            mlps = {"mlp.shared_expert.": shared_ff} if shared_ff else {}
+        else:
+            mlps = {"mlp.": ff}
+        for sub, width in mlps.items():
+            for name, shape in (("gate_proj", (width, d)), ("up_proj", (width, d)), ("down_proj", (d, width))):
+                shapes[f"{pre}{sub}{name}.weight"] = shape
+                if mlp_bias:
+                    shapes[f"{pre}{sub}{name}.bias"] = (shape[0],)
+        if experts and shared_ff and _is_sparse_layer(config, i):
+            shapes[f"{pre}mlp.shared_expert_gate.weight"] = (1, d)
         shapes[f"{pre}input_layernorm.weight"] = (d,)
         shapes[f"{pre}post_attention_layernorm.weight"] = (d,)
     shapes["model.norm.weight"] = (d,)
@@ -164,24 +231,46 @@ def model_shapes(model: str | Path | Mapping[str, Sequence[int]]) -> dict[str, S
 def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str = "galore_adamw", *,
                 rank: int | None = 128, state_dtype: str = "8bit", layerwise: bool = False,
                 budget_gb: float | None = None, weight_dtype: str = "bf16",
-                target_modules: str | Sequence[str] = ("attn", "mlp"), update_proj_gap: int = 200,
+                target_modules: str | Sequence[str] = ("attn", "mlp"), update_proj_gap: int | None = None,
+                include_conv: bool = False, shards: int = 1, basis_dtype: str = "fp32",
                 **optimizer_kwargs: Any) -> MemoryPlan:
     """Plans training memory (weights, gradients, optimizer state by part) without allocating the model.
 
     Args:
         model: preset (``llama-7b``, ...), HF ``config.json`` path (or its folder), or name -> shape.
-        optimizer: registered optimizer name (:func:`lowrank_optim.available_optimizers`).
+        optimizer: registered optimizer name (:func:`lowrank_optim.available_optimizers`), class name or HF
+            ``optim`` name (:func:`lowrank_optim.resolve_optimizer`: ``galore_adamw_8bit`` sets
+            ``state_dtype="8bit"``, a ``*_layerwise`` name sets ``layerwise=True``).
         rank: projection rank (``None`` or 0: every parameter plain, e.g. 8-bit Adam with ``galore_adamw``).
         state_dtype: ``fp32``, ``bf16`` or ``8bit`` moments.
         layerwise: per-layer updates (only the largest gradient is alive at a time).
         budget_gb: memory budget in GB (10^9 bytes; a "24 GB" card has 24 GiB, so this is conservative).
         weight_dtype: ``bf16``, ``fp16`` or ``fp32`` weights and gradients.
         target_modules: name fragments or a regex selecting the projected weights.
-        update_proj_gap: refresh period (does not change the sizes; passed for completeness).
+        update_proj_gap: refresh period (``None``: the method's own; does not change the sizes). Passed to the
+            optimizer, not the group, so it never overrides a method's own period silently.
+        include_conv: also project convolution weights (3-D to 5-D ``.weight`` tensors of matched modules,
+            for a name -> shape mapping).
+        shards: FSDP2 ranks (``fully_shard``): weights, gradients and optimizer state per rank. Presets whose
+            parts run sharded (:mod:`lowrank_optim.distributed.fsdp`: svd / rsvd / random projectors with Adam,
+            Adafactor or SGD, drop or Fira residual) divide everything by ``shards``; the others keep their
+            low-rank state (moments and bases) replicated and divide only the plain moments. 1: one process
+            or DDP (every rank holds everything). Not counted: FSDP2's all-gathered unit of weights.
+        basis_dtype: how projector bases are stored, ``fp32`` (default), ``bf16``, ``int8`` or ``int4``
+            (:mod:`lowrank_optim.projectors.quantized_basis`); given to the optimizer as
+            ``projector_options={"basis_dtype": ...}``.
         **optimizer_kwargs: further optimizer keyword arguments.
+
+    Raises:
+        ValueError: ``shards < 1``, or ``shards > 1`` with ``layerwise`` (no layer-wise updates under FSDP2).
     """
     if not isinstance(optimizer, str):
         raise TypeError(f"Invalid optimizer: expected a registered name, got {optimizer!r}")
+    optimizer, implied, hf_layerwise = resolve_optimizer(optimizer)
+    layerwise = layerwise or hf_layerwise
+    if "state_dtype" in implied and implied["state_dtype"] != state_dtype:
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r} contradicts the optimizer name, which means "
+                         f"state_dtype={implied['state_dtype']!r}")
     if rank == 0:
         rank = None
     if rank is not None:
@@ -189,23 +278,55 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
     check_choice("state_dtype", state_dtype, STATE_DTYPES)
     check_choice("weight_dtype", weight_dtype, tuple(WEIGHT_DTYPES))
     budget = None if budget_gb is None else round(check_number("budget_gb", budget_gb, low=0.0) * GB)
+    check_int("shards", shards, low=1)
+    if shards > 1 and layerwise:
+        raise ValueError("Invalid shards: layer-wise updates (layerwise=True) do not run under FSDP2")
+    check_choice("basis_dtype", basis_dtype, BASIS_DTYPES)
+    if basis_dtype != "fp32":
+        options = dict(optimizer_kwargs.get("projector_options") or {})
+        optimizer_kwargs["projector_options"] = {**options, "basis_dtype": basis_dtype}
     shapes = model_shapes(model)
     dtype = WEIGHT_DTYPES[weight_dtype]
-    size = torch.empty((), dtype=dtype).element_size()
+    size = torch.empty((), dtype=dtype, device="meta").element_size()
     numels = {n: _numel(s) for n, s in shapes.items()}
+    if update_proj_gap is not None:
+        optimizer_kwargs["update_proj_gap"] = check_int("update_proj_gap", update_proj_gap, low=1)
     est = estimate_state_bytes(shapes, optimizer, rank=rank, target_modules=target_modules,
-                               group_options={"update_proj_gap": update_proj_gap}, param_dtype=dtype,
-                               state_dtype=state_dtype, **optimizer_kwargs)
+                               include_conv=include_conv, param_dtype=dtype, state_dtype=state_dtype,
+                               **optimizer_kwargs)
     low = set(est.lowrank)
     low_bytes = sum(v for n, v in est.per_param.items() if n in low)
     state = {"projector bases": est.projector, "low-rank moments": low_bytes - est.projector,
              "plain moments (embeddings, head, norms, ...)": est.total - low_bytes}
     grads = max(numels.values()) * size if layerwise else sum(numels.values()) * size
+    weights = sum(numels.values()) * size
+    if shards > 1:
+        divided = _runs_sharded(optimizer, rank, optimizer_kwargs)
+        state = {k: (-(-v // shards) if divided or k.startswith("plain") else v) for k, v in state.items()}
+        weights, grads = -(-weights // shards), -(-grads // shards)
+    engine = isinstance(est.optimizer, LowRankOptimizer) and est.method == "meta-step" and bool(est.optimizer.state)
+    phases = state_phases(est.optimizer, est.names) if engine else None
     return MemoryPlan(model=str(model) if not isinstance(model, Mapping) else "model", optimizer=optimizer,
-                      n_params=sum(numels.values()), weights=sum(numels.values()) * size, gradients=grads,
-                      state=state, budget=budget, n_lowrank=len(low),
+                      n_params=sum(numels.values()), weights=weights, gradients=grads,
+                      state=state, budget=budget, n_lowrank=sum(n_matrices(n, shapes[n]) for n in low),
+                      state_peak=None if phases is None or shards > 1 else phases.peak,
+                      state_steady=None if phases is None or shards > 1 else phases.steady,
                       settings={"rank": rank, "state_dtype": state_dtype, "weight_dtype": weight_dtype,
-                                "layerwise": layerwise})
+                                "layerwise": layerwise, "shards": shards,
+                                "basis_dtype": basis_dtype})
+
+
+def _runs_sharded(optimizer: str, rank: int | None, kwargs: Mapping[str, Any]) -> bool:
+    """Whether the projected matrices of ``optimizer`` run in FSDP2's sharded mode (state divided by ranks)."""
+    from .distributed import fsdp
+    from .engine import ENGINE_DEFAULTS
+    from .registry import OPTIMIZERS
+
+    if rank is None:
+        return True
+    opts = {**ENGINE_DEFAULTS, **OPTIMIZERS[optimizer].preset_defaults, **kwargs}
+    return (opts["projector"] in fsdp.SHARDED_PROJECTORS and opts["inner"] in fsdp.SHARDED_RULES
+            and opts["residual"] in fsdp.SHARDED_RESIDUALS and opts["transfer"] in fsdp.SHARDED_TRANSFERS)
 
 
 def _numel(shape: Shape) -> int:
@@ -222,18 +343,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     est = sub.add_parser("estimate", help="plan weights + gradients + optimizer-state memory",
                          description=__doc__.split("\n\n")[0])
     est.add_argument("--model", required=True, help=f"{', '.join(sorted(PRESETS))} or PATH/config.json")
-    est.add_argument("--optimizer", default="galore_adamw", choices=available_optimizers())
+    est.add_argument("--optimizer", default="galore_adamw",
+                     help=f"registry name ({', '.join(available_optimizers())}), class name (GaLoreAdamW) or HF "
+                          f"optim name ({', '.join(sorted(HF_OPTIM))}, and their _layerwise forms)")
     est.add_argument("--rank", type=int, default=128, help="projection rank (0: full rank, no projection)")
-    est.add_argument("--state-dtype", default="8bit", choices=STATE_DTYPES)
+    est.add_argument("--state-dtype", default=None, choices=STATE_DTYPES,
+                     help="moment storage (default: 8bit, or what the optimizer name implies)")
     est.add_argument("--weight-dtype", default="bf16", choices=tuple(WEIGHT_DTYPES))
     est.add_argument("--layerwise", action="store_true", help="per-layer updates (gradients freed one by one)")
     est.add_argument("--budget-gb", type=float, default=None, help="budget in GB (10^9 bytes)")
     est.add_argument("--target-modules", nargs="+", default=["attn", "mlp"], help="name fragments to project")
+    est.add_argument("--shards", type=int, default=1, help="FSDP2 ranks: report per-rank memory (1: one process / DDP)")
+    est.add_argument("--basis-dtype", default="fp32", choices=BASIS_DTYPES,
+                     help="projector basis storage (blockwise absmax along columns for int8/int4)")
     args = parser.parse_args(argv)
     try:
+        if args.state_dtype is None:
+            args.state_dtype = resolve_optimizer(args.optimizer)[1].get("state_dtype", "8bit")
         plan = plan_memory(args.model, args.optimizer, rank=args.rank, state_dtype=args.state_dtype,
                            layerwise=args.layerwise, budget_gb=args.budget_gb, weight_dtype=args.weight_dtype,
-                           target_modules=args.target_modules)
+                           target_modules=args.target_modules, shards=args.shards,
+                           basis_dtype=args.basis_dtype)
     except (TypeError, ValueError) as err:
         print(f"lowrank-optim estimate: error: {err}", file=sys.stderr)
         return 2
@@ -241,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if plan.fits is False else 0
 
 
-__all__ = ["MemoryPlan", "hf_config_shapes", "main", "model_shapes", "plan_memory"]
+__all__ = ["EXPERT_COUNT_KEYS", "MemoryPlan", "hf_config_shapes", "main", "model_shapes", "num_experts",
+           "plan_memory"]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes.util
+import dataclasses
 import json
 import math
 import sys
@@ -11,11 +12,11 @@ import pytest
 import torch
 
 import lowrank_optim as lro
-from benchmarks import common, convergence, malloc, memory, projectors, quick, throughput
+from benchmarks import common, convergence, frontier, malloc, memory, projectors, quick, sweep, throughput
 from benchmarks.data import load_corpus
 from benchmarks.model import DecoderConfig, build_model
 from benchmarks.registry import OVERRIDES, specs
-from lowrank_optim.memory import count_state_bytes, estimate_state_bytes, llama_shapes
+from lowrank_optim.memory import LLAMA_CONFIGS, count_state_bytes, estimate_state_bytes, llama_shapes
 from lowrank_optim.projectors import PROJECTORS
 
 TINY = llama_shapes(n_layers=1, d_model=64, d_ffn=160, vocab=96)
@@ -219,3 +220,199 @@ def test_malloc_pinning_is_recorded(monkeypatch) -> None:
         pytest.skip("not glibc")
     common.setup(common.parser("x").parse_args([]))
     assert malloc._state["pinned"] and "pinned at 128 KiB" in common.environment("cpu")["malloc"]
+
+
+# -- end-to-end mode and allocator regimes (issue 12) ------------------------------------------------------------
+E2E_TINY = DecoderConfig(vocab=96, d_model=32, n_layers=1, n_heads=2, d_ffn=64, max_len=32)
+
+
+def test_throughput_e2e_schema_and_ratios() -> None:
+    recs = throughput.run_e2e("tiny", steps=2, only=["galore_adamw"], rank=8, batch_size=2, seq_len=16,
+                              cfg=E2E_TINY)
+    assert [r["label"] for r in recs] == ["torch:adamw", "galore_adamw[fp32]"]
+    for r in recs:
+        assert "error" not in r, r
+        assert r["mode"] == "e2e" and r["malloc"] in ("warm", "pinned", "dynamic") and r["tokens_per_step"] == 32
+        assert r["tokens_per_s"] == pytest.approx(32 / r["median_step_s"])
+        assert r["adamw_tokens_per_s"] == pytest.approx(32 / r.get("paired_adamw_median_step_s", r["median_step_s"]))
+        assert r["tokens_per_s_ratio_to_adamw"] == pytest.approx(r["tokens_per_s"] / r["adamw_tokens_per_s"])
+        assert r["minor_faults_per_step"] >= 0 and r["state_bytes"] > 0
+    adamw, galore = recs
+    assert adamw["tokens_per_s_ratio_to_adamw"] == 1.0 and adamw["amortized_step_s"] == adamw["median_step_s"]
+    assert galore["amortized_step_s"] == pytest.approx((galore["median_step_s"] * 199 + galore["first_step_s"]) / 200)
+    assert galore["state_bytes"] < adamw["state_bytes"]
+    with pytest.raises(ValueError, match="seq_len"):
+        throughput.run_e2e("tiny", steps=1, only=["galore_adamw"], seq_len=64, cfg=E2E_TINY)
+
+
+def test_throughput_summary_reports_each_regime_headline_first() -> None:
+    def rec(label: str, regime: str, mode: str, ratio: float) -> dict:
+        base = {"label": label, "mode": mode, "malloc": regime, "median_step_s": 0.1, "refresh_step_s": None,
+                "amortized_ratio_to_adamw": ratio, "minor_faults_per_step": 0}
+        if mode == "e2e":
+            base.update({"tokens_per_s": 100.0, "tokens_per_s_ratio_to_adamw": ratio,
+                         "amortized_tokens_per_s_ratio_to_adamw": ratio})
+        return base
+
+    recs = [rec(lab, g, m, x) for g in ("warm", "pinned") for m in ("step", "e2e")
+            for lab, x in (("torch:adamw", 1.0), ("galore_adamw[fp32]", 0.5 if g == "warm" else 0.75))]
+    table = throughput.summary(recs)
+    step, e2e = table.split("\n\n")
+    header = step.splitlines()[0]
+    assert header.index("amortized /AdamW (warm)") < header.index("amortized /AdamW (pinned)")
+    assert "| galore_adamw[fp32] | 100 | 0.5 | 0 | 100 | 0.75 | 0 |" in step  # empty columns left out
+    assert e2e.splitlines()[0].startswith("| optimizer (end-to-end) | tok/s (warm) | /AdamW (warm)")
+
+
+def test_malloc_regime_environments() -> None:
+    env = malloc.warm_env({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1:glibc.cpu.x86_ibt=off", "A": "1"})
+    assert env["GLIBC_TUNABLES"] == f"glibc.cpu.x86_ibt=off:{malloc.WARM_HEAP_TUNABLES}" and env["A"] == "1"
+    assert malloc.is_warm(env) and not malloc.is_warm({"A": "1"})
+    assert malloc.cold_env(env)["GLIBC_TUNABLES"] == "glibc.cpu.x86_ibt=off"
+    assert "GLIBC_TUNABLES" not in malloc.cold_env(malloc.warm_env({}))
+    assert throughput._child_argv(["--quick", "--regimes", "warm,pinned", "--records-json=x"], "warm",
+                                  "/t/w.json") == ["--quick", "--regimes", "warm", "--records-json", "/t/w.json"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or ctypes.util.find_library("c") is None, reason="glibc")
+def test_warm_regime_runs_in_a_child_process_with_the_tunables() -> None:
+    """The warm heap needs GLIBC_TUNABLES at process start: the child reports the regime it really ran in."""
+    records, envs = throughput.run_regimes(["--size", "tiny", "--mode", "e2e", "--steps", "1", "--only",
+                                            "galore_adamw", "--no-references", "--batch-size", "1",
+                                            "--seq-len", "8"], ["warm"])
+    assert envs["warm"]["malloc_regime"] == "warm" and "GLIBC_TUNABLES" in envs["warm"]["malloc"]
+    assert {r["malloc"] for r in records} == {"warm"} and {r["label"] for r in records} == {
+        "torch:adamw", "galore_adamw[fp32]"}
+
+
+def test_gpu_check_cpu_part(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU check's code paths on the CPU with tiny shapes (the CUDA run: ``python -m benchmarks.gpu_check``)."""
+    from benchmarks import gpu_check
+
+    result = gpu_check.main(["--device", "cpu", "--tiny", "--only", "galore_adamw,fira", "--out", str(tmp_path)])
+    assert [r["label"] for r in result["matrix"]] == [f"{n}[{s}]" for n in ("fira", "galore_adamw")
+                                                      for s in ("fp32", "bf16", "8bit")]
+    assert all(r["status"] == "ok" and r["state_bytes"] > 0 for r in result["matrix"]), result["matrix"]
+    # on the CPU both "devices" are the CPU: the same seeds must give bit-identical trajectories
+    assert [(r["label"], r["status"], r["max_rel_diff"]) for r in result["trajectories"]] == [
+        ("fira[fp32]", "ok", 0.0), ("galore_adamw[fp32]", "ok", 0.0)]
+    speed = {r["label"]: r for r in result["speed"]}
+    assert {"torch:adamw(fused)", "galore_adamw[fp32]", "galore_adamw[8bit]", "fira[fp32]"} <= set(speed)
+    assert speed["torch:adamw(fused)"]["tokens_per_s_ratio_to_adamw"] == 1.0
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in result["speed"]), result["speed"]
+    assert speed["galore_adamw[fp32]"]["state_bytes"] < speed["torch:adamw(fused)"]["state_bytes"]
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["anchor"]["galore_8bit"] == {"tokens_per_s": 1109, "memory_GB": 7.95}
+    assert "anchor, GaLore paper" in gpu_check.summary(result)
+    # without bitsandbytes the 8-bit cases are skipped, not failed
+    monkeypatch.setattr(gpu_check, "_have_bnb", lambda: False)
+    matrix = gpu_check.check_matrix(torch.device("cpu"), gpu_check.SETTINGS["tiny"]["matrix_shapes"], 8, 1,
+                                    only=["galore_adamw"])
+    assert [r["status"][:7] for r in matrix] == ["ok", "ok", "skipped"]
+
+
+# -- tuned comparison (benchmarks.sweep) and the frontier ----------------------------------------------------
+TINY_SWEEP = sweep.SweepConfig(cfg=DecoderConfig(d_model=32, n_layers=1, n_heads=2, d_ffn=64, max_len=16), steps=3,
+                               batch_size=2, seq_len=16, rank=4, update_proj_gap=2, eval_batches=1, seeds=3,
+                               grid=(1e-3, 10**-2.5, 1e-2, 10**-1.5), max_extensions=3,
+                               state_dtypes=("fp32", "8bit"))
+
+
+def _fake_executor(optimum: dict[str, float], calls: list[sweep.Task], diverge_above: float = math.inf):
+    """Runs no training: the selection loss is (log10 lr - log10 optimum)^2 (+ 0.01 * seed), NaN above
+    ``diverge_above``; every task it is given is appended to ``calls``."""
+
+    def execute(tasks):
+        for t in tasks:
+            calls.append(t)
+            opt_name = t.label.split("[")[0].split(":")[-1]
+            loss = (math.log10(t.lr) - math.log10(optimum.get(opt_name, 1e-2))) ** 2 + 0.01 * t.seed
+            if t.lr > diverge_above:
+                loss = math.nan
+            yield {"label": t.label, "optimizer": opt_name, "impl": "x", "state_dtype": "fp32", "lr": t.lr,
+                   "seed": t.seed, "val_loss": loss, "heldout_loss": loss + 0.5, "diverged": not math.isfinite(loss),
+                   "wall_s": 0.0, "state_bytes": 1}
+
+    return execute
+
+
+def _rows(result: dict) -> dict[str, dict]:
+    return {r["label"]: r for r in result["rows"]}
+
+
+def test_sweep_extends_an_edge_until_the_best_lr_is_interior(tmp_path) -> None:
+    calls: list[sweep.Task] = []
+    # AdamW's optimum 0.1 lies beyond the grid's top (3.16e-2): two extensions (0.1, 0.316) make it interior.
+    # galore_adamw's optimum 1e-6 lies 3 half-decades below the grid's floor plus more: 3 extensions, still edge.
+    result = sweep.run_sweep(TINY_SWEEP, tmp_path / "runs.jsonl", only=["galore_adamw"], references=False,
+                             executor=_fake_executor({"adamw": 0.1, "galore_adamw": 1e-6}, calls),
+                             log=lambda s: None)
+    rows = _rows(result)
+    adamw = rows["torch:adamw"]
+    assert [p["lr"] for p in adamw["tried"]] == pytest.approx([1e-3, 10**-2.5, 1e-2, 10**-1.5, 0.1, 10**-0.5],
+                                                              rel=1e-5)
+    assert adamw["best_lr"] == pytest.approx(0.1) and not adamw["at_edge"] and adamw["extensions"] == 2
+    assert adamw["grid"] == list(TINY_SWEEP.grid)
+    low = rows["galore_adamw[fp32]"]
+    assert low["extensions"] == 3 and low["at_edge"] and low["best_lr"] == pytest.approx(10**-4.5, rel=1e-5)
+    assert not result["complete"]  # an lr still on its grid's edge is not a finished comparison
+    # seeds 1..2 at the best lr; the 8-bit store runs at the fp32 spec's best lr on every seed
+    assert adamw["seeds_done"] == 3 and adamw["heldout"]["mean"] == pytest.approx(0.5 + 0.01)
+    assert adamw["heldout"]["std"] == pytest.approx(0.01) and adamw["heldout_minus_adamw"] == 0.0
+    store = rows["galore_adamw[8bit]"]
+    assert store["tuned_on"] == "galore_adamw[fp32]" and store["best_lr"] == low["best_lr"]
+    assert sorted(t.seed for t in calls if t.label == "galore_adamw[8bit]") == [0, 1, 2]
+    assert len({t.key() for t in calls}) == len(calls)  # no run twice
+    # resume: every run is in the file, so nothing runs again and the summary is the same
+    again: list[sweep.Task] = []
+    result2 = sweep.run_sweep(TINY_SWEEP, tmp_path / "runs.jsonl", only=["galore_adamw"], references=False,
+                              executor=_fake_executor({}, again), log=lambda s: None)
+    assert again == [] and result2["rows"] == result["rows"]
+
+
+def test_sweep_counts_a_diverged_run_as_worst(tmp_path) -> None:
+    calls: list[sweep.Task] = []
+    # optimum above the grid, but everything above 0.02 diverges: the best is 1e-2, interior, no extension
+    result = sweep.run_sweep(dataclasses.replace(TINY_SWEEP, state_dtypes=("fp32",)), tmp_path / "r.jsonl",
+                             only=["galore_adamw"], references=False,
+                             executor=_fake_executor({"adamw": 1.0, "galore_adamw": 1.0}, calls, diverge_above=0.02),
+                             log=lambda s: None)
+    row = _rows(result)["torch:adamw"]
+    assert row["best_lr"] == pytest.approx(1e-2) and not row["at_edge"] and row["extensions"] == 0
+    assert row["tried"][-1]["val_loss"] is None and row["tried"][-1]["diverged"]
+    assert result["complete"]
+
+
+def test_sweep_real_runs_schema_and_frontier(tmp_path) -> None:
+    """Two real (3-step) trainings per spec through the worker path; the JSON, plots and frontier from them."""
+    conf = dataclasses.replace(TINY_SWEEP, grid=(1e-3, 1e-2), max_extensions=0, seeds=2, state_dtypes=("fp32",))
+    labels = [s.label for s in specs(conf.state_dtypes, controls=True)]
+    sweep._init_worker(conf, None, labels)
+    result = sweep.run_sweep(conf, tmp_path / "r.jsonl", only=["galore_adamw"], references=False,
+                             executor=lambda tasks: [sweep._run_task(t) for t in tasks], log=lambda s: None)
+    rows = _rows(result)
+    assert set(rows) == {"torch:adamw", "torch:adamw_blocks_x0.25", "galore_adamw[fp32]"}
+    for r in rows.values():
+        assert r["seeds_done"] == 2 and not r["errors"] and math.isfinite(r["heldout"]["mean"])
+        assert r["documented_lr"] == 1e-3 and r["state_bytes_toy"] > 0
+    sweep.plot(result, tmp_path / "s.png", "s")
+    assert "held-out loss" in sweep.summary(result)
+    payload = {"records": result["rows"], "config": conf.asdict()}
+    recs = frontier.build(payload, {"torch:adamw": 100, "torch:adamw_blocks_x0.25": 100, "galore_adamw[fp32]": 40})
+    assert {r["label"] for r in recs} == set(rows)
+    frontier.plot(recs, tmp_path / "f.png", "f")
+    assert (tmp_path / "f.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_pareto_front() -> None:
+    pts = [(10.0, 1.0), (5.0, 2.0), (5.0, 3.0), (1.0, 5.0), (20.0, 1.0), (3.0, 2.0)]
+    # (5, 2) loses to (3, 2); (5, 3) to (3, 2); (20, 1) to (10, 1)
+    assert frontier.pareto_front(pts) == [3, 5, 0]
+
+
+def test_frontier_bytes_are_the_closed_form_at_1b() -> None:
+    """torch AdamW at LLaMA-1B shapes: two fp32 moments per weight and one fp32 step counter per tensor."""
+    shapes = llama_shapes(**LLAMA_CONFIGS["1B"])
+    n = sum(torch.Size(s).numel() for s in shapes.values())
+    got = frontier.state_bytes_at(["torch:adamw"])
+    assert got == {"torch:adamw": 8 * n + 4 * len(shapes)}

@@ -139,3 +139,64 @@ def test_group_projector_options_refine_optimizer_level_ones() -> None:
     opt = lro.GaLoreAdamW(groups, projector_options={"oversample": 2})
     proj = opt._parts(opt.param_groups[-1])[0]
     assert (proj.power_iters, proj.oversample) == (3, 2)
+
+
+# -- names users already type: registry, class and HF Transformers `optim` names ------------------------------
+HF_NAMES = {"galore_adamw": ("galore_adamw", {}), "galore_adamw_8bit": ("galore_adamw", {"state_dtype": "8bit"}),
+            "galore_adafactor": ("galore_adafactor", {})}
+
+
+@pytest.mark.parametrize("name", lro.available_optimizers())
+def test_every_registry_and_class_name_resolves(name: str) -> None:
+    from lowrank_optim.registry import OPTIMIZERS
+
+    cls_name = OPTIMIZERS[name].__name__
+    for spelling in (name, cls_name, cls_name.upper(), name.replace("_", "-")):
+        assert lro.resolve_optimizer(spelling) == (name, {}, False), spelling
+
+
+@pytest.mark.parametrize(("hf", "expected"), sorted(HF_NAMES.items()))
+def test_hf_optim_names_resolve_with_their_implied_kwargs(hf: str, expected: tuple) -> None:
+    assert lro.resolve_optimizer(hf) == (*expected, False)
+    assert lro.resolve_optimizer(hf + "_layerwise") == (*expected, True)
+    opt = lro.create_optimizer(hf, LM(), rank=4)
+    assert type(opt).__name__ == {"galore_adamw": "GaLoreAdamW", "galore_adafactor": "GaLoreAdafactor"}[expected[0]]
+    assert opt.param_groups[-1]["state_dtype"] == expected[1].get("state_dtype", "fp32")
+
+
+def test_hf_name_contradicted_by_a_keyword_and_layerwise_names_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"state_dtype.*galore_adamw_8bit"):
+        lro.create_optimizer("galore_adamw_8bit", LM(), rank=4, state_dtype="fp32")
+    assert lro.create_optimizer("galore_adamw_8bit", LM(), rank=4, state_dtype="8bit").param_groups[-1][
+        "state_dtype"] == "8bit"
+    with pytest.raises(ValueError, match=r"galore_adamw_layerwise.*LayerwiseUpdater"):
+        lro.create_optimizer("galore_adamw_layerwise", LM(), rank=4)
+
+
+def test_apollo_adamw_maps_to_apollo() -> None:
+    """HF's ``apollo_adamw`` is our ``apollo`` preset; a clear message while that preset is not registered."""
+    if "apollo" in lro.available_optimizers():
+        assert lro.resolve_optimizer("apollo_adamw") == ("apollo", {}, False)
+        assert lro.resolve_optimizer("apollo_adamw_layerwise") == ("apollo", {}, True)
+        assert type(lro.create_optimizer("apollo_adamw", LM(), rank=4)).__name__ == "APOLLO"
+    else:
+        with pytest.raises(ValueError, match=r"apollo_adamw.*'apollo'.*not registered"):
+            lro.resolve_optimizer("apollo_adamw")
+
+
+def test_planner_cli_accepts_every_spelling(capsys: pytest.CaptureFixture[str]) -> None:
+    from lowrank_optim.planner import main, plan_memory
+
+    base = ["estimate", "--model", "llama-60m", "--rank", "128"]
+    outputs = {}
+    for spelling in ("galore_adamw", "GaLoreAdamW", "galore_adamw_8bit"):
+        assert main([*base, "--optimizer", spelling]) == 0
+        outputs[spelling] = capsys.readouterr().out
+    assert len(set(outputs.values())) == 1  # the CLI's default store is 8-bit: all three are the same plan
+    assert main([*base, "--optimizer", "galore_adamw_8bit", "--state-dtype", "fp32"]) == 2
+    assert "contradicts" in capsys.readouterr().err
+    assert main([*base, "--optimizer", "no_such_optimizer"]) == 2
+    assert "galore_adamw_8bit" in capsys.readouterr().err  # the message lists the HF names
+    layerwise = plan_memory("llama-60m", "galore_adamw_layerwise", rank=128)
+    assert layerwise.settings["layerwise"] and layerwise == plan_memory("llama-60m", "galore_adamw", rank=128,
+                                                                        layerwise=True)

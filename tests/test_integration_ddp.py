@@ -1,5 +1,7 @@
 """Data parallel on CPU: DDP and ZeroRedundancyOptimizer (gloo, 2 processes, 127.0.0.1, bounded in time).
 
+With ``lro.distributed.divide_refresh(opt)`` every refresh (SVD, rSVD, DCT selection, ...) is computed on one
+rank and broadcast: the run stays bit-identical, and the calls summed over ranks equal one rank's count without it.
 Every registered optimizer (the random-projection ones included: their seeds come from the group seed
 and the parameter index, never from the process) keeps the two replicas bit-identical (weights and
 optimizer state) for 20 steps while each rank sees different data. Under ZeroRedundancyOptimizer, which
@@ -50,7 +52,7 @@ def _digest(model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> str:
     return h.hexdigest()
 
 
-def _run(name: str, rank: int, zero: bool) -> tuple[str, str]:
+def _run(name: str, rank: int, zero: bool, divided: bool = False) -> tuple[str, str, int]:
     from helpers import CASES, GROUP_OPTIONS, build, loss_fn, make_data, make_model
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
@@ -63,13 +65,16 @@ def _run(name: str, rank: int, zero: bool) -> tuple[str, str]:
         opt: Any = ZeroRedundancyOptimizer(groups, optimizer_class=cls, state_dtype="8bit", **CASES.get(name, {}))
     else:
         opt = build(name, model, state_dtype="8bit")
+        if divided:
+            lro.distributed.divide_refresh(opt)
+    before = lro.distributed.REFRESH_CALLS["engine"]
     x, y = make_data(seed=100 + rank)  # different data on each rank
     for _ in range(STEPS):
         opt.zero_grad()
         loss_fn(ddp, x, y).backward()
         opt.step()
     # under ZeRO each rank holds the state of its own shard only: compare the weights
-    return _digest(model, None), _digest(model, None if zero else opt)
+    return _digest(model, None), _digest(model, None if zero else opt), lro.distributed.REFRESH_CALLS["engine"] - before
 
 
 def _fsdp_refused() -> list[str]:
@@ -97,9 +102,11 @@ def _worker(rank: int, port: int, names: list[str], out: str) -> None:
     try:
         result: dict[str, Any] = {}
         for name in names:
-            ddp_w, ddp_all = _run(name, rank, zero=False)
-            zero_w, _ = _run(name, rank, zero=True)
-            result[name] = {"ddp_weights": ddp_w, "ddp_all": ddp_all, "zero_weights": zero_w}
+            ddp_w, ddp_all, calls = _run(name, rank, zero=False)
+            zero_w, _, _ = _run(name, rank, zero=True)
+            _, divided_all, divided_calls = _run(name, rank, zero=False, divided=True)
+            result[name] = {"ddp_weights": ddp_w, "ddp_all": ddp_all, "zero_weights": zero_w, "calls": calls,
+                            "divided_all": divided_all, "divided_calls": divided_calls}
         result["_fsdp"] = _fsdp_refused()
         gathered: list[Any] = [None] * WORLD
         dist.all_gather_object(gathered, result)
@@ -136,6 +143,10 @@ def test_replicas_stay_bit_identical(tmp_path: Path) -> None:
         assert r0["zero_weights"] == r1["zero_weights"], f"{name}: ZeroRedundancyOptimizer replicas diverged"
         if name in GRADIENT_ONLY:
             assert r0["zero_weights"] == r0["ddp_weights"], f"{name}: ZeRO trajectory differs from DDP"
+        # divide_refresh: each refresh computed on one rank and broadcast; the run is bit-identical to DDP's
+        assert r0["divided_all"] == r0["ddp_all"] == r1["divided_all"], f"{name}: divided refresh changed the run"
+        assert r0["calls"] == r1["calls"] > 0, (name, r0["calls"], r1["calls"])
+        assert r0["divided_calls"] + r1["divided_calls"] == r0["calls"], (name, r0, r1)
     for messages in (ranks[0]["_fsdp"], ranks[1]["_fsdp"]):
         assert len(messages) == 4
         assert all("flattened" in m and "ZeroRedundancyOptimizer" in m for m in messages), messages

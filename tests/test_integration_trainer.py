@@ -60,13 +60,26 @@ def route_cls(model: torch.nn.Module) -> dict[str, Any]:
     return {"optimizer_cls_and_kwargs": (lro.GaLoreAdamW, kwargs)}
 
 
+def route_hf_names(model: torch.nn.Module) -> dict[str, Any]:
+    """HF's own strings: ``optim``, ``optim_args``, ``optim_target_modules`` (read from TrainingArguments)."""
+    hf_args = transformers.TrainingArguments(output_dir="unused", optim="galore_adamw_8bit", learning_rate=1e-2,
+                                             optim_args="rank=4, update_proj_gap=2", optim_target_modules=TARGETS,
+                                             report_to=[], use_cpu=True)
+    cls, kwargs = lro.hf.from_training_args(hf_args, model)
+    assert cls is lro.GaLoreAdamW
+    assert kwargs == {"rank": 4, "update_proj_gap": 2, "scale": 0.25, "lr": 1e-2, "state_dtype": "8bit",
+                      "target_modules": TARGETS, "module": model}
+    return {"optimizer_cls_and_kwargs": (cls, kwargs)}
+
+
 def inner(opt: torch.optim.Optimizer) -> lro.LowRankOptimizer:
     while not isinstance(opt, lro.LowRankOptimizer):  # accelerate's AcceleratedOptimizer wraps it
         opt = opt.optimizer
     return opt
 
 
-@pytest.mark.parametrize("route", [route_groups, route_cls], ids=["optimizers", "optimizer_cls_and_kwargs"])
+@pytest.mark.parametrize("route", [route_groups, route_cls, route_hf_names],
+                         ids=["optimizers", "optimizer_cls_and_kwargs", "hf_optim_strings"])
 def test_trainer_trains_and_resumes_exactly(route: Callable[[torch.nn.Module], dict[str, Any]],
                                             tmp_path: Path) -> None:
     model = tiny_llama()
@@ -92,3 +105,30 @@ def test_trainer_trains_and_resumes_exactly(route: Callable[[torch.nn.Module], d
     for k, v in resumed_model.state_dict().items():
         assert torch.equal(v, uninterrupted[k]), k
     assert all(st["step"] == 4 for st in inner(resumed.optimizer).state.values())
+
+
+def test_hf_optim_args_are_typed_like_hf_parses_them() -> None:
+    model = tiny_llama()
+    cls, kw = lro.hf.optimizer_cls_and_kwargs("galore_adafactor", model, "rank=8,scale=0.5,beta1=0.9,"
+                                              "relative_step=false", "all-linear")
+    assert cls is lro.GaLoreAdafactor and kw["rank"] == 8 and isinstance(kw["rank"], int)
+    assert kw["scale"] == 0.5 and kw["beta1"] == 0.9 and kw["relative_step"] is False
+    assert kw["update_proj_gap"] == 200 and kw["target_modules"] == "all-linear" and "lr" not in kw
+    # our own names keep the preset's defaults (Fira's scale is not HF GaLore's), plus HF's rank
+    cls, kw = lro.hf.optimizer_cls_and_kwargs("Fira", model, None, ["mlp"], lr=3e-3)
+    assert cls is lro.Fira and kw == {"rank": 128, "lr": 3e-3, "target_modules": ["mlp"], "module": model}
+    opt = cls([p for p in model.parameters()], **kw)
+    assert opt.param_groups[0]["rank"] == 128
+
+
+@pytest.mark.parametrize(("args", "exc", "word"), [
+    (("galore_adamw", "rank=8,oops", ["mlp"]), ValueError, "optim_args"),
+    (("galore_adamw", "rank=eight", ["mlp"]), ValueError, "rank"),
+    (("galore_adamw", 5, ["mlp"]), TypeError, "optim_args"),
+    (("galore_adamw", None, None), ValueError, "optim_target_modules"),
+    (("galore_adamw_layerwise", None, ["mlp"]), ValueError, "LayerwiseUpdater"),
+    (("adamw_torch", None, ["mlp"]), ValueError, "name"),
+])
+def test_hf_helper_refuses_bad_input_by_name(args: tuple, exc: type, word: str) -> None:
+    with pytest.raises(exc, match=word):
+        lro.hf.optimizer_cls_and_kwargs(args[0], tiny_llama(), args[1], args[2])

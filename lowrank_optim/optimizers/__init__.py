@@ -1,5 +1,6 @@
 """Named optimizers: thin presets over :class:`lowrank_optim.engine.LowRankOptimizer`."""
 
+from .apollo import APOLLO, APOLLOMini
 from .coap import COAP
 from .dct_adamw import DCTAdamW
 from .fira import Fira
@@ -10,5 +11,5 @@ from .galore_plus import GaLorePlus, galore_plus_groups
 from .gum import GUM
 from .osd import OnlineSubspaceDescent
 
-__all__ = ["COAP", "FRUGAL", "GUM", "DCTAdamW", "Fira", "Flora", "GaLoreAdafactor", "GaLoreAdamW", "GaLorePlus",
-           "OnlineSubspaceDescent", "galore_plus_groups"]
+__all__ = ["APOLLO", "COAP", "FRUGAL", "GUM", "APOLLOMini", "DCTAdamW", "Fira", "Flora", "GaLoreAdafactor",
+           "GaLoreAdamW", "GaLorePlus", "OnlineSubspaceDescent", "galore_plus_groups"]

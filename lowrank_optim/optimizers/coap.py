@@ -17,9 +17,11 @@ class COAP(LowRankOptimizer):
     See :class:`lowrank_optim.projectors.coap.COAPProjector` for the correction and how it differs
     from the reference (normalised, so that it moves the basis at realistic gradient scales). Moments
     are kept as they are by default (the reference's ``restore_state=False``); ``restore_state=True``
-    moves them into the new basis (the ``"linear"`` transfer: first moment linearly, second through its
-    square root). Adam follows torch's order with torch's ``eps`` (the reference: HF order, 1e-6), and
-    weight decay is computed from the pre-update weight.
+    moves them into the new basis (the ``"linear"`` transfer: first moment linearly, ``M' = M C``; second moment
+    as ``V' = V (C o C)``, not the reference's ``(sqrt(V) C)^2``, whose signed terms cancel and inflate the
+    step after each re-estimation, see :class:`~lowrank_optim.rules.transfer.LinearTransfer`). Adam follows
+    torch's order with torch's ``eps`` (the reference: HF order, 1e-6), and weight decay is computed from the
+    pre-update weight.
 
     Args:
         params: parameters or groups; a group carrying ``rank`` is projected (see :func:`param_groups`).

@@ -28,7 +28,11 @@ class FRUGAL(LowRankOptimizer):
     group's matrices state-full, walked in ``block_order``), ``"columns"`` / ``"rows"`` / ``"entries"``
     (``int(density * count)`` random coordinates per matrix), or any registered basis projector
     (``"svd"``, ``"random"``, ...), whose size is the group's ``rank`` (``density`` applies to coordinates
-    and blocks only). Defaults are the paper's pre-training configuration: blocks, descending, density 0.25,
+    and blocks only). ``"random"`` defaults to the orthonormal random basis (the QR of a seeded Gaussian, as
+    FRUGAL's reference), because the state-free part is the complement ``G - P P^T G``; Flora's Gaussian basis
+    (``projector_options={"distribution": "gaussian"}``), online PCA without ``orthonormalize`` and COAP are
+    not orthonormal and are refused (a ``ValueError`` naming ``projector`` and the residual). Defaults are the
+    paper's pre-training configuration: blocks, descending, density 0.25,
     gap 200, signSGD, reset on. ``density=1`` is AdamW; ``density=0`` is signSGD on the projected weights.
 
     Differences from the reference code: an unknown ``inactive_update_rule`` raises (its driver's default
@@ -77,6 +81,8 @@ class FRUGAL(LowRankOptimizer):
             projector_options = {"density": density, "order": block_order, **(projector_options or {})}
         elif projector in COORDINATES:
             projector_options = {"density": density, **(projector_options or {})}
+        elif projector == "random":  # the state-free part is the complement: the basis must be orthonormal
+            projector_options = {"distribution": "orthonormal", **(projector_options or {})}
         if rule == "drop":  # no state-free part: the scale is unused, but still checked
             check_number("inactive_lr_scale", inactive_lr_scale, low=0.0)
         else:

@@ -36,23 +36,33 @@ register_projector(COAPProjector)
 register_projector(HeadSharedRSVDProjector)
 
 
+#: Options every projector takes (:meth:`Projector.configure`): basis storage and the lazy refresh schedule.
+COMMON_OPTIONS = ("basis_dtype", "lazy_refresh", "lazy_threshold", "lazy_max_multiple")
+
+
 def make_projector(name: str, rank: int, **options: Any) -> Projector:
     """Builds a projector by name (``"svd"``, ``"rsvd"``, ...).
+
+    ``options`` are the projector's own keyword arguments plus :data:`COMMON_OPTIONS` (``basis_dtype``,
+    ``lazy_refresh``, ``lazy_threshold``, ``lazy_max_multiple``; see :meth:`Projector.configure`).
 
     Raises:
         ValueError: unknown name. TypeError: unknown option.
     """
     if not isinstance(name, str) or name not in PROJECTORS:
         raise ValueError(f"Invalid projector: {name!r} (expected one of {sorted(PROJECTORS)})")
+    common = {k: options.pop(k) for k in COMMON_OPTIONS if k in options}
     try:
-        return PROJECTORS[name](rank, **options)
+        proj = PROJECTORS[name](rank, **options)
     except TypeError as err:
         if "unexpected keyword" in str(err):
             raise TypeError(f"Invalid projector option for {name!r}: {err}") from None
         raise
+    return proj.configure(**common) if common else proj
 
 
 __all__ = [
+    "COMMON_OPTIONS",
     "LEFT",
     "PROJECTORS",
     "RIGHT",

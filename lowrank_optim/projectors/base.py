@@ -13,20 +13,45 @@ Conventions, for a gradient ``G`` of shape ``(m, n)`` and rank ``r``:
 
 The side is chosen once, from the shape and the side rule, and stored as an int; it is never guessed
 back from a tensor's shape (galore-torch's ``reverse_std`` bug on square projections).
+
+Sign convention of bases computed by a decomposition (``sign`` option of ``svd``, ``rsvd``, ``rsvd_heads``,
+``coap``, ``gum``, ``online_pca``'s first basis): a singular vector is only defined up to its sign, and LAPACK's
+choice depends on the algorithm, the library and rounding. With moments kept across a refresh (GaLore's
+``keep``) a flipped column negates the first moment's coordinate, so the sign is part of the trajectory.
+
+* ``"canonical"``: :func:`canonical_signs`, a function of the basis alone (the first entry of largest
+  magnitude of each column is positive), so an SVD, an eigendecomposition of an all-reduced Gram matrix
+  and a randomized SVD of the same subspace give the same basis;
+* ``"align"`` (default): canonical for a new basis; on a refresh each column takes the sign that makes
+  it agree with the previous basis's column (:func:`aligned_signs`), which is what kept moments assume;
+  a column nearly orthogonal to its predecessor (``|cos| < ALIGN_MIN_COSINE``) stays canonical;
+* ``"raw"``: whatever the decomposition returned (galore-torch's convention; for parity tests).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+import warnings
+from typing import Any, ClassVar
 
 import torch
 
 from .._validation import check_choice, check_int
+from ..linalg import DecompositionError
+from .lazy_refresh import LazyRefresh, subspace_overlap
+from .quantized_basis import BASIS_DTYPES, decode_basis, encode_basis, is_encoded
 
 LEFT = 0
 RIGHT = 1
 SIDE_RULES = ("std", "reverse_std", "left", "right")
+SIGN_RULES = ("align", "canonical", "raw")
+#: Entries within this relative distance of a column's largest magnitude count as tied for the
+#: canonical sign (the first of them decides), so rounding differences between decompositions
+#: (~1e-6 relative in fp32) do not move the pivot of an exactly tied column.
+SIGN_TIE_RTOL = 1e-4
+#: ``"align"`` follows the previous column only when ``|cos(new, old)|`` is at least this; below it the
+#: old coordinate says nothing about the new one and the canonical sign is kept.
+ALIGN_MIN_COSINE = 1e-3
 
 ProjState = dict[str, Any]
 
@@ -55,6 +80,50 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def canonical_signs(basis: torch.Tensor) -> torch.Tensor:
+    """``basis`` (``(d, r)``) with each column multiplied by +-1 so that its pivot is positive.
+
+    The pivot is the first entry (lowest row index) whose magnitude is within :data:`SIGN_TIE_RTOL` of the
+    column's largest magnitude. The rule depends on the column alone, so ``canonical_signs(B D) ==
+    canonical_signs(B)`` exactly for any diagonal sign matrix ``D`` (a multiplication by -1 is exact). A
+    zero column is left as it is. Returns a new tensor of ``basis``'s dtype.
+    """
+    if basis.dim() != 2 or basis.numel() == 0:
+        return basis.clone()
+    mag = basis.abs()
+    peak = mag.amax(dim=0, keepdim=True)
+    tied = mag >= peak * (1.0 - SIGN_TIE_RTOL)
+    pivot_row = tied.to(torch.uint8).argmax(dim=0, keepdim=True)  # first True of each column
+    pivot = basis.gather(0, pivot_row)
+    return basis * torch.where(pivot < 0, -1.0, 1.0).to(dtype=basis.dtype)
+
+
+def aligned_signs(basis: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """``basis`` with each column's sign chosen to agree with the same column of ``previous``.
+
+    A column whose cosine with its predecessor is below :data:`ALIGN_MIN_COSINE` in magnitude (or every
+    column, when ``previous`` is ``None`` or of another shape) gets :func:`canonical_signs`'s sign.
+    """
+    canon = canonical_signs(basis)
+    if previous is None or tuple(previous.shape) != tuple(basis.shape) or basis.numel() == 0:
+        return canon
+    prev = previous.to(device=basis.device, dtype=torch.float32)
+    cur = canon.float()
+    dots = (cur * prev).sum(dim=0)
+    norms = cur.norm(dim=0) * prev.norm(dim=0)
+    flip = (dots < 0) & (dots.abs() >= ALIGN_MIN_COSINE * norms)
+    return canon * torch.where(flip, -1.0, 1.0).to(dtype=basis.dtype)
+
+
+def apply_sign_rule(rule: str | None, basis: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """``basis`` under a sign rule of :data:`SIGN_RULES` (``None`` or ``"raw"``: unchanged)."""
+    if rule == "canonical":
+        return canonical_signs(basis)
+    if rule == "align":
+        return aligned_signs(basis, previous)
+    return basis
+
+
 def cpu_generator(*parts: int) -> torch.Generator:
     """A CPU generator seeded from integers: draws are device independent."""
     gen = torch.Generator(device="cpu")
@@ -65,6 +134,17 @@ def cpu_generator(*parts: int) -> torch.Generator:
 class Projector:
     """Base class: subclasses implement :meth:`_basis` (and may override the rest).
 
+    Two storage/schedule options apply to every projector that stores a basis (set them with
+    :meth:`configure`, or through ``projector_options`` / :func:`make_projector`):
+
+    * ``basis_dtype``: ``"fp32"`` (default), ``"bf16"``, ``"int8"`` or ``"int4"``, how the basis is kept in the
+      state (:mod:`lowrank_optim.projectors.quantized_basis`); it is decoded to fp32 for every projection.
+    * ``lazy_refresh``: skip scheduled refreshes of a matrix whose subspace keeps still
+      (:mod:`lowrank_optim.projectors.lazy_refresh`), with ``lazy_threshold`` and ``lazy_max_multiple``.
+
+    Subclasses customise :meth:`init_state` and :meth:`refresh` (or just :meth:`_basis`); the public
+    :meth:`init` and :meth:`update` wrap them with the storage and the lazy schedule.
+
     Args:
         rank: target rank ``r``; clamped to ``min(m, n)`` per matrix.
         side: side rule, one of ``"std"``, ``"reverse_std"``, ``"left"``, ``"right"``.
@@ -74,45 +154,147 @@ class Projector:
     #: When True the engine passes ``moments={name: fp32 tensor}`` (low-rank moments before the
     #: refresh) to :meth:`update`, e.g. for COAP's correlation-aware correction.
     wants_moments = False
+    #: Whether the basis has orthonormal columns (``P^T P = I``), so that ``project_back(project(G))`` is
+    #: the orthogonal projection of ``G`` onto the subspace and ``G - project_back(project(G))`` its
+    #: complement. Residual rules that take that complement (FRUGAL's state-free part, Fira, GaLore+'s
+    #: sparse residual) are refused at construction with a projector that says False. Conservative
+    #: default: a projector must declare it.
+    orthonormal: bool = False
+    #: Whether ``project`` / ``project_back`` are the matrix products with :meth:`basis_matrix` (``B^T G`` and
+    #: ``B N`` on the left, ``G B`` and ``N B^T`` on the right): what the ``linear`` transfer needs.
+    matrix_map: bool = True
+    #: Whether :meth:`low_shape` depends on the shape only (not on the state): what the ``keep``, ``linear``
+    #: and ``match`` transfers need (FRUGAL's blocks and GUM's full-rank branch change it on a refresh).
+    fixed_low_shape: bool = True
+    #: Whether the state holds ``indices`` of the selected basis columns / coordinates (what ``match`` needs).
+    indexed: bool = False
+    #: Sign rule of a basis computed by a decomposition (:data:`SIGN_RULES`); ``None``: the projector has no
+    #: sign freedom (selections, fixed or seeded bases).
+    sign_rule: str | None = None
+    #: Basis storage forms this projector accepts (``("fp32",)``: it stores no basis, or must keep it exact).
+    basis_dtypes: ClassVar[tuple[str, ...]] = BASIS_DTYPES
+    #: Whether :meth:`configure` accepts ``lazy_refresh`` (needs a stored basis to measure the overlap).
+    supports_lazy: ClassVar[bool] = True
 
     def __init__(self, rank: int, side: str = "std") -> None:
         self.rank = check_int("rank", rank, low=1)
         self.side_rule = check_choice("proj_side", side, SIDE_RULES)
+        self.basis_dtype = "fp32"
+        self.lazy: LazyRefresh | None = None
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(rank={self.rank}, side={self.side_rule!r})"
+        sign = "" if self.sign_rule is None else f", sign={self.sign_rule!r}"
+        return f"{type(self).__name__}(rank={self.rank}, side={self.side_rule!r}{sign})"
+
+    def configure(self, *, basis_dtype: str = "fp32", lazy_refresh: bool = False, lazy_threshold: float = 0.5,
+                  lazy_max_multiple: int = 8) -> Projector:
+        """Sets the basis storage and the lazy refresh schedule; returns ``self``.
+
+        Args:
+            basis_dtype: ``"fp32"``, ``"bf16"``, ``"int8"`` or ``"int4"`` (blockwise absmax along columns).
+            lazy_refresh: double the refresh period (up to ``lazy_max_multiple``) while the subspace overlap
+                between consecutive refreshes stays at or above ``lazy_threshold``.
+            lazy_threshold: overlap ``||P_old^T P_new||_F^2 / r`` counted as still (0.5).
+            lazy_max_multiple: longest period in multiples of ``update_proj_gap`` (8).
+
+        Raises:
+            ValueError: an unknown ``basis_dtype``, a quantized basis or lazy refresh for a projector that
+                stores no basis (``random``, ``dct``, selections) or cannot use it, bad schedule numbers.
+            TypeError: wrong types.
+        """
+        check_choice("basis_dtype", basis_dtype, BASIS_DTYPES)
+        if basis_dtype not in self.basis_dtypes:
+            raise ValueError(f"Invalid basis_dtype: {basis_dtype!r} for projector {self.name!r} "
+                             f"(it accepts {self.basis_dtypes})")
+        if not isinstance(lazy_refresh, bool):
+            raise TypeError(f"Invalid lazy_refresh: expected a bool, got {lazy_refresh!r}")
+        lazy = LazyRefresh(lazy_threshold, lazy_max_multiple)
+        if lazy_refresh and not self.supports_lazy:
+            raise ValueError(f"Invalid lazy_refresh: True for projector {self.name!r}, which has no stored basis "
+                             "whose overlap could be measured (or must refresh every period)")
+        self.basis_dtype = basis_dtype
+        self.lazy = lazy if lazy_refresh else None
+        return self
 
     # -- contract -------------------------------------------------------------------------------
-    def init(self, grad: torch.Tensor, *, seed: int = 0) -> ProjState:
-        """Creates the projector state from the first gradient of a parameter."""
+    def init(self, grad: torch.Tensor, *, seed: int = 0, **context: Any) -> ProjState:
+        """Creates the projector state from the first gradient of a parameter (:meth:`init_state`, then the
+        basis stored in ``basis_dtype`` and the lazy schedule started)."""
+        state = self.init_state(grad, seed=seed, **context)
+        if self.lazy is not None:
+            LazyRefresh.start(state)
+        return self._encode(state)
+
+    def update(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
+        """Returns a refreshed state (the old one is not modified): :meth:`refresh`, or, under lazy refresh, the
+        same state with its countdown lowered when this scheduled refresh is to be skipped.
+
+        ``context`` carries ``moments`` when :attr:`wants_moments` is set.
+        """
+        if self.lazy is not None and LazyRefresh.skips(state):
+            return LazyRefresh.skipped(state)
+        new = self.refresh(grad, state, **context)
+        if self.lazy is not None and "basis" in new and new["basis"] is not state.get("basis"):
+            self.lazy.record(new, subspace_overlap(self.basis_of(state), self.basis_of(new)))
+        return self._encode(new)
+
+    def init_state(self, grad: torch.Tensor, *, seed: int = 0, **context: Any) -> ProjState:
+        """Subclass hook of :meth:`init`: side, rank, seed, refresh count and the first fp32 basis."""
         if grad.dim() != 2:
             raise ValueError(f"Invalid grad: projectors take 2-D tensors, got shape {tuple(grad.shape)}")
         side = choose_side(grad.shape, self.side_rule)
         rank = min(self.rank, int(grad.shape[0]), int(grad.shape[1]))
         state: ProjState = {"side": side, "rank": rank, "seed": int(seed), "refresh": 0}
-        state["basis"] = self._basis(grad, state, previous=None)
+        state["basis"] = self.fresh_basis(grad, state, None)
         return state
 
-    def update(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
-        """Returns a refreshed state (the old one is not modified).
-
-        ``context`` carries ``moments`` when :attr:`wants_moments` is set.
-        """
+    def refresh(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
+        """Subclass hook of :meth:`update`: a new state with a new fp32 basis (the old state untouched)."""
         new = dict(state)
         new["refresh"] = int(state["refresh"]) + 1
-        new["basis"] = self._basis(grad, new, previous=state["basis"])
+        new["basis"] = self.fresh_basis(grad, new, self.basis_of(state))
         return new
+
+    def signed(self, basis: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """A freshly decomposed ``basis`` under :attr:`sign_rule` (``previous``: the basis it replaces)."""
+        return apply_sign_rule(self.sign_rule, basis, previous)
+
+    def fresh_basis(self, grad: torch.Tensor, state: ProjState, previous: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`_basis` under the sign rule; when the decomposition fails on every path
+        (:class:`~lowrank_optim.linalg.DecompositionError`) the previous basis is kept (at the first basis:
+        the first ``r`` coordinate vectors), with a ``RuntimeWarning``."""
+        try:
+            basis = self._basis(grad, state, previous=previous)
+        except DecompositionError as err:
+            dim = int(grad.shape[0] if state["side"] == LEFT else grad.shape[1])
+            return fallback_basis(previous, dim, int(state["rank"]), grad.device, str(err))
+        return self.signed(basis, previous)
+
+    def basis_matrix(self, state: ProjState, device: torch.device) -> torch.Tensor | None:
+        """The ``(d, r)`` matrix ``B`` with ``project(G) = B^T G`` (left) or ``G B`` (right), or ``None`` when
+        ``project`` is not such a product (:attr:`matrix_map` False). Default: :meth:`back_matrix`."""
+        return self.back_matrix(state, device) if self.matrix_map else None
+
+    def basis_of(self, state: ProjState) -> torch.Tensor:
+        """The fp32 ``(d, r)`` basis of ``state``, decoded from its stored form."""
+        return decode_basis(state)
+
+    def _encode(self, state: ProjState) -> ProjState:
+        """Stores a freshly computed fp32 basis in ``basis_dtype`` (a basis already stored is left alone)."""
+        if self.basis_dtype != "fp32" and "basis" in state and not is_encoded(state):
+            state.update(encode_basis(state["basis"], self.basis_dtype))
+        return state
 
     def project(self, grad: torch.Tensor, state: ProjState) -> torch.Tensor:
         """Maps a full ``(m, n)`` tensor into the subspace."""
-        basis = state["basis"]
+        basis = self.basis_of(state)
         if state["side"] == LEFT:
             return basis.T @ grad
         return grad @ basis
 
     def project_back(self, low: torch.Tensor, state: ProjState) -> torch.Tensor:
         """Maps a low-rank tensor back to the full ``(m, n)`` space."""
-        basis = state["basis"]
+        basis = self.basis_of(state)
         if state["side"] == LEFT:
             return basis @ low
         return low @ basis.T
@@ -123,7 +305,7 @@ class Projector:
         :meth:`project_back` gets ``None`` unless it overrides this too."""
         if type(self).project_back is not Projector.project_back:
             return None
-        return state["basis"]
+        return self.basis_of(state)
 
     def add_back(self, target: torch.Tensor, low: torch.Tensor, state: ProjState, alpha: float) -> None:
         """``target += alpha * project_back(low)``; one ``addmm_`` (no full-size temporary) when the map back
@@ -161,6 +343,17 @@ class Projector:
     # -- subclass hook --------------------------------------------------------------------------
     def _basis(self, grad: torch.Tensor, state: ProjState, previous: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+
+def fallback_basis(previous: torch.Tensor | None, dim: int, rank: int, device: torch.device,
+                   reason: str) -> torch.Tensor:
+    """The basis a projector keeps when no decomposition succeeded: ``previous``, or the first ``rank``
+    columns of the ``dim x dim`` identity when there is none (fp32), with a ``RuntimeWarning`` naming ``reason``."""
+    kept = "keeping the previous basis" if previous is not None else "using the first coordinate vectors"
+    warnings.warn(f"lowrank_optim: {reason}; {kept}", RuntimeWarning, stacklevel=4)
+    if previous is not None:
+        return previous
+    return torch.eye(dim, rank, dtype=torch.float32, device=device)
 
 
 def oriented(grad: torch.Tensor, side: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ def active_blocks(count: int, period: int, density: float, order: str, seed: int
     if order == "descending":
         return sorted({count - 1 - (period * k + j) % count for j in range(k)})
     if order == "random":
-        perm = torch.randperm(count, generator=cpu_generator(seed, period))
+        perm = torch.randperm(count, generator=cpu_generator(seed, period), dtype=torch.int64, device="cpu")
         return sorted(int(i) for i in perm[:k])
     half, pairs = k // 2, count // 2
     if half == 0 or pairs == 0:
@@ -55,7 +55,13 @@ class BlockProjector(Projector):
     """
 
     name = "blocks"
+    #: no stored basis: neither a quantized basis nor lazy refresh applies
+    basis_dtypes = ("fp32",)
+    supports_lazy = False
     wants_layout = True
+    orthonormal = True  # the subspace is all of the tensor or nothing: its complement is exact
+    matrix_map = False
+    fixed_low_shape = False  # the moments change shape when a tensor switches between active and inactive
 
     def __init__(self, rank: int, side: str = "std", *, density: float = 0.25, order: str = "descending") -> None:
         super().__init__(rank, side)

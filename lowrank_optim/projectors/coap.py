@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from .._validation import check_int, check_number
-from .base import LEFT, Projector, ProjState, oriented
+from .._validation import check_choice, check_int, check_number
+from ..linalg import max_abs_scale
+from .base import LEFT, SIGN_RULES, Projector, ProjState, oriented
 from .rsvd import randomized_range
 
 #: Moment names (in order of preference) read as "the previous first moment".
@@ -95,14 +96,23 @@ class COAPProjector(Projector):
         normalize: scale-free correction (True) or the reference's mean-reduced loss (False).
         oversample: extra sketch columns of the randomized SVD.
         power_iters: extra subspace iterations of the randomized SVD.
+        sign: sign rule of the randomized SVD's basis (``"align"`` default: the re-estimated basis agrees
+            column by column with the corrected one it replaces, so kept moments stay in their coordinates;
+            ``"canonical"``; ``"raw"``). The correction moves the basis continuously and needs no sign rule.
+
+    The basis is not orthonormal after a correction (:attr:`orthonormal` is False), so residual rules that
+    take the complement ``G - P P^T G`` are refused with this projector.
     """
 
     name = "coap"
     wants_moments = True
+    orthonormal = False
 
     def __init__(self, rank: int, side: str = "std", *, reproject_factor: int = 5, correction_lr: float = 0.1,
-                 clip: float = 1.0, normalize: bool = True, oversample: int = 0, power_iters: int = 0) -> None:
+                 clip: float = 1.0, normalize: bool = True, oversample: int = 0, power_iters: int = 0,
+                 sign: str = "align") -> None:
         super().__init__(rank, side)
+        self.sign_rule = check_choice("sign", sign, SIGN_RULES)
         self.reproject_factor = check_int("reproject_factor", reproject_factor, low=1)
         self.correction_lr = check_number("correction_lr", correction_lr, low=0.0)
         self.clip = check_number("clip", clip, low=0.0, low_open=True)
@@ -116,19 +126,21 @@ class COAPProjector(Projector):
         return randomized_range(oriented(grad, state["side"]), state["rank"], oversample=self.oversample,
                                 power_iters=self.power_iters, seed=(state["seed"], state["refresh"]), warm=previous)
 
-    def update(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
+    def refresh(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
         new = dict(state)
         new["refresh"] = int(state["refresh"]) + 1
         if new["refresh"] % self.reproject_factor == 0:
-            new["basis"] = self._basis(grad, new, previous=state["basis"])
+            new["basis"] = self.fresh_basis(grad, new, self.basis_of(state))
         else:
             new["basis"] = self.correct(grad, state, context.get("moments"))
         return new
 
     def correct(self, grad: torch.Tensor, state: ProjState, moments: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """One correlation-aware step on the basis of ``state`` (a new tensor; ``state`` is untouched)."""
-        u = state["basis"]
+        u = self.basis_of(state)
         a = oriented(grad, state["side"])
+        if self.normalize:  # the normalised objective is scale-free: divide first so no norm overflows fp32
+            a = a / max_abs_scale(a)
         mo = self._oriented_moment(moments, state, tuple(a.shape))
         _, _, g = correction_objective(a, u, mo, normalize=self.normalize)
         norm = float(g.norm())

@@ -27,7 +27,12 @@ class CoordinateProjector(Projector):
     """
 
     name = "coords"
+    #: no stored basis: neither a quantized basis nor lazy refresh applies
+    basis_dtypes = ("fp32",)
+    supports_lazy = False
     choice: ClassVar[str] = "columns"
+    orthonormal = True  # coordinate vectors: the complement zeroes the kept coordinates exactly
+    indexed = True
 
     def __init__(self, rank: int, side: str = "std", *, density: float | None = None) -> None:
         super().__init__(rank, side)
@@ -50,7 +55,8 @@ class CoordinateProjector(Projector):
 
     def _draw(self, state: ProjState, device: torch.device) -> torch.Tensor:
         count = self._count((state["rows"], state["cols"]))
-        perm = torch.randperm(count, generator=cpu_generator(state["seed"], state["refresh"]))
+        perm = torch.randperm(count, generator=cpu_generator(state["seed"], state["refresh"]),
+                              dtype=torch.int64, device="cpu")
         return perm[: state["rank"]].sort().values.to(device)
 
     # -- contract -------------------------------------------------------------------------------
@@ -86,6 +92,22 @@ class CoordinateProjector(Projector):
         if self.choice == "rows":
             return out.index_copy_(0, idx, low)
         out.view(-1).index_copy_(0, idx, low)
+        return out
+
+    @property
+    def matrix_map(self) -> bool:  # type: ignore[override]
+        """Columns and rows are products with a 0/1 selection matrix; entries (a 1-D gather) are not."""
+        return self.choice != "entries"
+
+    def basis_matrix(self, state: ProjState, device: torch.device) -> torch.Tensor | None:
+        """The 0/1 ``(d, k)`` selection matrix ``I[:, indices]`` (``d`` = columns or rows), built on demand;
+        ``None`` for entries."""
+        if self.choice == "entries":
+            return None
+        d = int(state["cols"] if self.choice == "columns" else state["rows"])
+        idx = state["indices"].to(device)
+        out = torch.zeros(d, idx.numel(), dtype=torch.float32, device=device)
+        out[idx, torch.arange(idx.numel(), dtype=torch.int64, device=device)] = 1.0
         return out
 
     def complement(self, grad: torch.Tensor, state: ProjState) -> torch.Tensor | None:

@@ -24,8 +24,9 @@ def full_rank_draw(count: int, period: int, seed: int, prob: float | None, layer
     """
     gen = cpu_generator(seed, period, _DRAW_STREAM)
     if layers is not None:
-        return sorted(int(i) for i in torch.randperm(count, generator=gen)[: min(layers, count)])
-    u = torch.rand(count, generator=gen, dtype=torch.float64)
+        perm = torch.randperm(count, generator=gen, dtype=torch.int64, device="cpu")
+        return sorted(int(i) for i in perm[: min(layers, count)])
+    u = torch.rand(count, generator=gen, dtype=torch.float64, device="cpu")
     return [i for i in range(count) if float(u[i]) < prob]
 
 
@@ -49,13 +50,21 @@ class GUMProjector(Projector):
         full_rank_layers: gamma, the exact number of matrices in the full branch per period (without
             replacement, q = gamma / count). Exactly one of the two must be given.
         weighting: ``"paper"``, ``"after"`` or ``"none"``.
+        sign: sign rule of the SVD basis (as :class:`~lowrank_optim.projectors.svd.SVDProjector`; ``"align"``
+            default). GUM resets its momentum every period, so the sign does not change the trajectory.
     """
 
     name = "gum"
+    #: every period redraws the full-rank branch too, so no refresh may be skipped
+    supports_lazy = False
     wants_layout = True
+    orthonormal = True
+    #: ``project`` is weighted and the full branch works at full size: no matrix map, no fixed low shape.
+    matrix_map = False
+    fixed_low_shape = False
 
     def __init__(self, rank: int, side: str = "std", *, full_rank_prob: float | None = None,
-                 full_rank_layers: int | None = 2, weighting: str = "paper") -> None:
+                 full_rank_layers: int | None = 2, weighting: str = "paper", sign: str = "align") -> None:
         super().__init__(rank, side)
         if (full_rank_prob is None) == (full_rank_layers is None):
             raise ValueError(f"Invalid full_rank_prob / full_rank_layers: give exactly one "
@@ -67,7 +76,8 @@ class GUMProjector(Projector):
         self.prob = full_rank_prob
         self.layers = full_rank_layers
         self.weighting = check_choice("weighting", weighting, WEIGHTINGS)
-        self._svd = SVDProjector(rank, side)
+        self._svd = SVDProjector(rank, side, sign=sign)
+        self.sign_rule = self._svd.sign_rule
 
     def __repr__(self) -> str:
         return (f"GUMProjector(rank={self.rank}, full_rank_prob={self.prob}, full_rank_layers={self.layers}, "
@@ -92,10 +102,11 @@ class GUMProjector(Projector):
         return state
 
     # -- contract -------------------------------------------------------------------------------
-    def init(self, grad: torch.Tensor, *, seed: int = 0, layout: tuple[int, int, int] = (0, 1, 0)) -> ProjState:
+    def init_state(self, grad: torch.Tensor, *, seed: int = 0, layout: tuple[int, int, int] = (0, 1, 0),
+                   **context: Any) -> ProjState:
         return self._draw(self._svd.init(grad, seed=seed), layout)
 
-    def update(self, grad: torch.Tensor, state: ProjState, *, layout: tuple[int, int, int] = (0, 1, 0),
+    def refresh(self, grad: torch.Tensor, state: ProjState, *, layout: tuple[int, int, int] = (0, 1, 0),
                **context: Any) -> ProjState:
         return self._draw(self._svd.update(grad, state), layout)
 

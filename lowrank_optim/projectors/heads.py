@@ -17,6 +17,8 @@ with every head of that matrix. There is no public code; the concrete choices ar
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .base import RIGHT, ProjState, choose_side, cpu_generator, oriented
@@ -30,14 +32,15 @@ class HeadSharedRSVDProjector(RandomizedSVDProjector):
         rank: target rank.
         side: side rule for matrices that are not split into heads.
         num_heads: heads of the matrices this projector sees (``None``: no head split).
-        oversample, power_iters, warm_start: as :class:`RandomizedSVDProjector`.
+        oversample, power_iters, warm_start, sign: as :class:`RandomizedSVDProjector`.
     """
 
     name = "rsvd_heads"
 
     def __init__(self, rank: int, side: str = "std", *, num_heads: int | None = None, oversample: int = 8,
-                 power_iters: int = 1, warm_start: bool = True) -> None:
-        super().__init__(rank, side, oversample=oversample, power_iters=power_iters, warm_start=warm_start)
+                 power_iters: int = 1, warm_start: bool = True, sign: str = "align") -> None:
+        super().__init__(rank, side, oversample=oversample, power_iters=power_iters, warm_start=warm_start,
+                         sign=sign)
         if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int)):
             raise TypeError(f"Invalid num_heads: expected an int or None, got {num_heads!r}")
         if num_heads is not None and num_heads < 1:
@@ -45,7 +48,8 @@ class HeadSharedRSVDProjector(RandomizedSVDProjector):
         self.num_heads = num_heads
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(rank={self.rank}, side={self.side_rule!r}, num_heads={self.num_heads})"
+        return (f"{type(self).__name__}(rank={self.rank}, side={self.side_rule!r}, num_heads={self.num_heads}, "
+                f"sign={self.sign_rule!r})")
 
     def split(self, shape: tuple[int, ...] | torch.Size) -> bool:
         """Whether a matrix of ``shape`` is split into heads."""
@@ -58,21 +62,22 @@ class HeadSharedRSVDProjector(RandomizedSVDProjector):
             return RIGHT, min(self.rank, m // self.num_heads, n)
         return choose_side(shape, self.side_rule), min(self.rank, m, n)
 
-    def init(self, grad: torch.Tensor, *, seed: int = 0) -> ProjState:
+    def init_state(self, grad: torch.Tensor, *, seed: int = 0, **context: Any) -> ProjState:
         if grad.dim() != 2:
             raise ValueError(f"Invalid grad: projectors take 2-D tensors, got shape {tuple(grad.shape)}")
         side, rank = self._side_rank(grad.shape)
         state: ProjState = {"side": side, "rank": rank, "seed": int(seed), "refresh": 0}
         if self.split(grad.shape):
             state["head"] = 0
-        state["basis"] = self._basis(grad, state, previous=None)
+        state["basis"] = self.fresh_basis(grad, state, None)
         return state
 
     def _basis(self, grad: torch.Tensor, state: ProjState, previous: torch.Tensor | None) -> torch.Tensor:
         if "head" not in state:
             return super()._basis(grad, state, previous)
         h = self.num_heads
-        head = int(torch.randint(h, (1,), generator=cpu_generator(state["seed"], state["refresh"], h)))
+        head = int(torch.randint(h, (1,), generator=cpu_generator(state["seed"], state["refresh"], h),
+                                 dtype=torch.int64, device="cpu"))
         state["head"] = head
         d_head = grad.shape[0] // h
         block = grad[head * d_head:(head + 1) * d_head]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .._validation import check_choice, check_int
+from ..linalg import robust
 from .base import LEFT, Projector, ProjState, choose_side, cpu_generator
 
 DISTRIBUTIONS = ("gaussian", "orthonormal")
@@ -42,6 +43,9 @@ class RandomProjector(Projector):
     """
 
     name = "random"
+    #: no stored basis: neither a quantized basis nor lazy refresh applies
+    basis_dtypes = ("fp32",)
+    supports_lazy = False
 
     def __init__(self, rank: int, side: str = "std", *, distribution: str = "gaussian", cache_size: int = 2) -> None:
         super().__init__(rank, side)
@@ -52,6 +56,12 @@ class RandomProjector(Projector):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(rank={self.rank}, side={self.side_rule!r}, "
                 f"distribution={self.distribution!r})")
+
+    @property
+    def orthonormal(self) -> bool:  # type: ignore[override]
+        """True for ``"orthonormal"``; Flora's Gaussian basis is not (``P^T P != I``): ``G - P P^T G`` is then
+        noise, not the complement of the subspace."""
+        return self.distribution == "orthonormal"
 
     def init(self, grad: torch.Tensor, *, seed: int = 0) -> ProjState:
         if grad.dim() != 2:
@@ -75,12 +85,12 @@ class RandomProjector(Projector):
             return cached
         d, r = key[2], key[3]
         gen = cpu_generator(key[0], key[1])
-        z = torch.randn(d, r, generator=gen, dtype=torch.float32)
+        z = torch.randn(d, r, generator=gen, dtype=torch.float32, device="cpu")
         if self.distribution == "gaussian":
             p = z.div_(math.sqrt(r))
         else:
-            q, rr = torch.linalg.qr(z, mode="reduced")
-            p = q * torch.where(torch.diagonal(rr) < 0, -1.0, 1.0)
+            q, rr = robust(lambda x: torch.linalg.qr(x, mode="reduced"), z, what="QR")
+            p = q * torch.where(torch.diagonal(rr) < 0, -1.0, 1.0).to(dtype=q.dtype, device=q.device)
         p = p.to(device)
         if self.cache_size:
             self._cache[key] = p

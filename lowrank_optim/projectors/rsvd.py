@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_int
-from .base import Projector, ProjState, cpu_generator, oriented
+from .._validation import check_choice, check_int
+from ..linalg import robust
+from .base import SIGN_RULES, Projector, ProjState, cpu_generator, oriented
 
 
 def _orth(y: torch.Tensor) -> torch.Tensor:
@@ -20,8 +21,21 @@ def randomized_range(a: torch.Tensor, rank: int, *, oversample: int, power_iters
     ``a^T @ warm`` (one power step from the previous basis) in the first columns of ``omega``; the
     rest are Gaussian, drawn on the CPU from ``seed`` so every device and rank draws the same.
     Each half power step is re-orthonormalised (QR) for stability. The small projected problem is solved
-    through the eigenvectors of its Gram matrix (float64) rather than an SVD.
+    through the eigenvectors of its Gram matrix, formed and decomposed in float64, rather than an SVD.
+
+    The whole computation runs through :func:`lowrank_optim.linalg.robust`: if a QR or the eigensolver fails
+    (or gives a non-finite value, e.g. entries near ``1e19``), it is redone on ``a / max|a|``, in float64 and
+    on the CPU (the sketch is drawn from the same seed each time).
+
+    Raises:
+        lowrank_optim.linalg.DecompositionError: every attempt failed.
     """
+    return robust(lambda x: _randomized_range(x, rank, oversample, power_iters, seed, warm), a,
+                  what="randomized SVD").to(a.dtype)
+
+
+def _randomized_range(a: torch.Tensor, rank: int, oversample: int, power_iters: int, seed: tuple[int, ...],
+                      warm: torch.Tensor | None) -> torch.Tensor:
     p, q = a.shape
     k = min(rank + oversample, p, q)
     n_random = k
@@ -32,15 +46,17 @@ def randomized_range(a: torch.Tensor, rank: int, *, oversample: int, power_iters
         cols.append(w)
         n_random = k - w.shape[1]
     if n_random > 0:
-        cols.append(torch.randn(q, n_random, generator=cpu_generator(*seed), dtype=torch.float32).to(a.device))
+        draw = torch.randn(q, n_random, generator=cpu_generator(*seed), dtype=torch.float32, device="cpu")
+        cols.append(draw.to(device=a.device, dtype=a.dtype))
     omega = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
     basis = _orth(a @ omega)
     for _ in range(power_iters):
         basis = _orth(a @ _orth(a.T @ basis))
-    small = basis.T @ a
-    # Left singular vectors of the small (k x q) matrix = eigenvectors of its k x k Gram matrix, taken in
-    # float64 so that squaring the condition number costs nothing at the top-r end (7x cheaper than its SVD).
-    _, vecs = torch.linalg.eigh((small @ small.T).double())
+    small = (basis.T @ a).double()
+    # Left singular vectors of the small (k x q) matrix = eigenvectors of its k x k Gram matrix, formed and
+    # decomposed in float64 so that squaring the condition number costs nothing at the top-r end (and cannot
+    # overflow: fp32 squares overflow for entries near 1e19); 7x cheaper than the small matrix's SVD.
+    _, vecs = torch.linalg.eigh(small @ small.T)
     u_small = vecs[:, -rank:].flip(-1).to(a.dtype)
     return (basis @ u_small).contiguous()
 
@@ -54,13 +70,17 @@ class RandomizedSVDProjector(Projector):
         oversample: extra sketch columns ``p`` (default 8).
         power_iters: subspace iterations ``q`` (default 1).
         warm_start: start from the previous basis on a refresh (default True).
+        sign: sign rule of the basis columns, as :class:`~lowrank_optim.projectors.svd.SVDProjector`
+            (``"align"`` default, ``"canonical"``, ``"raw"``).
     """
 
     name = "rsvd"
+    orthonormal = True
 
     def __init__(self, rank: int, side: str = "std", *, oversample: int = 8, power_iters: int = 1,
-                 warm_start: bool = True) -> None:
+                 warm_start: bool = True, sign: str = "align") -> None:
         super().__init__(rank, side)
+        self.sign_rule = check_choice("sign", sign, SIGN_RULES)
         self.oversample = check_int("oversample", oversample, low=0)
         self.power_iters = check_int("power_iters", power_iters, low=0)
         if not isinstance(warm_start, bool):

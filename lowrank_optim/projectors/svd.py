@@ -6,38 +6,48 @@ import warnings
 
 import torch
 
-from .base import LEFT, Projector, ProjState, oriented
+from .._validation import check_choice
+from ..linalg import DecompositionError, robust
+from .base import LEFT, SIGN_RULES, Projector, ProjState, oriented
 from .rsvd import randomized_range
 
 
 class SVDProjector(Projector):
     """Top-``r`` singular vectors of the gradient, from ``torch.linalg.svd`` in fp32.
 
-    When the SVD fails to converge (ill-conditioned gradients, galore issue #58) it falls back to
-    randomized subspace iteration, and if that fails too it keeps the previous basis, with a warning.
+    ``G`` itself is decomposed on both sides (left: ``U[:, :r]``, right: ``Vh[:r]^T``), as galore-torch does.
+    When the SVD fails (ill-conditioned gradients, galore issue #58; entries near ``1e19``) it is retried on
+    the gradient rescaled by its largest entry, in float64 and on the CPU (:func:`lowrank_optim.linalg.robust`),
+    then by randomized subspace iteration; if every path fails the previous basis is kept, with a warning.
+
+    Args:
+        rank: target rank.
+        side: side rule.
+        sign: sign rule of the singular vectors (:data:`~lowrank_optim.projectors.base.SIGN_RULES`):
+            ``"align"`` (default: canonical, then each refreshed column agrees with its predecessor, which is
+            what GaLore's kept moments assume), ``"canonical"`` (a function of the basis alone) or ``"raw"``
+            (LAPACK's signs, galore-torch's convention; the column of a rank-1 basis may flip between refreshes).
     """
 
     name = "svd"
+    orthonormal = True
+
+    def __init__(self, rank: int, side: str = "std", *, sign: str = "align") -> None:
+        super().__init__(rank, side)
+        self.sign_rule = check_choice("sign", sign, SIGN_RULES)
 
     def _basis(self, grad: torch.Tensor, state: ProjState, previous: torch.Tensor | None) -> torch.Tensor:
         r = state["rank"]
+        left = state["side"] == LEFT
+
+        def top(g: torch.Tensor) -> torch.Tensor:
+            u, _, vh = torch.linalg.svd(g, full_matrices=False)
+            return (u[:, :r] if left else vh[:r].T).contiguous()
+
         g = grad.float()
         try:
-            # Decompose G itself on both sides (left: U, right: Vh^T). With the "keep" transfer the moments
-            # outlive a refresh in the old coordinates, so the singular vectors' sign convention is part of
-            # the trajectory; this is the convention of galore-torch.
-            u, _, vh = torch.linalg.svd(g, full_matrices=False)
-            return (u[:, :r] if state["side"] == LEFT else vh[:r].T).contiguous()
-        except RuntimeError as err:  # torch.linalg.LinAlgError derives from RuntimeError
-            warnings.warn(f"lowrank_optim: SVD failed ({err}); falling back to randomized SVD", RuntimeWarning,
-                          stacklevel=3)
-        a = oriented(g, state["side"])
-        try:
-            return randomized_range(a, r, oversample=8, power_iters=2, seed=(state["seed"], state["refresh"]),
-                                    warm=previous)
-        except RuntimeError as err:
-            if previous is None:
-                raise
-            warnings.warn(f"lowrank_optim: randomized SVD failed too ({err}); keeping the previous basis",
-                          RuntimeWarning, stacklevel=3)
-            return previous
+            return robust(top, g, what="SVD")
+        except DecompositionError as err:
+            warnings.warn(f"lowrank_optim: {err}; falling back to randomized SVD", RuntimeWarning, stacklevel=4)
+        return randomized_range(oriented(g, state["side"]), r, oversample=8, power_iters=2,
+                                seed=(state["seed"], state["refresh"]), warm=previous)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .adafactor import AdafactorRule
 from .adam import AdamRule
+from .apollo_scaling import APOLLOScaling
 from .base import Direction, InnerRule, MomentSpec, ResidualRule, TransferPolicy
 from .fira_residual import FiraResidual
 from .muon import MuonRule
@@ -17,7 +18,8 @@ from .transfer import KeepTransfer, LinearTransfer, MatchTransfer, ResetTransfer
 INNER_RULES: dict[str, InnerRule] = {r.name: r for r in (AdamRule(), AdafactorRule(), SGDMomentumRule(),
                                                                   MuonRule())}
 RESIDUAL_RULES: dict[str, ResidualRule] = {r.name: r for r in (DropResidual(), FiraResidual(), SignResidual(),
-                                                                     SGDResidual(), SparseResidual())}
+                                                                     SGDResidual(), SparseResidual(),
+                                                                     APOLLOScaling())}
 TRANSFER_POLICIES: dict[str, TransferPolicy] = {t.name: t for t in (
     KeepTransfer(), ResetTransfer(), LinearTransfer(), MatchTransfer(),
     ResetOnChangeTransfer())}

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._validation import check_number
+from ..distributed import comm
 from .base import Direction, Group, InnerRule, MomentSpec
 
 #: Elements per row block of the factored update on the CPU (4 MB of fp32): each block's temporaries stay
@@ -16,8 +17,9 @@ from .base import Direction, Group, InnerRule, MomentSpec
 CPU_BLOCK_ELEMENTS = 1 << 20
 
 
-def _rms(t: torch.Tensor) -> float:
-    return float(t.norm(2) / math.sqrt(t.numel()))
+def _rms(t: torch.Tensor, *, param: bool = False) -> float:
+    # RMS of the whole tensor (a row shard's under FSDP2: :mod:`lowrank_optim.distributed.comm`)
+    return comm.rms(t, param=param)
 
 
 def _row_blocks(grad: torch.Tensor) -> list[slice]:
@@ -79,32 +81,35 @@ class AdafactorRule(InnerRule):
         else:
             lr = float(group["lr"])
         if group["scale_parameter"]:
-            lr *= max(group["eps"][1], _rms(param.float()))
+            lr *= max(group["eps"][1], _rms(param.float(), param=True))
         return lr
 
     def _factored(self, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int, group: Group,
                   lr: float, blocks: list[slice], buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Updates the row/column statistics; returns ``c`` (``(n,)``) and ``rs`` (``(m, 1)``) such that
         the clipped, lr-scaled update is ``(g * c) * rs``."""
-        m, n = int(grad.shape[0]), int(grad.shape[1])
+        # under FSDP2 ``grad`` may be a shard of a bigger matrix: sums over a split axis are completed by ``comm``
+        m, n = comm.length(0, int(grad.shape[0])), comm.length(1, int(grad.shape[1]))
         beta2t = 1.0 - math.pow(step, group["decay_rate"])
         eps1 = group["eps"][0]
-        row_sum = torch.empty(m, dtype=grad.dtype, device=grad.device)
-        col_sum = torch.zeros(n, dtype=grad.dtype, device=grad.device)
+        row_sum = torch.empty(int(grad.shape[0]), dtype=grad.dtype, device=grad.device)
+        col_sum = torch.zeros(int(grad.shape[1]), dtype=grad.dtype, device=grad.device)
         for b in blocks:  # pass 1: row and column sums of g^2
             sq = torch.mul(grad[b], grad[b], out=buf[: b.stop - b.start])
             torch.sum(sq, dim=1, out=row_sum[b])
             col_sum.add_(sq.sum(dim=0))
+        comm.reduce_split(row_sum, 1)
+        comm.reduce_split(col_sum, 0)
         # row / column means of g^2 + eps1 (= mean(g^2) + eps1: eps1 is added to the small vectors only)
         row, col = moments["exp_avg_sq_row"], moments["exp_avg_sq_col"]
         row.mul_(beta2t).add_(row_sum.div_(n).add_(eps1), alpha=1.0 - beta2t)
         col.mul_(beta2t).add_(col_sum.div_(m).add_(eps1), alpha=1.0 - beta2t)
-        r = (row / row.mean()).rsqrt_()
+        r = (row / comm.mean(row, 0)).rsqrt_()
         c = col.rsqrt()
         for b in blocks:  # pass 2: RMS of the update g * r c^T, from the row norms of g * c
             gc = torch.mul(grad[b], c, out=buf[: b.stop - b.start])
             torch.linalg.vector_norm(gc, dim=1, out=row_sum[b])
-        rms = math.sqrt(float(row_sum.mul_(r).square_().sum()) / max(m * n, 1))
+        rms = math.sqrt(float(comm.reduce_total(row_sum.mul_(r).square_().sum())) / max(m * n, 1))
         # RMS clipping and the learning rate in the row factor
         return c, r.mul_(lr / max(1.0, rms / group["clip_threshold"])).unsqueeze(1)
 

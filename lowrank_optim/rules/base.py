@@ -78,16 +78,42 @@ class ResidualRule:
     def validate(self, group: Group) -> None:
         """Raises for bad residual hyper-parameters."""
 
+    #: Whether the rule works on the complement ``G - project_back(project(G))`` (every residual rule but
+    #: ``drop``): with a basis that is not orthonormal that difference is not a complement but noise.
+    takes_complement: ClassVar[bool] = True
+
+    def check_projector(self, projector: Projector, group: Group) -> None:
+        """Raises ``ValueError`` (naming ``projector`` and ``residual``) for a projector this rule cannot use:
+        a rule that takes the complement needs an orthonormal basis (:attr:`Projector.orthonormal`)."""
+        if self.takes_complement and not projector.orthonormal:
+            raise ValueError(
+                f"Invalid projector: {projector.name!r} with residual={self.name!r}: the residual takes the "
+                f"complement G - P P^T G, which needs an orthonormal basis, and {projector!r} is not "
+                "orthonormal (" + _ORTHONORMAL_HINTS.get(projector.name, "use an orthonormal projector") + ")")
+
     def step(self, grad: torch.Tensor, low_grad: torch.Tensor, low_update: torch.Tensor, projector: Projector,
              proj_state: ProjState, state: dict, group: Group) -> torch.Tensor | None:
         """The full-shape tensor to subtract from the parameter, or ``None``."""
         raise NotImplementedError
 
 
+#: How to get an orthonormal variant of a projector that is not one (for :meth:`ResidualRule.check_projector`).
+_ORTHONORMAL_HINTS = {
+    "random": "Flora's Gaussian basis; use projector_options={'distribution': 'orthonormal'}, the QR of a seeded "
+              "Gaussian that FRUGAL's reference uses",
+    "online_pca": "P drifts from orthonormality; use projector_options={'orthonormalize': True}",
+    "coap": "the correction step moves P off orthonormality; use projector='rsvd' or 'svd'",
+}
+
+
 class TransferPolicy:
     """Moves (or resets, or keeps) moments when the projector state changes."""
 
     name: ClassVar[str] = "base"
+
+    def check_projector(self, projector: Projector, group: Group) -> None:
+        """Raises ``ValueError`` (naming ``transfer`` and ``projector``) for a projector this policy cannot serve;
+        the engine calls it at construction. Default: every projector."""
 
     def apply(self, state: dict, old: ProjState, new: ProjState, projector: Projector, specs: list[MomentSpec],
               store: StateStore) -> None:

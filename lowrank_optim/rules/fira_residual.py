@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._validation import check_number
+from ..distributed import comm
 from ..projectors.base import LEFT, Projector, ProjState
 from .base import Group, ResidualRule
 
@@ -34,14 +35,20 @@ def limit_norm_growth(residual: torch.Tensor, state: dict, gamma: float) -> torc
     """Fira's norm-growth limiter: if ``||S_t|| > gamma * s_{t-1}``, rescale ``S_t`` to ``gamma * s_{t-1}``.
 
     ``s_t`` (the norm after limiting) is kept in ``state[LIMITER_KEY]``; the first call only stores it.
+    The limiter is armed only once a nonzero norm has been stored: while ``s_{t-1} = 0`` (a zero-initialised
+    layer whose first residuals are exactly zero) ``S_t`` passes unchanged and its norm becomes the reference.
+    The reference code compares with ``s_{t-1} + 1e-8`` from the first call on, so after a zero first residual
+    every later one was capped at ``1e-8 * gamma^k`` (about 2000 steps to grow back to 1 at gamma = 1.01).
+    A placeholder -1 (left by a zero-lr step) is not armed either.
     Works on tensors (no host synchronisation) and rescales ``residual`` in place.
     """
-    norm = residual.norm()
+    norm = comm.param_norm(residual)  # of the whole matrix when ``residual`` is a row shard (FSDP2)
     stored = state.get(LIMITER_KEY)
     if stored is None:
         state[LIMITER_KEY] = norm.detach().to(torch.float32).clone()
         return residual
     factor = (norm / (stored + _TINY)).clamp(min=gamma) / gamma
+    factor = torch.where(stored > 0, factor, torch.ones_like(factor))  # not armed before a nonzero norm
     residual.div_(factor)
     stored.copy_(norm / factor)
     return residual
@@ -85,6 +92,10 @@ class FiraResidual(ResidualRule):
             beta1, beta2 = group["betas"]
             eta *= math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
         if eta == 0.0:
+            if group["limiter_gamma"] is not None:
+                # the stored norm exists from the first step on, even a zero-lr one (DCP's fresh-optimizer
+                # template comes from such a step): -1 means "not measured yet"
+                state.setdefault(LIMITER_KEY, torch.full((), -1.0, device=grad.device))
             return None
         # G - alpha * lift(R) ("reference") or G - lift(R)
         alpha = group["scale"] if group["fira_residual"] == "reference" else 1.0

@@ -21,15 +21,18 @@ def newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7,
                   coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> torch.Tensor:
     """Approximate polar factor ``U V^T`` of a 2-D ``x`` (a new fp32 tensor).
 
-    ``x`` is first divided by its Frobenius norm (clamped below at ``eps``), so ``NS(c x) = NS(x)`` for
-    ``c > 0`` up to rounding; then ``steps`` iterations of ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``
-    run on the wide orientation (the Gram matrix is ``min(m, n)`` square).
+    ``x`` is first divided by its largest magnitude and then by its Frobenius norm (clamped below at
+    ``eps``), so ``NS(c x) = NS(x)`` for ``c > 0`` up to rounding, and entries near ``1e19`` (whose squares
+    overflow fp32, making the norm infinite and the result silently zero) are handled like any other; then
+    ``steps`` iterations of ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` run on the wide orientation
+    (the Gram matrix is ``min(m, n)`` square). A zero ``x`` gives zero.
     """
     if x.dim() != 2:
         raise ValueError(f"Invalid grad: Newton-Schulz needs a 2-D tensor, got shape {tuple(x.shape)}")
     a, b, c = coefficients
     tall = x.shape[0] > x.shape[1]
     y = x.T if tall else x
+    y = y / y.abs().amax().clamp(min=torch.finfo(y.dtype).tiny)  # no device sync, no overflow of squares
     y = y / y.norm().clamp(min=eps)
     for _ in range(steps):
         gram = y @ y.T

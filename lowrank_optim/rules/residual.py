@@ -12,6 +12,7 @@ class DropResidual(ResidualRule):
     """GaLore's choice: the part of the gradient outside the subspace is discarded."""
 
     name = "drop"
+    takes_complement = False
 
     def step(self, grad: torch.Tensor, low_grad: torch.Tensor, low_update: torch.Tensor, projector: Projector,
              proj_state: ProjState, state: dict, group: Group) -> torch.Tensor | None:

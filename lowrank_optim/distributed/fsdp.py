@@ -1,0 +1,389 @@
+"""One optimizer step for an FSDP2 parameter (a ``DTensor`` placed ``Shard(0)``), equal to one process's step.
+
+Two modes, chosen per parameter from its group's parts (:func:`mode`):
+
+* ``"sharded"``: basis projectors (``svd``, ``rsvd``, ``random``) with an inner rule that is elementwise or
+  asks :mod:`~lowrank_optim.distributed.comm` for its sums (``adam``, ``adafactor``, ``sgd``), the ``drop`` or
+  ``fira`` residual and the ``keep``, ``reset`` or ``linear`` transfer (GaLoreAdamW, GaLoreAdafactor, Fira,
+  Flora), and every plain parameter whose rule is one of those. Every state tensor is sharded:
+
+  - right side (``m >= n`` under ``"std"``; basis ``Q``, ``n x r``): ``R_i = G_i Q`` and ``W_i -= N_i Q^T``
+    are local; the moments are ``m_i x r`` row chunks; ``Q`` is kept as row chunks (``n`` split like ``m``)
+    and all-gathered just in time, ``n r`` per step (``r / m`` of FSDP2's own all-gather of ``W``);
+  - left side (basis ``P``, ``m x r``, row chunks aligned with ``W_i``): ``R = sum_i P_i^T G_i`` is one
+    all-reduce of ``r x n``; each rank runs the rule on its column chunk of ``R`` (moments ``r x n_j``),
+    then one all-gather of the ``r x n`` step and ``W_i -= P_i N`` (the residual, if any, needs ``R`` and
+    ``N`` whole, which this gives);
+  - refresh (SVD, rSVD): computed once per period on an owner rank (the parameter's index modulo the world
+    size): one gather of the whole gradient to the owner, the projector's own ``init`` / ``update`` on it
+    (so the basis is bit-identical to one process's, signs included), one broadcast of the basis; random
+    bases (Flora) are drawn from the same seed on every rank and need no traffic.
+
+* ``"replicated"`` (every other combination: DCT, online PCA, COAP, FRUGAL's blocks, GUM's Muon, GaLore+'s
+  sparse residual): the whole gradient and weight are all-gathered, the single-process step runs on them
+  with replicated state, and each rank keeps its rows. Exact, but the state is not divided.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..projectors import PROJECTORS
+from ..projectors.base import LEFT, Projector, derive_seed
+from ..state import StateStore
+from . import comm
+from .shards import Layout, all_gather_cols, all_gather_rows, broadcast_from, gather_rows_to, layout, local
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine import LowRankOptimizer
+
+#: Parts the sharded mode implements; anything else runs replicated.
+SHARDED_PROJECTORS = ("svd", "rsvd", "random")
+SHARDED_RULES = ("adam", "adafactor", "sgd")
+SHARDED_RESIDUALS = ("drop", "fira")
+SHARDED_TRANSFERS = ("keep", "reset", "linear")
+
+#: Projectors whose state has no tensor and whose ``init`` / ``update`` read only the gradient's shape.
+SEEDED_PROJECTORS = ("random",)
+
+_BASIS = Projector(rank=1)  # the base class's matrix products on an explicit ``basis`` (a view of a shard)
+
+#: Calls of projector ``init`` / ``update`` made by this process (tests count them: one per refresh per job).
+REFRESH_CALLS: dict[str, int] = {"init": 0, "update": 0, "engine": 0}
+
+
+def mode(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> str:
+    """``"sharded"`` or ``"replicated"`` for an FSDP2 parameter ``p`` of ``group`` (see the module docstring)."""
+    proj = opt._parts(group)[0]
+    if not _lowrank(opt, group, p):
+        plain = group.get("plain_inner") or group["inner"]
+        return "sharded" if plain in SHARDED_RULES else "replicated"
+    ok = (proj.name in SHARDED_PROJECTORS and type(proj) is PROJECTORS.get(proj.name)
+          and group["inner"] in SHARDED_RULES and group["residual"] in SHARDED_RESIDUALS
+          and group["transfer"] in SHARDED_TRANSFERS)
+    return "sharded" if ok else "replicated"
+
+
+def _lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> bool:
+    return opt._parts(group)[0] is not None and opt._targeted(group, p) and opt.is_lowrank(group, p)
+
+
+def moment_layout(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> tuple[Any, tuple[int, ...],
+                                                                                     int]:
+    """``(rule, global shape, split axis)`` of the tensor the inner rule of a sharded parameter sees: the
+    low-rank gradient (``(m, r)`` split along 0, or ``(r, n)`` along 1) or the parameter (along 0)."""
+    _, rule, _, _, _ = opt._parts(group)
+    if _lowrank(opt, group, p):
+        pst = opt.state[p]["projector"]
+        r, m, n = int(pst["rank"]), int(p.shape[0]), int(p.shape[1])
+        return (rule, (r, n), 1) if int(pst["side"]) == LEFT else (rule, (m, r), 0)
+    if group.get("plain_inner") is not None:
+        from ..rules import INNER_RULES
+
+        rule = INNER_RULES[group["plain_inner"]]
+    return rule, tuple(p.shape), 0
+
+
+def local_store(store: StateStore, global_numel: int) -> StateStore:
+    """A store that quantizes a rank's chunk exactly when one process would quantize the whole moment
+    (the ``min_8bit_size`` rule applies to the whole tensor, never to a shard)."""
+    if store.dtype != "8bit":
+        return store
+    return StateStore("8bit", min_8bit_size=1 if store.quantized(global_numel) else 1 << 62)
+
+
+def _create(store: StateStore, state: dict, specs: list[Any], global_specs: list[Any], device: torch.device,
+            seed: int) -> None:
+    for spec, whole in zip(specs, global_specs, strict=True):
+        local_store(store, _numel(whole.shape)).create(state, spec.name, spec.shape, device, seed=seed)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+_ONCE: ContextVar[Layout | None] = ContextVar("lowrank_optim_refresh_group", default=None)
+
+
+def divide_refresh(optimizer: LowRankOptimizer, process_group: Any = None) -> None:
+    """Under DDP, computes each parameter's refresh (SVD, rSVD, DCT selection ...) on one rank and broadcasts it,
+    instead of repeating it on every rank; replicas stay bit-identical (the owner runs the very computation every
+    rank would). Every rank must call it, and every rank's optimizer must hold the same parameters with the same
+    gradients (DDP; not ``ZeroRedundancyOptimizer``, whose ranks hold different parameters). FSDP2 parameters need
+    no call: their refreshes are divided already.
+
+    Args:
+        optimizer: a lowrank_optim optimizer.
+        process_group: the data-parallel group (default: the default group).
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialized.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("divide_refresh: torch.distributed is not initialized")
+    group = process_group if process_group is not None else dist.group.WORLD
+    optimizer._refresh_layout = Layout(None, group, dist.get_rank(group), dist.get_world_size(group))
+
+
+def once(opt: LowRankOptimizer, compute: Callable[[], dict[str, Any]], index: int) -> dict[str, Any]:
+    """``compute()`` (a projector ``init`` or ``update`` on a whole gradient), run on the parameter's owner rank
+    and broadcast when refreshes are divided (:func:`divide_refresh`, FSDP2's replicated mode); else run here."""
+    lay = _ONCE.get() or getattr(opt, "_refresh_layout", None)
+    if lay is None or lay.world == 1:
+        REFRESH_CALLS["engine"] += 1
+        return compute()
+    own = owner(index, lay.world)
+    new = None
+    if lay.rank == own:
+        REFRESH_CALLS["engine"] += 1
+        new = compute()
+    with comm.phase("refresh"):
+        return broadcast_from(new, lay, own)
+
+
+def owner(index: int, world: int) -> int:
+    """The rank that computes the refreshes of the parameter at ``index`` (round robin over the group)."""
+    return index % world
+
+
+def step_param(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, index: int) -> None:
+    """One step of the FSDP2 parameter ``p`` (every rank of its mesh calls this, in the same order)."""
+    lay = layout(p)
+    if mode(opt, group, p) == "replicated":
+        _step_replicated(opt, group, p, index, lay)
+    elif _lowrank(opt, group, p):
+        _step_lowrank(opt, group, p, index, lay)
+    else:
+        _step_plain(opt, group, p, lay, index)
+
+
+def _step_replicated(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, index: int,
+                     lay: Layout) -> None:
+    m = int(p.shape[0])
+    grad = all_gather_rows(local(p.grad), m, lay)
+    full = all_gather_rows(local(p).detach(), m, lay)
+    token = _ONCE.set(lay)  # the engine's refreshes of this parameter run on its owner rank only
+    try:
+        opt._step_param(group, p, index, param=full, grad=grad)
+    finally:
+        _ONCE.reset(token)
+    offset, size = lay.rows(m)
+    local(p).copy_(full[offset: offset + size])
+
+
+def _step_plain(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, lay: Layout, index: int) -> None:
+    _, rule, _, _, store = opt._parts(group)
+    if group.get("plain_inner") is not None:
+        from ..rules import INNER_RULES
+
+        rule = INNER_RULES[group["plain_inner"]]
+    state = opt.state[p]
+    w = local(p)
+    grad = local(p.grad)
+    grad = grad if grad.dtype == torch.float32 else grad.float()
+    if not state:
+        state["step"], state["inner_step"] = 0, 0
+        _create(store, state, rule.moments(tuple(w.shape), group), rule.moments(tuple(p.shape), group), w.device,
+                derive_seed(group["seed"], index))
+    specs = rule.moments(tuple(w.shape), group)
+    moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
+    target = w if w.dtype == torch.float32 else w.float()
+    step = state["inner_step"] + 1
+    with comm.sharded(comm.Sharding(lay.group, 0, tuple(p.shape), p.numel())):
+        if rule.apply_plain(target, grad, moments, step, group):
+            d = None
+        else:
+            d = rule.direction(grad, moments, step, group, target)
+    for s in specs:
+        store.save(state, s.name, moments[s.name], s.signed)
+    state["step"], state["inner_step"] = state["step"] + 1, step
+    if d is not None:
+        if group["weight_decay"] != 0:
+            target.mul_(1 - d.lr * group["weight_decay"])
+        if d.den is None:
+            target.add_(d.num, alpha=-d.coef)
+        else:
+            target.addcdiv_(d.num, d.den, value=-d.coef)
+    if target is not w:
+        w.copy_(target)
+
+
+# -- the low-rank path -------------------------------------------------------------------------------------
+def _dim(pst: dict[str, Any], shape: torch.Size) -> int:
+    """Length of the projected axis (rows of the basis): ``m`` on the left side, ``n`` on the right."""
+    return int(shape[0]) if int(pst["side"]) == LEFT else int(shape[1])
+
+
+def _refreshed(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, index: int, lay: Layout,
+               old: dict[str, Any] | None, *, full_old: bool) -> tuple[dict[str, Any], dict[str, Any],
+                                                                       dict[str, Any] | None]:
+    """``(local, full, full_old)`` projector states after ``init`` (``old`` is None) or ``update``.
+
+    Seeded projectors run on every rank (no traffic). Others run once, on the owner rank, on the whole
+    gradient; the result is broadcast and each rank keeps its rows of the basis. ``full_old`` asks for the
+    old state with its whole basis too (the linear transfer needs both bases)."""
+    proj = opt._parts(group)[0]
+    m = int(p.shape[0])
+    seed = derive_seed(group["seed"], index)
+    if proj.name in SEEDED_PROJECTORS:
+        shape_only = torch.empty(tuple(p.shape), device="meta")
+        if old is None:
+            REFRESH_CALLS["init"] += 1
+            new = proj.init(shape_only, seed=seed)
+        else:
+            REFRESH_CALLS["update"] += 1
+            new = proj.update(shape_only, old)
+        return new, new, old
+    own = owner(index, lay.world)
+    with comm.phase("refresh"):
+        grad = gather_rows_to(local(p.grad).float(), m, lay, own)
+        old_whole = None
+        if old is not None:
+            d = _dim(old, p.shape)
+            basis = gather_rows_to(old["basis"], d, lay, own)
+            old_whole = {**old, "basis": basis} if basis is not None else None
+            if full_old:
+                old_whole = {**old, "basis": all_gather_rows(old["basis"], d, lay)}
+        new = None
+        if lay.rank == own:
+            ctx = {}
+            if old is None:
+                REFRESH_CALLS["init"] += 1
+                new = proj.init(grad, seed=seed)
+            else:
+                REFRESH_CALLS["update"] += 1
+                ctx = {}
+                if getattr(proj, "wants_lr", False):
+                    ctx = {"lr": group["lr"], "initial_lr": group.get("initial_lr", group["lr"])}
+                new = proj.update(grad, old_whole, **ctx)
+        new = broadcast_from(new, lay, own)
+    offset, size = lay.rows(_dim(new, p.shape))
+    mine = {**new, "basis": new["basis"][offset: offset + size].clone()}
+    return mine, new, (old_whole if full_old else None)
+
+
+def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, index: int, lay: Layout) -> None:
+    proj, rule, residual, transfer, store = opt._parts(group)
+    state = opt.state[p]
+    m, n = int(p.shape[0]), int(p.shape[1])
+    w = local(p)
+    grad = local(p.grad)
+    grad = grad if grad.dtype == torch.float32 else grad.float()
+    if not state:
+        state["step"], state["inner_step"] = 0, 0
+        state["projector"], _, _ = _refreshed(opt, group, p, index, lay, None, full_old=False)
+        _create(store, state, rule.moments(_low_shape(state["projector"], p.shape, lay), group),
+                rule.moments(_low_shape(state["projector"], p.shape, None), group), w.device,
+                derive_seed(group["seed"], index))
+    elif state["step"] % group["update_proj_gap"] == 0:
+        old = state["projector"]
+        linear = group["transfer"] == "linear" and "basis" in old
+        new, new_full, old_full = _refreshed(opt, group, p, index, lay, old, full_old=linear)
+        specs = rule.moments(_low_shape(new, p.shape, lay), group)
+        whole = _numel(rule.moments(_low_shape(new, p.shape, None), group)[0].shape) if specs else 0
+        transfer.apply(state, old_full if linear else old, new_full if linear else new, proj, specs,
+                       local_store(store, whole))
+        for spec in specs:
+            if tuple(state[spec.name].shape) != tuple(spec.shape):
+                raise ValueError(f"Invalid transfer: {group['transfer']!r} kept moment {spec.name!r} of shape "
+                                 f"{tuple(state[spec.name].shape)} but the new subspace needs {tuple(spec.shape)}")
+        state["projector"] = new
+    pst = state["projector"]
+    side, r = int(pst["side"]), int(pst["rank"])
+    offset, size = lay.rows(m)
+    if proj.name in SEEDED_PROJECTORS:
+        basis = proj.back_matrix(pst, w.device)
+        basis = basis[offset: offset + size] if side == LEFT else basis
+    elif side == LEFT:
+        basis = pst["basis"]
+    else:
+        basis = all_gather_rows(pst["basis"], n, lay)
+    if side == LEFT:
+        whole = comm.all_reduce(basis.T @ grad, lay.group)  # R = sum_i P_i^T G_i, (r, n)
+        c0, cn = lay.rows(n)
+        low = whole[:, c0: c0 + cn].contiguous()
+        spec = comm.Sharding(lay.group, 1, (r, n), m * n)
+    else:
+        whole = None
+        low = grad @ basis  # (m_i, r)
+        spec = comm.Sharding(lay.group, 0, (m, r), m * n)
+    step, inner_step = state["step"] + 1, state["inner_step"] + 1
+    specs = rule.moments(tuple(low.shape), group)
+    moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
+    target = w if w.dtype == torch.float32 else w.float()
+    with comm.sharded(spec):
+        d = rule.direction(low, moments, inner_step, group, target)
+    for s in specs:
+        store.save(state, s.name, moments[s.name], s.signed)
+    state["step"], state["inner_step"] = step, inner_step
+    if group["weight_decay"] != 0:
+        target.mul_(1 - d.lr * group["weight_decay"])
+    low_update = d.num if d.den is None else d.num / d.den
+    alpha = -d.coef * group["scale"]
+    view = {"side": side, "rank": r, "basis": basis}
+    if side == LEFT:
+        low_update = all_gather_cols(low_update, n, lay)  # N, (r, n)
+        low = whole
+    if low_update.numel():
+        _BASIS.add_back(target, low_update, view, alpha)
+    ctx = {"coef": d.coef, "lr": d.lr} if getattr(residual, "wants_coef", False) else {}
+    with comm.sharded(comm.Sharding(lay.group, None, tuple(low.shape), m * n)):
+        extra = residual.step(grad, low, low_update, _BASIS, view, state, group, **ctx)
+    if extra is not None:
+        target.sub_(extra)
+    if target is not w:
+        w.copy_(target)
+
+
+def _low_shape(pst: dict[str, Any], shape: torch.Size, lay: Layout | None) -> tuple[int, int]:
+    """This rank's part of the low-rank gradient: ``(m_i, r)`` on the right side, ``(r, n_j)`` on the left
+    (``lay`` None: the whole ``(m, r)`` or ``(r, n)``)."""
+    r = int(pst["rank"])
+    if int(pst["side"]) == LEFT:
+        return r, (lay.rows(int(shape[1]))[1] if lay is not None else int(shape[1]))
+    return (lay.rows(int(shape[0]))[1] if lay is not None else int(shape[0])), r
+
+
+__all__ = ["REFRESH_CALLS", "SHARDED_PROJECTORS", "SHARDED_RESIDUALS", "SHARDED_RULES", "SHARDED_TRANSFERS",
+           "divide_refresh", "mode", "once", "owner", "step_param"]
+
+
+def agree_finite(finite: bool, params: list[torch.Tensor]) -> bool:
+    """The job-wide verdict of the non-finite check: a NaN in one rank's rows skips the step on every rank.
+    One MAX all-reduce of a flag per distinct mesh group of the ``DTensor`` parameters (none in one process)."""
+    import torch.distributed as dist
+
+    from .shards import is_dtensor
+
+    groups: list[Any] = []
+    for p in params:
+        if is_dtensor(p):
+            g = p.device_mesh.get_group()
+            if all(g is not h for h in groups):
+                groups.append(g)
+    if not groups or not dist.is_initialized():
+        return finite
+    flag = torch.tensor([0.0 if finite else 1.0])
+    for g in groups:
+        comm.all_reduce_max(flag, g)
+    return bool(flag.item() == 0.0)
+
+
+def sum_over_ranks(value: int) -> int:
+    """``value`` summed over the default process group (``value`` itself without one)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t.item())

@@ -1,0 +1,99 @@
+"""Quantized storage of projector bases (Q-GaLore's idea, Zhang et al. 2024, arXiv:2407.08296).
+
+A ``(d, r)`` fp32 basis is kept in the projector state as plain tensors and decoded to fp32 for every
+projection:
+
+* ``"fp32"``: ``basis`` as is (4 bytes per entry);
+* ``"bf16"``: ``basis`` rounded to bf16 (2 bytes);
+* ``"int8"``: symmetric absmax quantization, blockwise along each column: the ``d`` entries of a column are
+  cut into blocks of :data:`BLOCK` rows, each block stores ``code = round(127 x / absmax)`` (int8) and its
+  absmax / 127 (fp32): ``basis`` int8 ``(d, r)`` + ``basis_scale`` fp32 ``(ceil(d / BLOCK), r)``;
+* ``"int4"``: the same with codes in ``[-7, 7]``, two per byte (row ``2i`` in the low nibble, ``2i + 1`` in
+  the high one): ``basis`` uint8 ``(ceil(d / 2), r)``, ``basis_scale`` as int8, and ``basis_rows = d`` (an int).
+
+Decoding depends only on the stored tensors (their dtype says which form), so a checkpoint decodes the same
+basis whatever the projector's options. Rounding is to nearest (deterministic): quantizing the same basis
+twice gives the same codes, which keeps resume bit-exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+BASIS_DTYPES = ("fp32", "bf16", "int8", "int4")
+#: Rows per quantization block along a basis column (the 8-bit state store's block size).
+BLOCK = 256
+_LEVELS = {"int8": 127, "int4": 7}
+
+
+def _blocks(d: int) -> int:
+    return math.ceil(d / BLOCK)
+
+
+def basis_bytes(d: int, r: int, basis_dtype: str) -> int:
+    """Closed-form bytes of a stored ``(d, r)`` basis (codes plus scales)."""
+    if basis_dtype == "fp32":
+        return 4 * d * r
+    if basis_dtype == "bf16":
+        return 2 * d * r
+    codes = d * r if basis_dtype == "int8" else math.ceil(d / 2) * r
+    return codes + 4 * _blocks(d) * r
+
+
+def encode_basis(basis: torch.Tensor, basis_dtype: str) -> dict[str, Any]:
+    """The state entries holding ``basis`` (a ``(d, r)`` float tensor) in ``basis_dtype``."""
+    if basis_dtype == "fp32":
+        return {"basis": basis.float()}
+    if basis_dtype == "bf16":
+        return {"basis": basis.to(torch.bfloat16)}
+    levels = _LEVELS[basis_dtype]
+    d, r = basis.shape
+    nb = _blocks(d)
+    x = basis.float()
+    if nb * BLOCK != d:
+        x = torch.cat([x, x.new_zeros(nb * BLOCK - d, r)])
+    x = x.view(nb, BLOCK, r)
+    scale = x.abs().amax(dim=1) / levels  # (nb, r)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(x / safe.unsqueeze(1)).clamp_(-levels, levels).view(nb * BLOCK, r)[:d]
+    if basis_dtype == "int8":
+        return {"basis": codes.to(torch.int8), "basis_scale": scale}
+    nibbles = (codes + 8).to(torch.uint8)  # 1..15
+    if d % 2:
+        nibbles = torch.cat([nibbles, nibbles.new_full((1, r), 8)])
+    packed = nibbles[0::2] | (nibbles[1::2] << 4)
+    return {"basis": packed.contiguous(), "basis_scale": scale, "basis_rows": int(d)}
+
+
+def decode_basis(state: dict[str, Any]) -> torch.Tensor:
+    """The fp32 ``(d, r)`` basis held in ``state`` (any of the forms above)."""
+    basis = state["basis"]
+    if basis.dtype == torch.float32:
+        return basis
+    if basis.dtype in (torch.bfloat16, torch.float16, torch.float64):
+        return basis.float()
+    scale = state["basis_scale"]
+    if basis.dtype == torch.uint8:  # int4, packed
+        d = int(state["basis_rows"])
+        low = (basis & 0x0F).to(torch.int16) - 8
+        high = (basis >> 4).to(torch.int16) - 8
+        codes = torch.stack([low, high], dim=1).reshape(-1, basis.shape[1])[:d]
+    else:
+        codes = basis
+    d, r = codes.shape
+    nb = scale.shape[0]
+    x = codes.float()
+    if nb * BLOCK != d:
+        x = torch.cat([x, x.new_zeros(nb * BLOCK - d, r)])
+    return (x.view(nb, BLOCK, r) * scale.unsqueeze(1)).view(nb * BLOCK, r)[:d]
+
+
+def is_encoded(state: dict[str, Any]) -> bool:
+    """Whether ``state["basis"]`` is already in a stored (non-fp32) form."""
+    return state["basis"].dtype != torch.float32
+
+
+__all__ = ["BASIS_DTYPES", "BLOCK", "basis_bytes", "decode_basis", "encode_basis", "is_encoded"]

@@ -1,0 +1,92 @@
+"""APOLLO's structured gradient scaling (Zhu et al., MLSys 2025, arXiv:2412.05270).
+
+The auxiliary Adam runs on the projected gradient ``R = project(G)`` only to *estimate* how much Adam would
+rescale each channel; the step applied to the weight is the raw full-rank gradient ``G`` scaled channel by
+channel (or by one factor per tensor, APOLLO-Mini), norm-growth limited (Fira's limiter). Nothing is lifted
+back from the subspace, so this residual rule *replaces* the engine's low-rank lift (``replaces_lift``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from .._validation import check_choice, check_number
+from ..projectors.base import LEFT, Projector, ProjState
+from .base import Group, ResidualRule
+from .fira_residual import limit_norm_growth, slice_scaling
+
+SCALE_TYPES = ("channel", "tensor")
+_TINY = 1e-8  # guard of ||R|| in the scaling factor, as Fira's
+
+
+def apollo_scaling(low_step: torch.Tensor, low_grad: torch.Tensor, side: int, scale_type: str) -> torch.Tensor:
+    """The scaling factor ``s = ||R~|| / (||R|| + 1e-8)``, shaped to broadcast over the full gradient.
+
+    Args:
+        low_step: ``R~``, the auxiliary Adam's normalised step in the subspace, ``(r, n)`` (left side) or
+            ``(m, r)`` (right side).
+        low_grad: ``R``, the projected gradient, same shape.
+        side: the projection side (``LEFT``: one factor per column, ``(1, n)``; ``RIGHT``: one per row,
+            ``(m, 1)``), i.e. per slice along the dimension the projection keeps (the paper's channels).
+        scale_type: ``"channel"`` (APOLLO) or ``"tensor"`` (APOLLO-Mini: one factor, ``(1, 1)``).
+    """
+    if scale_type == "tensor":
+        return (low_step.norm() / (low_grad.norm() + _TINY)).reshape(1, 1)
+    return slice_scaling(low_step, low_grad, side)
+
+
+class APOLLOScaling(ResidualRule):
+    """The whole APOLLO update ``lr * scale * limit(G diag(s))``; the inner rule's lifted step is not applied.
+
+    ``s`` is :func:`apollo_scaling` of the auxiliary Adam's normalised step ``R~ = m / (sqrt(v) + eps)``
+    *without* bias correction, which sits in the step size ``eta_t = lr sqrt(1 - beta2^t) / (1 - beta1^t)``
+    (the paper's Algorithm 1 writes ``R~ = M / (sqrt(V) + eps)``; the authors' code and Fira's do the same).
+    The rule reads it off the applied low-rank step as ``coef * low_update / eta_t``, whatever split of
+    the coefficient the inner rule uses; for an inner rule without ``betas`` ``eta_t = lr``. The limiter
+    (:func:`lowrank_optim.rules.fira_residual.limit_norm_growth`, the piece Fira uses, with its stored
+    norm) caps ``||G diag(s)||`` at ``limiter_gamma`` times the previous step's, in those un-corrected
+    units and before ``lr`` and ``scale`` (a learning-rate schedule does not trip it); the rule returns
+    ``eta_t * scale * limit(G diag(s))``. While the limiter does not bind this is
+    ``lr * scale * G diag(s_hat)`` with ``s_hat`` from the bias-corrected step; early in training, when the
+    un-corrected step grows (``(1 - beta1^t) / sqrt(1 - beta2^t)`` rises from 3.2 to about 7), the limiter
+    damps it, as in the authors' code.
+
+    Group keys:
+        scale_type: ``"channel"`` (default, APOLLO) or ``"tensor"`` (APOLLO-Mini).
+        limiter_gamma: growth bound gamma (1.01, the paper's and Fira's value); ``None`` disables the limiter.
+        scale: the engine's ``scale`` is APOLLO's alpha, the multiplier of the whole update.
+    """
+
+    name = "apollo"
+    wants_coef = True
+    #: The engine skips its ``add_back`` of the low-rank step: this rule's tensor is the whole update.
+    replaces_lift = True
+    defaults: ClassVar[dict[str, Any]] = {"scale_type": "channel", "limiter_gamma": 1.01}
+
+    def validate(self, group: Group) -> None:
+        check_choice("scale_type", group["scale_type"], SCALE_TYPES)
+        if group["limiter_gamma"] is not None:
+            check_number("limiter_gamma", group["limiter_gamma"], low=1.0)
+
+    def step(self, grad: torch.Tensor, low_grad: torch.Tensor, low_update: torch.Tensor, projector: Projector,
+             proj_state: ProjState, state: dict, group: Group, coef: float = 1.0,
+             lr: float = 1.0) -> torch.Tensor | None:
+        eta = float(lr)
+        if "betas" in group:  # Adam's bias correction moves into the step size eta_t
+            t = state["inner_step"]
+            beta1, beta2 = group["betas"]
+            eta *= math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+        if eta == 0.0:
+            return None
+        s = apollo_scaling(low_update, low_grad, int(proj_state.get("side", LEFT)), group["scale_type"])
+        s.mul_(coef / eta)  # norms of coef * low_update / eta_t: the un-corrected Adam step R~
+        update = grad * s
+        if group["limiter_gamma"] is not None:
+            limit_norm_growth(update, state, float(group["limiter_gamma"]))
+        return update.mul_(eta * float(group["scale"]))
+
+
+__all__ = ["SCALE_TYPES", "APOLLOScaling", "apollo_scaling"]

