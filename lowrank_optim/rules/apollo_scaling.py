@@ -61,6 +61,8 @@ class APOLLOScaling(ResidualRule):
     """
 
     name = "apollo"
+    #: scales the raw gradient channel by channel; no G - P P^T G, so a Gaussian random projection is fine
+    takes_complement = False
     wants_coef = True
     #: The engine skips its ``add_back`` of the low-rank step: this rule's tensor is the whole update.
     replaces_lift = True
