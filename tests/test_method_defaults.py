@@ -25,7 +25,7 @@ from lowrank_optim.groups import METHOD_KEYS, MethodDefaultWarning
 OWN: dict[str, tuple[int, float]] = {
     "galore_adamw": (200, 0.25), "galore_adafactor": (200, 0.25), "fira": (200, 0.25), "galore_plus": (200, 0.25),
     "online_subspace_descent": (1, 0.25), "dct_adamw": (1, 1.0), "coap": (32, 1.0), "flora": (1000, 1.0),
-    "frugal": (200, 1.0), "gum": (200, 1.0),
+    "frugal": (200, 1.0), "gum": (200, 1.0), "apollo": (200, 1.0), "apollo_mini": (200, 128 ** 0.5),
 }
 
 
@@ -83,7 +83,8 @@ def _contradictions(name: str) -> list[tuple[str, Any, Any]]:
                     "transfer": lambda v: "reset" if v != "reset" else "keep",
                     "residual_density": lambda v: v * 2, "residual_warmup": lambda v: v + 1,
                     "beta1": lambda v: 0.5, "relative_step": lambda v: not v,
-                    "scale_parameter": lambda v: not v}
+                    "scale_parameter": lambda v: not v,
+                    "scale_type": lambda v: "tensor" if v != "tensor" else "channel"}
     out = []
     keys = (set(METHOD_KEYS) | set(type(opt).preset_defaults)) & set(opt.defaults)
     missing = object()

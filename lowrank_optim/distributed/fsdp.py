@@ -235,7 +235,7 @@ def _refreshed(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, in
     m = int(p.shape[0])
     seed = derive_seed(group["seed"], index)
     if proj.name in SEEDED_PROJECTORS:
-        shape_only = torch.empty(tuple(p.shape), device="meta")
+        shape_only = torch.empty(tuple(p.shape), dtype=torch.float32, device="meta")
         if old is None:
             REFRESH_CALLS["init"] += 1
             new = proj.init(shape_only, seed=seed)
@@ -372,7 +372,7 @@ def agree_finite(finite: bool, params: list[torch.Tensor]) -> bool:
                 groups.append(g)
     if not groups or not dist.is_initialized():
         return finite
-    flag = torch.tensor([0.0 if finite else 1.0])
+    flag = torch.tensor([0.0 if finite else 1.0], dtype=torch.float32, device=params[0].device)
     for g in groups:
         comm.all_reduce_max(flag, g)
     return bool(flag.item() == 0.0)
@@ -384,6 +384,7 @@ def sum_over_ranks(value: int) -> int:
 
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t)
     return int(t.item())

@@ -119,7 +119,8 @@ def broadcast_from(obj: Any, lay: Layout, owner: int) -> Any:
             out[k] = rest[0]
             continue
         shape, dtype = rest
-        t = obj[k].contiguous() if lay.rank == owner else torch.empty(shape, dtype=dtype)
+        device = lay.mesh.device_type
+        t = obj[k].contiguous() if lay.rank == owner else torch.empty(shape, dtype=dtype, device=device)
         comm._count(t, (lay.world - 1) / lay.world)
         dist.broadcast(t, src=src, group=lay.group)
         out[k] = t
@@ -130,7 +131,7 @@ def wrap(t: torch.Tensor, lay: Layout, dim: int | None, global_shape: tuple[int,
     """``t`` (this rank's chunk along ``dim``, or the whole tensor when ``dim`` is ``None``) as a DTensor on
     the parameter's mesh, sharing storage: what ``torch.distributed.checkpoint`` reshards by placement."""
     placement = Replicate() if dim is None else Shard(dim)
-    stride = torch.empty(global_shape, device="meta").stride()
+    stride = torch.empty(global_shape, dtype=torch.float32, device="meta").stride()
     return DTensor.from_local(t, lay.mesh, [placement], run_check=False, shape=torch.Size(global_shape),
                               stride=stride)
 

@@ -95,7 +95,7 @@ class FiraResidual(ResidualRule):
             if group["limiter_gamma"] is not None:
                 # the stored norm exists from the first step on, even a zero-lr one (DCP's fresh-optimizer
                 # template comes from such a step): -1 means "not measured yet"
-                state.setdefault(LIMITER_KEY, torch.full((), -1.0, device=grad.device))
+                state.setdefault(LIMITER_KEY, torch.full((), -1.0, dtype=torch.float32, device=grad.device))
             return None
         # G - alpha * lift(R) ("reference") or G - lift(R)
         alpha = group["scale"] if group["fira_residual"] == "reference" else 1.0
