@@ -1,38 +1,38 @@
-"""The one optimizer engine every named method is a preset of.
+"""The one optimizer engine every named method is a preset of: construction, groups, step orchestration.
 
 For each parameter with a gradient, one ``step()``:
 
-1. decides low-rank or plain: a 2-D parameter in a group that carries ``rank`` (not ``None``) goes
-   low-rank; everything else (1-D tensors, other groups) gets the plain inner rule;
-2. refreshes the projector every ``update_proj_gap`` steps (at steps ``T, 2T, ...`` after the first),
-   then lets the transfer policy rewrite the moments for the new subspace;
-3. projects the gradient, runs the inner rule on it with moments loaded from the state store,
-   and writes the moments back;
-4. adds the residual rule's full-rank step, projects back, and applies decoupled weight decay computed
-   from the pre-update weight (``p <- p (1 - lr wd)`` first, torch AdamW's order).
+1. checks every gradient once for inf/NaN (:mod:`lowrank_optim.nonfinite`) before any state changes;
+2. decides low-rank or plain (:mod:`lowrank_optim.plan`): a 2-D parameter in a group that carries ``rank``
+   (not ``None``) goes low-rank; everything else (1-D tensors, other groups) gets the plain inner rule;
+3. refreshes the projector on its schedule (:mod:`lowrank_optim.schedule`: every ``update_proj_gap`` steps,
+   at steps ``T, 2T, ...`` after the first), then lets the transfer policy rewrite the moments;
+4. projects the gradient, runs the inner rule with moments loaded from the state store, adds the residual
+   rule's full-rank step, projects back, and applies decoupled weight decay computed from the pre-update
+   weight (``p <- p (1 - lr wd)`` first, torch AdamW's order) (:mod:`lowrank_optim.update`).
 
 All math runs in fp32. Optimizer state is plain tensors and ints, so ``state_dict()`` survives
-``torch.load(weights_only=True)``; :meth:`load_state_dict` keeps every saved dtype (torch's default
-would cast uint8 codes and int64 indices to the parameter's dtype).
+``torch.load(weights_only=True)``; :meth:`load_state_dict` keeps every saved dtype
+(:mod:`lowrank_optim.checkpoint`).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
 
 from ._validation import check_choice, check_int, check_number
-from .groups import FLATTENED_HINT, is_flattened
-from .projectors import PROJECTORS, SIDE_RULES, Projector, make_projector
-from .projectors.base import derive_seed
-from .rules import INNER_RULES, RESIDUAL_RULES, TRANSFER_POLICIES, InnerRule, MomentSpec, ResidualRule, TransferPolicy
+from .checkpoint import closed_form_bytes, load_state, state_bytes
+from .nonfinite import NONFINITE_POLICIES, check_grad, gradients_ok
+from .plan import ND_LAYOUTS, Planner, matrix_shape, nd_kind, refuse_flattened
+from .projectors import PROJECTORS, SIDE_RULES, make_projector
+from .rules import INNER_RULES, RESIDUAL_RULES, TRANSFER_POLICIES
+from .schedule import refresh_due
 from .state import STATE_DTYPES, StateStore
-from .targets import resolve_targets, validate_target_modules
-
-NONFINITE_POLICIES = ("skip", "raise", "ignore")
+from .targets import validate_target_modules
+from .update import Parts, apply_step, init_state, refresh
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -53,6 +53,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "nonfinite": "skip",
     "seed": 0,
     "target_modules": None,
+    "nd_layout": "auto",
     "differentiable": False,  # torch's __setstate__ adds it on load; kept so groups round-trip unchanged
 }
 
@@ -97,7 +98,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"Invalid module: expected an nn.Module, got {type(module).__name__}")
         self._module: torch.nn.Module | None = module
-        self._target_ids: set[int] | None = None
         defaults: dict[str, Any] = {"lr": lr, **ENGINE_DEFAULTS, **self.preset_defaults}
         if "proj_type" in kwargs:  # galore-torch's name for the side rule
             kwargs["proj_side"] = kwargs.pop("proj_type")
@@ -116,8 +116,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {unknown}")
         defaults.update(kwargs)
-        self._parts_cache: dict[tuple, tuple] = {}
+        self._parts_cache: dict[tuple, Parts] = {}
+        self._planner = Planner([], module)
         super().__init__(params, defaults)
+        self._planner.param_groups = self.param_groups
 
     # -- groups ---------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -164,9 +166,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
         check_int("seed", group["seed"], low=0)
         if group["target_modules"] is not None:
             validate_target_modules(group, self._module)
-            self._target_ids = None
+            self._planner.reset()
+        check_choice("nd_layout", group["nd_layout"], ND_LAYOUTS)
         if group["rank"] is not None:
-            _refuse_flattened(group)
+            refuse_flattened(group)
+            if group["target_modules"] is None:  # else refused at the first step, once the targets are known
+                for i, p in enumerate(group["params"]):
+                    nd_kind(group, p, i)
         inner.validate(group)
         residual.validate(group)
         if plain_rule is not inner:
@@ -178,13 +184,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._parts_cache = {}
         self.__dict__.setdefault("_module", None)
-        self._target_ids = None
+        self._planner = Planner(self.param_groups, self._module)
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
 
-    def _parts(self, group: dict[str, Any]) -> tuple[Projector | None, InnerRule, ResidualRule, TransferPolicy,
-                                                     StateStore]:
+    def _parts(self, group: dict[str, Any]) -> Parts:
         """The (cached) strategy objects a group's keys select."""
         # a group's own options refine the optimizer-level ones instead of replacing them
         opts = {**(self.defaults.get("projector_options") or {}), **(group["projector_options"] or {})}
@@ -195,23 +200,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
             proj = None
             if group["rank"] is not None:
                 proj = make_projector(group["projector"], group["rank"], side=group["proj_side"], **opts)
-            parts = (proj, INNER_RULES[group["inner"]], RESIDUAL_RULES[group["residual"]],
-                     TRANSFER_POLICIES[group["transfer"]], StateStore(group["state_dtype"]))
+            parts = Parts(proj, INNER_RULES[group["inner"]], RESIDUAL_RULES[group["residual"]],
+                          TRANSFER_POLICIES[group["transfer"]], StateStore(group["state_dtype"]))
             self._parts_cache[key] = parts
         return parts
 
     @staticmethod
     def is_lowrank(group: dict[str, Any], p: torch.Tensor) -> bool:
-        """Whether ``p`` takes the low-rank path in ``group``."""
-        return group.get("rank") is not None and p.dim() == 2
-
-    def _targeted(self, group: dict[str, Any], p: torch.Tensor) -> bool:
-        """Whether ``group["target_modules"]`` (if any) selects ``p``; resolved once, at the first step."""
-        if group.get("target_modules") is None:
-            return True
-        if self._target_ids is None:
-            self._target_ids = resolve_targets(self.param_groups, self._module)
-        return id(p) in self._target_ids
+        """Whether ``p``'s shape takes the low-rank path in ``group`` (before ``target_modules``)."""
+        return Planner.is_lowrank(group, p)
 
     # -- step -----------------------------------------------------------------------------------
     @torch.compiler.disable
@@ -234,9 +231,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 index += 1
                 if p.grad is None:
                     continue
-                self._check_grad(p, index - 1)
+                check_grad(type(self).__name__, p, index - 1)
                 work.append((group, p, index - 1))
-        if not work or not self._gradients_ok(work):
+        if not work or not gradients_ok(type(self).__name__, [(g, p) for g, p, _ in work]):
             return loss
         for group, p, idx in work:
             self._step_param(group, p, idx)
@@ -248,158 +245,80 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Steps ``param`` alone, with the same state, seeds and math as :meth:`step` (for layer-wise
         updates from gradient hooks, :mod:`lowrank_optim.layerwise`); the non-finite check covers this
         one gradient. A parameter without a gradient is left alone."""
+        group, index = self._locate(param)
+        if param.grad is not None:
+            check_grad(type(self).__name__, param, index)
+            if gradients_ok(type(self).__name__, [(group, param)]):
+                self._step_param(group, param, index)
+
+    def _locate(self, param: torch.Tensor) -> tuple[dict[str, Any], int]:
+        """``(group, index)`` of ``param`` (its position over all groups, the seed's identity)."""
         index = 0
         for group in self.param_groups:
             for p in group["params"]:
                 if p is param:
-                    if p.grad is not None:
-                        self._check_grad(p, index)
-                        if self._gradients_ok([(group, p, index)]):
-                            self._step_param(group, p, index)
-                    return
+                    return group, index
                 index += 1
         raise ValueError(f"Invalid param: a tensor of shape {tuple(param.shape)} that is not in this optimizer")
 
-    def _check_grad(self, p: torch.Tensor, index: int) -> None:
-        if p.grad.is_sparse:
-            raise TypeError(f"{type(self).__name__} does not support sparse gradients "
-                            f"(parameter {index}, shape {tuple(p.shape)})")
-        if torch.is_complex(p.grad):
-            raise TypeError(f"{type(self).__name__} does not support complex parameters "
-                            f"(parameter {index}, dtype {p.grad.dtype})")
+    def _route(self, group: dict[str, Any], p: torch.Tensor) -> tuple[Parts, str | None]:
+        """The parts that step ``p`` and its kind (``None``: plain, which gets ``plain_inner``), see
+        :mod:`lowrank_optim.plan`."""
+        parts = self._parts(group)
+        kind = self._planner.kind(group, p) if parts.projector is not None else None
+        if kind is None and group.get("plain_inner") is not None:
+            parts = parts._replace(inner=INNER_RULES[group["plain_inner"]])
+        return parts, kind
 
-    def _gradients_ok(self, work: list[tuple[dict[str, Any], torch.Tensor, int]]) -> bool:
-        """Checks every gradient for inf/NaN before any state changes (policy per group)."""
-        checked = [(g, p) for g, p, _ in work if g["nonfinite"] != "ignore"]
-        if not checked:
-            return True
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for _, p in checked:
-            by_device.setdefault(p.grad.device, []).append(p.grad.sum(dtype=torch.float32))
-        finite = all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values())
-        if finite:
-            return True
-        if any(g["nonfinite"] == "raise" for g, _ in checked):
-            raise FloatingPointError(f"{type(self).__name__}: non-finite gradient; no state was changed "
-                                     "(nonfinite='raise')")
-        warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped (nonfinite='skip'); "
-                      "optimizer state is unchanged", RuntimeWarning, stacklevel=3)
-        return False
-
-    def _step_param(self, group: dict[str, Any], p: torch.Tensor, index: int) -> None:
-        proj, rule, residual, transfer, store = self._parts(group)
+    def _step_param(self, group: dict[str, Any], p: torch.Tensor, index: int, init_only: bool = False) -> None:
+        parts, kind = self._route(group, p)
         state = self.state[p]
         grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
-        lowrank = proj is not None and self._targeted(group, p) and self.is_lowrank(group, p)
-        if not lowrank and group.get("plain_inner") is not None:
-            rule = INNER_RULES[group["plain_inner"]]
+        if kind is None:
+            if not state:
+                init_state(state, group, p, grad, None, parts.inner, parts.store, index)
+            if not init_only:
+                apply_step(state, group, p, grad, parts, False)
+            return
+        shape = matrix_shape(p, kind)
+        pm = _view_or_copy(p, shape)
+        gm = grad.reshape(shape)
+        if kind == "experts":
+            if not state:
+                state["step"] = 0
+                state["matrices"] = [{} for _ in range(shape[0])]
+            for e, sub in enumerate(state["matrices"]):
+                self._step_matrix(sub, group, p, pm[e], gm[e], parts, index, e, init_only)
+            if not init_only:
+                state["step"] += 1
+        else:
+            self._step_matrix(state, group, p, pm, gm, parts, index, None, init_only)
+        if not init_only and pm.data_ptr() != p.data_ptr():  # stepped a copy (a non-contiguous conv weight)
+            p.copy_(pm.view(p.shape))
+
+    def _step_matrix(self, state: dict, group: dict[str, Any], p: torch.Tensor, pm: torch.Tensor, gm: torch.Tensor,
+                     parts: Parts, index: int, matrix: int | None, init_only: bool = False) -> None:
+        """One projected matrix ``pm`` (of parameter ``p``; matrix ``matrix`` of a stack) with gradient ``gm``."""
+        layout = lambda: self._planner.layout(group, p, matrix or 0)  # noqa: E731
         if not state:
-            self._init_state(state, group, p, grad, proj if lowrank else None, rule, store, index)
-        elif lowrank and state["step"] % group["update_proj_gap"] == 0:
-            self._refresh(state, group, p, grad, proj, rule, transfer, store)
-        step = state["step"] + 1
-        inner_step = state["inner_step"] + 1
-        low = proj.project(grad, state["projector"]) if lowrank else grad
-        specs = rule.moments(tuple(low.shape), group)
-        moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
-        target = p if p.dtype == torch.float32 else p.float()
-        if not lowrank and rule.apply_plain(target, low, moments, inner_step, group):
-            d = None  # the rule applied the whole update (fused kernel), weight decay included
-        else:
-            d = rule.direction(low, moments, inner_step, group, p)
-        for s in specs:
-            store.save(state, s.name, moments[s.name], s.signed)
-        state["step"], state["inner_step"] = step, inner_step
+            init_state(state, group, pm, gm, parts.projector, parts.inner, parts.store, index, layout, matrix)
+        elif init_only:
+            return
+        elif refresh_due(state["step"], group["update_proj_gap"]):
+            refresh(state, group, pm, gm, parts.projector, parts.inner, parts.transfer, parts.store, layout)
+        if not init_only:
+            apply_step(state, group, pm, gm, parts, True)
 
-        wd = group["weight_decay"]
-        if d is not None and wd != 0:
-            target.mul_(1 - d.lr * wd)
-        if d is None:
-            pass
-        elif not lowrank:
-            if d.den is None:
-                target.add_(d.num, alpha=-d.coef)
-            else:
-                target.addcdiv_(d.num, d.den, value=-d.coef)
-        else:
-            pst = state["projector"]
-            low_update = d.num if d.den is None else d.num / d.den
-            if low_update.numel():  # an empty subspace (FRUGAL's inactive block) adds nothing
-                proj.add_back(target, low_update, pst, -d.coef * group["scale"])
-            # a residual rule with ``wants_coef`` also gets the inner step's coefficient and lr (Fira)
-            ctx = {"coef": d.coef, "lr": d.lr} if getattr(residual, "wants_coef", False) else {}
-            extra = residual.step(grad, low, low_update, proj, pst, state, group, **ctx)
-            if extra is not None:
-                target.sub_(extra)
-        if target is not p:
-            p.copy_(target)
-
-    def _init_state(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor,
-                    proj: Projector | None, rule: InnerRule, store: StateStore, index: int) -> None:
-        state["step"] = 0
-        state["inner_step"] = 0
-        if proj is not None:
-            ctx = {"layout": self._layout(group, p)} if getattr(proj, "wants_layout", False) else {}
-            state["projector"] = proj.init(grad, seed=derive_seed(group["seed"], index), **ctx)
-            shape = proj.low_shape(p.shape, state["projector"])
-        else:
-            shape = tuple(p.shape)
-        for spec in rule.moments(tuple(shape), group):
-            store.create(state, spec.name, spec.shape, p.device)
-
-    def _refresh(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, proj: Projector,
-                 rule: InnerRule, transfer: TransferPolicy, store: StateStore) -> None:
-        old = state["projector"]
-        specs: list[MomentSpec] = rule.moments(proj.low_shape(p.shape, old), group)
-        ctx: dict[str, Any] = {}
-        if proj.wants_moments:
-            ctx["moments"] = {s.name: store.load(state, s.name, s.signed) for s in specs}
-        if getattr(proj, "wants_layout", False):
-            ctx["layout"] = self._layout(group, p)
-        if getattr(proj, "wants_lr", False):  # the group's lr now and at the start (LR schedulers' initial_lr)
-            ctx["lr"], ctx["initial_lr"] = group["lr"], group.get("initial_lr", group["lr"])
-        new = proj.update(grad, old, **ctx)
-        specs = rule.moments(proj.low_shape(p.shape, new), group)
-        transfer.apply(state, old, new, proj, specs, store)
-        for spec in specs:
-            if tuple(state[spec.name].shape) != tuple(spec.shape):
-                raise ValueError(f"Invalid transfer: {group['transfer']!r} kept moment {spec.name!r} of shape "
-                                 f"{tuple(state[spec.name].shape)} but the new subspace needs {tuple(spec.shape)}; "
-                                 "use a transfer that rebuilds moments (e.g. 'reset') with this projector")
-        state["projector"] = new
-
-    def _layout(self, group: dict[str, Any], p: torch.Tensor) -> tuple[int, int, int]:
-        """``(position, count, group seed)`` of ``p`` among the group's projected params, for projectors
-        that draw across parameters (``wants_layout``: FRUGAL blocks, GUM's layer draw). Depends only on
-        the group's parameter order, so every data-parallel rank computes the same."""
-        chosen = [q for q in group["params"] if self.is_lowrank(group, q) and self._targeted(group, q)]
-        position = next(i for i, q in enumerate(chosen) if q is p)
-        return position, len(chosen), int(group["seed"])
+    def init_param_state(self, param: torch.Tensor) -> None:
+        """Allocates ``param``'s state exactly as its first step would, from ``param.grad`` (no rule math);
+        for closed-form memory estimates on the meta device (:mod:`lowrank_optim.memory`)."""
+        group, index = self._locate(param)
+        self._step_param(group, param, index, init_only=True)
 
     # -- memory and checkpoints -----------------------------------------------------------------
     def state_bytes(self) -> int:
         """Exact bytes of every tensor held in optimizer state (storage shared by tensors counted once)."""
-        seen: set[tuple[str, int]] = set()
-        total = 0
-
-        def visit(obj: Any) -> None:
-            nonlocal total
-            if isinstance(obj, torch.Tensor):
-                storage = obj.untyped_storage()
-                key = (str(obj.device), storage.data_ptr())
-                if key not in seen:
-                    seen.add(key)
-                    total += storage.nbytes()
-            elif isinstance(obj, dict):
-                for v in obj.values():
-                    visit(v)
-            elif isinstance(obj, (list, tuple)):
-                for v in obj:
-                    visit(v)
-
-        for st in self.state.values():
-            visit(st)
-        return total
+        return state_bytes(list(self.state.values()))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict, keeping every saved tensor's dtype (only the device follows the parameter).
@@ -408,45 +327,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
         the parameter's dtype, which would turn 8-bit codes, int indices and fp32 moments of bf16
         parameters into something else; here tensors are copied to the parameter's device unchanged.
         """
-        saved = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        id_map = dict(zip(saved_ids, params, strict=True))
-        for key, value in saved.items():
-            if key in id_map:
-                p = id_map[key]
-                self.state[p] = _to_device(value, p.device)
+        load_state(self, state_dict)
         self._parts_cache = {}
-        self._target_ids = None
+        self._planner.reset()
 
 
-def _refuse_flattened(group: dict[str, Any]) -> None:
-    """Raises for a flattened parameter in a low-rank group (FSDP1 ``FlatParameter`` or its
-    ``use_orig_params`` views, DeepSpeed ZeRO-3 partitions): its 2-D structure is gone, and taking the
-    plain path silently would turn the method into plain Adam."""
-    for i, p in enumerate(group["params"]):
-        if is_flattened(p):
-            raise ValueError(f"Invalid params: parameter {i} (shape {tuple(p.shape)}) of a group with "
-                             f"rank={group['rank']} is a flattened shard; {FLATTENED_HINT}")
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    """Deep copy of plain state with tensors moved (not cast) to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device=device, copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_device(v, device) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_device(v, device) for v in obj)
-    return obj
-
-
-def closed_form_bytes(numel: int, state_dtype: str) -> int:
-    """Bytes of one moment of ``numel`` elements in a store (``8bit``: 1 byte + 4 per 256 block)."""
-    return StateStore(state_dtype).bytes_for(numel)
+def _view_or_copy(p: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``p`` seen as ``shape``: a view when its strides allow (writes go straight to ``p``), else a copy."""
+    try:
+        return p.view(shape)
+    except RuntimeError:
+        return p.reshape(shape).clone()
 
 
 __all__ = ["ENGINE_DEFAULTS", "NONFINITE_POLICIES", "LowRankOptimizer", "closed_form_bytes"]
