@@ -26,10 +26,11 @@ import torch
 from ._validation import check_choice, check_int, check_number
 from .checkpoint import closed_form_bytes, load_state, state_bytes
 from .nonfinite import NONFINITE_POLICIES, check_grad, gradients_ok
-from .plan import ND_LAYOUTS, Planner, matrix_shape, nd_kind, refuse_flattened
+from .plan import ND_LAYOUTS, Planner, matrix_shape, n_matrices, nd_kind, refuse_flattened
 from .projectors import PROJECTORS, SIDE_RULES, make_projector
 from .rules import INNER_RULES, RESIDUAL_RULES, TRANSFER_POLICIES
-from .schedule import refresh_due
+from .schedule import refresh_due, stagger_phase
+from .stacks import Unit, apply_units
 from .state import STATE_DTYPES, StateStore
 from .targets import validate_target_modules
 from .update import Parts, apply_step, init_state, refresh
@@ -54,6 +55,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "target_modules": None,
     "nd_layout": "auto",
+    "refresh_stagger": False,
     "differentiable": False,  # torch's __setstate__ adds it on load; kept so groups round-trip unchanged
 }
 
@@ -82,6 +84,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
             (``FloatingPointError``, no state changes) or ``"ignore"`` (no check; use only when a
             ``GradScaler`` already skips such steps).
         seed: base seed of every random choice (random projectors, rsvd sketches).
+        nd_layout: how a tensor of more than two dimensions in a low-rank group is seen as matrices:
+            ``"auto"`` (3-D: MoE experts, a stack of matrices; 4-D: conv, ``out x (in * kh * kw)``; others
+            refused), ``"experts"`` or ``"conv"`` (:mod:`lowrank_optim.plan`).
+        refresh_stagger: spread the group's refreshes over the period, each matrix at its own phase
+            (default False; :mod:`lowrank_optim.schedule`).
         target_modules: restricts the low-rank path of a group carrying ``rank`` to the weights of the
             modules it selects (:func:`lowrank_optim.select_lowrank_modules` semantics), resolved at the
             first step; for groups built by someone else (HF Trainer's ``optimizer_cls_and_kwargs``).
@@ -92,6 +99,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
     """
 
     preset_defaults: ClassVar[dict[str, Any]] = {}
+    #: Step the projected matrices of a group together (:mod:`lowrank_optim.stacks`); False: one by one through
+    #: :func:`lowrank_optim.update.apply_step` (the reference path; equal to rounding).
+    batched: bool = True
 
     def __init__(self, params: ParamsT, lr: float | None = 1e-3, **kwargs: Any) -> None:
         module = kwargs.pop("module", None)
@@ -168,6 +178,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             validate_target_modules(group, self._module)
             self._planner.reset()
         check_choice("nd_layout", group["nd_layout"], ND_LAYOUTS)
+        if not isinstance(group["refresh_stagger"], bool):
+            raise TypeError(f"Invalid refresh_stagger: expected a bool, got {group['refresh_stagger']!r}")
         if group["rank"] is not None:
             refuse_flattened(group)
             if group["target_modules"] is None:  # else refused at the first step, once the targets are known
@@ -235,8 +247,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 work.append((group, p, index - 1))
         if not work or not gradients_ok(type(self).__name__, [(g, p) for g, p, _ in work]):
             return loss
+        by_group: dict[int, list[tuple[torch.Tensor, int]]] = {}
+        groups: dict[int, dict[str, Any]] = {}
         for group, p, idx in work:
-            self._step_param(group, p, idx)
+            by_group.setdefault(id(group), []).append((p, idx))
+            groups[id(group)] = group
+        for key, items in by_group.items():
+            self._step_group(groups[key], items)
         return loss
 
     @torch.compiler.disable
@@ -249,7 +266,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if param.grad is not None:
             check_grad(type(self).__name__, param, index)
             if gradients_ok(type(self).__name__, [(group, param)]):
-                self._step_param(group, param, index)
+                self._step_group(group, [(param, index)])
 
     def _locate(self, param: torch.Tensor) -> tuple[dict[str, Any], int]:
         """``(group, index)`` of ``param`` (its position over all groups, the seed's identity)."""
@@ -270,50 +287,91 @@ class LowRankOptimizer(torch.optim.Optimizer):
             parts = parts._replace(inner=INNER_RULES[group["plain_inner"]])
         return parts, kind
 
-    def _step_param(self, group: dict[str, Any], p: torch.Tensor, index: int, init_only: bool = False) -> None:
-        parts, kind = self._route(group, p)
-        state = self.state[p]
-        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
-        if kind is None:
-            if not state:
-                init_state(state, group, p, grad, None, parts.inner, parts.store, index)
-            if not init_only:
-                apply_step(state, group, p, grad, parts, False)
+    def _step_param(self, group: dict[str, Any], p: torch.Tensor, index: int) -> None:
+        """Steps one parameter (same math as :meth:`step`)."""
+        self._step_group(group, [(p, index)])
+
+    def _step_group(self, group: dict[str, Any], items: list[tuple[torch.Tensor, int]],
+                    init_only: bool = False) -> None:
+        """Steps the parameters ``items`` (``(param, index)``) of ``group``: plain ones one by one, projected
+        matrices initialised / refreshed one by one, then stepped together (:func:`lowrank_optim.stacks.apply_units`)
+        with the ones the batched kernels cannot take going through :func:`lowrank_optim.update.apply_step`.
+        ``init_only`` allocates missing state and steps nothing (:meth:`init_param_state`)."""
+        group_parts = self._parts(group)
+        phases = self._phases(group) if group.get("refresh_stagger") and group_parts.projector is not None else None
+        units: list[Unit] = []
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for p, index in items:
+            parts, kind = self._route(group, p)
+            state = self.state[p]
+            grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+            if kind is None:
+                if not state:
+                    init_state(state, group, p, grad, None, parts.inner, parts.store, index)
+                if not init_only:
+                    apply_step(state, group, p, grad, parts, False)
+                continue
+            shape = matrix_shape(p, kind)
+            pm = _view_or_copy(p, shape)
+            gm = grad.reshape(shape)
+            first = phases[id(p)] if phases is not None else 0
+            if kind == "experts":
+                if not state:
+                    state["step"] = 0
+                    state["matrices"] = [{} for _ in range(shape[0])]
+                for e, sub in enumerate(state["matrices"]):
+                    phase = stagger_phase(first + e, phases["count"], group["update_proj_gap"]) if phases else 0
+                    unit = self._prepare(sub, group, p, pm[e], gm[e], parts, index, e, phase, init_only)
+                    if unit is not None:
+                        units.append(unit)
+                if not init_only:
+                    state["step"] += 1
+            else:
+                phase = stagger_phase(first, phases["count"], group["update_proj_gap"]) if phases else 0
+                unit = self._prepare(state, group, p, pm, gm, parts, index, None, phase, init_only)
+                if unit is not None:
+                    units.append(unit)
+            if pm.data_ptr() != p.data_ptr():  # stepped through a copy (a non-contiguous conv weight)
+                copies.append((p, pm))
+        if init_only:
             return
-        shape = matrix_shape(p, kind)
-        pm = _view_or_copy(p, shape)
-        gm = grad.reshape(shape)
-        if kind == "experts":
-            if not state:
-                state["step"] = 0
-                state["matrices"] = [{} for _ in range(shape[0])]
-            for e, sub in enumerate(state["matrices"]):
-                self._step_matrix(sub, group, p, pm[e], gm[e], parts, index, e, init_only)
-            if not init_only:
-                state["step"] += 1
-        else:
-            self._step_matrix(state, group, p, pm, gm, parts, index, None, init_only)
-        if not init_only and pm.data_ptr() != p.data_ptr():  # stepped a copy (a non-contiguous conv weight)
+        rest = apply_units(units, group, group_parts) if self.batched else units
+        for u in rest:
+            apply_step(u.state, group, u.param, u.grad, group_parts, True)
+        for p, pm in copies:
             p.copy_(pm.view(p.shape))
 
-    def _step_matrix(self, state: dict, group: dict[str, Any], p: torch.Tensor, pm: torch.Tensor, gm: torch.Tensor,
-                     parts: Parts, index: int, matrix: int | None, init_only: bool = False) -> None:
-        """One projected matrix ``pm`` (of parameter ``p``; matrix ``matrix`` of a stack) with gradient ``gm``."""
+    def _prepare(self, state: dict, group: dict[str, Any], p: torch.Tensor, pm: torch.Tensor, gm: torch.Tensor,
+                 parts: Parts, index: int, matrix: int | None, phase: int, init_only: bool) -> Unit | None:
+        """Initialises (first step) or refreshes (on schedule) one projected matrix ``pm`` of parameter ``p``
+        (matrix ``matrix`` of a stack); returns the unit to step (``None`` with ``init_only``)."""
         layout = lambda: self._planner.layout(group, p, matrix or 0)  # noqa: E731
         if not state:
             init_state(state, group, pm, gm, parts.projector, parts.inner, parts.store, index, layout, matrix)
         elif init_only:
-            return
-        elif refresh_due(state["step"], group["update_proj_gap"]):
+            return None
+        elif refresh_due(state["step"], group["update_proj_gap"], phase):
             refresh(state, group, pm, gm, parts.projector, parts.inner, parts.transfer, parts.store, layout)
-        if not init_only:
-            apply_step(state, group, pm, gm, parts, True)
+        return None if init_only else Unit(state, pm, gm)
+
+    def _phases(self, group: dict[str, Any]) -> dict[Any, int]:
+        """``{id(p): position of p's first matrix, "count": matrices}`` over the group's projected parameters
+        (the staggered schedule's identity of a matrix, :mod:`lowrank_optim.schedule`)."""
+        out: dict[Any, int] = {}
+        count = 0
+        for q in group["params"]:
+            kind = self._planner.kind(group, q)
+            if kind is not None:
+                out[id(q)] = count
+                count += n_matrices(q, kind)
+        out["count"] = count
+        return out
 
     def init_param_state(self, param: torch.Tensor) -> None:
         """Allocates ``param``'s state exactly as its first step would, from ``param.grad`` (no rule math);
         for closed-form memory estimates on the meta device (:mod:`lowrank_optim.memory`)."""
         group, index = self._locate(param)
-        self._step_param(group, param, index, init_only=True)
+        self._step_group(group, [(param, index)], init_only=True)
 
     # -- memory and checkpoints -----------------------------------------------------------------
     def state_bytes(self) -> int:

@@ -19,6 +19,10 @@ class SVDProjector(Projector):
 
     name = "svd"
 
+    def orthonormal_basis(self, state: ProjState) -> bool:
+        """Singular vectors are orthonormal (the fallback that keeps a previous basis keeps an orthonormal one)."""
+        return type(self) is SVDProjector
+
     def _basis(self, grad: torch.Tensor, state: ProjState, previous: torch.Tensor | None) -> torch.Tensor:
         r = state["rank"]
         g = grad.float()
