@@ -29,11 +29,7 @@ SCALE = 0.25
 
 #: Per-optimizer keyword overrides for ``create_optimizer`` (``lr`` included). One line per optimizer
 #: whose defaults do not fit the benchmark; everything else runs with its preset defaults.
-OVERRIDES: dict[str, dict[str, Any]] = {
-    "galore_adafactor": {"relative_step": False, "scale_parameter": False, "beta1": 0.9},
-    # Flora's preset scales lr by RMS(W) like its reference; at the shared lr that starves the embedding
-    "flora": {"scale_parameter": False},
-}
+OVERRIDES: dict[str, dict[str, Any]] = {}
 
 STATE_DTYPES = ("fp32", "bf16", "8bit")
 

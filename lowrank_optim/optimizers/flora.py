@@ -33,7 +33,8 @@ class Flora(LowRankOptimizer):
 
     Args:
         params: parameters or groups; a group carrying ``rank`` is projected (see :func:`param_groups`).
-        lr: learning rate (with Adafactor's ``scale_parameter``, multiplied by ``max(eps[1], RMS(W))``).
+        lr: learning rate, an absolute step like AdamW's (1e-3); with ``scale_parameter=True`` it is
+            multiplied by ``max(eps[1], RMS(W))`` as in ``flora-opt``.
         weight_decay: decoupled weight decay.
         rank: default rank for groups that do not set one.
         kappa: resampling period in steps (1000); ``update_proj_gap`` is the engine's name and wins if given.
@@ -44,12 +45,14 @@ class Flora(LowRankOptimizer):
         state_dtype: ``"fp32"``, ``"bf16"`` or ``"8bit"``.
         projector_options: extra options of the random projector (e.g. ``cache_size``).
         **kwargs: rule hyper-parameters (Adafactor: ``beta1``, ``eps``, ``clip_threshold``, ``decay_rate``,
-            ``scale_parameter``, ``relative_step``; Adam: ``betas``, ``eps``) and engine options.
+            ``scale_parameter`` (False here, True in ``flora-opt``: see above), ``relative_step``; Adam:
+            ``betas``, ``eps``) and engine options.
     """
 
     preset_defaults: ClassVar[dict[str, Any]] = {"inner": "adafactor", "residual": "drop", "transfer": "linear",
                                                  "projector": "random", "update_proj_gap": 1000, "scale": 1.0,
-                                                 "beta1": 0.9, "relative_step": False}
+                                                 "beta1": 0.9, "relative_step": False,
+                                                 "scale_parameter": False}
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, weight_decay: float = 0.0, *, rank: int | None = None,
                  kappa: int = 1000, inner: str = "adafactor", distribution: str = "gaussian", scale: float = 1.0,

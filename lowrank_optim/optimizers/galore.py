@@ -55,17 +55,41 @@ class GaLoreAdamW(LowRankOptimizer):
 class GaLoreAdafactor(LowRankOptimizer):
     """GaLore with Adafactor inside the subspace (factored second moment of the projected gradient).
 
-    Adafactor follows HF Transformers' formulation, as galore-torch's does: ``lr=None`` with
-    ``relative_step=True`` (default) uses the relative step size; pass ``lr`` and
-    ``relative_step=False`` for a fixed learning rate. Weight decay is applied from the pre-update
-    weight with Adafactor's effective learning rate.
+    Adafactor follows HF Transformers' formulation, as galore-torch's does, but ``lr`` defaults to an
+    *absolute* step (``lr=1e-3``, ``relative_step=False``, ``scale_parameter=False``), the setting HF's
+    Trainer uses for ``optim="galore_adafactor"``. So one ``lr`` means the same step size for this
+    preset as for :class:`GaLoreAdamW` and ``torch.optim.AdamW``. Adafactor's own defaults
+    (``transformers.optimization.Adafactor``, galore-torch) are relative: the step is
+    ``min(1e-2, 1/sqrt(t))`` times ``max(eps[1], RMS(W))``, which ignores ``lr`` entirely and is ~50x
+    smaller than ``lr=1e-2`` on weights of RMS 0.02. They stay available:
+    ``GaLoreAdafactor(params, lr=None, relative_step=True, scale_parameter=True)``. Weight decay is
+    applied from the pre-update weight with Adafactor's effective learning rate.
+
+    Args:
+        params: parameters or groups; a group carrying ``rank`` is projected (see :func:`param_groups`).
+        lr: absolute learning rate (1e-3); ``None`` needs ``relative_step=True``.
+        eps: Adafactor's ``(eps1, eps2)``: regulariser of the squared gradient and floor of RMS(W).
+        clip_threshold: update RMS clipping threshold (1.0).
+        decay_rate: exponent of the second-moment decay ``1 - t**decay_rate`` (-0.8).
+        beta1: first-moment coefficient (``None``: no first moment, as Adafactor's default).
+        weight_decay: decoupled weight decay.
+        scale_parameter: multiply the step by ``max(eps[1], RMS(W))`` (False here; True in Adafactor).
+        relative_step: use ``min(1e-2, 1/sqrt(t))`` instead of ``lr`` (False here; True in Adafactor).
+        warmup_init: relative step warm-up ``1e-6 * t`` (needs ``relative_step=True``).
+        rank: default rank for groups that do not set one.
+        update_proj_gap: SVD refresh period T (200).
+        scale: alpha, multiplier of the back-projected update (0.25).
+        projector: ``"svd"`` (default) or any registered projector.
+        proj_side: side rule (``"std"``).
+        state_dtype: ``"fp32"``, ``"bf16"`` or ``"8bit"``.
+        **kwargs: further engine options.
     """
 
     preset_defaults: ClassVar[dict[str, Any]] = {"inner": "adafactor", "residual": "drop", "transfer": "keep"}
 
-    def __init__(self, params: ParamsT, lr: float | None = None, eps: tuple[float, float] = (1e-30, 1e-3),
+    def __init__(self, params: ParamsT, lr: float | None = 1e-3, eps: tuple[float, float] = (1e-30, 1e-3),
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
-                 weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
+                 weight_decay: float = 0.0, scale_parameter: bool = False, relative_step: bool = False,
                  warmup_init: bool = False, *, rank: int | None = None, update_proj_gap: int = 200,
                  scale: float = 0.25, projector: str = "svd", proj_side: str = "std", state_dtype: str = "fp32",
                  **kwargs: Any) -> None:
