@@ -37,10 +37,11 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """Applies ``--threads``, pins the allocator (unless ``--dynamic-malloc``) and checks ``--device``."""
+    """Applies ``--threads``, pins the allocator (unless ``--dynamic-malloc`` or a warm-heap process, see
+    :mod:`benchmarks.malloc`) and checks ``--device``."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not getattr(args, "dynamic_malloc", False):
+    if not getattr(args, "dynamic_malloc", False) and not malloc.is_warm():  # a warm heap stays warm
         malloc.pin()
     return check_device(args.device)
 
@@ -61,7 +62,7 @@ def environment(device: str) -> dict[str, Any]:
     env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                            "lowrank_optim": lro.__version__, "platform": platform.platform(),
                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
-                           "malloc": malloc.describe(),
+                           "malloc": malloc.describe(), "malloc_regime": malloc.regime(),
                            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if device == "cuda" and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()

@@ -145,6 +145,20 @@ class Decoder(nn.Module):
 
 
 def build_model(cfg: DecoderConfig, seed: int = 0, device: torch.device | str = "cpu") -> Decoder:
-    """A freshly initialised decoder (same weights for the same seed on every run)."""
+    """A freshly initialised decoder (same weights for the same seed on every run and device type), built
+    directly on ``device`` (a LLaMA-1B decoder is not initialised on the CPU first)."""
     torch.manual_seed(seed)
-    return Decoder(cfg).to(device)
+    with torch.device(device):
+        return Decoder(cfg)
+
+
+#: The decoder at GaLore's LLaMA shapes (``configs/llama_*.json``: layers, width, SwiGLU width, heads,
+#: vocabulary 32000), for end-to-end step timing (``benchmarks.throughput --mode e2e``); ``tiny`` is for tests.
+LLAMA_DECODERS: dict[str, DecoderConfig] = {
+    "tiny": DecoderConfig(vocab=96, d_model=64, n_layers=1, n_heads=4, d_ffn=160, max_len=64),
+    "quick": DecoderConfig(vocab=4096, d_model=256, n_layers=2, n_heads=4, d_ffn=688, max_len=128),
+    "60M": DecoderConfig(vocab=32000, d_model=512, n_layers=8, n_heads=8, d_ffn=1376, max_len=256),
+    "130M": DecoderConfig(vocab=32000, d_model=768, n_layers=12, n_heads=12, d_ffn=2048, max_len=256),
+    "350M": DecoderConfig(vocab=32000, d_model=1024, n_layers=24, n_heads=16, d_ffn=2736, max_len=256),
+    "1B": DecoderConfig(vocab=32000, d_model=2048, n_layers=24, n_heads=32, d_ffn=5461, max_len=256),
+}

@@ -54,11 +54,15 @@ def main(argv: list[str] | None = None) -> Path:
                   "(60M: 128, 130M/350M: 256, 1B: 512, 7B: 1024; quick mode: 60M-1L is LLaMA-60M cut to one layer, "
                   "60M and 1B); `measured == closed`: one real step gives exactly the closed-form bytes (measured "
                   "at 60M-1L in quick mode, at 60M and 130M in the full run).",
-        "throughput": "Optimizer step only (synthetic seeded gradients, LLaMA-60M shapes on CPU, rank 128). "
-                      f"Amortized = (median x {throughput.T_REFRESH - 1} + refresh) / {throughput.T_REFRESH}; "
-                      "quick mode times the first step (initial subspace) as the refresh. On the CPU each step is "
-                      "paired with a step of one torch AdamW, and `/AdamW` divides by those paired steps "
-                      "(`paired AdamW ms`).",
+        "throughput": "First table: optimizer step only (synthetic seeded gradients, LLaMA-60M shapes on CPU, "
+                      f"rank 128). Amortized = (median x {throughput.T_REFRESH - 1} + refresh) / "
+                      f"{throughput.T_REFRESH}; quick mode times the first step (initial subspace) as the refresh. "
+                      "On the CPU each step is paired with a step of one torch AdamW, and `/AdamW` divides by those "
+                      "paired steps (`paired AdamW ms`). Second table: end-to-end training steps (forward, backward, "
+                      "optimizer) of the benchmark decoder (quick: 2 layers, width 256, vocabulary 4096, 2 x 64 "
+                      "tokens), tokens/s against paired AdamW steps. Each column group is one allocator regime, "
+                      "each run in its own process: `warm` (GLIBC_TUNABLES warm heap, the headline) and `pinned` "
+                      "(glibc thresholds pinned at 128 KiB); `faults/step` are minor page faults per steady step.",
         "convergence": "Byte-level LLaMA-style decoder on the stdlib corpus; same seed, batches, steps and schedule "
                        "for every optimizer; `- AdamW` is the validation-loss difference to torch AdamW.",
         "projectors": "Refresh (update) time and captured energy of the refreshed subspace, as a fraction of "

@@ -6,7 +6,7 @@
 """
 
 from .engine import LowRankOptimizer
-from .groups import param_groups, select_lowrank_modules
+from .groups import param_groups, select_lowrank_modules, select_lowrank_params
 from .layerwise import LayerwiseUpdater
 from .optimizers import (
     COAP,
@@ -52,4 +52,5 @@ __all__ = [
     "plan_memory",
     "register_optimizer",
     "select_lowrank_modules",
+    "select_lowrank_params",
 ]

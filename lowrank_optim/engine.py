@@ -56,6 +56,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "target_modules": None,
     "nd_layout": "auto",
     "refresh_stagger": False,
+    "include_conv": False,  # with target_modules: also select convolution weights (lowrank_optim.targets)
     "differentiable": False,  # torch's __setstate__ adds it on load; kept so groups round-trip unchanged
 }
 
@@ -93,6 +94,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             modules it selects (:func:`lowrank_optim.select_lowrank_modules` semantics), resolved at the
             first step; for groups built by someone else (HF Trainer's ``optimizer_cls_and_kwargs``).
             Parameter names come from ``module`` or from torch's named param groups (``param_names``).
+        include_conv: with ``target_modules``, also project the selected convolution weights (default
+            ``False``; see :func:`lowrank_optim.select_lowrank_params`).
         module: the model whose ``named_modules()`` resolve ``target_modules`` (kept by reference, never
             saved in the state dict; not a group key).
         **hyper: hyper-parameters of the inner / residual rule (``betas``, ``eps``, ...).

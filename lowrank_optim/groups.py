@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -50,6 +50,51 @@ def _matches(name: str, target: str | Sequence[str]) -> bool:
     return False
 
 
+#: Module types whose ``weight`` is projected as the matrix ``out x (in * prod(kernel))`` with ``include_conv``.
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _check_target(target_modules: Any) -> bool:
+    """Validates ``target_modules``; returns whether it is ``"all-linear"``."""
+    if isinstance(target_modules, str):
+        return target_modules == "all-linear"
+    if isinstance(target_modules, Sequence) and all(isinstance(t, str) for t in target_modules):
+        if not target_modules:
+            raise ValueError("Invalid target_modules: empty list")
+        return False
+    raise TypeError(f"Invalid target_modules: expected 'all-linear', a regex or a list of str, "
+                    f"got {target_modules!r}")
+
+
+def is_expert_param(module_name: str, module: nn.Module, p: torch.Tensor) -> bool:
+    """Whether ``p`` (held directly by ``module``) is a stack of MoE expert matrices ``(E, ., .)``.
+
+    HF Transformers (v5) keeps the experts of Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, GPT-OSS,
+    GraniteMoE ... as 3-D parameters (``experts.gate_up_proj``, ``experts.down_proj``) of a module named
+    ``experts`` or of a class named ``*Experts``; the rule is exactly that: 3-D, and ``"expert"`` in the
+    module's qualified name or class name (case-insensitive). Their 2-D per-expert biases are not stacks.
+    """
+    return p.dim() == 3 and ("expert" in module_name.lower() or "expert" in type(module).__name__.lower())
+
+
+#: Names of an MoE block's router module, a sibling of its ``experts`` (HF: ``mlp.gate`` in Mixtral, Qwen-MoE,
+#: OLMoE, DeepSeek; ``mlp.router`` in GPT-OSS).
+ROUTER_NAMES = ("gate", "router")
+
+
+def moe_router_weights(names: Iterable[str]) -> set[str]:
+    """Router weights among parameter names: ``<block>.gate.weight`` / ``<block>.router.weight`` where
+    ``<block>.experts.*`` also exists. For name-only selection (no module types), where a 2-D
+    ``<module>.weight`` otherwise reads as a linear layer; routers stay plain, as with ``param_groups``."""
+    names = list(names)
+    blocks = {n.rpartition(".experts.")[0] for n in names if ".experts." in n}
+    return {f"{b}.{r}.weight" for b in blocks for r in ROUTER_NAMES} & set(names)
+
+
+def _module_matches(name: str, all_linear: bool, heads: set[str], target: str | Sequence[str]) -> bool:
+    return name not in heads if all_linear else _matches(name, target)
+
+
 def select_lowrank_modules(model: nn.Module, target_modules: str | Sequence[str] = ("attn", "mlp"),
                            module_types: tuple[type[nn.Module], ...] = (nn.Linear,)) -> list[str]:
     """Qualified names of the modules whose ``weight`` goes low-rank.
@@ -60,16 +105,10 @@ def select_lowrank_modules(model: nn.Module, target_modules: str | Sequence[str]
             the whole qualified name, or a list of fragments (substring match; a fragment with regex
             characters also matches by ``re.fullmatch``, as in HF's docs ``[r".*.attn.*"]``).
         module_types: module classes eligible (``nn.Linear`` only by default).
+
+    See :func:`select_lowrank_params` for the full selection (MoE experts, convolutions).
     """
-    if isinstance(target_modules, str):
-        all_linear = target_modules == "all-linear"
-    elif isinstance(target_modules, Sequence) and all(isinstance(t, str) for t in target_modules):
-        all_linear = False
-        if not target_modules:
-            raise ValueError("Invalid target_modules: empty list")
-    else:
-        raise TypeError(f"Invalid target_modules: expected 'all-linear', a regex or a list of str, "
-                        f"got {target_modules!r}")
+    all_linear = _check_target(target_modules)
     heads = _output_head_names(model)
     chosen = []
     for name, module in model.named_modules():
@@ -77,50 +116,119 @@ def select_lowrank_modules(model: nn.Module, target_modules: str | Sequence[str]
             continue
         if module.weight.dim() != 2:
             continue
-        if all_linear:
-            if name not in heads:
-                chosen.append(name)
-        elif _matches(name, target_modules):
+        if _module_matches(name, all_linear, heads, target_modules):
             chosen.append(name)
     return chosen
 
 
+def select_lowrank_params(model: nn.Module, target_modules: str | Sequence[str] = ("attn", "mlp"), *,
+                          include_conv: bool = False, warn: bool = True) -> dict[str, torch.Tensor]:
+    """Qualified names -> tensors of the parameters that go low-rank, in ``named_parameters()`` order.
+
+    Selected, in modules that ``target_modules`` selects (semantics of :func:`select_lowrank_modules`;
+    ``"all-linear"`` selects every module but the output head):
+
+    * the 2-D ``weight`` of every ``nn.Linear``;
+    * every MoE expert stack (:func:`is_expert_param`), a 3-D ``(E, m, n)`` tensor projected as ``E``
+      matrices ``m x n``, one basis each; a target may also name the parameter itself
+      (``target_modules=["gate_up_proj"]`` selects ``mlp.experts.gate_up_proj``);
+    * with ``include_conv=True``, the weight ``(out, in / groups, *kernel)`` of every ``nn.Conv1d/2d/3d``,
+      projected as the matrix ``out x (in / groups * prod(kernel))`` (the mode-1 matricization; Tucker-style
+      per-mode projection, as in Tensor-GaLore, arXiv:2501.02379, is not implemented).
+
+    Args:
+        model: the model.
+        target_modules: see :func:`select_lowrank_modules`.
+        include_conv: also select convolution weights (default ``False``: they stay plain, with a warning
+            when a targeted module is one).
+        warn: warn, by name, about every tensor of more than 2 dimensions held by a targeted module that
+            is left plain (full optimizer state), e.g. a convolution without ``include_conv``.
+
+    Raises:
+        TypeError, ValueError: a malformed ``target_modules``.
+    """
+    all_linear = _check_target(target_modules)
+    heads = _output_head_names(model)
+    chosen: dict[str, torch.Tensor] = {}
+    left: list[str] = []
+    seen: set[int] = set()
+    for mname, module in model.named_modules():
+        targeted = _module_matches(mname, all_linear, heads, target_modules)
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            qual = f"{mname}.{pname}" if mname else pname
+            if isinstance(module, nn.Linear) and pname == "weight" and p.dim() == 2:
+                ok = targeted
+            elif is_expert_param(mname, module, p):
+                ok = targeted or (not all_linear and _matches(qual, target_modules))
+            elif isinstance(module, CONV_TYPES) and pname == "weight":
+                ok = targeted and include_conv
+                if targeted and not include_conv:
+                    left.append(f"{qual} ({type(module).__name__}, shape {tuple(p.shape)}; pass include_conv=True)")
+            else:
+                ok = False
+                if targeted and p.dim() > 2:
+                    left.append(f"{qual} ({type(module).__name__}, shape {tuple(p.shape)}; no low-rank layout)")
+            if ok:
+                seen.add(id(p))
+                chosen[qual] = p
+    if warn and left:
+        warnings.warn(f"target_modules={target_modules!r} selects modules whose weights stay plain (full optimizer "
+                      f"state): {', '.join(left)}", UserWarning, stacklevel=3)
+    return chosen
+
+
 def param_groups(model: nn.Module, rank: int = 128, target_modules: str | Sequence[str] = ("attn", "mlp"), *,
-                 on_no_match: str = "raise", plain_options: dict[str, Any] | None = None,
+                 include_conv: bool = False, on_no_match: str = "raise", plain_options: dict[str, Any] | None = None,
                  **options: Any) -> list[dict[str, Any]]:
     """Splits a model's trainable parameters into a plain group and a low-rank group.
 
-    The ``weight`` of every selected ``nn.Linear`` goes into the low-rank group (which carries ``rank``
-    and ``options``, e.g. ``update_proj_gap``, ``scale``, ``projector``); everything else (embeddings,
-    output head, norms, biases, unselected layers) goes into the plain group.
+    The low-rank group (which carries ``rank`` and ``options``, e.g. ``update_proj_gap``, ``scale``,
+    ``projector``) holds what :func:`select_lowrank_params` selects: the ``weight`` of every selected
+    ``nn.Linear``, the 3-D MoE expert stacks of selected modules (``(E, m, n)``: ``E`` matrices, one basis
+    each) and, with ``include_conv=True``, convolution weights (the matrix ``out x (in * prod(kernel))``).
+    Everything else (embeddings, output head, norms, biases, routers, unselected layers) goes into the
+    plain group.
 
     Args:
         model: the model.
         rank: the low-rank group's rank.
         target_modules: see :func:`select_lowrank_modules`.
+        include_conv: project the weights of selected ``nn.Conv1d/2d/3d`` modules (default ``False``, with
+            a warning naming each targeted convolution left plain).
         on_no_match: ``"raise"`` (default) or ``"warn"`` when nothing matches: a silent fallback would
             turn the method into plain Adam.
         plain_options: extra keys for the plain group (e.g. ``{"weight_decay": 0.0}``).
         **options: extra keys for the low-rank group.
 
     Returns:
-        ``[{"params": plain, ...}, {"params": lowrank, "rank": rank, ...}]`` (empty groups left out).
+        ``[{"params": plain, ...}, {"params": lowrank, "rank": rank, ...}]``, plus, with ``include_conv``, a
+        third group ``{"params": convs, "rank": rank, ..., "nd_layout": "conv"}`` (the engine's group key that
+        reads every N-D tensor of the group as a convolution, a 3-D ``Conv1d`` weight included); empty groups
+        left out.
+
+    Raises:
+        ValueError: a bad ``rank`` / ``on_no_match``, flattened parameters (FSDP1, ZeRO-3), or nothing
+            selected with ``on_no_match="raise"``.
+        TypeError: a malformed ``target_modules`` or ``include_conv``.
     """
     check_int("rank", rank, low=1)
     check_choice("on_no_match", on_no_match, ("raise", "warn"))
+    if not isinstance(include_conv, bool):
+        raise TypeError(f"Invalid include_conv: expected a bool, got {include_conv!r}")
     if any(is_flattened(p) for p in model.parameters()):
         raise ValueError(f"Invalid model: {type(model).__name__} holds flattened parameters; {FLATTENED_HINT}")
-    names = select_lowrank_modules(model, target_modules)
-    chosen: set[int] = set()
-    lowrank: list[torch.Tensor] = []
-    modules = dict(model.named_modules())
-    for n in names:
-        w = modules[n].weight
-        if w.requires_grad and id(w) not in chosen:
-            chosen.add(id(w))
-            lowrank.append(w)
-    if not lowrank:
-        msg = (f"target_modules={target_modules!r} matched no nn.Linear weight of {type(model).__name__}; "
+    selected = select_lowrank_params(model, target_modules, include_conv=include_conv)
+    convs = {id(m.weight) for m in model.modules() if isinstance(m, CONV_TYPES)}
+    lowrank = [p for p in selected.values() if p.requires_grad]
+    chosen = {id(p) for p in lowrank}
+    conv_params = [p for p in lowrank if id(p) in convs]
+    lowrank = [p for p in lowrank if id(p) not in convs]
+    if not lowrank and not conv_params:
+        kinds = ("nn.Linear weight, MoE expert stack or convolution weight" if include_conv
+                 else "nn.Linear weight or MoE expert stack")
+        msg = (f"target_modules={target_modules!r} matched no {kinds} of {type(model).__name__}; "
                "the optimizer would silently be plain Adam")
         if on_no_match == "raise":
             raise ValueError(f"Invalid target_modules: {msg}")
@@ -131,4 +239,6 @@ def param_groups(model: nn.Module, rank: int = 128, target_modules: str | Sequen
         groups.append({"params": plain, **(plain_options or {})})
     if lowrank:
         groups.append({"params": lowrank, "rank": rank, **options})
+    if conv_params:  # their own group: a Conv1d weight is 3-D, which the engine would otherwise read as experts
+        groups.append({"params": conv_params, "rank": rank, **options, "nd_layout": "conv"})
     return groups

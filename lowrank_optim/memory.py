@@ -11,12 +11,12 @@ does (``method="meta-init"``); for the engine's presets that allocation is the w
 The closed forms behind it (GaLore, arXiv:2403.03507, for an ``m x n`` weight with ``r`` the rank):
 basis ``min(m, n) r`` fp32 values plus the inner rule's moments of shape ``max(m, n) x r`` in the state
 store (``fp32`` 4 bytes, ``bf16`` 2 bytes, ``8bit`` 1 byte per element plus 4 bytes per 256-element block
-for tensors of at least 4096 elements).
+for tensors of at least 4096 elements). An MoE expert stack ``(E, m, n)`` is ``E`` such matrices (``E`` bases,
+``E`` sets of moments); a convolution weight ``(out, in, *kernel)`` is the matrix ``out x (in * prod(kernel))``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .engine import LowRankOptimizer
+from .groups import _matches, moe_router_weights
 from .registry import create_optimizer
 
 Shape = tuple[int, ...]
@@ -119,13 +120,22 @@ class StateEstimate:
     lowrank: list[str] = field(default_factory=list)
 
 
-def _is_lowrank(name: str, shape: Shape, target: str | Sequence[str]) -> bool:
-    if len(shape) != 2:
+def is_lowrank_shape(name: str, shape: Shape, target: str | Sequence[str], include_conv: bool = False) -> bool:
+    """Whether parameter ``name`` of ``shape`` goes low-rank, by the rules of
+    :func:`lowrank_optim.select_lowrank_params` read from names and shapes alone: a 2-D ``<module>.weight``
+    of a matched module, a 3-D MoE expert stack (``"expert"`` in the name; its module or its own name
+    matched), and with ``include_conv`` a 3-D to 5-D ``<module>.weight`` (a convolution)."""
+    dims = len(shape)
+    if dims == 3 and "expert" in name.lower():
+        return _matches(name.rpartition(".")[0], target) or _matches(name, target)
+    if not name.endswith(".weight") or not _matches(name[: -len(".weight")], target):
         return False
-    module = name[: -len(".weight")] if name.endswith(".weight") else name
-    if isinstance(target, str):
-        return re.fullmatch(target, module) is not None
-    return any(t in module for t in target)
+    return dims == 2 or (include_conv and 3 <= dims <= 5)
+
+
+def n_matrices(name: str, shape: Shape) -> int:
+    """Projected matrices in a low-rank parameter: ``E`` for an expert stack ``(E, m, n)``, else 1."""
+    return shape[0] if len(shape) == 3 and "expert" in name.lower() else 1
 
 
 def _build(optimizer: str | Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
@@ -140,7 +150,8 @@ def _build(optimizer: str | Callable[[list[dict[str, Any]]], torch.optim.Optimiz
 def estimate_state_bytes(named_shapes: Mapping[str, Sequence[int]],
                          optimizer: str | Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = "galore_adamw",
                          *, rank: int | None = 128, target_modules: str | Sequence[str] = ("attn", "mlp"),
-                         group_options: Mapping[str, Any] | None = None, param_dtype: torch.dtype = torch.float32,
+                         include_conv: bool = False, group_options: Mapping[str, Any] | None = None,
+                         param_dtype: torch.dtype = torch.float32,
                          **kwargs: Any) -> StateEstimate:
     """Optimizer-state bytes after one step, from shapes alone (meta device, nothing allocated).
 
@@ -151,7 +162,9 @@ def estimate_state_bytes(named_shapes: Mapping[str, Sequence[int]],
             returning any ``torch.optim.Optimizer`` (e.g. a reference implementation).
         rank: rank of the low-rank group (``None``: every parameter plain).
         target_modules: name fragments (substring of the module name) or a regex (full match) selecting
-            the 2-D weights that go low-rank, as :func:`lowrank_optim.param_groups` does on a model.
+            the weights that go low-rank, as :func:`lowrank_optim.param_groups` does on a model
+            (:func:`is_lowrank_shape`: 2-D weights and 3-D MoE expert stacks; MoE routers stay plain).
+        include_conv: also project 3-D to 5-D ``.weight`` tensors of matched modules (convolutions).
         group_options: extra keys for the low-rank group (``update_proj_gap``, ``scale``, ...).
         param_dtype: dtype of the (meta) parameters and gradients.
         **kwargs: optimizer keyword arguments (``lr``, ``state_dtype``, ...), for a registered name.
@@ -165,9 +178,11 @@ def estimate_state_bytes(named_shapes: Mapping[str, Sequence[int]],
         raise TypeError(f"Invalid optimizer: expected a registered name or a callable, got {optimizer!r}")
     names = list(named_shapes)
     shapes = {n: tuple(int(s) for s in named_shapes[n]) for n in names}
-    lowrank_names = [n for n in names if rank is not None and _is_lowrank(n, shapes[n], target_modules)]
+    routers = moe_router_weights(names)
+    lowrank_names = [n for n in names if rank is not None and n not in routers
+                     and is_lowrank_shape(n, shapes[n], target_modules, include_conv)]
     if rank is not None and not lowrank_names:
-        raise ValueError(f"Invalid target_modules: {target_modules!r} matched no 2-D parameter name")
+        raise ValueError(f"Invalid target_modules: {target_modules!r} matched no 2-D weight or expert stack name")
 
     def fresh() -> tuple[dict[str, torch.nn.Parameter], list[dict[str, Any]]]:
         params = {n: torch.nn.Parameter(torch.empty(shapes[n], device="meta", dtype=param_dtype)) for n in names}
@@ -217,4 +232,5 @@ def _allocate_engine_state(opt: LowRankOptimizer) -> None:
                 opt.init_param_state(p)
 
 
-__all__ = ["LLAMA_CONFIGS", "StateEstimate", "count_state_bytes", "estimate_state_bytes", "llama_shapes"]
+__all__ = ["LLAMA_CONFIGS", "StateEstimate", "count_state_bytes", "estimate_state_bytes", "is_lowrank_shape",
+           "llama_shapes", "n_matrices"]

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ._validation import check_choice, check_int, check_number
-from .memory import LLAMA_CONFIGS, estimate_state_bytes, llama_shapes
+from .memory import LLAMA_CONFIGS, estimate_state_bytes, llama_shapes, n_matrices
 from .registry import available_optimizers
 from .state import STATE_DTYPES
 
@@ -53,7 +53,7 @@ class MemoryPlan:
         state: optimizer state by part (``projector bases``, ``low-rank moments``, ``plain moments``).
         settings: rank, state dtype, weight dtype, layer-wise flag.
         budget: the budget in bytes (``None``: none given).
-        n_lowrank: number of projected matrices.
+        n_lowrank: number of projected matrices (an MoE expert stack ``(E, m, n)`` counts ``E``).
     """
 
     model: str
@@ -103,12 +103,45 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+#: Config keys holding the number of routed experts (Mixtral / GPT-OSS, Qwen-MoE / OLMoE, DeepSeek naming).
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+#: ``model_type`` -> width of the per-layer q/k RMSNorms: ``"head"`` (one head_dim vector, Qwen3) or
+#: ``"full"`` (the whole projection, OLMo / OLMoE).
+QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full", "olmo2": "full"}
+
+
+def num_experts(config: Mapping[str, Any]) -> int:
+    """Routed experts per MoE layer read from an HF config (0: a dense model); see :data:`EXPERT_COUNT_KEYS`."""
+    for key in EXPERT_COUNT_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+def _is_sparse_layer(config: Mapping[str, Any], i: int) -> bool:
+    """Qwen-MoE's rule (``decoder_sparse_step``, ``mlp_only_layers``); every layer for Mixtral / OLMoE."""
+    step = config.get("decoder_sparse_step") or 1
+    return i not in (config.get("mlp_only_layers") or ()) and (i + 1) % step == 0
+
+
 def hf_config_shapes(config: Mapping[str, Any]) -> dict[str, Shape]:
-    """Parameter names and shapes of a LLaMA-style decoder from an HF ``config.json`` dict.
+    """Parameter names and shapes of a LLaMA-style decoder, dense or MoE, from an HF ``config.json`` dict.
 
     Reads ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``,
     ``vocab_size`` and, when present, ``num_key_value_heads`` (grouped-query attention), ``head_dim``,
-    ``tie_word_embeddings``, ``attention_bias`` and ``mlp_bias`` (LLaMA, Mistral, Qwen2 naming).
+    ``tie_word_embeddings``, ``attention_bias`` (q, k, v, o), ``qkv_bias`` (q, k, v: Qwen2-MoE) and
+    ``mlp_bias`` (LLaMA, Mistral, Qwen2 naming), the q/k norms of :data:`QK_NORM`'s model types and
+    Qwen2's q, k, v biases (built unconditionally by its attention).
+
+    MoE (HF Transformers v5 layout: experts as 3-D parameters ``(E, out, in)``): the number of experts
+    ``E`` from :data:`EXPERT_COUNT_KEYS`; the expert width from ``moe_intermediate_size`` (Qwen-MoE,
+    DeepSeek) or else ``intermediate_size`` (Mixtral, OLMoE); a router ``mlp.gate.weight`` ``(E, d)``,
+    ``mlp.experts.gate_up_proj`` ``(E, 2 f, d)`` and ``mlp.experts.down_proj`` ``(E, d, f)``; a shared
+    expert of ``shared_expert_intermediate_size`` with its ``(1, d)`` gate (Qwen2-MoE); layers in
+    ``mlp_only_layers`` or off the ``decoder_sparse_step`` are dense MLPs of ``intermediate_size``.
+    Checked against the models Transformers builds for Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE configs.
+    Other attention layouts (DeepSeek's MLA, GPT-OSS's sinks and expert biases) are not modeled.
     """
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in required if not isinstance(config.get(k), int)]
@@ -120,21 +153,40 @@ def hf_config_shapes(config: Mapping[str, Any]) -> dict[str, Shape]:
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or d // heads
     attn_bias, mlp_bias = bool(config.get("attention_bias", False)), bool(config.get("mlp_bias", False))
+    qkv_bias = attn_bias or bool(config.get("qkv_bias", False)) or config.get("model_type") == "qwen2"
+    experts = num_experts(config)
+    expert_ff = config.get("moe_intermediate_size") or ff
+    shared_ff = config.get("shared_expert_intermediate_size") or 0
+    qk_norm = QK_NORM.get(str(config.get("model_type")))
     shapes: dict[str, Shape] = {"model.embed_tokens.weight": (vocab, d)}
     for i in range(config["num_hidden_layers"]):
         pre = f"model.layers.{i}."
         outs = {"q_proj": heads * head_dim, "k_proj": kv_heads * head_dim, "v_proj": kv_heads * head_dim}
         for name, out in outs.items():
             shapes[f"{pre}self_attn.{name}.weight"] = (out, d)
-            if attn_bias:
+            if qkv_bias:
                 shapes[f"{pre}self_attn.{name}.bias"] = (out,)
         shapes[f"{pre}self_attn.o_proj.weight"] = (d, heads * head_dim)
         if attn_bias:
             shapes[f"{pre}self_attn.o_proj.bias"] = (d,)
-        for name, shape in (("gate_proj", (ff, d)), ("up_proj", (ff, d)), ("down_proj", (d, ff))):
-            shapes[f"{pre}mlp.{name}.weight"] = shape
-            if mlp_bias:
-                shapes[f"{pre}mlp.{name}.bias"] = (shape[0],)
+        if qk_norm is not None:
+            full = qk_norm == "full"
+            shapes[f"{pre}self_attn.q_norm.weight"] = (heads * head_dim if full else head_dim,)
+            shapes[f"{pre}self_attn.k_norm.weight"] = (kv_heads * head_dim if full else head_dim,)
+        if experts and _is_sparse_layer(config, i):
+            shapes[f"{pre}mlp.gate.weight"] = (experts, d)
+            shapes[f"{pre}mlp.experts.gate_up_proj"] = (experts, 2 * expert_ff, d)
+            shapes[f"{pre}mlp.experts.down_proj"] = (experts, d, expert_ff)
+            mlps = {"mlp.shared_expert.": shared_ff} if shared_ff else {}
+        else:
+            mlps = {"mlp.": ff}
+        for sub, width in mlps.items():
+            for name, shape in (("gate_proj", (width, d)), ("up_proj", (width, d)), ("down_proj", (d, width))):
+                shapes[f"{pre}{sub}{name}.weight"] = shape
+                if mlp_bias:
+                    shapes[f"{pre}{sub}{name}.bias"] = (shape[0],)
+        if experts and shared_ff and _is_sparse_layer(config, i):
+            shapes[f"{pre}mlp.shared_expert_gate.weight"] = (1, d)
         shapes[f"{pre}input_layernorm.weight"] = (d,)
         shapes[f"{pre}post_attention_layernorm.weight"] = (d,)
     shapes["model.norm.weight"] = (d,)
@@ -165,7 +217,7 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
                 rank: int | None = 128, state_dtype: str = "8bit", layerwise: bool = False,
                 budget_gb: float | None = None, weight_dtype: str = "bf16",
                 target_modules: str | Sequence[str] = ("attn", "mlp"), update_proj_gap: int = 200,
-                **optimizer_kwargs: Any) -> MemoryPlan:
+                include_conv: bool = False, **optimizer_kwargs: Any) -> MemoryPlan:
     """Plans training memory (weights, gradients, optimizer state by part) without allocating the model.
 
     Args:
@@ -178,6 +230,8 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
         weight_dtype: ``bf16``, ``fp16`` or ``fp32`` weights and gradients.
         target_modules: name fragments or a regex selecting the projected weights.
         update_proj_gap: refresh period (does not change the sizes; passed for completeness).
+        include_conv: also project convolution weights (3-D to 5-D ``.weight`` tensors of matched modules,
+            for a name -> shape mapping).
         **optimizer_kwargs: further optimizer keyword arguments.
     """
     if not isinstance(optimizer, str):
@@ -191,11 +245,11 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
     budget = None if budget_gb is None else round(check_number("budget_gb", budget_gb, low=0.0) * GB)
     shapes = model_shapes(model)
     dtype = WEIGHT_DTYPES[weight_dtype]
-    size = torch.empty((), dtype=dtype).element_size()
+    size = torch.empty((), dtype=dtype, device="meta").element_size()
     numels = {n: _numel(s) for n, s in shapes.items()}
     est = estimate_state_bytes(shapes, optimizer, rank=rank, target_modules=target_modules,
-                               group_options={"update_proj_gap": update_proj_gap}, param_dtype=dtype,
-                               state_dtype=state_dtype, **optimizer_kwargs)
+                               include_conv=include_conv, group_options={"update_proj_gap": update_proj_gap},
+                               param_dtype=dtype, state_dtype=state_dtype, **optimizer_kwargs)
     low = set(est.lowrank)
     low_bytes = sum(v for n, v in est.per_param.items() if n in low)
     state = {"projector bases": est.projector, "low-rank moments": low_bytes - est.projector,
@@ -203,7 +257,7 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
     grads = max(numels.values()) * size if layerwise else sum(numels.values()) * size
     return MemoryPlan(model=str(model) if not isinstance(model, Mapping) else "model", optimizer=optimizer,
                       n_params=sum(numels.values()), weights=sum(numels.values()) * size, gradients=grads,
-                      state=state, budget=budget, n_lowrank=len(low),
+                      state=state, budget=budget, n_lowrank=sum(n_matrices(n, shapes[n]) for n in low),
                       settings={"rank": rank, "state_dtype": state_dtype, "weight_dtype": weight_dtype,
                                 "layerwise": layerwise})
 
@@ -241,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if plan.fits is False else 0
 
 
-__all__ = ["MemoryPlan", "hf_config_shapes", "main", "model_shapes", "plan_memory"]
+__all__ = ["EXPERT_COUNT_KEYS", "MemoryPlan", "hf_config_shapes", "main", "model_shapes", "num_experts",
+           "plan_memory"]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,8 @@ Names come from one of two sources, checked at construction:
 
 * ``module=model`` (the Trainer route: the Trainer reserves the keyword ``model`` for itself, so the
   optimizer's keyword is ``module``): modules are selected by :func:`select_lowrank_modules`, so
-  ``"all-linear"`` and the ``nn.Linear``-only rule work exactly as in :func:`param_groups`;
+  ``"all-linear"``, MoE expert stacks and the ``include_conv`` opt-in work exactly as in
+  :func:`param_groups` (a group's ``include_conv`` key, default ``False``);
 * torch's named param groups (``params=[(name, tensor), ...]``, kept by torch as
   ``group["param_names"]``): the module path is the name without ``.weight``; ``"all-linear"`` needs
   module types and so needs ``module``.
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .groups import FLATTENED_HINT, _matches, select_lowrank_modules
+from .groups import CONV_TYPES, FLATTENED_HINT, _matches, moe_router_weights, select_lowrank_params
 
 _WEIGHT = ".weight"
 
@@ -58,39 +59,95 @@ def validate_target_modules(group: dict[str, Any], module: nn.Module | None) -> 
         if target == "all-linear":
             raise ValueError("Invalid target_modules: 'all-linear' needs module types; pass module=model")
         return
-    if not select_lowrank_modules(module, target):
-        raise ValueError(f"Invalid target_modules: {target!r} matched no nn.Linear weight of "
+    if not select_lowrank_params(module, target, include_conv=_include_conv(group), warn=False):
+        raise ValueError(f"Invalid target_modules: {target!r} matched no nn.Linear weight or MoE expert stack of "
                          f"{type(module).__name__}; the optimizer would silently use its plain rule")
+
+
+def _include_conv(group: dict[str, Any]) -> bool:
+    flag = group.get("include_conv", False)
+    if not isinstance(flag, bool):
+        raise TypeError(f"Invalid include_conv: expected a bool, got {flag!r}")
+    return flag
+
+
+def _named_selected(name: str, p: torch.Tensor, target: str | Sequence[str]) -> bool:
+    """The selection of :func:`select_lowrank_params` from a parameter's name and shape alone (no module
+    types): ``<module>.weight`` 2-D (a linear layer), 3-D with ``"expert"`` in the name (an MoE expert stack,
+    matched by its module or its own name), and any other matched ``<module>.weight``, which
+    :func:`_check_selected` then accepts (3-D to 5-D with ``include_conv``: a convolution) or refuses."""
+    module = name[: -len(_WEIGHT)] if name.endswith(_WEIGHT) else name.rpartition(".")[0]
+    if p.dim() == 3 and "expert" in name.lower():
+        return _matches(module, target) or _matches(name, target)
+    return name.endswith(_WEIGHT) and _matches(module, target)
 
 
 def resolve_targets(param_groups: list[dict[str, Any]], module: nn.Module | None) -> set[int]:
     """Identities of the parameters that the groups' ``target_modules`` select (at call time).
 
+    With ``module``, the selection is :func:`lowrank_optim.select_lowrank_params` (``nn.Linear`` weights,
+    MoE expert stacks, and convolution weights when the group sets ``include_conv=True``); from torch's
+    ``param_names``, the same rules read from names and shapes (MoE routers recognised by
+    :func:`lowrank_optim.groups.moe_router_weights` stay plain).
+
     Raises:
-        ValueError: a selected parameter is not 2-D (e.g. a flattened shard).
+        ValueError: a selected parameter has fewer than 2 dimensions (e.g. a flattened shard), or, named
+            ``<module>.weight`` in ``param_names``, more than 2 without ``include_conv`` (or more than 5).
     """
     chosen: set[int] = set()
     for group in param_groups:
         target = group.get("target_modules")
         if target is None:
             continue
+        include_conv = _include_conv(group)
         if module is not None:
-            modules = dict(module.named_modules())
-            weights = {id(modules[n].weight): n + _WEIGHT for n in select_lowrank_modules(module, target)}
-            named = [(weights[id(p)], p) for p in group["params"] if id(p) in weights]
+            selected = select_lowrank_params(module, target, include_conv=include_conv)
+            names = {id(p): n for n, p in selected.items()}
+            named = [(names[id(p)], p) for p in group["params"] if id(p) in names]
+            convs = {id(m.weight) for m in module.modules() if isinstance(m, CONV_TYPES)}
         else:
+            routers = moe_router_weights(group["param_names"])
             named = [(n, p) for n, p in zip(group["param_names"], group["params"], strict=True)
-                     if n.endswith(_WEIGHT) and _matches(n[: -len(_WEIGHT)], target)]
+                     if n not in routers and _named_selected(n, p, target)]
+            convs = {id(p) for n, p in named if p.dim() > 2 and not (p.dim() == 3 and "expert" in n.lower())}
         for name, p in named:
-            _check_2d(name, p)
+            _check_selected(name, p, include_conv)
+            _check_layout(name, p, id(p) in convs, group.get("nd_layout", "auto"))
             chosen.add(id(p))
     return chosen
 
 
-def _check_2d(name: str, p: torch.Tensor) -> None:
-    if p.dim() != 2:
+def _check_layout(name: str, p: torch.Tensor, conv: bool, layout: str) -> None:
+    """Refuses a selected N-D tensor that the group's ``nd_layout`` would read as the other kind: with
+    ``"auto"`` a 3-D tensor is a stack of experts and a 4-D one a convolution (:mod:`lowrank_optim.plan`)."""
+    if p.dim() <= 2:
+        return
+    if conv:
+        ok = layout == "conv" or (layout == "auto" and p.dim() == 4)
+        want = "nd_layout='conv'"
+    else:
+        ok = layout == "experts" or (layout == "auto" and p.dim() == 3)
+        want = "nd_layout='auto' or 'experts'"
+    if not ok:
+        kind = "convolution weight" if conv else "MoE expert stack"
+        raise ValueError(f"Invalid params: {name!r} (shape {tuple(p.shape)}) is a {kind} selected by target_modules, "
+                         f"but its group's nd_layout={layout!r} would read it as the other kind; put it in a group "
+                         f"with {want} (lowrank_optim.param_groups does)")
+
+
+def _check_selected(name: str, p: torch.Tensor, include_conv: bool) -> None:
+    if p.dim() < 2:
         raise ValueError(f"Invalid params: {name!r} is selected by target_modules but has shape {tuple(p.shape)}; "
                          f"{FLATTENED_HINT}")
+    if p.dim() == 2 or (p.dim() == 3 and "expert" in name.lower()):
+        return
+    if not include_conv:
+        raise ValueError(f"Invalid params: {name!r} is selected by target_modules but has shape {tuple(p.shape)}; "
+                         "a convolution weight is projected only with include_conv=True (as the matrix "
+                         "out x in*prod(kernel)); otherwise leave it out of target_modules")
+    if p.dim() > 5:
+        raise ValueError(f"Invalid params: {name!r} is selected by target_modules but has shape {tuple(p.shape)}; "
+                         "no low-rank layout for a tensor of more than 5 dimensions")
 
 
 __all__ = ["resolve_targets", "validate_target_modules"]

@@ -46,15 +46,16 @@ def init_state(state: dict, group: Group, p: torch.Tensor, grad: torch.Tensor, p
     index, matrix)``), and zero moments in the low-rank (or full) shape."""
     state["step"] = 0
     state["inner_step"] = 0
+    seed = derive_seed(group["seed"], index) if matrix is None else derive_seed(group["seed"], index, matrix)
     if proj is not None:
         ctx = {"layout": layout()} if getattr(proj, "wants_layout", False) and layout is not None else {}
-        seed = derive_seed(group["seed"], index) if matrix is None else derive_seed(group["seed"], index, matrix)
         state["projector"] = proj.init(grad, seed=seed, **ctx)
         shape = proj.low_shape(p.shape, state["projector"])
     else:
         shape = tuple(p.shape)
     for spec in rule.moments(tuple(shape), group):
-        store.create(state, spec.name, spec.shape, p.device)
+        store.create(state, spec.name, spec.shape, p.device, like=None if proj is not None else p,
+                     seed=seed)
 
 
 def refresh(state: dict, group: Group, p: torch.Tensor, grad: torch.Tensor, proj: Projector, rule: InnerRule,

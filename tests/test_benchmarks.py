@@ -219,3 +219,92 @@ def test_malloc_pinning_is_recorded(monkeypatch) -> None:
         pytest.skip("not glibc")
     common.setup(common.parser("x").parse_args([]))
     assert malloc._state["pinned"] and "pinned at 128 KiB" in common.environment("cpu")["malloc"]
+
+
+# -- end-to-end mode and allocator regimes (issue 12) ------------------------------------------------------------
+E2E_TINY = DecoderConfig(vocab=96, d_model=32, n_layers=1, n_heads=2, d_ffn=64, max_len=32)
+
+
+def test_throughput_e2e_schema_and_ratios() -> None:
+    recs = throughput.run_e2e("tiny", steps=2, only=["galore_adamw"], rank=8, batch_size=2, seq_len=16,
+                              cfg=E2E_TINY)
+    assert [r["label"] for r in recs] == ["torch:adamw", "galore_adamw[fp32]"]
+    for r in recs:
+        assert "error" not in r, r
+        assert r["mode"] == "e2e" and r["malloc"] in ("warm", "pinned", "dynamic") and r["tokens_per_step"] == 32
+        assert r["tokens_per_s"] == pytest.approx(32 / r["median_step_s"])
+        assert r["adamw_tokens_per_s"] == pytest.approx(32 / r.get("paired_adamw_median_step_s", r["median_step_s"]))
+        assert r["tokens_per_s_ratio_to_adamw"] == pytest.approx(r["tokens_per_s"] / r["adamw_tokens_per_s"])
+        assert r["minor_faults_per_step"] >= 0 and r["state_bytes"] > 0
+    adamw, galore = recs
+    assert adamw["tokens_per_s_ratio_to_adamw"] == 1.0 and adamw["amortized_step_s"] == adamw["median_step_s"]
+    assert galore["amortized_step_s"] == pytest.approx((galore["median_step_s"] * 199 + galore["first_step_s"]) / 200)
+    assert galore["state_bytes"] < adamw["state_bytes"]
+    with pytest.raises(ValueError, match="seq_len"):
+        throughput.run_e2e("tiny", steps=1, only=["galore_adamw"], seq_len=64, cfg=E2E_TINY)
+
+
+def test_throughput_summary_reports_each_regime_headline_first() -> None:
+    def rec(label: str, regime: str, mode: str, ratio: float) -> dict:
+        base = {"label": label, "mode": mode, "malloc": regime, "median_step_s": 0.1, "refresh_step_s": None,
+                "amortized_ratio_to_adamw": ratio, "minor_faults_per_step": 0}
+        if mode == "e2e":
+            base.update({"tokens_per_s": 100.0, "tokens_per_s_ratio_to_adamw": ratio,
+                         "amortized_tokens_per_s_ratio_to_adamw": ratio})
+        return base
+
+    recs = [rec(lab, g, m, x) for g in ("warm", "pinned") for m in ("step", "e2e")
+            for lab, x in (("torch:adamw", 1.0), ("galore_adamw[fp32]", 0.5 if g == "warm" else 0.75))]
+    table = throughput.summary(recs)
+    step, e2e = table.split("\n\n")
+    header = step.splitlines()[0]
+    assert header.index("amortized /AdamW (warm)") < header.index("amortized /AdamW (pinned)")
+    assert "| galore_adamw[fp32] | 100 | 0.5 | 0 | 100 | 0.75 | 0 |" in step  # empty columns left out
+    assert e2e.splitlines()[0].startswith("| optimizer (end-to-end) | tok/s (warm) | /AdamW (warm)")
+
+
+def test_malloc_regime_environments() -> None:
+    env = malloc.warm_env({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1:glibc.cpu.x86_ibt=off", "A": "1"})
+    assert env["GLIBC_TUNABLES"] == f"glibc.cpu.x86_ibt=off:{malloc.WARM_HEAP_TUNABLES}" and env["A"] == "1"
+    assert malloc.is_warm(env) and not malloc.is_warm({"A": "1"})
+    assert malloc.cold_env(env)["GLIBC_TUNABLES"] == "glibc.cpu.x86_ibt=off"
+    assert "GLIBC_TUNABLES" not in malloc.cold_env(malloc.warm_env({}))
+    assert throughput._child_argv(["--quick", "--regimes", "warm,pinned", "--records-json=x"], "warm",
+                                  "/t/w.json") == ["--quick", "--regimes", "warm", "--records-json", "/t/w.json"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or ctypes.util.find_library("c") is None, reason="glibc")
+def test_warm_regime_runs_in_a_child_process_with_the_tunables() -> None:
+    """The warm heap needs GLIBC_TUNABLES at process start: the child reports the regime it really ran in."""
+    records, envs = throughput.run_regimes(["--size", "tiny", "--mode", "e2e", "--steps", "1", "--only",
+                                            "galore_adamw", "--no-references", "--batch-size", "1",
+                                            "--seq-len", "8"], ["warm"])
+    assert envs["warm"]["malloc_regime"] == "warm" and "GLIBC_TUNABLES" in envs["warm"]["malloc"]
+    assert {r["malloc"] for r in records} == {"warm"} and {r["label"] for r in records} == {
+        "torch:adamw", "galore_adamw[fp32]"}
+
+
+def test_gpu_check_cpu_part(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU check's code paths on the CPU with tiny shapes (the CUDA run: ``python -m benchmarks.gpu_check``)."""
+    from benchmarks import gpu_check
+
+    result = gpu_check.main(["--device", "cpu", "--tiny", "--only", "galore_adamw,fira", "--out", str(tmp_path)])
+    assert [r["label"] for r in result["matrix"]] == [f"{n}[{s}]" for n in ("fira", "galore_adamw")
+                                                      for s in ("fp32", "bf16", "8bit")]
+    assert all(r["status"] == "ok" and r["state_bytes"] > 0 for r in result["matrix"]), result["matrix"]
+    # on the CPU both "devices" are the CPU: the same seeds must give bit-identical trajectories
+    assert [(r["label"], r["status"], r["max_rel_diff"]) for r in result["trajectories"]] == [
+        ("fira[fp32]", "ok", 0.0), ("galore_adamw[fp32]", "ok", 0.0)]
+    speed = {r["label"]: r for r in result["speed"]}
+    assert {"torch:adamw(fused)", "galore_adamw[fp32]", "galore_adamw[8bit]", "fira[fp32]"} <= set(speed)
+    assert speed["torch:adamw(fused)"]["tokens_per_s_ratio_to_adamw"] == 1.0
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in result["speed"]), result["speed"]
+    assert speed["galore_adamw[fp32]"]["state_bytes"] < speed["torch:adamw(fused)"]["state_bytes"]
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["anchor"]["galore_8bit"] == {"tokens_per_s": 1109, "memory_GB": 7.95}
+    assert "anchor, GaLore paper" in gpu_check.summary(result)
+    # without bitsandbytes the 8-bit cases are skipped, not failed
+    monkeypatch.setattr(gpu_check, "_have_bnb", lambda: False)
+    matrix = gpu_check.check_matrix(torch.device("cpu"), gpu_check.SETTINGS["tiny"]["matrix_shapes"], 8, 1,
+                                    only=["galore_adamw"])
+    assert [r["status"][:7] for r in matrix] == ["ok", "ok", "skipped"]

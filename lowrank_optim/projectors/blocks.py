@@ -30,7 +30,7 @@ def active_blocks(count: int, period: int, density: float, order: str, seed: int
     if order == "descending":
         return sorted({count - 1 - (period * k + j) % count for j in range(k)})
     if order == "random":
-        perm = torch.randperm(count, generator=cpu_generator(seed, period))
+        perm = torch.randperm(count, generator=cpu_generator(seed, period), dtype=torch.int64, device="cpu")
         return sorted(int(i) for i in perm[:k])
     half, pairs = k // 2, count // 2
     if half == 0 or pairs == 0:

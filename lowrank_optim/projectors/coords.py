@@ -50,7 +50,8 @@ class CoordinateProjector(Projector):
 
     def _draw(self, state: ProjState, device: torch.device) -> torch.Tensor:
         count = self._count((state["rows"], state["cols"]))
-        perm = torch.randperm(count, generator=cpu_generator(state["seed"], state["refresh"]))
+        perm = torch.randperm(count, generator=cpu_generator(state["seed"], state["refresh"]),
+                              dtype=torch.int64, device="cpu")
         return perm[: state["rank"]].sort().values.to(device)
 
     # -- contract -------------------------------------------------------------------------------

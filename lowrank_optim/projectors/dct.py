@@ -77,7 +77,8 @@ def dct_matrix(size: int, dtype: torch.dtype = torch.float32, device: torch.devi
     key = (int(size), dtype, str(device))
     mat = _MATRICES.get(key)
     if mat is None:
-        mat = dct_rows(torch.arange(size), size, torch.float64).to(device=device, dtype=dtype)
+        mat = dct_rows(torch.arange(size, dtype=torch.int64, device="cpu"), size,
+                       torch.float64).to(device=device, dtype=dtype)
         _MATRICES[key] = mat
     return mat
 
@@ -93,9 +94,10 @@ def _twiddles(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tens
     key = (int(size), str(device))
     tw = _TWIDDLES.get(key)
     if tw is None:
-        perm = torch.cat([torch.arange(0, size, 2), torch.arange(1, size, 2).flip(0)])
-        theta = torch.arange(size, dtype=torch.float64) * (math.pi / (2 * size))
-        scale = torch.full((size,), math.sqrt(2.0 / size), dtype=torch.float64)
+        perm = torch.cat([torch.arange(0, size, 2, dtype=torch.int64, device="cpu"),
+                          torch.arange(1, size, 2, dtype=torch.int64, device="cpu").flip(0)])
+        theta = torch.arange(size, dtype=torch.float64, device="cpu") * (math.pi / (2 * size))
+        scale = torch.full((size,), math.sqrt(2.0 / size), dtype=torch.float64, device="cpu")
         scale[0] = math.sqrt(1.0 / size)
         tw = (perm.to(device), torch.cos(theta).to(device=device, dtype=torch.float32),
               torch.sin(theta).to(device=device, dtype=torch.float32), scale.to(device=device, dtype=torch.float32))

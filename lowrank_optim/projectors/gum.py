@@ -24,8 +24,9 @@ def full_rank_draw(count: int, period: int, seed: int, prob: float | None, layer
     """
     gen = cpu_generator(seed, period, _DRAW_STREAM)
     if layers is not None:
-        return sorted(int(i) for i in torch.randperm(count, generator=gen)[: min(layers, count)])
-    u = torch.rand(count, generator=gen, dtype=torch.float64)
+        perm = torch.randperm(count, generator=gen, dtype=torch.int64, device="cpu")
+        return sorted(int(i) for i in perm[: min(layers, count)])
+    u = torch.rand(count, generator=gen, dtype=torch.float64, device="cpu")
     return [i for i in range(count) if float(u[i]) < prob]
 
 

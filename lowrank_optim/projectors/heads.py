@@ -72,7 +72,8 @@ class HeadSharedRSVDProjector(RandomizedSVDProjector):
         if "head" not in state:
             return super()._basis(grad, state, previous)
         h = self.num_heads
-        head = int(torch.randint(h, (1,), generator=cpu_generator(state["seed"], state["refresh"], h)))
+        head = int(torch.randint(h, (1,), generator=cpu_generator(state["seed"], state["refresh"], h),
+                                 dtype=torch.int64, device="cpu"))
         state["head"] = head
         d_head = grad.shape[0] // h
         block = grad[head * d_head:(head + 1) * d_head]

@@ -75,12 +75,12 @@ class RandomProjector(Projector):
             return cached
         d, r = key[2], key[3]
         gen = cpu_generator(key[0], key[1])
-        z = torch.randn(d, r, generator=gen, dtype=torch.float32)
+        z = torch.randn(d, r, generator=gen, dtype=torch.float32, device="cpu")
         if self.distribution == "gaussian":
             p = z.div_(math.sqrt(r))
         else:
             q, rr = torch.linalg.qr(z, mode="reduced")
-            p = q * torch.where(torch.diagonal(rr) < 0, -1.0, 1.0)
+            p = q * torch.where(torch.diagonal(rr) < 0, -1.0, 1.0).to(dtype=q.dtype, device=q.device)
         p = p.to(device)
         if self.cache_size:
             self._cache[key] = p

@@ -32,7 +32,8 @@ def randomized_range(a: torch.Tensor, rank: int, *, oversample: int, power_iters
         cols.append(w)
         n_random = k - w.shape[1]
     if n_random > 0:
-        cols.append(torch.randn(q, n_random, generator=cpu_generator(*seed), dtype=torch.float32).to(a.device))
+        cols.append(torch.randn(q, n_random, generator=cpu_generator(*seed), dtype=torch.float32,
+                                device="cpu").to(a.device))
     omega = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
     basis = _orth(a @ omega)
     for _ in range(power_iters):

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._validation import check_betas, check_number
+from ..state import in_layout, is_dense
 from .base import Direction, Group, InnerRule, MomentSpec, step_tensor
 
 
@@ -21,6 +22,11 @@ class AdamRule(InnerRule):
     into a scratch buffer (``lr=-1`` on a zero "parameter"), which is then projected back.
     Where the fused kernel is unavailable (a device without it) the rule falls back to torch's
     single-tensor operation order.
+
+    The fused kernel walks raw storage, so its four operands must share one dense memory layout: the
+    gradient and moments are brought into the parameter's layout (the store already creates a plain
+    parameter's moments in it, so a transposed or ``channels_last`` weight costs no copy) and a non-dense
+    parameter (a strided slice) is updated through a contiguous copy written back.
 
     This differs from galore-torch's HF-style Adam, which adds ``eps`` to ``sqrt(v)`` *before* folding
     the bias correction into the step size: the two agree up to ``eps * (1 - sqrt(1 - b2^t))`` in the
@@ -41,13 +47,19 @@ class AdamRule(InnerRule):
     def _fused(target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,
                group: Group, lr: float, weight_decay: float) -> bool:
         beta1, beta2 = group["betas"]
+        work = target if is_dense(target) else target.contiguous()
+        exp_avg, exp_avg_sq = in_layout(moments["exp_avg"], work), in_layout(moments["exp_avg_sq"], work)
         try:
-            torch._fused_adamw_([target], [grad.contiguous()], [moments["exp_avg"]], [moments["exp_avg_sq"]], [],
-                                [step_tensor(step, target.device)], lr=lr, beta1=beta1,
-                                beta2=beta2, weight_decay=weight_decay, eps=group["eps"], amsgrad=False,
-                                maximize=False)
+            torch._fused_adamw_([work], [in_layout(grad, work)], [exp_avg], [exp_avg_sq], [],
+                                [step_tensor(step, work.device)], lr=lr,
+                                beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=group["eps"],
+                                amsgrad=False, maximize=False)
         except (RuntimeError, NotImplementedError, AttributeError):
             return False
+        if work is not target:
+            target.copy_(work)
+        # copies made for the kernel replace the loaded moments (the engine saves what the dict holds)
+        moments["exp_avg"], moments["exp_avg_sq"] = exp_avg, exp_avg_sq
         return True
 
     def apply_plain(self, target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,

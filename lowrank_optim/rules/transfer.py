@@ -100,8 +100,10 @@ class LinearTransfer(TransferPolicy):
         if not moved:
             return
         device = state[moved[0].name].device
-        cross = projector.project(projector.project_back(torch.eye(r_old, device=device), old), new)
-        gram = projector.project(projector.project_back(torch.eye(r_new, device=device), new), new)
+        cross = projector.project(projector.project_back(
+            torch.eye(r_old, dtype=torch.float32, device=device), old), new)
+        gram = projector.project(projector.project_back(
+            torch.eye(r_new, dtype=torch.float32, device=device), new), new)
         gram, cross = gram.double(), cross.double()  # r x r: solving in fp64 costs nothing
         gram = 0.5 * (gram + gram.T)
         # left: (r_new, r_old), M' = coef @ M; right: (r_old, r_new), M' = M @ coef
