@@ -7,7 +7,7 @@ whole seam: a projector, rule or residual that cannot batch simply gets its matr
 
 A matrix is batched when:
 
-* its projector gives a dense basis (:meth:`~lowrank_optim.projectors.base.Projector.dense_basis`: exact,
+* its projector gives a dense basis (:meth:`~lowrank_optim.projectors.base.Projector.batch_basis`: exact,
   randomized, online-PCA, COAP and seeded random bases; not selections, blocks or DCT columns);
 * its weight is fp32 (bf16 weights are stepped through fp32 copies on the per-matrix path);
 * the group's residual is ``"drop"`` or Fira's with an orthonormal basis (closed form,
@@ -54,7 +54,7 @@ def apply_units(units: list[Unit], group: Group, parts: Parts) -> list[Unit]:
     rest: list[Unit] = []
     for u in units:
         pst = u.state["projector"]
-        basis = proj.dense_basis(pst, u.grad.device) if u.param.dtype == torch.float32 else None
+        basis = proj.batch_basis(pst, u.grad.device) if u.param.dtype == torch.float32 else None
         if basis is None or basis.dtype != torch.float32 or (fira and not proj.orthonormal_basis(pst)):
             rest.append(u)
         else:

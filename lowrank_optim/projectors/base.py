@@ -125,7 +125,7 @@ class Projector:
             return None
         return state["basis"]
 
-    def dense_basis(self, state: ProjState, device: torch.device) -> torch.Tensor | None:
+    def batch_basis(self, state: ProjState, device: torch.device) -> torch.Tensor | None:
         """The fp32 ``(d, r)`` matrix ``B`` with ``project(G) = B^T G`` (left) or ``G B`` (right) and the matching
         ``project_back``, or ``None`` when the projector's maps are not these products. The engine's batched
         step (:mod:`lowrank_optim.stacks`) steps only matrices whose projector gives one; the rest take the
@@ -138,7 +138,7 @@ class Projector:
         return basis if isinstance(basis, torch.Tensor) and basis.dim() == 2 else None
 
     def orthonormal_basis(self, state: ProjState) -> bool:
-        """Whether :meth:`dense_basis` has orthonormal columns (``B^T B = I`` to rounding), which closed forms of
+        """Whether :meth:`batch_basis` has orthonormal columns (``B^T B = I`` to rounding), which closed forms of
         residual norms need (Fira). Default False; exact and randomized SVD bases say True."""
         return False
 

@@ -99,7 +99,7 @@ class RandomProjector(Projector):
     def back_matrix(self, state: ProjState, device: torch.device) -> torch.Tensor | None:
         return self.basis(state, device)
 
-    def dense_basis(self, state: ProjState, device: torch.device) -> torch.Tensor | None:
+    def batch_basis(self, state: ProjState, device: torch.device) -> torch.Tensor | None:
         return self.basis(state, device)
 
     def orthonormal_basis(self, state: ProjState) -> bool:
