@@ -6,7 +6,7 @@
 """
 
 from .engine import LowRankOptimizer
-from .groups import param_groups, select_lowrank_modules, select_lowrank_params
+from .groups import MethodDefaultWarning, param_groups, select_lowrank_modules, select_lowrank_params
 from .layerwise import LayerwiseUpdater
 from .optimizers import (
     COAP,
@@ -40,6 +40,7 @@ __all__ = [
     "GaLorePlus",
     "LayerwiseUpdater",
     "LowRankOptimizer",
+    "MethodDefaultWarning",
     "OnlineSubspaceDescent",
     "Projector",
     "StateStore",

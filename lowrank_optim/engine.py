@@ -25,6 +25,7 @@ import torch
 
 from ._validation import check_choice, check_int, check_number
 from .checkpoint import closed_form_bytes, load_state, state_bytes
+from .groups import method_overrides, warn_method_overrides
 from .nonfinite import NONFINITE_POLICIES, check_grad, gradients_ok
 from .plan import ND_LAYOUTS, Planner, matrix_shape, n_matrices, nd_kind, refuse_flattened
 from .projectors import PROJECTORS, SIDE_RULES, make_projector
@@ -33,7 +34,7 @@ from .schedule import refresh_due, stagger_phase
 from .stacks import Unit, apply_units
 from .state import STATE_DTYPES, StateStore
 from .targets import validate_target_modules
-from .update import Parts, apply_step, init_state, refresh
+from .update import PENDING, Parts, apply_step, init_state, init_subspace, refresh
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -139,14 +140,20 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Adds a group (torch semantics) after validating every hyper-parameter it will use.
 
         The group dict is copied first, so one ``param_groups(...)`` list can build several optimizers
-        without the first one's defaults leaking into the second.
+        without the first one's defaults leaking into the second. A group that explicitly contradicts a
+        value defining this optimizer's method (its own refresh period, scale, parts) gets a
+        :class:`lowrank_optim.groups.MethodDefaultWarning` naming the key and both values.
         """
+        given: set[str] = set()
         if isinstance(param_group, dict):
             param_group = dict(param_group)
             if "proj_type" in param_group:
                 param_group["proj_side"] = param_group.pop("proj_type")
+            given = set(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        warn_method_overrides(type(self).__name__, len(self.param_groups) - 1,  # before a refusal, to explain it
+                              method_overrides(group, given, self.defaults, ENGINE_DEFAULTS, set(self.preset_defaults)))
         try:
             self._validate_group(group)
         except (TypeError, ValueError):
@@ -353,6 +360,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             init_state(state, group, pm, gm, parts.projector, parts.inner, parts.store, index, layout, matrix)
         elif init_only:
             return None
+        elif PENDING in state:
+            init_subspace(state, group, pm, gm, parts.projector, parts.inner, parts.store, index, layout, matrix)
         elif refresh_due(state["step"], group["update_proj_gap"], phase):
             refresh(state, group, pm, gm, parts.projector, parts.inner, parts.transfer, parts.store, layout)
         return None if init_only else Unit(state, pm, gm)

@@ -1,4 +1,16 @@
-"""Param groups from a model, with HF Transformers' ``target_modules`` semantics."""
+"""Param groups from a model, with HF Transformers' ``target_modules`` semantics, and the check that a group
+does not silently change what a method is.
+
+Where method hyper-parameters belong: on the optimizer (``lro.OnlineSubspaceDescent(groups, update_proj_gap=1)``),
+not in the group. A group key overrides the optimizer's value (torch semantics), so a group built once with
+GaLore's keys (``update_proj_gap=200, scale=0.25``) and handed to another method would silently turn OSD's
+every-step P update into one every 200 steps, Flora's 1000-step resampling into 200, COAP's 32 into 200, and the
+1.0 scale of FRUGAL, Flora, COAP, DCT-AdamW and GUM into 0.25. The optimizer therefore warns
+(:class:`MethodDefaultWarning`) when a group *explicitly* sets a method-defining key (:data:`METHOD_KEYS` and
+every key of the preset's ``preset_defaults``) to a value other than the optimizer's own, whenever that own value
+was chosen by the preset or by a constructor argument (not the engine-wide default): GaLore's own pattern of
+per-group ``update_proj_gap`` (galore-torch's) stays silent under the GaLore presets.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +25,51 @@ from torch import nn
 from ._validation import check_choice, check_int
 
 _REGEX_CHARS = set(".*+?[]()|^$\\{}")
+
+
+#: Group keys that define what a method is (its refresh period, back-projection scale and parts).
+METHOD_KEYS: tuple[str, ...] = ("update_proj_gap", "scale", "projector", "proj_side", "inner", "plain_inner",
+                                "residual", "transfer")
+
+
+class MethodDefaultWarning(UserWarning):
+    """A param group overrides a value that defines the optimizer's method (see :func:`method_overrides`)."""
+
+
+def method_overrides(group: dict[str, Any], given: set[str], method: dict[str, Any], engine: dict[str, Any],
+                     preset_keys: set[str]) -> list[tuple[str, Any, Any]]:
+    """The method-defining keys a group contradicts: ``(key, group value, method value)`` for each.
+
+    Args:
+        group: the group after defaults were filled in.
+        given: the keys the caller wrote in the group (before any defaults).
+        method: the optimizer's own values (``optimizer.defaults``: preset defaults and constructor arguments).
+        engine: the engine-wide defaults (``ENGINE_DEFAULTS``); a key whose method value equals the engine
+            default is a free per-group choice (GaLore's own convention), not a contradiction.
+        preset_keys: the preset's ``preset_defaults`` keys, method-defining on top of :data:`METHOD_KEYS`.
+    """
+    missing = object()
+    found = []
+    for key in sorted((set(METHOD_KEYS) | preset_keys) & given):
+        if key not in method:
+            continue
+        own = method[key]
+        if engine.get(key, missing) == own:
+            continue
+        if group[key] != own:
+            found.append((key, group[key], own))
+    return found
+
+
+def warn_method_overrides(optimizer_name: str, index: int, found: list[tuple[str, Any, Any]]) -> None:
+    """Warns once per group for :func:`method_overrides`' findings, naming key, group value and method value."""
+    if not found:
+        return
+    what = ", ".join(f"{k}={g!r} (the method's value: {m!r})" for k, g, m in found)
+    warnings.warn(f"{optimizer_name}: param group {index} sets {what}; the group's value wins and changes the "
+                  f"method. Keep method hyper-parameters on the optimizer (lro.param_groups(model, rank=...) then "
+                  f"{optimizer_name}(groups, <key>=...)) or drop the key from the group",
+                  MethodDefaultWarning, stacklevel=4)
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -191,6 +248,13 @@ def param_groups(model: nn.Module, rank: int = 128, target_modules: str | Sequen
     Everything else (embeddings, output head, norms, biases, routers, unselected layers) goes into the
     plain group.
 
+    Pass method hyper-parameters (``update_proj_gap``, ``scale``, ``projector``, ...) to the optimizer, not
+    here: a group key overrides the optimizer's value, so groups built with GaLore's ``update_proj_gap=200``
+    would make Online Subspace Descent (period 1), DCT-AdamW (1), COAP (32) and Flora (1000) all refresh every
+    200 steps. The optimizers warn (:class:`MethodDefaultWarning`) when a group contradicts such a value of
+    their method; ``options`` is for deliberate per-group choices (e.g. ``weight_decay``, or a second group
+    with another rank).
+
     Args:
         model: the model.
         rank: the low-rank group's rank.
@@ -200,7 +264,7 @@ def param_groups(model: nn.Module, rank: int = 128, target_modules: str | Sequen
         on_no_match: ``"raise"`` (default) or ``"warn"`` when nothing matches: a silent fallback would
             turn the method into plain Adam.
         plain_options: extra keys for the plain group (e.g. ``{"weight_decay": 0.0}``).
-        **options: extra keys for the low-rank group.
+        **options: extra keys for the low-rank group (they override the optimizer's values for it).
 
     Returns:
         ``[{"params": plain, ...}, {"params": lowrank, "rank": rank, ...}]``, plus, with ``include_conv``, a

@@ -19,11 +19,21 @@ pre-training on a 24 GB GPU. Differences from the reference scripts (all deliber
 * The non-finite gradient policy (``nonfinite``) applies per parameter: a bad gradient skips (or raises
   for) that parameter's step only.
 
+* The parameter set may change during training. At the end of every backward pass the updater looks at
+  the optimizer's parameters again: one unfrozen later (``requires_grad_(True)``) or added later
+  (``add_param_group``) gets its hook then, and a gradient that arrived without a hook (that first backward)
+  is stepped at the end of the cycle, from the callback, exactly as ``optimizer.step()`` would step it. A
+  parameter frozen later simply stops receiving gradients, and an accumulated gradient it still holds at a
+  cycle end is stepped and freed as ``step()`` would. The one case the updater cannot see is a backward pass
+  in which no hooked parameter receives a gradient (every parameter it hooked is frozen): call
+  :meth:`LayerwiseUpdater.refresh` after changing which parameters train, which hooks them at once.
+
 Not for DistributedDataParallel: DDP all-reduces gradients after the hooks have already consumed them.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -59,8 +69,33 @@ class LayerwiseUpdater:
         self.lr_scheduler = lr_scheduler
         self.backward_passes = 0
         self._in_backward = False
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook)
-                         for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self._handles: list[Any] = []
+        self._hooked: dict[int, weakref.ref] = {}  # id -> weak reference, checked with ``is``
+        self._removed = False
+        self.refresh()
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def refresh(self) -> int:
+        """Hooks every parameter of the optimizer that requires a gradient and has no hook yet.
+
+        Runs by itself at the end of every backward pass; call it after freezing / unfreezing parameters or
+        ``add_param_group`` when the next backward pass might reach no hooked parameter at all.
+
+        Returns:
+            The number of hooks added.
+        """
+        if self._removed:
+            return 0
+        added = 0
+        for p in self._params():
+            ref = self._hooked.get(id(p))
+            if p.requires_grad and (ref is None or ref() is not p):
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+                self._hooked[id(p)] = weakref.ref(p)
+                added += 1
+        return added
 
     @property
     def optimizer_steps(self) -> int:
@@ -81,16 +116,28 @@ class LayerwiseUpdater:
     def _end_backward(self) -> None:
         self._in_backward = False
         self.backward_passes += 1
-        if self.backward_passes % self.accumulation_steps == 0 and self.lr_scheduler is not None:
-            # the optimizer did step (parameter by parameter): tell torch's order check so it does not warn
-            self.optimizer._opt_called = True  # type: ignore[attr-defined]
-            self.lr_scheduler.step()
+        if self.backward_passes % self.accumulation_steps == 0:
+            # gradients no hook consumed: a parameter unfrozen or added since the hooks were made, or one whose
+            # last micro-batch of the cycle gave it no gradient; step() would step them all now
+            for p in self._params():
+                if p.grad is not None:
+                    if self.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
+                    self.optimizer.step_parameter(p)
+                    p.grad = None
+            if self.lr_scheduler is not None:
+                # the optimizer did step (parameter by parameter): tell torch's order check so it does not warn
+                self.optimizer._opt_called = True  # type: ignore[attr-defined]
+                self.lr_scheduler.step()
+        self.refresh()
 
     def remove(self) -> None:
         """Removes the hooks (the optimizer and its state stay usable with ordinary ``step()``)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._hooked = {}
+        self._removed = True
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer, scheduler and counter state (plain tensors and ints; ``weights_only``-safe).

@@ -17,6 +17,7 @@ for tensors of at least 4096 elements). An MoE expert stack ``(E, m, n)`` is ``E
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,10 @@ import torch
 
 from .engine import LowRankOptimizer
 from .groups import _matches, moe_router_weights
+from .projectors.blocks import BlockProjector, active_blocks
+from .projectors.gum import GUMProjector
 from .registry import create_optimizer
+from .rules.sparse_residual import residual_count
 
 Shape = tuple[int, ...]
 
@@ -110,6 +114,8 @@ class StateEstimate:
         moments: ``total - projector``.
         method: ``"meta-step"`` (one real step on meta tensors) or ``"meta-init"`` (engine state allocation).
         lowrank: names that took the low-rank group.
+        optimizer: the optimizer after its meta step (meta tensors, no storage), for :func:`state_phases`.
+        names: ``id(param) -> name`` of its parameters.
     """
 
     total: int
@@ -118,6 +124,8 @@ class StateEstimate:
     moments: int
     method: str
     lowrank: list[str] = field(default_factory=list)
+    optimizer: Any = field(default=None, repr=False, compare=False)
+    names: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
 
 
 def is_lowrank_shape(name: str, shape: Shape, target: str | Sequence[str], include_conv: bool = False) -> bool:
@@ -210,6 +218,11 @@ def estimate_state_bytes(named_shapes: Mapping[str, Sequence[int]],
         opt = _build(optimizer, groups, kwargs)
         method = "meta-init"
         _allocate_engine_state(opt)
+    return _summarise(opt, params, method, lowrank_names)
+
+
+def _summarise(opt: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], method: str,
+               lowrank_names: list[str]) -> StateEstimate:
     by_param = {id(p): n for n, p in params.items()}
     seen: set = set()
     per_param: dict[str, int] = {}
@@ -220,8 +233,138 @@ def estimate_state_bytes(named_shapes: Mapping[str, Sequence[int]],
         if isinstance(opt, LowRankOptimizer) and isinstance(st, dict) and "projector" in st:
             projector += _tensor_bytes(st["projector"], set())
     total = sum(per_param.values())
-    return StateEstimate(total=total, per_param=per_param, projector=projector, moments=total - projector,
-                         method=method, lowrank=lowrank_names)
+    est = StateEstimate(total=total, per_param=per_param, projector=projector, moments=total - projector,
+                        method=method, lowrank=lowrank_names)
+    est.optimizer, est.names = opt, by_param
+    return est
+
+
+@dataclass
+class StatePhases:
+    """Optimizer-state bytes where a method's state changes size over a run (see :func:`estimate_state_phases`).
+
+    Attributes:
+        first: after the first step (:func:`estimate_state_bytes`).
+        peak: the largest at any step: transient warm-up buffers and the largest period draw included.
+        steady: the largest once the warm-up buffers are freed, over every period draw: what a long run holds.
+        varying: names of the parameters whose state changes size, with the reason.
+    """
+
+    first: int
+    peak: int
+    steady: int
+    varying: dict[str, str] = field(default_factory=dict)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def state_phases(opt: LowRankOptimizer, names: Mapping[int, str] | None = None) -> StatePhases:
+    """Closed-form peak and steady state of an engine optimizer whose state exists (after one step).
+
+    Three parts change the state's size after the first step, each computed from shapes and the store's
+    closed form (:meth:`lowrank_optim.state.StateStore.bytes_for`):
+
+    * the sparse residual (GaLore+): during its warm-up a full-size fp32 ``E^2`` score per matrix, then
+      ``k = floor(density m n)`` indices (int32 below 2^31 entries) and two moments of ``k`` in the store;
+    * whole-tensor blocks (FRUGAL): a period's active tensors hold full-size moments, the others none; the
+      largest total over a whole cycle of windows (``random`` order: the ``k`` largest tensors);
+    * GUM's full-rank draw: a drawn matrix's moments are full size for its period; the worst draw is the
+      ``gamma`` matrices with the largest increase (``full_rank_prob > 0``: every matrix).
+
+    The peak adds each parameter's own largest phase (exact for every preset, where warm-up and draws never
+    meet; an upper bound for a custom mix of both).
+
+    Args:
+        opt: an engine optimizer after at least one step.
+        names: ``id(param) -> name`` for :attr:`StatePhases.varying` (default: the parameter index).
+
+    Raises:
+        ValueError: the optimizer holds no state yet.
+    """
+    if not opt.state:
+        raise ValueError("Invalid opt: no state yet; run one step (or use estimate_state_phases)")
+    first = steady = peak = 0
+    varying: dict[str, str] = {}
+    index = 0
+    for group in opt.param_groups:
+        proj, rule, _, _, store = opt._parts(group)
+        chosen = [q for q in group["params"] if q in opt.state and "projector" in opt.state[q]]
+        draws: list[tuple[int, int]] = []  # (bytes with the small state, bytes with the full-size state)
+        for p in group["params"]:
+            index += 1
+            if p not in opt.state:
+                continue
+            st = opt.state[p]
+            base = _tensor_bytes(st, set())
+            first += base
+            if "projector" not in st or proj is None:
+                steady += base
+                peak += base
+                continue
+            name = (names or {}).get(id(p), str(index - 1))
+
+            after = base
+            if "residual_score" in st:  # GaLore+'s warm-up
+                k = residual_count(group["residual_density"], p.shape)
+                after = (base - _tensor_bytes(st["residual_score"], set()) + k * (4 if p.numel() < 2**31 else 8)
+                         + 2 * store.bytes_for(k))
+                varying[name] = "sparse-residual warm-up score"
+            if isinstance(proj, (BlockProjector, GUMProjector)):
+                pst = st["projector"]
+                cur = _moment_bytes(rule, store, proj.low_shape(p.shape, pst), group)
+                small = (0,) if isinstance(proj, BlockProjector) else proj.low_shape(p.shape, None)
+                draws.append((after - cur + _moment_bytes(rule, store, small, group),
+                              after - cur + _moment_bytes(rule, store, p.shape, group)))
+                varying[name] = "block switch" if isinstance(proj, BlockProjector) else "full-rank draw"
+                peak += max(base - after, 0)
+                continue
+            steady += after
+            peak += max(base, after)
+        if draws:
+            worst = _worst_draw(proj, draws, len(chosen), int(group["seed"]))
+            steady += worst
+            peak += worst
+    return StatePhases(first=first, peak=max(peak, first), steady=steady, varying=varying)
+
+
+def _moment_bytes(rule: Any, store: Any, shape: Sequence[int], group: dict[str, Any]) -> int:
+    """Closed-form bytes of an inner rule's moments for a low-rank tensor of ``shape`` in ``store``."""
+    return sum(store.bytes_for(_numel(s.shape)) for s in rule.moments(tuple(int(x) for x in shape), group))
+
+
+def _worst_draw(proj: Any, draws: list[tuple[int, int]], count: int, seed: int) -> int:
+    """Largest total over the period draws of a group's variable-size parameters (in layout order)."""
+    low = sum(a for a, _ in draws)
+    gains = [b - a for a, b in draws]
+    if isinstance(proj, BlockProjector):
+        k = min(count, round(count * proj.density))
+        if proj.order == "random":
+            return low + sum(sorted(gains, reverse=True)[:k])
+        totals = [low + sum(gains[i] for i in active_blocks(count, period, proj.density, proj.order, seed))
+                  for period in range(max(count, 1))]  # every window order cycles within ``count`` periods
+        return max(totals)
+    if proj.layers is not None:
+        return low + sum(sorted(gains, reverse=True)[: min(proj.layers, count)])
+    return low + (sum(gains) if proj.prob > 0 else 0)
+
+
+def estimate_state_phases(named_shapes: Mapping[str, Sequence[int]], optimizer: str = "galore_plus", *,
+                          rank: int | None = 128, target_modules: str | Sequence[str] = ("attn", "mlp"),
+                          group_options: Mapping[str, Any] | None = None, param_dtype: torch.dtype = torch.float32,
+                          **kwargs: Any) -> StatePhases:
+    """First-step, peak and steady optimizer-state bytes from shapes alone (meta device, nothing allocated).
+
+    Same arguments as :func:`estimate_state_bytes` (a registered engine optimizer). GaLore+ at LLaMA-1B
+    shapes, rank 512, fp32: 8.38 GiB in its warm-up (the full-size ``E^2`` score), about 4.0 GiB after it.
+    """
+    est = estimate_state_bytes(named_shapes, optimizer, rank=rank, target_modules=target_modules,
+                               group_options=group_options, param_dtype=param_dtype, **kwargs)
+    opt = est.optimizer
+    if not isinstance(opt, LowRankOptimizer):
+        raise TypeError(f"Invalid optimizer: {optimizer!r} is not an engine optimizer")
+    return state_phases(opt, est.names)
 
 
 def _allocate_engine_state(opt: LowRankOptimizer) -> None:
@@ -232,5 +375,5 @@ def _allocate_engine_state(opt: LowRankOptimizer) -> None:
                 opt.init_param_state(p)
 
 
-__all__ = ["LLAMA_CONFIGS", "StateEstimate", "count_state_bytes", "estimate_state_bytes", "is_lowrank_shape",
-           "llama_shapes", "n_matrices"]
+__all__ = ["LLAMA_CONFIGS", "StateEstimate", "StatePhases", "count_state_bytes", "estimate_state_bytes",
+           "estimate_state_phases", "is_lowrank_shape", "llama_shapes", "n_matrices", "state_phases"]

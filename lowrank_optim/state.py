@@ -203,6 +203,7 @@ class StateStore:
             state[name] = torch.zeros_like(like, dtype=dt, device=device, memory_format=torch.preserve_format)
         else:
             state[name] = torch.zeros(tuple(shape), dtype=dt, device=device)
+        state.pop(name + ABSMAX, None)  # a moment recreated below the 8-bit threshold drops its old absmax
         if self.dtype == "bf16" and seed is not None:
             state.setdefault(ROUND_SEED, int(seed))
 

@@ -25,6 +25,9 @@ from .rules import InnerRule, MomentSpec, ResidualRule, TransferPolicy
 from .state import StateStore
 
 Group = dict[str, Any]
+#: State key (int 1) of a low-rank matrix whose gradients so far were all exactly zero: its subspace is
+#: chosen at its first nonzero gradient instead of from the zero matrix (arbitrary for a whole period).
+PENDING = "subspace_pending"
 Layout = Callable[[], tuple[int, int, int]]
 
 
@@ -51,11 +54,30 @@ def init_state(state: dict, group: Group, p: torch.Tensor, grad: torch.Tensor, p
         ctx = {"layout": layout()} if getattr(proj, "wants_layout", False) and layout is not None else {}
         state["projector"] = proj.init(grad, seed=seed, **ctx)
         shape = proj.low_shape(p.shape, state["projector"])
+        if grad.device.type != "meta" and not bool(grad.any()):
+            state[PENDING] = 1  # a zero gradient defines no subspace: choose it at the first nonzero one
     else:
         shape = tuple(p.shape)
     for spec in rule.moments(tuple(shape), group):
         store.create(state, spec.name, spec.shape, p.device, like=None if proj is not None else p,
                      seed=seed)
+
+
+def init_subspace(state: dict, group: Group, p: torch.Tensor, grad: torch.Tensor, proj: Projector,
+                  rule: InnerRule, store: StateStore, index: int, layout: Layout | None = None,
+                  matrix: int | None = None) -> None:
+    """Chooses the subspace from the first nonzero gradient of a matrix whose earlier gradients were all exactly
+    zero (a layer feeding a zero-initialised one): those steps' moments are zero in any subspace, so only the
+    projector state is rebuilt (and moments of another shape recreated, as zeros)."""
+    if not bool(grad.any()):
+        return
+    del state[PENDING]
+    ctx = {"layout": layout()} if getattr(proj, "wants_layout", False) and layout is not None else {}
+    seed = derive_seed(group["seed"], index) if matrix is None else derive_seed(group["seed"], index, matrix)
+    state["projector"] = proj.init(grad, seed=seed, **ctx)
+    for spec in rule.moments(proj.low_shape(p.shape, state["projector"]), group):
+        if tuple(state[spec.name].shape) != tuple(spec.shape):
+            store.create(state, spec.name, spec.shape, p.device)
 
 
 def refresh(state: dict, group: Group, p: torch.Tensor, grad: torch.Tensor, proj: Projector, rule: InnerRule,
@@ -127,4 +149,4 @@ def apply_step(state: dict, group: Group, p: torch.Tensor, grad: torch.Tensor, p
         p.copy_(target)
 
 
-__all__ = ["Parts", "apply_step", "init_state", "refresh"]
+__all__ = ["PENDING", "Parts", "apply_step", "init_state", "init_subspace", "refresh"]

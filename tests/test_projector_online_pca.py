@@ -162,14 +162,15 @@ def test_adam_step_on_p_matches_torch_adamw() -> None:
 
 
 def test_learning_rate_rules() -> None:
-    ratio = OnlinePCAProjector(2)
+    ratio = OnlinePCAProjector(2, lr_rule="ratio")
     assert ratio.step_lr({"lr": 1e-3, "initial_lr": 5e-3}) == pytest.approx(5e-3)
-    reference = OnlinePCAProjector(2, lr_rule="reference", lr=1 / 200)
+    reference = OnlinePCAProjector(2)  # the default: the authors' code, base lr 1/200
+    assert (reference.lr_rule, reference.lr) == ("reference", 0.005)
     assert reference.step_lr({"lr": 1e-3, "initial_lr": 4e-3}) == pytest.approx(1 / 800)
     assert reference.step_lr({"lr": 1e-3}) == pytest.approx(1 / 200)
     assert OnlinePCAProjector(2, lr_rule="fixed", lr=0.3).step_lr({}) == 0.3
-    with pytest.raises(ValueError, match="lr_rule"):
-        ratio.step_lr({})
+    # no weight lr in the context (the projector on its own): every rule takes the base lr
+    assert ratio.step_lr({}) == reference.step_lr({}) == 0.005
     # lr 0 leaves P where it is (Adam moments still accumulate)
     state = ratio.init(_grad(6, 5, 0))
     assert torch.equal(ratio.update(_grad(6, 5, 1), state, lr=0.0)["basis"], state["basis"])

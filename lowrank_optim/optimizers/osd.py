@@ -19,11 +19,15 @@ class OnlineSubspaceDescent(LowRankOptimizer):
     paper's Hamiltonian-descent argument). P's own moments live in the projector state and are counted by
     :meth:`state_bytes` (``3 r d`` floats per matrix under Adam against GaLore's ``r d``).
 
-    P's learning rate: ``p_lr_rule="ratio"`` (default, the paper: ``p_lr_ratio * lr``, ratio 5, following
-    the group's current lr), ``"reference"`` (the authors' code: ``p_lr * lr_t / lr_0``, where the code's
-    ``p_lr`` is ``1 / update_proj_gap`` of its command line, 1/200 in the LLaMA-60M recipe, and ``lr_0`` is
-    the group's ``initial_lr`` set by a torch LR scheduler), or ``"fixed"`` (``p_lr``). See
-    :class:`lowrank_optim.projectors.online_pca.OnlinePCAProjector` for the differences from the reference.
+    P's learning rate: ``p_lr_rule="reference"`` (default, the authors' code: ``p_lr * lr_t / lr_0`` with
+    ``p_lr = 0.005``, the code's ``1 / update_proj_gap`` of its LLaMA-60M recipe, and ``lr_0`` the group's
+    ``initial_lr`` set by a torch LR scheduler, so P follows the weight schedule), ``"ratio"`` (the paper's
+    recommendation: ``p_lr_ratio * lr``, ratio 5) or ``"fixed"`` (``p_lr``). Until issue 11 the default was
+    the paper's ratio: 0.05 at the published weight lr 0.01, ten times the code's rate, larger than P's own
+    entries (about ``1/sqrt(d)``); at ``d = 1024`` P then captured 0.098 of the gradient energy (0.127 if P
+    never moves; 0.745 at 0.005) and its column norms drifted to 1.6-4.0. See
+    :class:`lowrank_optim.projectors.online_pca.OnlinePCAProjector` for the reasoning and the other
+    differences from the reference.
 
     Args:
         params: parameters or groups; a group carrying ``rank`` is projected (see :func:`param_groups`).
@@ -35,9 +39,9 @@ class OnlineSubspaceDescent(LowRankOptimizer):
         update_proj_gap: steps between two steps on ``P`` (default 1).
         scale: multiplier of the back-projected update (the reference recipes: 0.25).
         p_optimizer: ``"adam"`` (default) or ``"sgd"``.
-        p_lr_rule: ``"ratio"``, ``"reference"`` or ``"fixed"``.
-        p_lr_ratio: P's lr over the weight lr under ``"ratio"`` (5).
-        p_lr: P's base lr under ``"reference"`` / ``"fixed"`` (0.005).
+        p_lr_rule: ``"reference"`` (default), ``"ratio"`` or ``"fixed"``.
+        p_lr_ratio: P's lr over the weight lr under ``"ratio"`` (5, the paper).
+        p_lr: P's base lr under ``"reference"`` / ``"fixed"`` (0.005, the authors' LLaMA-60M recipe).
         p_weight_decay: decoupled weight decay of ``P`` (0; the paper suggests ``weight_decay``).
         orthonormalize: QR re-orthonormalisation of ``P`` after each step (off, as in the paper).
         proj_side: side rule.
@@ -51,7 +55,7 @@ class OnlineSubspaceDescent(LowRankOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, rank: int | None = None, update_proj_gap: int = 1,
-                 scale: float = 0.25, p_optimizer: str = "adam", p_lr_rule: str = "ratio", p_lr_ratio: float = 5.0,
+                 scale: float = 0.25, p_optimizer: str = "adam", p_lr_rule: str = "reference", p_lr_ratio: float = 5.0,
                  p_lr: float = 0.005, p_weight_decay: float = 0.0, orthonormalize: bool = False,
                  proj_side: str = "std", state_dtype: str = "fp32", projector_options: dict[str, Any] | None = None,
                  **kwargs: Any) -> None:

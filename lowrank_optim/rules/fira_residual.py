@@ -34,6 +34,10 @@ def limit_norm_growth(residual: torch.Tensor, state: dict, gamma: float) -> torc
     """Fira's norm-growth limiter: if ``||S_t|| > gamma * s_{t-1}``, rescale ``S_t`` to ``gamma * s_{t-1}``.
 
     ``s_t`` (the norm after limiting) is kept in ``state[LIMITER_KEY]``; the first call only stores it.
+    The limiter is armed only once a nonzero norm has been stored: while ``s_{t-1} = 0`` (a zero-initialised
+    layer whose first residuals are exactly zero) ``S_t`` passes unchanged and its norm becomes the reference.
+    The reference code compares with ``s_{t-1} + 1e-8`` from the first call on, so after a zero first residual
+    every later one was capped at ``1e-8 * gamma^k`` (about 2000 steps to grow back to 1 at gamma = 1.01).
     Works on tensors (no host synchronisation) and rescales ``residual`` in place.
     """
     norm = residual.norm()
@@ -42,6 +46,7 @@ def limit_norm_growth(residual: torch.Tensor, state: dict, gamma: float) -> torc
         state[LIMITER_KEY] = norm.detach().to(torch.float32).clone()
         return residual
     factor = (norm / (stored + _TINY)).clamp(min=gamma) / gamma
+    factor = torch.where(stored > 0, factor, torch.ones_like(factor))  # not armed before a nonzero norm
     residual.div_(factor)
     stored.copy_(norm / factor)
     return residual

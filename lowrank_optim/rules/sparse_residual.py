@@ -5,7 +5,8 @@ phase. No public code exists, so every concrete choice below is ours:
 
 * the residual is the part of the gradient the projection drops, ``E = G - project_back(project(G))``;
 * during the first ``residual_warmup`` steps of a parameter, ``E^2`` is accumulated (a transient
-  full-size fp32 buffer, freed at the end of the warm-up); then the ``residual_density * m * n``
+  full-size fp32 buffer, freed at the end of the warm-up; while it is all zero, e.g. for a layer feeding
+  a zero-initialised one, the warm-up goes on); then the ``residual_density * m * n``
   entries with the largest accumulated energy are chosen once and for all (indices kept sorted, as
   int32 when they fit); the set is not re-chosen when the basis is refreshed;
 * afterwards each step runs Adam (torch's order, own ``residual_betas`` / ``residual_eps``) on ``E`` at
@@ -69,7 +70,8 @@ class SparseResidual(ResidualRule):
         if _INDEX not in state:
             score = state.get(_SCORE)
             score = resid.square() if score is None else score.addcmul_(resid, resid)
-            if seen < max(warmup, 1):
+            # an all-zero score (only zero gradients so far) ranks nothing: the warm-up lasts until one is nonzero
+            if seen < max(warmup, 1) or (score.device.type != "meta" and not bool(score.any())):
                 state[_SCORE] = score
                 return None
             state.pop(_SCORE, None)
