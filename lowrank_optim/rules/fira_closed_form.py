@@ -62,6 +62,7 @@ def fira_closed_form_step(target: torch.Tensor, grad: torch.Tensor, low: torch.T
                 state[LIMITER_KEY] = norm.to(torch.float32).clone()
             else:
                 factor = (norm / (stored + _TINY)).clamp(min=float(gamma)) / float(gamma)
+                factor = torch.where(stored > 0, factor, torch.ones_like(factor))  # armed after a nonzero norm
                 mult.div_(factor)
                 stored.copy_(norm / factor)
         lift_low.sub_(low * mult, alpha=alpha)
