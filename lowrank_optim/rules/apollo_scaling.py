@@ -8,7 +8,6 @@ back from the subspace, so this residual rule *replaces* the engine's low-rank l
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -16,7 +15,7 @@ import torch
 from .._validation import check_choice, check_number
 from ..projectors.base import LEFT, Projector, ProjState
 from .base import Group, ResidualRule
-from .fira_residual import limit_norm_growth, slice_scaling
+from .fira_residual import adam_step_size, limit_norm_growth, slice_scaling
 
 SCALE_TYPES = ("channel", "tensor")
 _TINY = 1e-8  # guard of ||R|| in the scaling factor, as Fira's
@@ -76,11 +75,7 @@ class APOLLOScaling(ResidualRule):
     def step(self, grad: torch.Tensor, low_grad: torch.Tensor, low_update: torch.Tensor, projector: Projector,
              proj_state: ProjState, state: dict, group: Group, coef: float = 1.0,
              lr: float = 1.0) -> torch.Tensor | None:
-        eta = float(lr)
-        if "betas" in group:  # Adam's bias correction moves into the step size eta_t
-            t = state["inner_step"]
-            beta1, beta2 = group["betas"]
-            eta *= math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+        eta = adam_step_size(lr, state, group)  # Adam's bias correction moves into the step size eta_t
         if eta == 0.0:
             return None
         s = apollo_scaling(low_update, low_grad, int(proj_state.get("side", LEFT)), group["scale_type"])

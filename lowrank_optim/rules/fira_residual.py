@@ -54,6 +54,19 @@ def limit_norm_growth(residual: torch.Tensor, state: dict, gamma: float) -> torc
     return residual
 
 
+def adam_step_size(lr: float, state: dict, group: Group) -> float:
+    """The step size eta_t of an Adam inner rule with its bias correction folded in,
+    ``lr * sqrt(1 - beta2^t) / (1 - beta1^t)`` at ``t = state["inner_step"]`` (``lr`` itself for a rule without
+    ``betas``): Fira's and APOLLO's scaling factors are norms of the un-corrected step, so the correction moves
+    here."""
+    eta = float(lr)
+    if "betas" in group:
+        t = state["inner_step"]
+        beta1, beta2 = group["betas"]
+        eta *= math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+    return eta
+
+
 class FiraResidual(ResidualRule):
     """Adds ``phi * (G - lift(R))`` to the low-rank Adam step, norm-growth limited.
 
@@ -86,11 +99,7 @@ class FiraResidual(ResidualRule):
     def step(self, grad: torch.Tensor, low_grad: torch.Tensor, low_update: torch.Tensor, projector: Projector,
              proj_state: ProjState, state: dict, group: Group, coef: float = 1.0,
              lr: float = 1.0) -> torch.Tensor | None:
-        eta = float(lr)
-        if "betas" in group:
-            t = state["inner_step"]
-            beta1, beta2 = group["betas"]
-            eta *= math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+        eta = adam_step_size(lr, state, group)
         if eta == 0.0:
             if group["limiter_gamma"] is not None:
                 # the stored norm exists from the first step on, even a zero-lr one (DCP's fresh-optimizer
@@ -108,4 +117,4 @@ class FiraResidual(ResidualRule):
         return residual.mul_(eta)
 
 
-__all__ = ["LIMITER_KEY", "FiraResidual", "limit_norm_growth", "slice_scaling"]
+__all__ = ["LIMITER_KEY", "FiraResidual", "adam_step_size", "limit_norm_growth", "slice_scaling"]
