@@ -110,17 +110,16 @@ def broadcast_from(obj: Any, lay: Layout, owner: int) -> Any:
     src = dist.get_global_rank(lay.group, owner)
     meta: list[Any] = [None]
     if lay.rank == owner:
-        meta[0] = {k: (("tensor", tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else ("value", v))
-                   for k, v in obj.items()}
+        meta[0] = {k: (("tensor", tuple(v.shape), v.dtype, v.device.type) if isinstance(v, torch.Tensor)
+                       else ("value", v)) for k, v in obj.items()}
     dist.broadcast_object_list(meta, src=src, group=lay.group)
     out: dict[str, Any] = {}
     for k, (kind, *rest) in meta[0].items():
         if kind == "value":
             out[k] = rest[0]
             continue
-        shape, dtype = rest
-        device = lay.mesh.device_type
-        t = obj[k].contiguous() if lay.rank == owner else torch.empty(shape, dtype=dtype, device=device)
+        shape, dtype, device_type = rest  # the device type ("cuda": this rank's current device)
+        t = obj[k].contiguous() if lay.rank == owner else torch.empty(shape, dtype=dtype, device=device_type)
         comm._count(t, (lay.world - 1) / lay.world)
         dist.broadcast(t, src=src, group=lay.group)
         out[k] = t

@@ -54,6 +54,10 @@ class GUMProjector(Projector):
             default). GUM resets its momentum every period, so the sign does not change the trajectory.
     """
 
+    #: The full-rank branch steps the complement itself (weighted 1/q): residual rules that also take the
+    #: complement are refused at construction (:meth:`ResidualRule.check_projector`).
+    covers_complement = True
+
     name = "gum"
     #: every period redraws the full-rank branch too, so no refresh may be skipped
     supports_lazy = False

@@ -90,6 +90,11 @@ class ResidualRule:
                 f"Invalid projector: {projector.name!r} with residual={self.name!r}: the residual takes the "
                 f"complement G - P P^T G, which needs an orthonormal basis, and {projector!r} is not "
                 "orthonormal (" + _ORTHONORMAL_HINTS.get(projector.name, "use an orthonormal projector") + ")")
+        if self.takes_complement and getattr(projector, "covers_complement", False):
+            raise ValueError(
+                f"Invalid projector: {projector.name!r} with residual={self.name!r}: the projector already "
+                "steps the complement G - P P^T G itself (GUM's importance-weighted full-rank draws), so a "
+                "residual rule on top would count it twice; use residual='drop' with this projector")
 
     def step(self, grad: torch.Tensor, low_grad: torch.Tensor, low_update: torch.Tensor, projector: Projector,
              proj_state: ProjState, state: dict, group: Group) -> torch.Tensor | None:
