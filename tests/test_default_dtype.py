@@ -8,12 +8,11 @@ default alike).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import torch
+from helpers import default_dtype
 
 import lowrank_optim as lro
 from lowrank_optim.projectors import PROJECTORS
@@ -30,16 +29,6 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "galore_adafactor": {"beta1": 0.9},
     "flora": {"scale_parameter": False},
 }
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def _params() -> list[torch.nn.Parameter]:

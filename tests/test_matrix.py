@@ -17,16 +17,14 @@ draws shapes, layouts, parameter dtypes, default dtypes and seeds over the same 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
-from helpers import CASES, roundtrip
+from helpers import CASES, default_dtype, roundtrip
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -59,16 +57,6 @@ ADAM_PLAIN = {"coap", "dct_adamw", "fira", "frugal", "galore_adamw", "galore_plu
 LR = 1e-2
 STEPS = 6
 RESUME_AT = 3
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 @dataclass
