@@ -1,44 +1,43 @@
-"""The one optimizer engine every named method is a preset of.
+"""The one optimizer engine every named method is a preset of: construction, groups, step orchestration.
 
 For each parameter with a gradient, one ``step()``:
 
-1. decides low-rank or plain: a 2-D parameter in a group that carries ``rank`` (not ``None``) goes
-   low-rank; everything else (1-D tensors, other groups) gets the plain inner rule;
-2. refreshes the projector every ``update_proj_gap`` steps (at steps ``T, 2T, ...`` after the first),
-   then lets the transfer policy rewrite the moments for the new subspace;
-3. projects the gradient, runs the inner rule on it with moments loaded from the state store,
-   and writes the moments back;
-4. adds the residual rule's full-rank step, projects back, and applies decoupled weight decay computed
-   from the pre-update weight (``p <- p (1 - lr wd)`` first, torch AdamW's order).
+1. checks every gradient once for inf/NaN (:mod:`lowrank_optim.nonfinite`) before any state changes;
+2. decides low-rank or plain (:mod:`lowrank_optim.plan`): a 2-D parameter in a group that carries ``rank``
+   (not ``None``) goes low-rank; everything else (1-D tensors, other groups) gets the plain inner rule;
+3. refreshes the projector on its schedule (:mod:`lowrank_optim.schedule`: every ``update_proj_gap`` steps,
+   at steps ``T, 2T, ...`` after the first), then lets the transfer policy rewrite the moments;
+4. projects the gradient, runs the inner rule with moments loaded from the state store, adds the residual
+   rule's full-rank step, projects back, and applies decoupled weight decay computed from the pre-update
+   weight (``p <- p (1 - lr wd)`` first, torch AdamW's order) (:mod:`lowrank_optim.update`).
 
 All math runs in fp32. Optimizer state is plain tensors and ints, so ``state_dict()`` survives
-``torch.load(weights_only=True)``; :meth:`load_state_dict` keeps every saved dtype (torch's default
-would cast uint8 codes and int64 indices to the parameter's dtype).
+``torch.load(weights_only=True)``; :meth:`load_state_dict` keeps every saved dtype
+(:mod:`lowrank_optim.checkpoint`).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
 
 from ._validation import check_choice, check_int, check_number
+from .checkpoint import closed_form_bytes, load_state, state_bytes
 from .distributed import checkpoint as _checkpoint
 from .distributed import fsdp as _fsdp
 from .distributed import shards as _shards
-from .groups import FLATTENED_HINT, is_flattened, method_overrides, warn_method_overrides
-from .projectors import PROJECTORS, SIDE_RULES, Projector, make_projector
-from .projectors.base import derive_seed
-from .rules import INNER_RULES, RESIDUAL_RULES, TRANSFER_POLICIES, InnerRule, MomentSpec, ResidualRule, TransferPolicy
+from .groups import method_overrides, warn_method_overrides
+from .nonfinite import NONFINITE_POLICIES, check_grad, gradients_ok
+from .plan import ND_LAYOUTS, Planner, matrix_shape, n_matrices, nd_kind, refuse_flattened
+from .projectors import PROJECTORS, SIDE_RULES, make_projector
+from .rules import INNER_RULES, RESIDUAL_RULES, TRANSFER_POLICIES
+from .schedule import refresh_due, stagger_phase
+from .stacks import Unit, apply_units
 from .state import STATE_DTYPES, StateStore
-from .targets import resolve_targets, validate_target_modules
-
-NONFINITE_POLICIES = ("skip", "raise", "ignore")
-#: State key (int 1) of a low-rank parameter whose gradients so far were all exactly zero: its subspace is
-#: chosen at its first nonzero gradient instead of from the zero matrix (arbitrary for a whole period).
-PENDING = "subspace_pending"
+from .targets import validate_target_modules
+from .update import PENDING, Parts, apply_step, init_state, init_subspace, refresh
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -59,6 +58,8 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "nonfinite": "skip",
     "seed": 0,
     "target_modules": None,
+    "nd_layout": "auto",
+    "refresh_stagger": False,
     "include_conv": False,  # with target_modules: also select convolution weights (lowrank_optim.targets)
     "differentiable": False,  # torch's __setstate__ adds it on load; kept so groups round-trip unchanged
 }
@@ -88,6 +89,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
             (``FloatingPointError``, no state changes) or ``"ignore"`` (no check; use only when a
             ``GradScaler`` already skips such steps).
         seed: base seed of every random choice (random projectors, rsvd sketches).
+        nd_layout: how a tensor of more than two dimensions in a low-rank group is seen as matrices:
+            ``"auto"`` (3-D: MoE experts, a stack of matrices; 4-D: conv, ``out x (in * kh * kw)``; others
+            refused), ``"experts"`` or ``"conv"`` (:mod:`lowrank_optim.plan`).
+        refresh_stagger: spread the group's refreshes over the period, each matrix at its own phase
+            (default False; :mod:`lowrank_optim.schedule`).
         target_modules: restricts the low-rank path of a group carrying ``rank`` to the weights of the
             modules it selects (:func:`lowrank_optim.select_lowrank_modules` semantics), resolved at the
             first step; for groups built by someone else (HF Trainer's ``optimizer_cls_and_kwargs``).
@@ -100,13 +106,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
     """
 
     preset_defaults: ClassVar[dict[str, Any]] = {}
+    #: Step the projected matrices of a group together (:mod:`lowrank_optim.stacks`); False: one by one through
+    #: :func:`lowrank_optim.update.apply_step` (the reference path; equal to rounding).
+    batched: bool = True
 
     def __init__(self, params: ParamsT, lr: float | None = 1e-3, **kwargs: Any) -> None:
         module = kwargs.pop("module", None)
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"Invalid module: expected an nn.Module, got {type(module).__name__}")
         self._module: torch.nn.Module | None = module
-        self._target_ids: set[int] | None = None
         defaults: dict[str, Any] = {"lr": lr, **ENGINE_DEFAULTS, **self.preset_defaults}
         if "proj_type" in kwargs:  # galore-torch's name for the side rule
             kwargs["proj_side"] = kwargs.pop("proj_type")
@@ -125,8 +133,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {unknown}")
         defaults.update(kwargs)
-        self._parts_cache: dict[tuple, tuple] = {}
+        self._parts_cache: dict[tuple, Parts] = {}
+        self._planner = Planner([], module)
         super().__init__(params, defaults)
+        self._planner.param_groups = self.param_groups
 
     # -- groups ---------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -179,9 +189,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
         check_int("seed", group["seed"], low=0)
         if group["target_modules"] is not None:
             validate_target_modules(group, self._module)
-            self._target_ids = None
+            self._planner.reset()
+        check_choice("nd_layout", group["nd_layout"], ND_LAYOUTS)
+        if not isinstance(group["refresh_stagger"], bool):
+            raise TypeError(f"Invalid refresh_stagger: expected a bool, got {group['refresh_stagger']!r}")
         if group["rank"] is not None:
-            _refuse_flattened(group)
+            refuse_flattened(group)
+            if group["target_modules"] is None:  # else refused at the first step, once the targets are known
+                for i, p in enumerate(group["params"]):
+                    nd_kind(group, p, i)
         for i, p in enumerate(group["params"]):
             if _shards.is_dtensor(p):
                 _shards.check_placement(p, f"parameter {i} (shape {tuple(p.shape)})")
@@ -190,21 +206,21 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if plain_rule is not inner:
             plain_rule.validate(group)
         if group["rank"] is not None:
-            proj, _, _, transfer, _ = self._parts(group)  # builds the projector now: bad options fail here
-            residual.check_projector(proj, group)  # combinations that cannot work are refused by name
-            transfer.check_projector(proj, group)
+            parts = self._parts(group)  # builds the projector now: bad options fail here
+            # combinations that cannot work are refused by name
+            parts.residual.check_projector(parts.projector, group)
+            parts.transfer.check_projector(parts.projector, group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._parts_cache = {}
         self.__dict__.setdefault("_module", None)
-        self._target_ids = None
+        self._planner = Planner(self.param_groups, self._module)
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
 
-    def _parts(self, group: dict[str, Any]) -> tuple[Projector | None, InnerRule, ResidualRule, TransferPolicy,
-                                                     StateStore]:
+    def _parts(self, group: dict[str, Any]) -> Parts:
         """The (cached) strategy objects a group's keys select."""
         # a group's own options refine the optimizer-level ones instead of replacing them
         opts = {**(self.defaults.get("projector_options") or {}), **(group["projector_options"] or {})}
@@ -215,23 +231,19 @@ class LowRankOptimizer(torch.optim.Optimizer):
             proj = None
             if group["rank"] is not None:
                 proj = make_projector(group["projector"], group["rank"], side=group["proj_side"], **opts)
-            parts = (proj, INNER_RULES[group["inner"]], RESIDUAL_RULES[group["residual"]],
-                     TRANSFER_POLICIES[group["transfer"]], StateStore(group["state_dtype"]))
+            parts = Parts(proj, INNER_RULES[group["inner"]], RESIDUAL_RULES[group["residual"]],
+                          TRANSFER_POLICIES[group["transfer"]], StateStore(group["state_dtype"]))
             self._parts_cache[key] = parts
         return parts
 
     @staticmethod
     def is_lowrank(group: dict[str, Any], p: torch.Tensor) -> bool:
-        """Whether ``p`` takes the low-rank path in ``group``."""
-        return group.get("rank") is not None and p.dim() == 2
+        """Whether ``p``'s shape takes the low-rank path in ``group`` (before ``target_modules``)."""
+        return Planner.is_lowrank(group, p)
 
     def _targeted(self, group: dict[str, Any], p: torch.Tensor) -> bool:
-        """Whether ``group["target_modules"]`` (if any) selects ``p``; resolved once, at the first step."""
-        if group.get("target_modules") is None:
-            return True
-        if self._target_ids is None:
-            self._target_ids = resolve_targets(self.param_groups, self._module)
-        return id(p) in self._target_ids
+        """Whether ``group["target_modules"]`` (if any) selects ``p`` (:meth:`lowrank_optim.plan.Planner.targeted`)."""
+        return self._planner.targeted(group, p)
 
     # -- step -----------------------------------------------------------------------------------
     @torch.compiler.disable
@@ -254,15 +266,20 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 index += 1
                 if p.grad is None:
                     continue
-                self._check_grad(p, index - 1)
+                check_grad(type(self).__name__, p, index - 1)
                 work.append((group, p, index - 1))
-        if not work or not self._gradients_ok(work):
+        if not work or not gradients_ok(type(self).__name__, [(g, p) for g, p, _ in work]):
             return loss
+        by_group: dict[int, list[tuple[torch.Tensor, int]]] = {}
+        groups: dict[int, dict[str, Any]] = {}
         for group, p, idx in work:
             if _shards.is_dtensor(p):  # FSDP2: lowrank_optim.distributed.fsdp
                 _fsdp.step_param(self, group, p, idx)
-            else:
-                self._step_param(group, p, idx)
+                continue
+            by_group.setdefault(id(group), []).append((p, idx))
+            groups[id(group)] = group
+        for key, items in by_group.items():
+            self._step_group(groups[key], items)
         return loss
 
     @torch.compiler.disable
@@ -271,194 +288,136 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Steps ``param`` alone, with the same state, seeds and math as :meth:`step` (for layer-wise
         updates from gradient hooks, :mod:`lowrank_optim.layerwise`); the non-finite check covers this
         one gradient. A parameter without a gradient is left alone."""
+        group, index = self._locate(param)
+        if _shards.is_dtensor(param):
+            raise ValueError("Invalid param: step_parameter does not support FSDP2 (DTensor) parameters; call step()")
+        if param.grad is not None:
+            check_grad(type(self).__name__, param, index)
+            if gradients_ok(type(self).__name__, [(group, param)]):
+                self._step_group(group, [(param, index)])
+
+    def _locate(self, param: torch.Tensor) -> tuple[dict[str, Any], int]:
+        """``(group, index)`` of ``param`` (its position over all groups, the seed's identity)."""
         index = 0
         for group in self.param_groups:
             for p in group["params"]:
                 if p is param:
-                    if _shards.is_dtensor(p):
-                        raise ValueError("Invalid param: step_parameter does not support FSDP2 (DTensor) parameters; "
-                                         "call step()")
-                    if p.grad is not None:
-                        self._check_grad(p, index)
-                        if self._gradients_ok([(group, p, index)]):
-                            self._step_param(group, p, index)
-                    return
+                    return group, index
                 index += 1
         raise ValueError(f"Invalid param: a tensor of shape {tuple(param.shape)} that is not in this optimizer")
 
-    def _check_grad(self, p: torch.Tensor, index: int) -> None:
-        if p.grad.is_sparse:
-            raise TypeError(f"{type(self).__name__} does not support sparse gradients "
-                            f"(parameter {index}, shape {tuple(p.shape)})")
-        if torch.is_complex(p.grad):
-            raise TypeError(f"{type(self).__name__} does not support complex parameters "
-                            f"(parameter {index}, dtype {p.grad.dtype})")
-
-    def _gradients_ok(self, work: list[tuple[dict[str, Any], torch.Tensor, int]]) -> bool:
-        """Checks every gradient for inf/NaN before any state changes (policy per group)."""
-        checked = [(g, p) for g, p, _ in work if g["nonfinite"] != "ignore"]
-        if not checked:
-            return True
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for _, p in checked:
-            grad = _shards.local(p.grad)  # FSDP2: this rank's rows; the verdict is agreed below
-            by_device.setdefault(grad.device, []).append(grad.sum(dtype=torch.float32))
-        finite = all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values())
-        finite = _fsdp.agree_finite(finite, [p for _, p in checked])
-        if finite:
-            return True
-        if any(g["nonfinite"] == "raise" for g, _ in checked):
-            raise FloatingPointError(f"{type(self).__name__}: non-finite gradient; no state was changed "
-                                     "(nonfinite='raise')")
-        warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped (nonfinite='skip'); "
-                      "optimizer state is unchanged", RuntimeWarning, stacklevel=3)
-        return False
+    def _route(self, group: dict[str, Any], p: torch.Tensor) -> tuple[Parts, str | None]:
+        """The parts that step ``p`` and its kind (``None``: plain, which gets ``plain_inner``), see
+        :mod:`lowrank_optim.plan`."""
+        parts = self._parts(group)
+        kind = self._planner.kind(group, p) if parts.projector is not None else None
+        if kind is None and group.get("plain_inner") is not None:
+            parts = parts._replace(inner=INNER_RULES[group["plain_inner"]])
+        return parts, kind
 
     def _step_param(self, group: dict[str, Any], p: torch.Tensor, index: int, *, param: torch.Tensor | None = None,
                     grad: torch.Tensor | None = None) -> None:
-        """Steps ``p`` (state ``self.state[p]``); ``param`` / ``grad`` replace ``p`` / ``p.grad`` as the tensors
-        computed on (FSDP2's replicated mode passes the gathered weight and gradient)."""
-        proj, rule, residual, transfer, store = self._parts(group)
-        state = self.state[p]
-        grad = p.grad if grad is None else grad
-        grad = grad if grad.dtype == torch.float32 else grad.float()
-        param = p if param is None else param
-        lowrank = proj is not None and self._targeted(group, p) and self.is_lowrank(group, p)
-        if not lowrank and group.get("plain_inner") is not None:
-            rule = INNER_RULES[group["plain_inner"]]
-        if not state:
-            self._init_state(state, group, p, grad, proj if lowrank else None, rule, store, index)
-        elif lowrank and PENDING in state:
-            self._init_subspace(state, group, p, grad, proj, rule, store, index)
-        elif lowrank and state["step"] % group["update_proj_gap"] == 0:
-            self._refresh(state, group, p, grad, proj, rule, transfer, store)
-        step = state["step"] + 1
-        inner_step = state["inner_step"] + 1
-        low = proj.project(grad, state["projector"]) if lowrank else grad
-        specs = rule.moments(tuple(low.shape), group)
-        moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
-        target = param if param.dtype == torch.float32 else param.float()
-        if not lowrank and rule.apply_plain(target, low, moments, inner_step, group):
-            d = None  # the rule applied the whole update (fused kernel), weight decay included
-        else:
-            d = rule.direction(low, moments, inner_step, group, param)
-        for s in specs:
-            store.save(state, s.name, moments[s.name], s.signed)
-        state["step"], state["inner_step"] = step, inner_step
+        """Steps ``p`` (state ``self.state[p]``, same math as :meth:`step`); ``param`` / ``grad`` replace ``p`` /
+        ``p.grad`` as the tensors computed on (FSDP2's replicated mode passes the gathered weight and gradient)."""
+        tensors = None if param is None and grad is None else {
+            id(p): (p if param is None else param, p.grad if grad is None else grad)}
+        self._step_group(group, [(p, index)], tensors=tensors)
 
-        wd = group["weight_decay"]
-        if d is not None and wd != 0:
-            target.mul_(1 - d.lr * wd)
-        if d is None:
-            pass
-        elif not lowrank:
-            if d.den is None:
-                target.add_(d.num, alpha=-d.coef)
+    def _step_group(self, group: dict[str, Any], items: list[tuple[torch.Tensor, int]], init_only: bool = False,
+                    tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """Steps the parameters ``items`` (``(param, index)``) of ``group``: plain ones one by one, projected
+        matrices initialised / refreshed one by one, then stepped together (:func:`lowrank_optim.stacks.apply_units`)
+        with the ones the batched kernels cannot take going through :func:`lowrank_optim.update.apply_step`.
+        ``init_only`` allocates missing state and steps nothing (:meth:`init_param_state`); ``tensors`` maps
+        ``id(param)`` to the ``(weight, gradient)`` computed on in its place (:meth:`_step_param`)."""
+        group_parts = self._parts(group)
+        phases = self._phases(group) if group.get("refresh_stagger") and group_parts.projector is not None else None
+        units: list[Unit] = []
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for p, index in items:
+            parts, kind = self._route(group, p)
+            state = self.state[p]
+            w, g = tensors.get(id(p), (p, p.grad)) if tensors is not None else (p, p.grad)
+            grad = g if g.dtype == torch.float32 else g.float()
+            if kind is None:
+                if not state:
+                    init_state(state, group, w, grad, None, parts.inner, parts.store, index)
+                if not init_only:
+                    apply_step(state, group, w, grad, parts, False)
+                continue
+            shape = matrix_shape(p, kind)
+            pm = _view_or_copy(w, shape)
+            gm = grad.reshape(shape)
+            first = phases[id(p)] if phases is not None else 0
+            if kind == "experts":
+                if not state:
+                    state["step"] = 0
+                    state["matrices"] = [{} for _ in range(shape[0])]
+                for e, sub in enumerate(state["matrices"]):
+                    phase = stagger_phase(first + e, phases["count"], group["update_proj_gap"]) if phases else 0
+                    unit = self._prepare(sub, group, p, pm[e], gm[e], parts, index, e, phase, init_only)
+                    if unit is not None:
+                        units.append(unit)
+                if not init_only:
+                    state["step"] += 1
             else:
-                target.addcdiv_(d.num, d.den, value=-d.coef)
-        else:
-            pst = state["projector"]
-            low_update = d.num if d.den is None else d.num / d.den
-            # an empty subspace (FRUGAL's inactive block) adds nothing; a residual rule that ``replaces_lift``
-            # (APOLLO) returns the whole update itself
-            if low_update.numel() and not getattr(residual, "replaces_lift", False):
-                proj.add_back(target, low_update, pst, -d.coef * group["scale"])
-            # a residual rule with ``wants_coef`` also gets the inner step's coefficient and lr (Fira)
-            ctx = {"coef": d.coef, "lr": d.lr} if getattr(residual, "wants_coef", False) else {}
-            extra = residual.step(grad, low, low_update, proj, pst, state, group, **ctx)
-            if extra is not None:
-                target.sub_(extra)
-        if target is not param:
-            param.copy_(target)
-
-    def _init_state(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor,
-                    proj: Projector | None, rule: InnerRule, store: StateStore, index: int) -> None:
-        state["step"] = 0
-        state["inner_step"] = 0
-        if proj is not None:
-            ctx = {"layout": self._layout(group, p)} if getattr(proj, "wants_layout", False) else {}
-            seed = derive_seed(group["seed"], index)
-            state["projector"] = _fsdp.once(self, lambda: proj.init(grad, seed=seed, **ctx), index)
-            shape = proj.low_shape(p.shape, state["projector"])
-            if grad.device.type != "meta" and not bool(grad.any()):
-                state[PENDING] = 1  # a zero gradient defines no subspace: choose it at the first nonzero one
-        else:
-            shape = tuple(p.shape)
-        for spec in rule.moments(tuple(shape), group):
-            store.create(state, spec.name, spec.shape, p.device, like=None if proj is not None else p,
-                         seed=derive_seed(group["seed"], index))
-
-    def _init_subspace(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor,
-                       proj: Projector, rule: InnerRule, store: StateStore, index: int) -> None:
-        """Chooses the subspace from the first nonzero gradient of a parameter whose earlier gradients were all
-        exactly zero (a layer feeding a zero-initialised one): those steps' moments are zero in any subspace,
-        so only the projector state is rebuilt (and moments of another shape recreated, as zeros)."""
-        if not bool(grad.any()):
+                phase = stagger_phase(first, phases["count"], group["update_proj_gap"]) if phases else 0
+                unit = self._prepare(state, group, p, pm, gm, parts, index, None, phase, init_only)
+                if unit is not None:
+                    units.append(unit)
+            if pm.data_ptr() != w.data_ptr():  # stepped through a copy (a non-contiguous conv weight)
+                copies.append((w, pm))
+        if init_only:
             return
-        del state[PENDING]
-        ctx = {"layout": self._layout(group, p)} if getattr(proj, "wants_layout", False) else {}
-        state["projector"] = proj.init(grad, seed=derive_seed(group["seed"], index), **ctx)
-        for spec in rule.moments(proj.low_shape(p.shape, state["projector"]), group):
-            if tuple(state[spec.name].shape) != tuple(spec.shape):
-                store.create(state, spec.name, spec.shape, p.device)
+        rest = apply_units(units, group, group_parts) if self.batched else units
+        for u in rest:
+            apply_step(u.state, group, u.param, u.grad, group_parts, True)
+        for p, pm in copies:
+            p.copy_(pm.view(p.shape))
 
-    def _refresh(self, state: dict, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, proj: Projector,
-                 rule: InnerRule, transfer: TransferPolicy, store: StateStore) -> None:
-        old = state["projector"]
-        specs: list[MomentSpec] = rule.moments(proj.low_shape(p.shape, old), group)
-        ctx: dict[str, Any] = {}
-        if proj.wants_moments:
-            ctx["moments"] = {s.name: store.load(state, s.name, s.signed) for s in specs}
-        if getattr(proj, "wants_layout", False):
-            ctx["layout"] = self._layout(group, p)
-        if getattr(proj, "wants_lr", False):  # the group's lr now and at the start (LR schedulers' initial_lr)
-            ctx["lr"], ctx["initial_lr"] = group["lr"], group.get("initial_lr", group["lr"])
-        new = _fsdp.once(self, lambda: proj.update(grad, old, **ctx), self._index_of(p))
-        specs = rule.moments(proj.low_shape(p.shape, new), group)
-        transfer.apply(state, old, new, proj, specs, store)
-        for spec in specs:
-            if tuple(state[spec.name].shape) != tuple(spec.shape):
-                raise ValueError(f"Invalid transfer: {group['transfer']!r} kept moment {spec.name!r} of shape "
-                                 f"{tuple(state[spec.name].shape)} but the new subspace needs {tuple(spec.shape)}; "
-                                 "use a transfer that rebuilds moments (e.g. 'reset') with this projector")
-        state["projector"] = new
+    def _prepare(self, state: dict, group: dict[str, Any], p: torch.Tensor, pm: torch.Tensor, gm: torch.Tensor,
+                 parts: Parts, index: int, matrix: int | None, phase: int, init_only: bool) -> Unit | None:
+        """Initialises (first step) or refreshes (on schedule) one projected matrix ``pm`` of parameter ``p``
+        (matrix ``matrix`` of a stack); returns the unit to step (``None`` with ``init_only``)."""
+        layout = lambda: self._planner.layout(group, p, matrix or 0)  # noqa: E731
+        # a projector's init / update runs on one rank and is broadcast when refreshes are divided (DDP's
+        # divide_refresh, FSDP2's replicated mode), lowrank_optim.distributed.fsdp.once
+        once = lambda compute: _fsdp.once(self, compute, index)  # noqa: E731
+        if not state:
+            init_state(state, group, pm, gm, parts.projector, parts.inner, parts.store, index, layout, matrix,
+                       once=once)
+        elif init_only:
+            return None
+        elif PENDING in state:
+            init_subspace(state, group, pm, gm, parts.projector, parts.inner, parts.store, index, layout, matrix)
+        elif refresh_due(state["step"], group["update_proj_gap"], phase):
+            refresh(state, group, pm, gm, parts.projector, parts.inner, parts.transfer, parts.store, layout,
+                    once=once)
+        return None if init_only else Unit(state, pm, gm)
 
-    def _index_of(self, p: torch.Tensor) -> int:
-        """Position of ``p`` among all the optimizer's parameters (its seed and refresh-owner index)."""
-        return next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
+    def _phases(self, group: dict[str, Any]) -> dict[Any, int]:
+        """``{id(p): position of p's first matrix, "count": matrices}`` over the group's projected parameters
+        (the staggered schedule's identity of a matrix, :mod:`lowrank_optim.schedule`)."""
+        out: dict[Any, int] = {}
+        count = 0
+        for q in group["params"]:
+            kind = self._planner.kind(group, q)
+            if kind is not None:
+                out[id(q)] = count
+                count += n_matrices(q, kind)
+        out["count"] = count
+        return out
 
-    def _layout(self, group: dict[str, Any], p: torch.Tensor) -> tuple[int, int, int]:
-        """``(position, count, group seed)`` of ``p`` among the group's projected params, for projectors
-        that draw across parameters (``wants_layout``: FRUGAL blocks, GUM's layer draw). Depends only on
-        the group's parameter order, so every data-parallel rank computes the same."""
-        chosen = [q for q in group["params"] if self.is_lowrank(group, q) and self._targeted(group, q)]
-        position = next(i for i, q in enumerate(chosen) if q is p)
-        return position, len(chosen), int(group["seed"])
+    def init_param_state(self, param: torch.Tensor) -> None:
+        """Allocates ``param``'s state exactly as its first step would, from ``param.grad`` (no rule math);
+        for closed-form memory estimates on the meta device (:mod:`lowrank_optim.memory`)."""
+        group, index = self._locate(param)
+        self._step_group(group, [(param, index)], init_only=True)
 
     # -- memory and checkpoints -----------------------------------------------------------------
     def state_bytes(self) -> int:
         """Exact bytes of every tensor held in optimizer state (storage shared by tensors counted once)."""
-        seen: set[tuple[str, int]] = set()
-        total = 0
-
-        def visit(obj: Any) -> None:
-            nonlocal total
-            if isinstance(obj, torch.Tensor):
-                storage = obj.untyped_storage()
-                key = (str(obj.device), storage.data_ptr())
-                if key not in seen:
-                    seen.add(key)
-                    total += storage.nbytes()
-            elif isinstance(obj, dict):
-                for v in obj.values():
-                    visit(v)
-            elif isinstance(obj, (list, tuple)):
-                for v in obj:
-                    visit(v)
-
-        for st in self.state.values():
-            visit(st)
-        return total
+        return state_bytes(list(self.state.values()))
 
     def global_state_bytes(self) -> int:
         """Bytes of optimizer state held by all ranks together: :meth:`state_bytes` summed over the default
@@ -478,47 +437,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
         the parameter's dtype, which would turn 8-bit codes, int indices and fp32 moments of bf16
         parameters into something else; here tensors are copied to the parameter's device unchanged.
         """
-        state_dict = _checkpoint.import_state(self, state_dict)
-        saved = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        id_map = dict(zip(saved_ids, params, strict=True))
-        for key, value in saved.items():
-            if key in id_map:
-                p = id_map[key]
-                self.state[p] = _to_device(value, p.device)
+        load_state(self, _checkpoint.import_state(self, state_dict))
         self._parts_cache = {}
         _checkpoint.requantize(self)
-        self._target_ids = None
+        self._planner.reset()
 
 
-def _refuse_flattened(group: dict[str, Any]) -> None:
-    """Raises for a flattened parameter in a low-rank group (FSDP1 ``FlatParameter`` or its
-    ``use_orig_params`` views, DeepSpeed ZeRO-3 partitions): its 2-D structure is gone, and taking the
-    plain path silently would turn the method into plain Adam."""
-    for i, p in enumerate(group["params"]):
-        if is_flattened(p):
-            raise ValueError(f"Invalid params: parameter {i} (shape {tuple(p.shape)}) of a group with "
-                             f"rank={group['rank']} is a flattened shard; {FLATTENED_HINT}")
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    """Deep copy of plain state with tensors moved (not cast) to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device=device, copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_device(v, device) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_device(v, device) for v in obj)
-    return obj
-
-
-def closed_form_bytes(numel: int, state_dtype: str) -> int:
-    """Bytes of one moment of ``numel`` elements in a store (``8bit``: 1 byte + 4 per 256 block)."""
-    return StateStore(state_dtype).bytes_for(numel)
+def _view_or_copy(p: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``p`` seen as ``shape``: a view when its strides allow (writes go straight to ``p``), else a copy."""
+    try:
+        return p.view(shape)
+    except RuntimeError:
+        return p.reshape(shape).clone()
 
 
 __all__ = ["ENGINE_DEFAULTS", "NONFINITE_POLICIES", "LowRankOptimizer", "closed_form_bytes"]

@@ -372,14 +372,10 @@ def estimate_state_phases(named_shapes: Mapping[str, Sequence[int]], optimizer: 
 
 def _allocate_engine_state(opt: LowRankOptimizer) -> None:
     """Allocates each parameter's state through the engine's own first-step initialisation (no rule math)."""
-    index = 0
     for group in opt.param_groups:
-        proj, rule, _, _, store = opt._parts(group)
         for p in group["params"]:
-            index += 1
             if p.grad is not None:
-                lowrank = proj is not None and opt.is_lowrank(group, p)
-                opt._init_state(opt.state[p], group, p, p.grad, proj if lowrank else None, rule, store, index - 1)
+                opt.init_param_state(p)
 
 
 __all__ = ["LLAMA_CONFIGS", "StateEstimate", "StatePhases", "count_state_bytes", "estimate_state_bytes",

@@ -100,6 +100,9 @@ def flat_state(opt: torch.optim.Optimizer) -> list[tuple[str, Any]]:
         if isinstance(obj, dict):
             for k in sorted(obj, key=str):
                 visit(f"{prefix}.{k}", obj[k])
+        elif isinstance(obj, list):  # a stacked parameter's per-matrix states
+            for i, v in enumerate(obj):
+                visit(f"{prefix}[{i}]", v)
         else:
             out.append((prefix, obj))
 

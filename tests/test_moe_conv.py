@@ -65,18 +65,6 @@ def _has_projector(st: dict, p: torch.Tensor) -> bool:
     return "projector" in st if mats is None else len(mats) == p.shape[0] and all("projector" in m for m in mats)
 
 
-def _nd_supported() -> bool:
-    """Whether the engine projects a 3-D parameter (the N-D engine contract); skips the optimizer tests until then."""
-    p = nn.Parameter(torch.randn(2, 6, 5))
-    p.grad = torch.randn_like(p)
-    opt = lro.GaLoreAdamW([{"params": [p], "rank": 2}])
-    opt.step()
-    return _has_projector(opt.state[p], p)
-
-
-needs_nd = pytest.mark.skipif(not _nd_supported(), reason="engine without N-D weight support")
-
-
 # -- selection ----------------------------------------------------------------------------------------------------
 def test_param_groups_selects_expert_stacks_not_routers() -> None:
     model = mixtral()
@@ -281,7 +269,6 @@ def _build(case: str, seed: int = 0) -> tuple[nn.Module, object, torch.optim.Opt
     return model, loss_fn, opt, {id(p) for g in groups[1:] for p in g["params"]}
 
 
-@needs_nd
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_nd_weights_carry_projector_state_in_closed_form(case: str) -> None:
     model, loss_fn, opt, low = _build(case)
@@ -292,7 +279,6 @@ def test_nd_weights_carry_projector_state_in_closed_form(case: str) -> None:
     assert opt.state_bytes() == count_state_bytes(opt) == closed_form(model, low, rank)
 
 
-@needs_nd
 def test_moe_state_is_under_045_of_adamw() -> None:
     model, loss_fn, opt, _ = _build("moe")
     _train(model, loss_fn, opt, 1)
@@ -303,7 +289,6 @@ def test_moe_state_is_under_045_of_adamw() -> None:
     assert ratio <= 0.45, ratio
 
 
-@needs_nd
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_nd_training_improves_and_resumes_bit_exact(case: str) -> None:
     model, loss_fn, opt, _ = _build(case)

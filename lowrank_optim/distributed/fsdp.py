@@ -20,8 +20,9 @@ Two modes, chosen per parameter from its group's parts (:func:`mode`):
     bases (Flora) are drawn from the same seed on every rank and need no traffic.
 
 * ``"replicated"`` (every other combination: DCT, online PCA, COAP, FRUGAL's blocks, GUM's Muon, GaLore+'s
-  sparse residual): the whole gradient and weight are all-gathered, the single-process step runs on them
-  with replicated state, and each rank keeps its rows. Exact, but the state is not divided.
+  sparse residual; MoE expert stacks and conv weights, :mod:`lowrank_optim.plan`): the whole gradient and
+  weight are all-gathered, the single-process step runs on them with replicated state, and each rank keeps its
+  rows. Exact, but the state is not divided.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def mode(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> str:
     if not _lowrank(opt, group, p):
         plain = group.get("plain_inner") or group["inner"]
         return "sharded" if plain in SHARDED_RULES else "replicated"
-    ok = (proj.name in SHARDED_PROJECTORS and type(proj) is PROJECTORS.get(proj.name)
+    ok = (p.dim() == 2  # MoE expert stacks and conv weights (lowrank_optim.plan) run replicated
+          and proj.name in SHARDED_PROJECTORS and type(proj) is PROJECTORS.get(proj.name)
           and group["inner"] in SHARDED_RULES and group["residual"] in SHARDED_RESIDUALS
           and group["transfer"] in SHARDED_TRANSFERS)
     return "sharded" if ok else "replicated"

@@ -307,6 +307,23 @@ class Projector:
             return None
         return self.basis_of(state)
 
+    def batch_basis(self, state: ProjState, device: torch.device) -> torch.Tensor | None:
+        """The fp32 ``(d, r)`` matrix ``B`` with ``project(G) = B^T G`` (left) or ``G B`` (right) and the matching
+        ``project_back``, or ``None`` when the projector's maps are not these products. The engine's batched
+        step (:mod:`lowrank_optim.stacks`) steps only matrices whose projector gives one; the rest take the
+        per-matrix path. A subclass that overrides :meth:`project` or :meth:`project_back` gets ``None``
+        unless it overrides this too."""
+        cls = type(self)
+        if cls.project is not Projector.project or cls.project_back is not Projector.project_back:
+            return None
+        basis = state.get("basis")
+        return basis if isinstance(basis, torch.Tensor) and basis.dim() == 2 else None
+
+    def orthonormal_basis(self, state: ProjState) -> bool:
+        """Whether :meth:`batch_basis` has orthonormal columns (``B^T B = I`` to rounding), which closed forms of
+        residual norms need (Fira). Default False; exact and randomized SVD bases say True."""
+        return False
+
     def add_back(self, target: torch.Tensor, low: torch.Tensor, state: ProjState, alpha: float) -> None:
         """``target += alpha * project_back(low)``; one ``addmm_`` (no full-size temporary) when the map back
         is a matrix product of ``target``'s dtype."""

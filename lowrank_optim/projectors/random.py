@@ -109,6 +109,12 @@ class RandomProjector(Projector):
     def back_matrix(self, state: ProjState, device: torch.device) -> torch.Tensor | None:
         return self.basis(state, device)
 
+    def batch_basis(self, state: ProjState, device: torch.device) -> torch.Tensor | None:
+        return self.basis(state, device)
+
+    def orthonormal_basis(self, state: ProjState) -> bool:
+        return self.distribution == "orthonormal"
+
     def state_numel(self, shape: tuple[int, ...] | torch.Size) -> int:
         """No float data: the basis is regenerated from the seed."""
         return 0

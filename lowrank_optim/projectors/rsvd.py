@@ -77,6 +77,10 @@ class RandomizedSVDProjector(Projector):
     name = "rsvd"
     orthonormal = True
 
+    def orthonormal_basis(self, state: ProjState) -> bool:
+        """The range finder's basis is the Q factor of a QR (or an eigenbasis): orthonormal."""
+        return type(self) is RandomizedSVDProjector
+
     def __init__(self, rank: int, side: str = "std", *, oversample: int = 8, power_iters: int = 1,
                  warm_start: bool = True, sign: str = "align") -> None:
         super().__init__(rank, side)

@@ -36,6 +36,10 @@ class SVDProjector(Projector):
         super().__init__(rank, side)
         self.sign_rule = check_choice("sign", sign, SIGN_RULES)
 
+    def orthonormal_basis(self, state: ProjState) -> bool:
+        """Singular vectors are orthonormal (the fallback that keeps a previous basis keeps an orthonormal one)."""
+        return type(self) is SVDProjector
+
     def _basis(self, grad: torch.Tensor, state: ProjState, previous: torch.Tensor | None) -> torch.Tensor:
         r = state["rank"]
         left = state["side"] == LEFT

@@ -18,6 +18,25 @@ from ..state import StateStore
 
 Group = dict[str, Any]
 
+_STEP_TENSORS: dict[tuple[str, float], torch.Tensor] = {}
+_STEP_CACHE_SIZE = 64
+
+
+def step_tensor(step: int, device: torch.device) -> torch.Tensor:
+    """A 0-d fp32 tensor holding ``step`` on ``device``, for kernels that take step counts as tensors
+    (``torch._fused_adamw_``), shared by every parameter of a step.
+
+    Made with ``torch.full`` (a fill on the device: no host-to-device copy, no synchronisation) once per
+    ``(device, step)`` and cached (the last 64). Callers must not modify it (the fused kernels only read it).
+    """
+    key = (str(device), float(step))
+    t = _STEP_TENSORS.get(key)
+    if t is None:
+        if len(_STEP_TENSORS) >= _STEP_CACHE_SIZE:
+            _STEP_TENSORS.pop(next(iter(_STEP_TENSORS)))
+        t = _STEP_TENSORS[key] = torch.full((), float(step), dtype=torch.float32, device=device)
+    return t
+
 
 @dataclass
 class Direction:
@@ -59,6 +78,12 @@ class InnerRule:
                   param: torch.Tensor) -> Direction:
         """Updates ``moments`` in place from the fp32 ``grad`` and returns the step to take."""
         raise NotImplementedError
+
+    def directions(self, grads: list[torch.Tensor], moments: list[dict[str, torch.Tensor]], steps: list[int],
+                   group: Group, params: list[torch.Tensor]) -> list[Direction]:
+        """:meth:`direction` for a list of (projected) gradients at once, in order; a rule with a batched kernel
+        overrides it (the result must equal the per-tensor calls to rounding). Default: one call each."""
+        return [self.direction(g, m, s, group, p) for g, m, s, p in zip(grads, moments, steps, params, strict=True)]
 
     def apply_plain(self, target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,
                     group: Group) -> bool:

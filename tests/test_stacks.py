@@ -1,0 +1,197 @@
+"""The batched step (lowrank_optim.stacks) equals the per-matrix path to rounding, for every preset; Fira's
+closed form equals its two-lift formula; a steady step builds no per-parameter tensor from a Python number and
+reads one device value (the non-finite check); staggered refresh spreads a group's refreshes (issue 12)."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from helpers import CASES, STATE_DTYPES, assert_same_state, roundtrip
+from torch import nn
+
+import lowrank_optim as lro
+from lowrank_optim.schedule import refresh_due, stagger_phase
+
+
+def _params(seed: int = 0) -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(24, 16), (24, 16), (16, 24), (16, 24), (24, 16), (3, 12, 10), (8, 4, 3, 3), (12,)]
+    return [nn.Parameter(torch.randn(s, generator=g) * 0.5) for s in shapes]
+
+
+def _grads(params: list[nn.Parameter], steps: int, seed: int = 1) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=g) for p in params] for _ in range(steps)]
+
+
+def _make(name: str, params: list[nn.Parameter], batched: bool, state_dtype: str = "fp32",
+          **group: object) -> torch.optim.Optimizer:
+    kwargs = {**CASES.get(name, {}), "state_dtype": state_dtype}
+    opt = lro.create_optimizer(name, [{"params": params[:-1], "rank": 4, "update_proj_gap": 3, **group},
+                                      {"params": params[-1:]}], **kwargs)
+    opt.batched = batched
+    return opt
+
+
+def _run(opt: torch.optim.Optimizer, params: list[nn.Parameter], grads: list[list[torch.Tensor]]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone()
+            opt.step()
+
+
+def _close_states(a: torch.optim.Optimizer, b: torch.optim.Optimizer, atol: float) -> None:
+    sa, sb = roundtrip(a.state_dict())["state"], roundtrip(b.state_dict())["state"]
+
+    def cmp(x: object, y: object, path: str) -> None:
+        if isinstance(x, dict):
+            assert isinstance(y, dict) and x.keys() == y.keys(), path
+            for k in x:
+                cmp(x[k], y[k], f"{path}.{k}")
+        elif isinstance(x, list):
+            assert isinstance(y, list) and len(x) == len(y), path
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                cmp(u, v, f"{path}[{i}]")
+        elif isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and x.shape == y.shape, path
+            if x.dtype == torch.uint8:  # 8-bit codes may differ by one step where fp32 values differ by rounding
+                assert (x.int() - y.int()).abs().max() <= 1 if x.numel() else True, path
+            else:
+                torch.testing.assert_close(x.float(), y.float(), atol=atol, rtol=1e-4, msg=path)
+        else:
+            assert x == y, path
+
+    cmp(sa, sb, "state")
+
+
+@pytest.mark.parametrize("name", lro.available_optimizers())
+def test_batched_equals_per_matrix(name: str) -> None:
+    """Same weights and state to rounding after steps that cross refreshes (period 3), fp32 store."""
+    a, b = _params(), _params()
+    grads = _grads(a, 7)
+    oa, ob = _make(name, a, True), _make(name, b, False)
+    _run(oa, a, grads)
+    _run(ob, b, grads)
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+    _close_states(oa, ob, atol=1e-5)
+
+
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES[1:])
+@pytest.mark.parametrize("name", ["galore_adamw", "fira"])
+def test_batched_equals_per_matrix_low_precision_stores(name: str, state_dtype: str) -> None:
+    a, b = _params(), _params()
+    grads = _grads(a, 5)
+    oa, ob = _make(name, a, True, state_dtype), _make(name, b, False, state_dtype)
+    _run(oa, a, grads)
+    _run(ob, b, grads)
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["reference", "orthogonal"])
+@pytest.mark.parametrize("gamma", [1.01, None])
+@pytest.mark.parametrize("scale", [0.25, 1.0])
+def test_fira_closed_form_equals_two_lift_formula(mode: str, gamma: float | None, scale: float) -> None:
+    a, b = _params(), _params()
+    grads = _grads(a, 6)
+    kw = {"fira_residual": mode, "limiter_gamma": gamma, "scale": scale}
+    oa, ob = _make("fira", a, True, **kw), _make("fira", b, False, **kw)
+    _run(oa, a, grads)
+    _run(ob, b, grads)
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+    _close_states(oa, ob, atol=1e-5)
+
+
+def test_batched_resume_from_per_matrix_checkpoint_is_bit_exact() -> None:
+    """A checkpoint written by the per-matrix path loads into the batched engine and continues exactly like
+    the batched run that wrote the same checkpoint (the state format does not depend on batching)."""
+    base = _params()
+    grads = _grads(base, 8)
+    ref = _make("fira", base, False)
+    _run(ref, base, grads[:4])
+    sd = roundtrip(ref.state_dict())
+    runs = []
+    for _ in range(2):
+        ps = [nn.Parameter(p.detach().clone()) for p in base]
+        opt = _make("fira", ps, True)
+        opt.load_state_dict(sd)
+        _run(opt, ps, grads[4:])
+        runs.append((ps, opt))
+    (pa, oa), (pb, ob) = runs
+    for p, q in zip(pa, pb, strict=True):
+        assert torch.equal(p, q)
+    assert_same_state(oa, ob)
+
+
+def _spy(fn, name: str, log: list[str]):
+    def wrapper(*args, **kwargs):
+        log.append(name)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("name,extra", [("galore_adamw", {}), ("fira", {}), ("coap", {}),
+                                        ("online_subspace_descent", {}), ("flora", {"inner": "adam"})])
+def test_steady_step_builds_no_tensor_from_python_scalars(name: str, extra: dict, monkeypatch) -> None:
+    """In a steady step: scalar-built tensors do not grow with the number of parameters (step counts are shared
+    per device and value), and the only host read of a tensor is the non-finite check."""
+    counts = {}
+    for n_extra in (0, 6):
+        params = _params()[:-1] + [nn.Parameter(torch.randn(24, 16)) for _ in range(n_extra)]
+        opt = lro.create_optimizer(name, [{"params": params, "rank": 4, "update_proj_gap": 1000}],
+                                   **({**CASES.get(name, {}), **extra} if not extra else {"lr": 1e-2, **extra}))
+        grads = _grads(params, 3)
+        _run(opt, params, grads[:2])
+        built: list[str] = []
+        reads: list[str] = []
+        for fn in ("tensor", "full", "as_tensor", "scalar_tensor"):
+            monkeypatch.setattr(torch, fn, _spy(getattr(torch, fn), fn, built))
+        for meth in ("item", "__bool__", "__float__", "__int__", "tolist"):
+            monkeypatch.setattr(torch.Tensor, meth, _spy(getattr(torch.Tensor, meth), meth, reads))
+        _run(opt, params, grads[2:])
+        monkeypatch.undo()
+        assert reads == ["__bool__"], reads
+        counts[n_extra] = len(built)
+    assert max(counts.values()) <= 2, counts  # one step tensor per device and step value, not per parameter
+
+
+def test_stagger_schedule_spreads_refreshes() -> None:
+    gap, count = 8, 5
+    phases = [stagger_phase(i, count, gap) for i in range(count)]
+    assert phases == [0, 1, 3, 4, 6]
+    for phase in phases:  # each matrix refreshes exactly once per period, never at step 0
+        due = [s for s in range(1, 4 * gap + 1) if refresh_due(s, gap, phase)]
+        assert all(b - a == gap for a, b in itertools.pairwise(due))
+        assert len(due) == 4 and due[0] == (phase or gap)
+
+
+def test_staggered_refresh_in_the_engine() -> None:
+    """With refresh_stagger each matrix refreshes every update_proj_gap steps at its own phase."""
+    params = _params()
+    opt = _make("galore_adamw", params, True, refresh_stagger=True)
+    seen: dict[int, list[int]] = {}
+    grads = _grads(params, 9)
+    for t, step in enumerate(grads, start=1):
+        _run(opt, params, [step])
+        mats = []
+        for p in params[:-1]:
+            st = opt.state[p]
+            mats += st.get("matrices", [st])
+        for i, st in enumerate(mats):
+            seen.setdefault(i, [])
+            if st["projector"]["refresh"] > len(seen[i]):
+                seen[i].append(t - 1)  # the refresh happens before step t's update (state["step"] == t - 1)
+    count = len(seen)
+    assert count == 9
+    for i, steps in seen.items():
+        phase = stagger_phase(i, count, 3)
+        assert steps == [s for s in range(1, 9) if refresh_due(s, 3, phase)], (i, steps)
+    assert len({tuple(v) for v in seen.values()}) == 3  # three phases in a period of 3
