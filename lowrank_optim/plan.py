@@ -104,9 +104,12 @@ class Planner:
         return nd_kind(group, p) is not None
 
     def kind(self, group: Group, p: torch.Tensor) -> str | None:
-        """``p``'s kind if it is projected in ``group`` (``None``: plain)."""
-        kind = nd_kind(group, p)
-        return kind if kind is not None and self.targeted(group, p) else None
+        """``p``'s kind if it is projected in ``group`` (``None``: plain). The group's ``target_modules`` are
+        resolved (and a selected tensor that cannot be projected, such as a 1-D shard named as a weight, refused)
+        before the shape is looked at."""
+        if group.get("rank") is None or not self.targeted(group, p):
+            return None
+        return nd_kind(group, p)
 
     def targeted(self, group: Group, p: torch.Tensor) -> bool:
         """Whether ``group["target_modules"]`` (if any) selects ``p``; resolved once, at the first use."""
