@@ -83,7 +83,8 @@ def apply_units(units: list[Unit], group: Group, parts: Parts) -> list[Unit]:
         update = d.num if d.den is None else d.num / d.den
         side = state["projector"]["side"]
         if fira:
-            fira_closed_form_step(target, u.grad, low, update, basis, side, d.coef, d.lr, state, group)
+            fira_closed_form_step(target, u.grad, low, update, basis, side, d.coef, d.lr, state, group,
+                                  proj.complement_floor(state["projector"]))
         elif update.numel():
             alpha = -d.coef * scale
             if side == LEFT:

@@ -195,3 +195,30 @@ def test_staggered_refresh_in_the_engine() -> None:
         phase = stagger_phase(i, count, 3)
         assert steps == [s for s in range(1, 9) if refresh_due(s, 3, phase)], (i, steps)
     assert len({tuple(v) for v in seen.values()}) == 3  # three phases in a period of 3
+
+
+@pytest.mark.parametrize("lr", [1e-2, 0.0])
+def test_fira_closed_form_floors_a_rounding_error_complement(lr: float) -> None:
+    """Gradients of rank below the projection's (a complement that is rounding error, zeroed by
+    Projector.residual) then full-rank ones: the closed form agrees with the per-matrix path, the limiter's
+    stored norm included (not armed on noise), and a zero-lr step leaves the same -1 placeholder."""
+    shapes = [(64, 48), (48, 64)]
+    runs = []
+    for batched in (True, False):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+        opt = lro.Fira([{"params": ps, "rank": 8}], lr=lr, fira_residual="orthogonal", update_proj_gap=1000)
+        opt.batched = batched
+        g = torch.Generator().manual_seed(1)
+        for t in range(6):
+            k = 4 if t < 3 else 32
+            for p in ps:
+                p.grad = torch.randn(p.shape[0], k, generator=g) @ torch.randn(k, p.shape[1], generator=g) / 100
+            opt.step()
+        runs.append((ps, opt))
+    (pa, oa), (pb, ob) = runs
+    for a, b in zip(pa, pb, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        na, nb = oa.state[a]["fira_residual_norm"], ob.state[b]["fira_residual_norm"]
+        torch.testing.assert_close(na, nb, atol=1e-6, rtol=1e-4)
+        assert float(na) == -1.0 if lr == 0.0 else float(na) > 1.0
