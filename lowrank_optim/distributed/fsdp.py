@@ -36,7 +36,7 @@ from ..projectors import PROJECTORS
 from ..projectors.base import LEFT, Projector, derive_seed
 from ..state import StateStore
 from . import comm
-from .shards import Layout, all_gather_cols, all_gather_rows, broadcast_from, gather_rows_to, layout, local
+from .shards import Layout, Split, all_gather_cols, all_gather_rows, broadcast_from, gather_rows_to, layout, local
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import LowRankOptimizer
@@ -88,12 +88,39 @@ def moment_layout(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor)
     return rule, tuple(p.shape), 0
 
 
-def local_store(store: StateStore, global_numel: int) -> StateStore:
-    """A store that quantizes a rank's chunk exactly when one process would quantize the whole moment
-    (the ``min_8bit_size`` rule applies to the whole tensor, never to a shard)."""
-    if store.dtype != "8bit":
-        return store
-    return StateStore("8bit", min_8bit_size=1 if store.quantized(global_numel) else 1 << 62)
+class ShardStore(StateStore):
+    """The group's store for one rank's chunks of a sharded parameter's moments.
+
+    It quantizes a chunk exactly when one process would quantize the whole moment (``min_8bit_size`` applies to
+    the whole tensor, never to a shard), and its ``save`` keys the stochastic rounding (bf16, 8-bit) by each
+    element's index in the whole moment (:class:`~.shards.Split`), so a chunk rounds as the whole moment would,
+    at any world size; 8-bit blocks are still the chunk's own.
+    """
+
+    def __init__(self, store: StateStore, global_numel: int | None, split: Split | None) -> None:
+        small = store.min_8bit_size
+        if store.dtype == "8bit" and global_numel is not None:
+            small = 1 if store.quantized(global_numel) else 1 << 62
+        super().__init__(store.dtype, min_8bit_size=small)
+        self.split = split
+
+    def save(self, state: dict, name: str, value: torch.Tensor, signed: bool = True, *,  # type: ignore[override]
+             origin: tuple[int, ...] | None = None, global_shape: tuple[int, ...] | None = None) -> None:
+        if origin is None and self.split is not None:
+            origin, global_shape = self.split.place(name, tuple(value.shape))
+        StateStore.save(state, name, value, signed, origin=origin, global_shape=global_shape)
+
+
+def local_store(store: StateStore, global_numel: int | None, split: Split | None = None) -> ShardStore:
+    """The :class:`ShardStore` of ``store`` for moments of ``global_numel`` elements in all (``None``: decide
+    by the chunk's own size) placed by ``split`` (``None``: whole on this rank)."""
+    return ShardStore(store, global_numel, split)
+
+
+def shard_split(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> Split:
+    """The :class:`~.shards.Split` of a sharded parameter's moments on this rank (after its state exists)."""
+    _, low, dim = moment_layout(opt, group, p)
+    return Split(dim, layout(p).rows(int(low[dim]))[0], tuple(int(s) for s in low))
 
 
 def _create(store: StateStore, state: dict, specs: list[Any], global_specs: list[Any], device: torch.device,
@@ -203,8 +230,9 @@ def _step_plain(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, l
             d = None
         else:
             d = rule.direction(grad, moments, step, group, target)
+    saver = local_store(store, None, Split(0, lay.rows(int(p.shape[0]))[0], tuple(int(d) for d in p.shape)))
     for s in specs:
-        store.save(state, s.name, moments[s.name], s.signed)
+        saver.save(state, s.name, moments[s.name], s.signed)
     state["step"], state["inner_step"] = state["step"] + 1, step
     if d is not None:
         if group["weight_decay"] != 0:
@@ -272,6 +300,8 @@ def _refreshed(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, in
 
 
 def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, index: int, lay: Layout) -> None:
+    from ..engine import PENDING
+
     proj, rule, residual, transfer, store = opt._parts(group)
     state = opt.state[p]
     m, n = int(p.shape[0]), int(p.shape[1])
@@ -284,6 +314,16 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
         _create(store, state, rule.moments(_low_shape(state["projector"], p.shape, lay), group),
                 rule.moments(_low_shape(state["projector"], p.shape, None), group), w.device,
                 derive_seed(group["seed"], index))
+        if grad.device.type != "meta" and not _any_nonzero(grad, lay):
+            state[PENDING] = 1  # as in one process: the subspace is chosen at the first nonzero gradient
+    elif PENDING in state:
+        if _any_nonzero(grad, lay):
+            del state[PENDING]
+            state["projector"], _, _ = _refreshed(opt, group, p, index, lay, None, full_old=False)
+            for spec, whole in zip(rule.moments(_low_shape(state["projector"], p.shape, lay), group),
+                                   rule.moments(_low_shape(state["projector"], p.shape, None), group), strict=True):
+                if tuple(state[spec.name].shape) != tuple(spec.shape):
+                    local_store(store, _numel(whole.shape)).create(state, spec.name, spec.shape, w.device)
     elif state["step"] % group["update_proj_gap"] == 0:
         old = state["projector"]
         linear = group["transfer"] == "linear" and "basis" in old
@@ -291,7 +331,7 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
         specs = rule.moments(_low_shape(new, p.shape, lay), group)
         whole = _numel(rule.moments(_low_shape(new, p.shape, None), group)[0].shape) if specs else 0
         transfer.apply(state, old_full if linear else old, new_full if linear else new, proj, specs,
-                       local_store(store, whole))
+                       local_store(store, whole, _split(new, p.shape, lay)))
         for spec in specs:
             if tuple(state[spec.name].shape) != tuple(spec.shape):
                 raise ValueError(f"Invalid transfer: {group['transfer']!r} kept moment {spec.name!r} of shape "
@@ -322,8 +362,9 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
     target = w if w.dtype == torch.float32 else w.float()
     with comm.sharded(spec):
         d = rule.direction(low, moments, inner_step, group, target)
+    saver = local_store(store, None, _split(pst, p.shape, lay))
     for s in specs:
-        store.save(state, s.name, moments[s.name], s.signed)
+        saver.save(state, s.name, moments[s.name], s.signed)
     state["step"], state["inner_step"] = step, inner_step
     if group["weight_decay"] != 0:
         target.mul_(1 - d.lr * group["weight_decay"])
@@ -342,6 +383,19 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
         target.sub_(extra)
     if target is not w:
         w.copy_(target)
+
+
+def _split(pst: dict[str, Any], shape: torch.Size, lay: Layout) -> Split:
+    """Where this rank's part of the low-rank gradient sits: rows of ``(m, r)`` (right) or columns of ``(r, n)``."""
+    whole = _low_shape(pst, shape, None)
+    dim = 1 if int(pst["side"]) == LEFT else 0
+    return Split(dim, lay.rows(whole[dim])[0], whole)
+
+
+def _any_nonzero(grad: torch.Tensor, lay: Layout) -> bool:
+    """Whether the whole gradient has a nonzero element (one MAX all-reduce of a flag)."""
+    flag = torch.tensor([1.0 if bool(grad.any()) else 0.0], dtype=torch.float32, device=grad.device)
+    return bool(comm.all_reduce_max(flag, lay.group).item() > 0)
 
 
 def _low_shape(pst: dict[str, Any], shape: torch.Size, lay: Layout | None) -> tuple[int, int]:

@@ -77,6 +77,8 @@ class APOLLOScaling(ResidualRule):
              lr: float = 1.0) -> torch.Tensor | None:
         eta = adam_step_size(lr, state, group)  # Adam's bias correction moves into the step size eta_t
         if eta == 0.0:
+            if group["limiter_gamma"] is not None:
+                reserve_limiter(state, grad.device)
             return None
         s = apollo_scaling(low_update, low_grad, int(proj_state.get("side", LEFT)), group["scale_type"])
         s.mul_(coef / eta)  # norms of coef * low_update / eta_t: the un-corrected Adam step R~
