@@ -3,9 +3,10 @@
 Two modes, chosen per parameter from its group's parts (:func:`mode`):
 
 * ``"sharded"``: basis projectors (``svd``, ``rsvd``, ``random``) with an inner rule that is elementwise or
-  asks :mod:`~lowrank_optim.distributed.comm` for its sums (``adam``, ``adafactor``, ``sgd``), the ``drop`` or
-  ``fira`` residual and the ``keep``, ``reset`` or ``linear`` transfer (GaLoreAdamW, GaLoreAdafactor, Fira,
-  Flora), and every plain parameter whose rule is one of those. Every state tensor is sharded:
+  asks :mod:`~lowrank_optim.distributed.comm` for its sums (``adam``, ``adafactor``, ``sgd``), the ``drop``,
+  ``fira`` or ``apollo`` residual and the ``keep``, ``reset`` or ``linear`` transfer (GaLoreAdamW,
+  GaLoreAdafactor, Fira, Flora, APOLLO, APOLLO-Mini), and every plain parameter whose rule is one of those.
+  Every state tensor is sharded:
 
   - right side (``m >= n`` under ``"std"``; basis ``Q``, ``n x r``): ``R_i = G_i Q`` and ``W_i -= N_i Q^T``
     are local; the moments are ``m_i x r`` row chunks; ``Q`` is kept as row chunks (``n`` split like ``m``)
@@ -13,11 +14,14 @@ Two modes, chosen per parameter from its group's parts (:func:`mode`):
   - left side (basis ``P``, ``m x r``, row chunks aligned with ``W_i``): ``R = sum_i P_i^T G_i`` is one
     all-reduce of ``r x n``; each rank runs the rule on its column chunk of ``R`` (moments ``r x n_j``),
     then one all-gather of the ``r x n`` step and ``W_i -= P_i N`` (the residual, if any, needs ``R`` and
-    ``N`` whole, which this gives);
+    ``N`` whole, which this gives; on the right side it sees their row chunks and completes its sums through
+    :mod:`~lowrank_optim.distributed.comm`);
   - refresh (SVD, rSVD): computed once per period on an owner rank (the parameter's index modulo the world
     size): one gather of the whole gradient to the owner, the projector's own ``init`` / ``update`` on it
     (so the basis is bit-identical to one process's, signs included), one broadcast of the basis; random
-    bases (Flora) are drawn from the same seed on every rank and need no traffic.
+    bases (Flora, APOLLO) are drawn from the same seed on every rank and need no traffic;
+  - a zero first gradient defers the subspace to the first nonzero one (``subspace_pending``), as in one
+    process; stochastic rounding of the stores is keyed by the global element index (:class:`ShardStore`).
 
 * ``"replicated"`` (every other combination: DCT, online PCA, COAP, FRUGAL's blocks, GUM's Muon, GaLore+'s
   sparse residual): the whole gradient and weight are all-gathered, the single-process step runs on them
@@ -44,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Parts the sharded mode implements; anything else runs replicated.
 SHARDED_PROJECTORS = ("svd", "rsvd", "random")
 SHARDED_RULES = ("adam", "adafactor", "sgd")
-SHARDED_RESIDUALS = ("drop", "fira")
+SHARDED_RESIDUALS = ("drop", "fira", "apollo")
 SHARDED_TRANSFERS = ("keep", "reset", "linear")
 
 #: Projectors whose state has no tensor and whose ``init`` / ``update`` read only the gradient's shape.
@@ -374,10 +378,12 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
     if side == LEFT:
         low_update = all_gather_cols(low_update, n, lay)  # N, (r, n)
         low = whole
-    if low_update.numel():
+    if low_update.numel() and not getattr(residual, "replaces_lift", False):  # APOLLO applies its own update
         _BASIS.add_back(target, low_update, view, alpha)
     ctx = {"coef": d.coef, "lr": d.lr} if getattr(residual, "wants_coef", False) else {}
-    with comm.sharded(comm.Sharding(lay.group, None, tuple(low.shape), m * n)):
+    # the residual sees R and N whole on the left side, as row chunks on the right
+    with comm.sharded(comm.Sharding(lay.group, None if side == LEFT else 0, (r, n) if side == LEFT else (m, r),
+                                    m * n)):
         extra = residual.step(grad, low, low_update, _BASIS, view, state, group, **ctx)
     if extra is not None:
         target.sub_(extra)

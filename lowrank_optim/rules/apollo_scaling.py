@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._validation import check_choice, check_number
+from ..distributed import comm
 from ..projectors.base import LEFT, Projector, ProjState
 from .base import Group, ResidualRule
 from .fira_residual import adam_step_size, limit_norm_growth, slice_scaling
@@ -32,8 +33,8 @@ def apollo_scaling(low_step: torch.Tensor, low_grad: torch.Tensor, side: int, sc
             ``(m, 1)``), i.e. per slice along the dimension the projection keeps (the paper's channels).
         scale_type: ``"channel"`` (APOLLO) or ``"tensor"`` (APOLLO-Mini: one factor, ``(1, 1)``).
     """
-    if scale_type == "tensor":
-        return (low_step.norm() / (low_grad.norm() + _TINY)).reshape(1, 1)
+    if scale_type == "tensor":  # norms of the whole R~, R when they are row shards (FSDP2)
+        return (comm.norm(low_step) / (comm.norm(low_grad) + _TINY)).reshape(1, 1)
     return slice_scaling(low_step, low_grad, side)
 
 
