@@ -16,7 +16,7 @@ from .._validation import check_choice, check_number
 from ..distributed import comm
 from ..projectors.base import LEFT, Projector, ProjState
 from .base import Group, ResidualRule
-from .fira_residual import adam_step_size, limit_norm_growth, slice_scaling
+from .fira_residual import adam_step_size, limit_norm_growth, reserve_limiter, slice_scaling
 
 SCALE_TYPES = ("channel", "tensor")
 _TINY = 1e-8  # guard of ||R|| in the scaling factor, as Fira's
