@@ -36,6 +36,8 @@ from helpers import rendezvous
 
 TIMEOUT_S = 300
 CORE = ("galore_adamw", "fira", "flora")
+#: Further presets whose state is sharded (APOLLO's residual on a seeded basis; FRUGAL's row-local blocks).
+SHARDED_MORE = ("apollo", "apollo_mini", "frugal")
 #: Presets whose update is continuous in the gradient (no sign / top-k / random layer draw of it): they also
 #: run through a real model, whose reduce-scattered gradients differ from one process's in the last bits.
 CONTINUOUS = ("galore_adamw", "fira", "flora", "galore_adafactor")
@@ -114,10 +116,11 @@ PARITY_2 = (_cases([*lro.available_optimizers(), "galore_adafactor+relative"], (
             + _cases(CORE, ("bf16", "8bit"), "synthetic")
             + _cases(CONTINUOUS, ("fp32",), "model")
             + _cases(("galore_adamw", "fira"), ("fp32",), "zerofirst"))
-#: Sharded presets in every store; replicated ones whose state changes shape (FRUGAL's blocks, in 8-bit; GUM's
-#: full-rank draw) or gains a key after the first step (APOLLO's limiter norm).
+#: Sharded presets in every store; presets whose state changes shape (FRUGAL's blocks, GUM's full-rank draw) or
+#: gains a key after the first step (APOLLO's limiter norm).
 CHECKPOINT = (_cases(CORE, ("fp32",), "synthetic") + _cases(("galore_adamw",), ("bf16", "8bit"), "synthetic")
-              + [("frugal", "8bit", "synthetic"), ("gum", "bf16", "synthetic"), ("apollo", "fp32", "synthetic")])
+              + _cases(("frugal",), ("fp32", "8bit"), "synthetic")
+              + [("gum", "bf16", "synthetic"), ("apollo", "fp32", "synthetic")])
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +152,7 @@ def test_state_bytes_divide(two_ranks: tuple[dict[str, Any], Path]) -> None:
     """Per-rank state of the sharded presets is about half of the job's total (bases included), and the job's
     total equals one process's state bytes up to the few replicated vectors (Adafactor's column statistics)."""
     result = two_ranks[0]["parity"]
-    for name in CORE:
+    for name in (*CORE, *SHARDED_MORE):
         got = result[f"{name}/fp32/synthetic"]
         model = worker.make_model()
         opt = worker.build(name, model, "fp32")
@@ -210,9 +213,10 @@ def test_checkpoint_two_ranks_to_one_process(two_ranks: tuple[dict[str, Any], Pa
 @pytest.mark.slow
 def test_four_ranks(two_ranks: tuple[dict[str, Any], Path]) -> None:
     """4 ranks (two of them hold no row of the 2-row matrix): the 2-rank checkpoint resharded to 4 continues
-    within 1e-6; parity with one process; per-rank state <= 0.30 of one process's for GaLore, Fira, Flora."""
+    within 1e-6; parity with one process; per-rank state <= 0.30 of one process's for GaLore, Fira, Flora, APOLLO
+    and FRUGAL."""
     saved, out = two_ranks
-    cases = _cases(CORE, ("fp32",), "synthetic")
+    cases = _cases((*CORE, "apollo", "frugal"), ("fp32",), "synthetic")
     result = launch(4, [("checkpoint_load", CHECKPOINT), ("parity", cases)], out)
     for key, got in result["checkpoint_load"].items():
         # fp32: the issue's 1e-6. bf16's stochastic rounding is keyed by each element's index in the whole
@@ -224,10 +228,12 @@ def test_four_ranks(two_ranks: tuple[dict[str, Any], Path]) -> None:
     failures = check_parity(result["parity"], 4)
     assert not failures, "\n".join(failures)
     shapes = {n: tuple(p.shape) for n, p in worker.make_model().named_parameters()}
-    for name in CORE:
+    for name in (*CORE, "apollo", "frugal"):
         got = result["parity"][f"{name}/fp32/synthetic"]
         single = saved["parity"][f"{name}/fp32/synthetic"]["global_bytes"]
         assert got["bytes"] <= 0.30 * single, (name, got["bytes"], single)
+        if name not in CORE:
+            continue
         # the planner's closed form per rank agrees with rank 0's measured bytes (chunks here are nearly even)
         plan = lro.plan_memory(shapes, name, rank=worker.RANK, state_dtype="fp32", weight_dtype="fp32",
                                target_modules=["attn", "mlp"], shards=4)
@@ -251,6 +257,10 @@ def test_planner_shards() -> None:
     eight = lro.plan_memory("llama-60m", "galore_adamw", rank=128, state_dtype="8bit", shards=8)
     assert eight.weights == -(-one.weights // 8) and eight.gradients == -(-one.gradients // 8)
     assert all(eight.state[k] == -(-v // 8) for k, v in one.state.items())
+    for name in ("apollo", "frugal"):  # sharded too
+        one = lro.plan_memory("llama-60m", name, rank=128, state_dtype="8bit")
+        eight = lro.plan_memory("llama-60m", name, rank=128, state_dtype="8bit", shards=8)
+        assert all(eight.state[k] == -(-v // 8) for k, v in one.state.items()), name
     dct1 = lro.plan_memory("llama-60m", "dct_adamw", rank=128, state_dtype="8bit")
     dct8 = lro.plan_memory("llama-60m", "dct_adamw", rank=128, state_dtype="8bit", shards=8)
     assert dct8.state["low-rank moments"] == dct1.state["low-rank moments"]

@@ -26,6 +26,7 @@ layout, so a sharded 8-bit checkpoint loads in one process through a 1-rank mesh
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,9 +48,57 @@ PACKED = "moments_packed"
 
 
 def _variable(opt: LowRankOptimizer, group: dict[str, Any]) -> bool:
-    """Whether the group's projector changes the moments' shape on a refresh (FRUGAL's blocks, GUM's draw)."""
+    """Whether the group's projector changes the moments' shape on a refresh (GUM's draw; FRUGAL's blocks are
+    widened instead, see :func:`_widen`)."""
+    from .fsdp import elementwise
+
     proj = opt._parts(group)[0]
-    return proj is not None and not proj.fixed_low_shape
+    return proj is not None and not proj.fixed_low_shape and not elementwise(proj)
+
+
+def _rows_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The shape of this rank's rows of ``p`` (``p``'s shape when it is not a ``DTensor``)."""
+    return tuple(int(s) for s in (p.to_local() if is_dtensor(p) else p).shape)
+
+
+def _widen(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> dict[str, Any]:
+    """The state of an elementwise projector's parameter (FRUGAL's blocks: moments of the tensor's shape when
+    active, empty when not) with every moment at the widest shape, zero when empty, so its keys and shapes do
+    not depend on which blocks are active (``torch.distributed.checkpoint`` checks shapes); :func:`_narrow`
+    empties them again on load, from the loaded projector state."""
+    from .fsdp import local_store
+
+    proj, rule, _, _, store = opt._parts(group)
+    widest = tuple(int(s) for s in proj.low_shape(_rows_shape(p)))
+    whole = 1
+    for s_ in proj.low_shape(p.shape):
+        whole *= int(s_)
+    st = dict(st)
+    for spec in rule.moments(widest, group):
+        t = st.get(spec.name)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) == tuple(spec.shape):
+            continue
+        zero: dict[str, Any] = {}
+        local_store(store, whole).create(zero, spec.name, spec.shape, t.device)
+        st.pop(spec.name + ABSMAX, None)
+        st.update(zero)
+    return st
+
+
+def _narrow(opt: LowRankOptimizer) -> None:
+    """Empties, after a load, the widened moments (:func:`_widen`) of every block the loaded state says is
+    inactive."""
+    from .fsdp import elementwise
+
+    for group, p in _group_of(opt):
+        st = opt.state.get(p)
+        proj, rule, _, _, store = opt._parts(group)
+        if not st or "projector" not in st or not elementwise(proj):
+            continue
+        for spec in rule.moments(tuple(int(s) for s in proj.low_shape(_rows_shape(p), st["projector"])), group):
+            t = st.get(spec.name)
+            if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(spec.shape) and not math.prod(spec.shape):
+                store.create(st, spec.name, spec.shape, t.device)
 
 
 def _envelope(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> tuple[list[Any], int]:
@@ -127,9 +176,10 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
     ``subspace_pending`` present (0 or 1) in every low-rank parameter's state, so that the set of keys never
     depends on whether a subspace is still pending (``torch.distributed.checkpoint`` loads by keys and checks
     shapes). For the same reason, a projector whose moments change shape on a refresh (``fixed_low_shape``
-    false: FRUGAL's blocks, GUM's full-rank draw) has each moment packed into a ``uint8`` buffer of the size its
-    widest shape takes (``moments_packed = 1``), unpacked bit-exactly on load."""
-    from .fsdp import mode, moment_layout
+    false: GUM's full-rank draw) has each moment packed into a ``uint8`` buffer of the size its widest shape takes
+    (``moments_packed = 1``), unpacked bit-exactly on load; FRUGAL's blocks (a moment is the tensor's shape or
+    empty) export empty moments as zeros of the tensor's shape, emptied again on load."""
+    from .fsdp import elementwise, mode, moment_layout
 
     state_dict = {**state_dict, "state": _with_pending(state_dict["state"])}
     pairs = _group_of(opt)
@@ -138,6 +188,8 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
         group, p = pairs[idx]
         if isinstance(st, dict) and "projector" in st and _variable(opt, group):
             st = _pack(st, *_envelope(opt, group, p))
+        elif isinstance(st, dict) and "projector" in st and elementwise(opt._parts(group)[0]):
+            st = _widen(opt, group, p, st)
         packed[idx] = st
     state_dict = {**state_dict, "state": packed}
     if not any(is_dtensor(p) for _, p in pairs):
@@ -231,6 +283,7 @@ def requantize(opt: LowRankOptimizer) -> None:
     Whether a moment is quantized follows the whole moment's size, as in one process."""
     from .fsdp import local_store, mode, moment_layout, shard_split
 
+    _narrow(opt)
     for group, p in _group_of(opt):
         st = opt.state.get(p)
         store = opt._parts(group)[4]

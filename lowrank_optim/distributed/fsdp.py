@@ -5,8 +5,9 @@ Two modes, chosen per parameter from its group's parts (:func:`mode`):
 * ``"sharded"``: basis projectors (``svd``, ``rsvd``, ``random``) with an inner rule that is elementwise or
   asks :mod:`~lowrank_optim.distributed.comm` for its sums (``adam``, ``adafactor``, ``sgd``), the ``drop``,
   ``fira`` or ``apollo`` residual and the ``keep``, ``reset`` or ``linear`` transfer (GaLoreAdamW,
-  GaLoreAdafactor, Fira, Flora, APOLLO, APOLLO-Mini), and every plain parameter whose rule is one of those.
-  Every state tensor is sharded:
+  GaLoreAdafactor, Fira, Flora, APOLLO, APOLLO-Mini), FRUGAL's blocks with a state-free residual and a
+  resetting transfer (row-local: :func:`_step_elementwise`), and every plain parameter whose rule is one of
+  those. Every state tensor is sharded:
 
   - right side (``m >= n`` under ``"std"``; basis ``Q``, ``n x r``): ``R_i = G_i Q`` and ``W_i -= N_i Q^T``
     are local; the moments are ``m_i x r`` row chunks; ``Q`` is kept as row chunks (``n`` split like ``m``)
@@ -23,8 +24,7 @@ Two modes, chosen per parameter from its group's parts (:func:`mode`):
   - a zero first gradient defers the subspace to the first nonzero one (``subspace_pending``), as in one
     process; stochastic rounding of the stores is keyed by the global element index (:class:`ShardStore`).
 
-* ``"replicated"`` (every other combination: DCT, online PCA, COAP, FRUGAL's blocks, GUM's Muon, GaLore+'s
-  sparse residual): the whole gradient and weight are all-gathered, the single-process step runs on them
+* ``"replicated"`` (every other combination: DCT, online PCA, COAP, GUM's Muon, GaLore+'s sparse residual): the whole gradient and weight are all-gathered, the single-process step runs on them
   with replicated state, and each rank keeps its rows. Exact, but the state is not divided.
 """
 
@@ -53,6 +53,12 @@ SHARDED_TRANSFERS = ("keep", "reset", "linear")
 
 #: Projectors whose state has no tensor and whose ``init`` / ``update`` read only the gradient's shape.
 SEEDED_PROJECTORS = ("random",)
+#: Projectors whose subspace is all of a tensor or nothing (FRUGAL's blocks): ``project``, the lift and the
+#: complement act on a rank's rows alone, and their state is ints (from the shape and the group's layout), so
+#: they run on every rank; with a state-free residual and a resetting transfer the whole step is row-local.
+ELEMENTWISE_PROJECTORS = ("blocks",)
+ELEMENTWISE_RESIDUALS = ("drop", "sign", "sgd")
+ELEMENTWISE_TRANSFERS = ("reset", "reset_on_change")
 
 _BASIS = Projector(rank=1)  # the base class's matrix products on an explicit ``basis`` (a view of a shard)
 
@@ -66,10 +72,24 @@ def mode(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> str:
     if not _lowrank(opt, group, p):
         plain = group.get("plain_inner") or group["inner"]
         return "sharded" if plain in SHARDED_RULES else "replicated"
-    ok = (proj.name in SHARDED_PROJECTORS and type(proj) is PROJECTORS.get(proj.name)
-          and group["inner"] in SHARDED_RULES and group["residual"] in SHARDED_RESIDUALS
-          and group["transfer"] in SHARDED_TRANSFERS)
+    ok = type(proj) is PROJECTORS.get(proj.name) and sharded_parts(proj.name, group["inner"], group["residual"],
+                                                                   group["transfer"])
     return "sharded" if ok else "replicated"
+
+
+def sharded_parts(projector: str, inner: str, residual: str, transfer: str) -> bool:
+    """Whether a projected matrix with these parts (registry names) runs in the sharded mode (the memory planner
+    asks too)."""
+    if inner not in SHARDED_RULES:
+        return False
+    if projector in ELEMENTWISE_PROJECTORS:
+        return residual in ELEMENTWISE_RESIDUALS and transfer in ELEMENTWISE_TRANSFERS
+    return projector in SHARDED_PROJECTORS and residual in SHARDED_RESIDUALS and transfer in SHARDED_TRANSFERS
+
+
+def elementwise(proj: Projector | None) -> bool:
+    """Whether ``proj`` is one of :data:`ELEMENTWISE_PROJECTORS` (its own class, not a subclass)."""
+    return proj is not None and proj.name in ELEMENTWISE_PROJECTORS and type(proj) is PROJECTORS.get(proj.name)
 
 
 def _lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> bool:
@@ -80,7 +100,9 @@ def moment_layout(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor)
                                                                                      int]:
     """``(rule, global shape, split axis)`` of the tensor the inner rule of a sharded parameter sees: the
     low-rank gradient (``(m, r)`` split along 0, or ``(r, n)`` along 1) or the parameter (along 0)."""
-    _, rule, _, _, _ = opt._parts(group)
+    proj, rule, _, _, _ = opt._parts(group)
+    if _lowrank(opt, group, p) and elementwise(proj):  # the widest shape (an inactive block's moments are empty)
+        return rule, tuple(int(s) for s in proj.low_shape(p.shape)), 0
     if _lowrank(opt, group, p):
         pst = opt.state[p]["projector"]
         r, m, n = int(pst["rank"]), int(p.shape[0]), int(p.shape[1])
@@ -266,14 +288,15 @@ def _refreshed(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, in
     proj = opt._parts(group)[0]
     m = int(p.shape[0])
     seed = derive_seed(group["seed"], index)
-    if proj.name in SEEDED_PROJECTORS:
+    if proj.name in SEEDED_PROJECTORS or elementwise(proj):
         shape_only = torch.empty(tuple(p.shape), dtype=torch.float32, device="meta")
+        ctx = {"layout": opt._layout(group, p)} if getattr(proj, "wants_layout", False) else {}
         if old is None:
             REFRESH_CALLS["init"] += 1
-            new = proj.init(shape_only, seed=seed)
+            new = proj.init(shape_only, seed=seed, **ctx)
         else:
             REFRESH_CALLS["update"] += 1
-            new = proj.update(shape_only, old)
+            new = proj.update(shape_only, old, **ctx)
         return new, new, old
     own = owner(index, lay.world)
     with comm.phase("refresh"):
@@ -315,8 +338,8 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
     if not state:
         state["step"], state["inner_step"] = 0, 0
         state["projector"], _, _ = _refreshed(opt, group, p, index, lay, None, full_old=False)
-        _create(store, state, rule.moments(_low_shape(state["projector"], p.shape, lay), group),
-                rule.moments(_low_shape(state["projector"], p.shape, None), group), w.device,
+        _create(store, state, rule.moments(_low_shape(state["projector"], p.shape, lay, proj), group),
+                rule.moments(_low_shape(state["projector"], p.shape, None, proj), group), w.device,
                 derive_seed(group["seed"], index))
         if grad.device.type != "meta" and not _any_nonzero(grad, lay):
             state[PENDING] = 1  # as in one process: the subspace is chosen at the first nonzero gradient
@@ -324,24 +347,28 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
         if _any_nonzero(grad, lay):
             del state[PENDING]
             state["projector"], _, _ = _refreshed(opt, group, p, index, lay, None, full_old=False)
-            for spec, whole in zip(rule.moments(_low_shape(state["projector"], p.shape, lay), group),
-                                   rule.moments(_low_shape(state["projector"], p.shape, None), group), strict=True):
+            pst = state["projector"]
+            for spec, whole in zip(rule.moments(_low_shape(pst, p.shape, lay, proj), group),
+                                   rule.moments(_low_shape(pst, p.shape, None, proj), group), strict=True):
                 if tuple(state[spec.name].shape) != tuple(spec.shape):
                     local_store(store, _numel(whole.shape)).create(state, spec.name, spec.shape, w.device)
     elif state["step"] % group["update_proj_gap"] == 0:
         old = state["projector"]
         linear = group["transfer"] == "linear" and "basis" in old
         new, new_full, old_full = _refreshed(opt, group, p, index, lay, old, full_old=linear)
-        specs = rule.moments(_low_shape(new, p.shape, lay), group)
-        whole = _numel(rule.moments(_low_shape(new, p.shape, None), group)[0].shape) if specs else 0
+        specs = rule.moments(_low_shape(new, p.shape, lay, proj), group)
+        whole = _numel(rule.moments(_low_shape(new, p.shape, None, proj), group)[0].shape) if specs else 0
         transfer.apply(state, old_full if linear else old, new_full if linear else new, proj, specs,
-                       local_store(store, whole, _split(new, p.shape, lay)))
+                       local_store(store, whole, _split(new, p.shape, lay, proj)))
         for spec in specs:
             if tuple(state[spec.name].shape) != tuple(spec.shape):
                 raise ValueError(f"Invalid transfer: {group['transfer']!r} kept moment {spec.name!r} of shape "
                                  f"{tuple(state[spec.name].shape)} but the new subspace needs {tuple(spec.shape)}")
         state["projector"] = new
     pst = state["projector"]
+    if elementwise(proj):
+        _step_elementwise(opt, group, p, lay, state, w, grad)
+        return
     side, r = int(pst["side"]), int(pst["rank"])
     offset, size = lay.rows(m)
     if proj.name in SEEDED_PROJECTORS:
@@ -366,7 +393,7 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
     target = w if w.dtype == torch.float32 else w.float()
     with comm.sharded(spec):
         d = rule.direction(low, moments, inner_step, group, target)
-    saver = local_store(store, None, _split(pst, p.shape, lay))
+    saver = local_store(store, None, _split(pst, p.shape, lay, proj))
     for s in specs:
         saver.save(state, s.name, moments[s.name], s.signed)
     state["step"], state["inner_step"] = step, inner_step
@@ -391,10 +418,44 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
         w.copy_(target)
 
 
-def _split(pst: dict[str, Any], shape: torch.Size, lay: Layout) -> Split:
-    """Where this rank's part of the low-rank gradient sits: rows of ``(m, r)`` (right) or columns of ``(r, n)``."""
-    whole = _low_shape(pst, shape, None)
-    dim = 1 if int(pst["side"]) == LEFT else 0
+def _step_elementwise(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, lay: Layout, state: dict,
+                      w: torch.Tensor, grad: torch.Tensor) -> None:
+    """The step of an elementwise projector (FRUGAL's blocks) on this rank's rows: the rule on ``project(G_i)``
+    (``G_i`` itself for an active block, nothing for an inactive one), the lift, and the state-free residual on
+    the complement, all local."""
+    proj, rule, residual, _, store = opt._parts(group)
+    pst = state["projector"]
+    m, n = int(p.shape[0]), int(p.shape[1])
+    low = proj.project(grad, pst)
+    step, inner_step = state["step"] + 1, state["inner_step"] + 1
+    specs = rule.moments(tuple(low.shape), group)
+    moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
+    target = w if w.dtype == torch.float32 else w.float()
+    whole = tuple(int(s) for s in proj.low_shape(p.shape, pst))
+    with comm.sharded(comm.Sharding(lay.group, 0, whole, m * n)):
+        d = rule.direction(low, moments, inner_step, group, target)
+    saver = local_store(store, None, _split(pst, p.shape, lay, proj))
+    for s in specs:
+        saver.save(state, s.name, moments[s.name], s.signed)
+    state["step"], state["inner_step"] = step, inner_step
+    if group["weight_decay"] != 0:
+        target.mul_(1 - d.lr * group["weight_decay"])
+    low_update = d.num if d.den is None else d.num / d.den
+    if low_update.numel():
+        proj.add_back(target, low_update, pst, -d.coef * group["scale"])
+    with comm.sharded(comm.Sharding(lay.group, 0, (m, n), m * n)):
+        extra = residual.step(grad, low, low_update, proj, pst, state, group)
+    if extra is not None:
+        target.sub_(extra)
+    if target is not w:
+        w.copy_(target)
+
+
+def _split(pst: dict[str, Any], shape: torch.Size, lay: Layout, proj: Projector | None = None) -> Split:
+    """Where this rank's part of the low-rank gradient sits: rows of ``(m, r)`` (right) or columns of ``(r, n)``
+    (an elementwise projector: rows of its own shape)."""
+    whole = _low_shape(pst, shape, None, proj)
+    dim = 0 if elementwise(proj) or int(pst["side"]) != LEFT else 1
     return Split(dim, lay.rows(whole[dim])[0], whole)
 
 
@@ -404,17 +465,21 @@ def _any_nonzero(grad: torch.Tensor, lay: Layout) -> bool:
     return bool(comm.all_reduce_max(flag, lay.group).item() > 0)
 
 
-def _low_shape(pst: dict[str, Any], shape: torch.Size, lay: Layout | None) -> tuple[int, int]:
+def _low_shape(pst: dict[str, Any], shape: torch.Size, lay: Layout | None,
+               proj: Projector | None = None) -> tuple[int, ...]:
     """This rank's part of the low-rank gradient: ``(m_i, r)`` on the right side, ``(r, n_j)`` on the left
-    (``lay`` None: the whole ``(m, r)`` or ``(r, n)``)."""
+    (``lay`` None: the whole ``(m, r)`` or ``(r, n)``); an elementwise projector's own shape of the rank's rows."""
+    if elementwise(proj):
+        rows = lay.rows(int(shape[0]))[1] if lay is not None else int(shape[0])
+        return tuple(int(s) for s in proj.low_shape((rows, *tuple(shape)[1:]), pst))
     r = int(pst["rank"])
     if int(pst["side"]) == LEFT:
         return r, (lay.rows(int(shape[1]))[1] if lay is not None else int(shape[1]))
     return (lay.rows(int(shape[0]))[1] if lay is not None else int(shape[0])), r
 
 
-__all__ = ["REFRESH_CALLS", "SHARDED_PROJECTORS", "SHARDED_RESIDUALS", "SHARDED_RULES", "SHARDED_TRANSFERS",
-           "divide_refresh", "mode", "once", "owner", "step_param"]
+__all__ = ["ELEMENTWISE_PROJECTORS", "REFRESH_CALLS", "SHARDED_PROJECTORS", "SHARDED_RESIDUALS", "SHARDED_RULES",
+           "SHARDED_TRANSFERS", "divide_refresh", "elementwise", "mode", "once", "owner", "sharded_parts", "step_param"]
 
 
 def agree_finite(finite: bool, params: list[torch.Tensor]) -> bool:
