@@ -146,6 +146,12 @@ def test_sharded_refresh_runs_once_per_job(two_ranks: tuple[dict[str, Any], Path
     for name in ("dct_adamw", "coap", "online_subspace_descent"):
         calls = result[f"{name}/fp32/synthetic"]["calls"]
         assert calls["engine"] == 3 * N_LOWRANK and calls["init"] == 0, (name, calls)
+    # every preset: 3 refreshes per matrix in the job; the projectors whose state is ints or a seeded draw (Flora's
+    # and APOLLO's random bases, FRUGAL's blocks) compute them on every rank, without traffic
+    seeded = ("flora", "apollo", "apollo_mini", "frugal")
+    for name in lro.available_optimizers():
+        calls = result[f"{name}/fp32/synthetic"]["calls"]
+        assert sum(calls.values()) == 3 * N_LOWRANK * (2 if name in seeded else 1), (name, calls)
 
 
 def test_state_bytes_divide(two_ranks: tuple[dict[str, Any], Path]) -> None:
