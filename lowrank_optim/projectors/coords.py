@@ -32,6 +32,7 @@ class CoordinateProjector(Projector):
     supports_lazy = False
     choice: ClassVar[str] = "columns"
     orthonormal = True  # coordinate vectors: the complement zeroes the kept coordinates exactly
+    exact_complement = True
     indexed = True
 
     def __init__(self, rank: int, side: str = "std", *, density: float | None = None) -> None:
