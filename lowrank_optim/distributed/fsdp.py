@@ -24,8 +24,9 @@ Two modes, chosen per parameter from its group's parts (:func:`mode`):
   - a zero first gradient defers the subspace to the first nonzero one (``subspace_pending``), as in one
     process; stochastic rounding of the stores is keyed by the global element index (:class:`ShardStore`).
 
-* ``"replicated"`` (every other combination: DCT, online PCA, COAP, GUM's Muon, GaLore+'s sparse residual): the whole gradient and weight are all-gathered, the single-process step runs on them
-  with replicated state, and each rank keeps its rows. Exact, but the state is not divided.
+* ``"replicated"`` (every other combination: DCT, online PCA, COAP, GUM's Muon, GaLore+'s sparse residual):
+  the whole gradient and weight are all-gathered, the single-process step runs on them with replicated state,
+  and each rank keeps its rows. Exact, but the state is not divided.
 """
 
 from __future__ import annotations
