@@ -137,14 +137,12 @@ def _unpack(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, st: d
     """The inverse of :func:`_pack`: each buffer read back as the moment of the shape the loaded projector state
     gives (bit-exact, any store)."""
     proj, rule, _, _, store = opt._parts(group)
-    shape = tuple(proj.low_shape(p.shape, st["projector"]))
-    numel = 1
-    for s in shape:
-        numel *= int(s)
     st = {k: v for k, v in st.items() if k != PACKED}
-    for spec in rule.moments(shape, group):
+    for spec in rule.moments(tuple(proj.low_shape(p.shape, st["projector"])), group):
         if spec.name not in st:
             continue
+        shape = tuple(int(s) for s in spec.shape)
+        numel = math.prod(shape)
         buf = st[spec.name]
         if store.quantized(numel):
             st[spec.name] = buf[:numel].clone().view(shape)
