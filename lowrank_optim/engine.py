@@ -241,6 +241,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """Whether ``p``'s shape takes the low-rank path in ``group`` (before ``target_modules``)."""
         return Planner.is_lowrank(group, p)
 
+    def _layout(self, group: dict[str, Any], p: torch.Tensor) -> tuple[int, int, int]:
+        """``(position, count, group seed)`` of ``p`` among the group's projected matrices
+        (:meth:`lowrank_optim.plan.Planner.layout`; FSDP2's row-local projectors ask for it)."""
+        return self._planner.layout(group, p)
+
     def _targeted(self, group: dict[str, Any], p: torch.Tensor) -> bool:
         """Whether ``group["target_modules"]`` (if any) selects ``p`` (:meth:`lowrank_optim.plan.Planner.targeted`)."""
         return self._planner.targeted(group, p)

@@ -141,6 +141,7 @@ class DCTProjector(Projector):
 
     name = "dct"
     orthonormal = True  # columns of the orthonormal DCT-II matrix
+    dominant = True
     indexed = True
     #: indices, no stored basis: neither a quantized basis nor lazy refresh applies
     basis_dtypes = ("fp32",)

@@ -66,6 +66,7 @@ class GUMProjector(Projector):
     supports_lazy = False
     wants_layout = True
     orthonormal = True
+    dominant = True
     #: ``project`` is weighted and the full branch works at full size: no matrix map, no fixed low shape.
     matrix_map = False
     fixed_low_shape = False

@@ -76,6 +76,7 @@ class RandomizedSVDProjector(Projector):
 
     name = "rsvd"
     orthonormal = True
+    dominant = True
 
     def orthonormal_basis(self, state: ProjState) -> bool:
         """The range finder's basis is the Q factor of a QR (or an eigenbasis): orthonormal."""
