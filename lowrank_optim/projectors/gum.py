@@ -59,8 +59,9 @@ class GUMProjector(Projector):
     covers_complement = True
 
     name = "gum"
-    #: every period redraws the full-rank branch too, so no refresh may be skipped
-    supports_lazy = False
+    lazy_refusal = ("every period redraws which matrices take the full-rank branch (exactly gamma of them, or each "
+                    "with probability q); a matrix that skipped the draw would break it and the 1/q, 1/(1-q) "
+                    "weights that make GUM's estimate unbiased")
     wants_layout = True
     orthonormal = True
     #: ``project`` is weighted and the full branch works at full size: no matrix map, no fixed low shape.
