@@ -159,10 +159,12 @@ def parity(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: st
     return out
 
 
-def main(rank: int, world: int, port: int, jobs: list[tuple[str, list[Any]]], out_dir: str) -> None:
+def main(rank: int, world: int, init_method: str, jobs: list[tuple[str, list[Any]]], out_dir: str) -> None:
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(__file__))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    from helpers import end_process_group
+
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
         result = {job: JOBS[job](cases, rank, world, out_dir) for job, cases in jobs}
@@ -172,7 +174,7 @@ def main(rank: int, world: int, port: int, jobs: list[tuple[str, list[Any]]], ou
         Path(out_dir, f"error-{world}-{rank}.txt").write_text(traceback.format_exc())
         raise
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 JOBS: dict[str, Any] = {"parity": parity}

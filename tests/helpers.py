@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
+import os
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -152,3 +156,24 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(old)
+
+
+def rendezvous(directory: str | os.PathLike[str]) -> str:
+    """A fresh ``file://`` init method for ``dist.init_process_group`` in ``directory``.
+
+    A file store has no server thread and no port: a ``tcp://`` port picked free in the parent can be taken by
+    another test's gloo sockets (pytest-xdist runs the distributed tests side by side) before rank 0 binds it.
+    """
+    path = Path(directory) / f"rendezvous-{uuid.uuid4().hex}"
+    return f"file://{path}"
+
+
+def end_process_group() -> None:
+    """Leave the process group together: a barrier first, so no rank tears down gloo while a peer still talks."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.barrier()
+        gc.collect()  # DDP reducers and FSDP hooks that still hold the group go before it
+        dist.destroy_process_group()

@@ -16,7 +16,6 @@ in time; the single-process references run here. What is checked:
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import lowrank_optim as lro
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fsdp2_worker as worker
+from helpers import rendezvous
 
 TIMEOUT_S = 300
 CORE = ("galore_adamw", "fira", "flora")
@@ -43,14 +43,8 @@ N_LOWRANK = 4
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, jobs: list[tuple[str, list[Any]]], out: Path) -> dict[str, Any]:
-    ctx = mp.start_processes(worker.main, args=(world, _free_port(), jobs, str(out)), nprocs=world, join=False,
+    ctx = mp.start_processes(worker.main, args=(world, rendezvous(out), jobs, str(out)), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:

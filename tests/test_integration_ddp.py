@@ -16,7 +16,6 @@ import datetime
 import hashlib
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import lowrank_optim as lro
+
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import rendezvous
 
 STEPS = 20
 WORLD = 2
@@ -94,10 +96,12 @@ def _fsdp_refused() -> list[str]:
     return messages
 
 
-def _worker(rank: int, port: int, names: list[str], out: str) -> None:
+def _worker(rank: int, init_method: str, names: list[str], out: str) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
+    from helpers import end_process_group
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
         result: dict[str, Any] = {}
@@ -113,19 +117,13 @@ def _worker(rank: int, port: int, names: list[str], out: str) -> None:
         if rank == 0:
             Path(out).write_text(json.dumps(gathered))
     finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        end_process_group()
 
 
 def test_replicas_stay_bit_identical(tmp_path: Path) -> None:
     names = lro.available_optimizers()
     out = tmp_path / "result.json"
-    ctx = mp.start_processes(_worker, args=(_free_port(), names, str(out)), nprocs=WORLD, join=False,
+    ctx = mp.start_processes(_worker, args=(rendezvous(tmp_path), names, str(out)), nprocs=WORLD, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
