@@ -39,6 +39,7 @@ import json
 import math
 import multiprocessing
 import statistics
+import subprocess
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -130,7 +131,8 @@ def run_one(label: str, seed: int, conf: dict[str, Any], corpus: Corpus | None =
                     conf["seq_len"], conf["rank"], conf["update_proj_gap"], conf["steps"], conf["eval_batches"],
                     torch.device("cpu"), seed=seed)
     name, lr, kwargs = VARIANTS[label]
-    out = {"label": label, "seed": seed, "lr": lr, "kwargs": kwargs, "steps": conf["steps"]}
+    out = {"label": label, "seed": seed, "lr": lr, "kwargs": kwargs, "steps": conf["steps"],
+           "git_commit": conf.get("git_commit")}
     out.update({k: rec[k] for k in ("val_loss", "val_batch_losses", "final_train_loss", "state_bytes", "wall_s",
                                     "diverged")})
     out["refreshes"] = _refreshes(made[0]) if name != "adamw" else None
@@ -207,6 +209,19 @@ def summarise(runs: dict[tuple[str, int], dict[str, Any]], conf: dict[str, Any])
     return {"figures": figures, "bars": bars}
 
 
+def _git_commit() -> str | None:
+    """The commit the measurement ran on, ``+dirty`` when files under ``lowrank_optim/`` or ``benchmarks/``
+    differ from it (``None`` outside a git checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here)
+        dirty = subprocess.run(["git", "diff", "--name-only", "HEAD", "--", "../lowrank_optim", "*.py"],
+                               capture_output=True, text=True, check=True, cwd=here)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def _key(rec: dict[str, Any]) -> tuple[str, int]:
     return (rec["label"], int(rec["seed"]))
 
@@ -238,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif runs_path.exists():
         runs_path.unlink()
     todo = [(lab, s) for s in seeds for lab in labels if (lab, s) not in runs]
+    conf["git_commit"] = _git_commit()
     t0 = time.perf_counter()
     with runs_path.open("a") as sink:
         def record(rec: dict[str, Any]) -> None:
