@@ -203,3 +203,24 @@ def test_reset_transfers_keep_the_moments_across_a_skipped_refresh(transfer: str
     # real at 3 (multiple 2: skip 5), real at 7. inner_step restarts at the real ones only.
     assert [r for _, r, _ in seen] == [0, 0, 1, 1, 1, 1, 2, 2]
     assert [i for _, _, i in seen] == [1, 2, 1, 2, 3, 4, 1, 2]
+
+
+@pytest.mark.parametrize(("projector", "options"), [("rsvd", {}), ("rsvd_heads", {"num_heads": 4}), ("coap", {}),
+                                                    ("online_pca", {})])
+def test_each_taking_projector_skips_and_resumes_bit_exactly(projector: str, options: dict) -> None:
+    """Through GaLore-AdamW with threshold 0 (every subspace counts as still): scheduled refreshes at steps 3, 5, 7;
+    real at 3 (period doubles: 5 skipped) and 7 (period 4: three to skip); then a bit-exact resume."""
+
+    def make(model: torch.nn.Module) -> torch.optim.Optimizer:
+        groups = lro.param_groups(model, rank=8, target_modules=["attn", "mlp"])
+        return lro.GaLoreAdamW(groups, lr=1e-2, update_proj_gap=2, projector=projector,
+                               projector_options={**options, "lazy_refresh": True, "lazy_threshold": 0.0})
+
+    model = make_model()
+    opt = make(model)
+    train(model, opt, 8)
+    pst = opt.state[model.mlp.weight]["projector"]
+    assert (pst["refresh"], pst["lazy_multiple"], pst["lazy_wait"]) == (2, 4, 3)
+    assert 0.0 <= pst["overlap"] <= 1.0 + 1e-9
+    model2, opt2 = resume_copy(model, opt, make)
+    assert_same_continuation(model, opt, model2, opt2, 5)
