@@ -6,9 +6,11 @@ a *seed* fixes the initial weights and the batch order. Per seed it runs:
 * ``adamw`` (torch AdamW), ``apollo`` and ``apollo_mini``;
 * ``galore fp32`` (the baseline), ``galore bf16`` / ``int8`` / ``int4`` (quantized projector bases,
   ``projector_options={"basis_dtype": ...}``) and ``galore lazy`` (lazy refresh, threshold 0.5);
-* ``galore fp32 null``: the baseline again with every initial weight moved by about one ulp (relative
-  ``2**-23``, random sign): a change that should not matter, so its delta is the *noise floor* (how far the
-  trajectory's chaos alone moves the final loss; a summation-order change gave -0.0037 on seed 0 before).
+* two *noise-floor* runs, the baseline again with a change that should not matter: ``galore fp32 null``
+  moves every initial weight by about one ulp once (relative ``2**-23``, random sign), ``galore fp32 null grad``
+  moves every gradient entry by about one ulp at every step (what another summation order does; two threads
+  instead of one gave -0.0037 on seed 0 before). Their deltas show how far the trajectory's chaos alone moves
+  the final loss.
 
 Every comparison is **paired**: a variant's delta on seed ``s`` is its validation loss minus the baseline's on
 the same seed ``s`` (same initial weights, same batches, same validation batches), so the spread between seeds
@@ -27,8 +29,8 @@ How each bar is read (all on the mean over seeds):
   refresh must not cost more than 0.005 of validation loss; a lower loss is not a failure. Both the signed and
   the absolute delta are reported.
 
-``python -m benchmarks.apollo_check --seeds 0,1,2,3 --jobs 2`` (9 runs of 200 steps per seed, one torch thread
-per worker process). Runs are appended to ``<out>/apollo_check_runs.jsonl`` as they finish, so ``--resume``
+``python -m benchmarks.apollo_check --seeds 0,1,2,3 --jobs 2`` (10 runs of 200 steps per seed, one torch thread
+per worker process; ~30 s each on an idle core). Runs are appended to ``<out>/apollo_check_runs.jsonl`` as they finish, so ``--resume``
 continues an interrupted measurement; the summary goes to ``<out>/apollo_check.json``.
 """
 
@@ -61,12 +63,18 @@ CONFIG: dict[str, Any] = {"cfg": DecoderConfig(d_model=128, n_layers=2, n_heads=
                           "eval_batches": 32}
 BASELINE = "galore fp32"
 NULL = "galore fp32 null"
+NULL_GRAD = "galore fp32 null grad"
+#: the two noise-floor runs and what they change
+NULLS = {NULL: "val(galore fp32, every initial weight moved ~1 ulp once) - val(galore fp32), same seed",
+         NULL_GRAD: "val(galore fp32, every gradient entry moved ~1 ulp at every step: what another summation "
+                    "order does) - val(galore fp32), same seed"}
 #: Relative size of the noise-floor perturbation of every initial weight (about one fp32 ulp).
 NULL_RELATIVE = 2.0 ** -23
 #: label -> (optimizer name, lr, keyword arguments)
 VARIANTS: dict[str, tuple[str, float, dict[str, Any]]] = {
     BASELINE: ("galore_adamw", LOWRANK_LR, {}),
     NULL: ("galore_adamw", LOWRANK_LR, {}),
+    NULL_GRAD: ("galore_adamw", LOWRANK_LR, {}),
     "galore bf16": ("galore_adamw", LOWRANK_LR, {"projector_options": {"basis_dtype": "bf16"}}),
     "galore int8": ("galore_adamw", LOWRANK_LR, {"projector_options": {"basis_dtype": "int8"}}),
     "galore int4": ("galore_adamw", LOWRANK_LR, {"projector_options": {"basis_dtype": "int4"}}),
@@ -93,6 +101,19 @@ def _perturb(params: Sequence[torch.Tensor], seed: int) -> None:
             p.add_(p.abs() * sign * NULL_RELATIVE)
 
 
+def _perturb_gradients(params: Sequence[torch.Tensor], seed: int) -> None:
+    """Registers hooks moving every gradient entry by ``NULL_RELATIVE`` of its magnitude, random sign, at every
+    backward pass (seeded; the kind of change a different summation order makes)."""
+    gen = torch.Generator().manual_seed(1_000_003 * seed + 11)
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        sign = torch.randint(0, 2, grad.shape, generator=gen).to(grad.dtype).mul_(2).sub_(1)
+        return grad + grad.abs() * sign * NULL_RELATIVE
+
+    for p in params:
+        p.register_hook(hook)
+
+
 def _spec(label: str, seed: int, made: list[torch.optim.Optimizer]) -> Spec:
     name, lr, kwargs = VARIANTS[label]
 
@@ -100,6 +121,8 @@ def _spec(label: str, seed: int, made: list[torch.optim.Optimizer]) -> Spec:
         params = [p for g in groups for p in g["params"]]
         if label == NULL:
             _perturb(params, seed)
+        if label == NULL_GRAD:
+            _perturb_gradients(params, seed)
         if name == "adamw":
             opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         else:
@@ -166,13 +189,13 @@ def summarise(runs: dict[tuple[str, int], dict[str, Any]], conf: dict[str, Any])
 
     figures: dict[str, Any] = {}
     bars: dict[str, dict[str, Any]] = {}
-    if any(lab == NULL for lab, _ in runs):
-        seeds = paired(NULL, BASELINE)
+    for null, what in NULLS.items():
+        seeds = paired(null, BASELINE)
         if seeds:
-            deltas = [runs[(NULL, s)]["val_loss"] - runs[(BASELINE, s)]["val_loss"] for s in seeds]
-            figures["noise_floor"] = {**_stats(deltas), "seeds": seeds, "rms": math.sqrt(
-                statistics.fmean(d * d for d in deltas)), "what": "val(galore fp32, init moved ~1 ulp) - "
-                                                                  "val(galore fp32), same seed"}
+            deltas = [runs[(null, s)]["val_loss"] - runs[(BASELINE, s)]["val_loss"] for s in seeds]
+            name = "noise_floor" if null == NULL else "noise_floor_grad"
+            figures[name] = {**_stats(deltas), "seeds": seeds,
+                             "rms": math.sqrt(statistics.fmean(d * d for d in deltas)), "what": what}
     for label, bar in BASIS_BARS.items():
         seeds = paired(label, BASELINE)
         if not seeds:
@@ -281,16 +304,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f" --steps {args.steps}" if args.steps != CONFIG["steps"] else "") + (
         f" --eval-batches {args.eval_batches}" if args.eval_batches != CONFIG["eval_batches"] else "") + (
         f" --only '{args.only}'" if args.only else "") + (" --resume" if args.resume else "")
-    result = {"benchmark": "apollo_check", "command": command, "environment": common.environment("cpu"),
+    path = args.out / "apollo_check.json"
+    commands = [command]
+    if args.resume and path.exists():  # the runs file holds earlier invocations' runs: keep their commands
+        commands = [*json.loads(path.read_text()).get("commands", []), command]
+    result = {"benchmark": "apollo_check", "commands": commands, "environment": common.environment("cpu"),
               "config": {**{k: v for k, v in conf.items() if k != "cfg"}, "cfg": conf["cfg"].asdict(),
-                         "torch_threads_per_job": 1, "jobs": args.jobs, "seeds": seeds,
+                         "torch_threads_per_job": 1, "jobs": args.jobs,
+                         "seeds": sorted({s for _, s in runs}),
                          "null_relative_perturbation": NULL_RELATIVE},
               "how_bars_are_read": __doc__.split("How each bar is read (all on the mean over seeds):")[1].split(
                   "``python -m")[0].strip(),
               "runs": {f"{lab}|seed{s}": {k: v for k, v in r.items() if k != "val_batch_losses"}
                        for (lab, s), r in sorted(runs.items())},
               **summary}
-    path = args.out / "apollo_check.json"
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(report(summary))
     print(f"wrote {path} (runs: {runs_path})")

@@ -81,6 +81,15 @@ def test_null_perturbation_is_about_one_ulp_and_seeded() -> None:
     assert float(rel.min()) > 0 and float(rel.max()) <= 2.0 ** -22  # every entry moved, by 1-2 ulp
 
 
+def test_gradient_null_moves_every_gradient_entry_by_about_one_ulp() -> None:
+    p = torch.nn.Parameter(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+    ac._perturb_gradients([p], 0)
+    g = torch.randn(8, 8, generator=torch.Generator().manual_seed(1))
+    (p * g).sum().backward()
+    rel = (p.grad - g).abs() / g.abs()
+    assert float(rel.min()) > 0 and float(rel.max()) <= 2.0 ** -22
+
+
 def test_tiny_run_writes_the_summary_and_resumes(tmp_path) -> None:
     argv = ["--steps", "2", "--seeds", "0", "--jobs", "1", "--eval-batches", "2", "--only",
             "galore fp32,galore fp32 null", "--out", str(tmp_path)]
@@ -95,6 +104,7 @@ def test_tiny_run_writes_the_summary_and_resumes(tmp_path) -> None:
         assert len(lines) == 2 and len(json.loads(lines[0])["val_batch_losses"]) == 2
         again = ac.main([*argv, "--resume"])  # nothing left to run: the same figures from the runs file
         assert again["figures"]["noise_floor"]["values"] == floor["values"]
+        assert len(again["commands"]) == 2 and again["commands"][1].endswith("--resume")
         assert len((tmp_path / "apollo_check_runs.jsonl").read_text().splitlines()) == 2
     finally:
         torch.set_num_threads(threads)
