@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = args.out / "apollo_check.json"
     commands = [command]
     if args.resume and path.exists():  # the runs file holds earlier invocations' runs: keep their commands
-        commands = [*json.loads(path.read_text()).get("commands", []), command]
+        before = json.loads(path.read_text())
+        commands = [*before.get("commands", [before["command"]] if "command" in before else []), command]
     result = {"benchmark": "apollo_check", "commands": commands, "environment": common.environment("cpu"),
               "config": {**{k: v for k, v in conf.items() if k != "cfg"}, "cfg": conf["cfg"].asdict(),
                          "torch_threads_per_job": 1, "jobs": args.jobs,
