@@ -16,6 +16,9 @@ from lowrank_optim.projectors.quantized_basis import BLOCK, basis_bytes, decode_
 #: Every projector that stores a basis, with options for the tiny model (GUM: one of the two matrices full-rank).
 BASIS_PROJECTORS = {"svd": {}, "rsvd": {}, "coap": {}, "gum": {"full_rank_layers": 1}}
 QUANTIZED = ("bf16", "int8", "int4")
+#: (projector, basis_dtype) pairs that are accepted: GUM's full branch steps the complement, which an int4 basis
+#: fills with quantization error (refused, test_complement_floor.py)
+STORED = [(name, dt) for name in sorted(BASIS_PROJECTORS) for dt in QUANTIZED if (name, dt) != ("gum", "int4")]
 
 
 @pytest.mark.parametrize("d", [1, 7, BLOCK, BLOCK + 3, 2 * BLOCK + 1])
@@ -76,8 +79,7 @@ def test_decoded_columns_keep_their_norm(basis_dtype: str) -> None:
     assert torch.allclose(q, naive * (1.0 / naive.norm(dim=0)), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("basis_dtype", QUANTIZED)
-@pytest.mark.parametrize("name", sorted(BASIS_PROJECTORS))
+@pytest.mark.parametrize(("name", "basis_dtype"), STORED)
 def test_projection_uses_the_decoded_basis(name: str, basis_dtype: str) -> None:
     """The stored form is what projects: ``project(G) = B^T G`` / ``G B`` with ``B = decode(state)``, and the
     basis is the fp32 one rounded (same ``init`` otherwise)."""
@@ -103,8 +105,7 @@ def _groups(model: torch.nn.Module, basis_dtype: str, projector: str, **options)
                             projector_options={"basis_dtype": basis_dtype, **options})
 
 
-@pytest.mark.parametrize("basis_dtype", QUANTIZED)
-@pytest.mark.parametrize("name", sorted(BASIS_PROJECTORS))
+@pytest.mark.parametrize(("name", "basis_dtype"), STORED)
 def test_state_bytes_closed_form_and_bit_exact_resume(name: str, basis_dtype: str) -> None:
     """GaLore-AdamW (GUM for the gum projector) with quantized bases: ``state_bytes()`` = moments + the basis
     closed form; across refreshes a weights_only round trip keeps codes' dtypes and resumes bit-exactly."""

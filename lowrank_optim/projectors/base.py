@@ -39,7 +39,7 @@ import torch
 from .._validation import check_choice, check_int
 from ..linalg import DecompositionError
 from .lazy_refresh import LazyRefresh, subspace_overlap
-from .quantized_basis import BASIS_DTYPES, decode_basis, encode_basis, is_encoded
+from .quantized_basis import BASIS_DTYPES, decode_basis, encode_basis, is_encoded, residual_floor
 
 LEFT = 0
 RIGHT = 1
@@ -160,6 +160,9 @@ class Projector:
     #: sparse residual) are refused at construction with a projector that says False. Conservative
     #: default: a projector must declare it.
     orthonormal: bool = False
+    #: Whether ``G - project_back(project(G))`` is computed without rounding (coordinate selections, whole
+    #: blocks): then no complement is mistaken for rounding noise (:meth:`complement_floor` is 0).
+    exact_complement: bool = False
     #: Whether ``project`` / ``project_back`` are the matrix products with :meth:`basis_matrix` (``B^T G`` and
     #: ``B N`` on the left, ``G B`` and ``N B^T`` on the right): what the ``linear`` transfer needs.
     matrix_map: bool = True
@@ -327,10 +330,27 @@ class Projector:
 
     def residual(self, grad: torch.Tensor, low: torch.Tensor, state: ProjState, alpha: float = 1.0) -> torch.Tensor:
         """``G - alpha * project_back(low)`` as a new contiguous tensor: ``low`` is lifted straight into a copy
-        of ``G`` (:meth:`add_back`), one full-size buffer in all."""
+        of ``G`` (:meth:`add_back`), one full-size buffer in all.
+
+        A complement at or below the basis's rounding floor (:meth:`complement_floor`: ``||E|| <= tau ||G||``)
+        is returned as zeros. It is rounding error, not gradient: when the gradient's rank is at most ``r``
+        (few tokens in a batch, a rank-deficient layer) the true complement is 0, and scale-invariant rules
+        (sign in FRUGAL, Newton-Schulz in GUM, Adam's first steps) would turn that noise into full-size steps.
+        The test is a device-side mask: no host read.
+        """
         out = grad.clone(memory_format=torch.contiguous_format)
         self.add_back(out, low, state, -alpha)
+        tau = self.complement_floor(state)
+        if tau > 0 and out.numel():
+            above = torch.linalg.vector_norm(out) > tau * torch.linalg.vector_norm(grad)
+            out.mul_(above)
         return out
+
+    def complement_floor(self, state: ProjState) -> float:
+        """Relative size ``tau`` below which a computed complement is rounding error
+        (:data:`~lowrank_optim.projectors.quantized_basis.RESIDUAL_FLOORS`, by the stored basis form); 0 for
+        projectors whose complement is exact (coordinate selections, whole blocks)."""
+        return 0.0 if self.exact_complement else residual_floor(state)
 
     def low_shape(self, shape: tuple[int, ...] | torch.Size, state: ProjState | None = None) -> tuple[int, ...]:
         """Shape of ``project(G)`` for a gradient of ``shape`` (no tensor needed).

@@ -61,6 +61,7 @@ class BlockProjector(Projector):
                     "tensor that skipped a switch would break the active fraction (density)")
     wants_layout = True
     orthonormal = True  # the subspace is all of the tensor or nothing: its complement is exact
+    exact_complement = True
     matrix_map = False
     fixed_low_shape = False  # the moments change shape when a tensor switches between active and inactive
 

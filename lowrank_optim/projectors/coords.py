@@ -33,6 +33,7 @@ class CoordinateProjector(Projector):
                     "the overlap of two draws says nothing about whether the subspace keeps still")
     choice: ClassVar[str] = "columns"
     orthonormal = True  # coordinate vectors: the complement zeroes the kept coordinates exactly
+    exact_complement = True
     indexed = True
 
     def __init__(self, rank: int, side: str = "std", *, density: float | None = None) -> None:

@@ -103,9 +103,34 @@ def decode_basis(state: dict[str, Any]) -> torch.Tensor:
     return (x.view(nb, BLOCK, r) * scale.unsqueeze(1)).view(nb * BLOCK, r)[:d]
 
 
+#: Relative floor ``tau`` of a computed complement ``E = G - P P^T G`` by stored basis form: ``||E|| <= tau ||G||``
+#: is rounding or quantization error, not gradient. Measured noise of ``E`` for a gradient of rank below r
+#: (true complement 0), LLaMA-like shapes 64 x 512 to 1024 x 4096: fp32 0.8e-6 to 1.1e-6 (floor 64 eps = 7.6e-6),
+#: bf16 1.8e-3 to 2.1e-3 (floor 1.6e-2), int8 7.1e-3 to 7.7e-3 (floor 3.1e-2). int4's noise is 0.14 of the
+#: gradient, as large as real complements: complement-taking rules refuse int4 bases
+#: (:meth:`lowrank_optim.rules.base.ResidualRule.check_projector`).
+RESIDUAL_FLOORS = {"fp32": 64 * torch.finfo(torch.float32).eps, "bf16": 4.0 / 256, "int8": 4.0 / 127}
+
+
+def stored_form(state: dict[str, Any]) -> str:
+    """Which of :data:`BASIS_DTYPES` ``state["basis"]`` is stored in (``"fp32"`` when there is no basis)."""
+    basis = state.get("basis")
+    if not isinstance(basis, torch.Tensor) or basis.dtype == torch.float32:
+        return "fp32"
+    if basis.dtype == torch.uint8:
+        return "int4"
+    return "int8" if basis.dtype == torch.int8 else "bf16"
+
+
+def residual_floor(state: dict[str, Any]) -> float:
+    """The relative floor :data:`RESIDUAL_FLOORS` of the complement for the basis stored in ``state``."""
+    return RESIDUAL_FLOORS.get(stored_form(state), 1.0)
+
+
 def is_encoded(state: dict[str, Any]) -> bool:
     """Whether ``state["basis"]`` is already in a stored (non-fp32) form."""
     return state["basis"].dtype != torch.float32
 
 
-__all__ = ["BASIS_DTYPES", "BLOCK", "basis_bytes", "decode_basis", "encode_basis", "is_encoded"]
+__all__ = ["BASIS_DTYPES", "BLOCK", "RESIDUAL_FLOORS", "basis_bytes", "decode_basis", "encode_basis", "is_encoded",
+           "residual_floor", "stored_form"]

@@ -90,6 +90,11 @@ class ResidualRule:
                 f"Invalid projector: {projector.name!r} with residual={self.name!r}: the residual takes the "
                 f"complement G - P P^T G, which needs an orthonormal basis, and {projector!r} is not "
                 "orthonormal (" + _ORTHONORMAL_HINTS.get(projector.name, "use an orthonormal projector") + ")")
+        if self.takes_complement and projector.basis_dtype == "int4":
+            raise ValueError(
+                f"Invalid basis_dtype: 'int4' with residual={self.name!r}: an int4 basis leaves about 0.14 of the "
+                "gradient's norm as quantization error in the complement G - P P^T G, as large as the complement "
+                "itself; use basis_dtype='int8' or 'bf16' with a complement-taking residual")
         if self.takes_complement and getattr(projector, "covers_complement", False):
             raise ValueError(
                 f"Invalid projector: {projector.name!r} with residual={self.name!r}: the projector already "
