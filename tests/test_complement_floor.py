@@ -1,4 +1,5 @@
-"""A complement that is rounding error is zero, and GUM's full branch steps only what it should (issue 11).
+"""A complement that is rounding error is zero, GUM's full branch steps only what it should, and Fira's scaling
+needs a dominant subspace (issue 11).
 
 Found by the property suite (``test_matrix.py``): ``galore_adamw`` with ``projector="gum"`` on a 64 x 512 weight
 whose least-squares gradient has rank 24 < r = 32 *raised* the loss (14.50 -> 14.54 in 6 steps). Three faults of
@@ -147,3 +148,24 @@ def test_sign_residual_of_a_rank_deficient_gradient_takes_no_step_outside_the_su
     basis = pst["basis"]
     outside = step - basis @ (basis.T @ step) if pst["side"] == 0 else step - (step @ basis) @ basis.T
     assert float(outside.norm()) <= 1e-5 * float(step.norm())
+
+
+NOT_DOMINANT = [("random", {"distribution": "orthonormal"}), ("columns", {}), ("rows", {}), ("entries", {}),
+                ("blocks", {"density": 0.5})]
+
+
+@pytest.mark.parametrize(("projector", "options"), NOT_DOMINANT)
+def test_fira_refuses_a_subspace_that_is_not_the_gradients_dominant_part(projector: str, options: dict) -> None:
+    """Found by the property suite with a random seed: Fira with one random column of a 1 x 16 weight took
+    ``phi = 1 / |r|`` and raised the loss 0.74 -> 2.55 in one step. Refused by name; APOLLO's residual is the
+    rule meant for a random subspace."""
+    w = torch.nn.Parameter(torch.randn(1, 16))
+    with pytest.raises(ValueError, match=f"projector: '{projector}' with residual='fira'"):
+        lro.Fira([{"params": [w], "rank": 1}], projector=projector, projector_options=options)
+
+
+@pytest.mark.parametrize("projector", ["svd", "rsvd", "dct", "online_pca"])
+def test_fira_accepts_dominant_subspaces(projector: str) -> None:
+    w = torch.nn.Parameter(torch.randn(8, 16))
+    opts = {"orthonormalize": True} if projector == "online_pca" else {}
+    lro.Fira([{"params": [w], "rank": 2}], projector=projector, projector_options=opts)

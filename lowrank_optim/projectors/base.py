@@ -160,6 +160,11 @@ class Projector:
     #: sparse residual) are refused at construction with a projector that says False. Conservative
     #: default: a projector must declare it.
     orthonormal: bool = False
+    #: Whether the subspace is chosen from the gradient as its dominant part (top singular vectors, top-energy
+    #: DCT components, a tracked principal subspace), so the kept part carries most of each slice's norm. Rules
+    #: that read a full slice's scaling off the kept part (Fira's ``phi = ||psi(R)|| / ||R||``) need it: with
+    #: random coordinates or a random basis ``||R||`` of a slice can be near 0 and ``phi`` unbounded.
+    dominant: bool = False
     #: Whether ``G - project_back(project(G))`` is computed without rounding (coordinate selections, whole
     #: blocks): then no complement is mistaken for rounding noise (:meth:`complement_floor` is 0).
     exact_complement: bool = False

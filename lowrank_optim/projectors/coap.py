@@ -107,6 +107,7 @@ class COAPProjector(Projector):
     name = "coap"
     wants_moments = True
     orthonormal = False
+    dominant = True
 
     def __init__(self, rank: int, side: str = "std", *, reproject_factor: int = 5, correction_lr: float = 0.1,
                  clip: float = 1.0, normalize: bool = True, oversample: int = 0, power_iters: int = 0,

@@ -141,6 +141,7 @@ class DCTProjector(Projector):
 
     name = "dct"
     orthonormal = True  # columns of the orthonormal DCT-II matrix
+    dominant = True
     indexed = True
     #: indices, no stored basis: no quantized basis (lazy refresh measures the overlap on the indices)
     basis_dtypes = ("fp32",)

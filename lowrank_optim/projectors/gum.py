@@ -67,6 +67,7 @@ class GUMProjector(Projector):
                     "weights that make GUM's estimate unbiased")
     wants_layout = True
     orthonormal = True
+    dominant = True
     #: ``project`` is weighted and the full branch works at full size: no matrix map, no fixed low shape.
     matrix_map = False
     fixed_low_shape = False

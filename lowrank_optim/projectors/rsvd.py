@@ -76,6 +76,7 @@ class RandomizedSVDProjector(Projector):
 
     name = "rsvd"
     orthonormal = True
+    dominant = True
 
     def __init__(self, rank: int, side: str = "std", *, oversample: int = 8, power_iters: int = 1,
                  warm_start: bool = True, sign: str = "align") -> None:

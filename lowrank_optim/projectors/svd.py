@@ -31,6 +31,7 @@ class SVDProjector(Projector):
 
     name = "svd"
     orthonormal = True
+    dominant = True
 
     def __init__(self, rank: int, side: str = "std", *, sign: str = "align") -> None:
         super().__init__(rank, side)
