@@ -253,7 +253,8 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
             for a name -> shape mapping).
         shards: FSDP2 ranks (``fully_shard``): weights, gradients and optimizer state per rank. Presets whose
             parts run sharded (:mod:`lowrank_optim.distributed.fsdp`: svd / rsvd / random projectors with Adam,
-            Adafactor or SGD, drop or Fira residual) divide everything by ``shards``; the others keep their
+            Adafactor or SGD and a drop, Fira or APOLLO residual; FRUGAL's blocks) divide everything by
+            ``shards``; the others keep their
             low-rank state (moments and bases) replicated and divide only the plain moments. 1: one process
             or DDP (every rank holds everything). Not counted: FSDP2's all-gathered unit of weights.
         basis_dtype: how projector bases are stored, ``fp32`` (default), ``bf16``, ``int8`` or ``int4``
@@ -325,8 +326,7 @@ def _runs_sharded(optimizer: str, rank: int | None, kwargs: Mapping[str, Any]) -
     if rank is None:
         return True
     opts = {**ENGINE_DEFAULTS, **OPTIMIZERS[optimizer].preset_defaults, **kwargs}
-    return (opts["projector"] in fsdp.SHARDED_PROJECTORS and opts["inner"] in fsdp.SHARDED_RULES
-            and opts["residual"] in fsdp.SHARDED_RESIDUALS and opts["transfer"] in fsdp.SHARDED_TRANSFERS)
+    return fsdp.sharded_parts(opts["projector"], opts["inner"], opts["residual"], opts["transfer"])
 
 
 def _numel(shape: Shape) -> int:

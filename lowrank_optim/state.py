@@ -113,7 +113,33 @@ def rounding_key(seed: int, step: int, name: str) -> int:
     return derive_seed(seed, step, zlib.crc32(name.encode())) & _MASK32
 
 
-def stochastic_round_bf16_(out: torch.Tensor, value: torch.Tensor, key: int) -> torch.Tensor:
+def element_index(shape: tuple[int, ...], start: int, stop: int, origin: tuple[int, ...] | None = None,
+                  global_shape: tuple[int, ...] | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Row-major indices (int64, flat) of rows ``start:stop`` of a tensor of ``shape``.
+
+    With ``origin`` and ``global_shape``, the tensor is the block of a larger ``global_shape`` tensor that starts
+    at ``origin`` (a shard of a moment under FSDP2), and the indices are those of its elements in the larger
+    tensor: stochastic rounding keyed by them gives every element the same bits whatever the split.
+    """
+    rest = tuple(int(s) for s in shape[1:])
+    row_numel = 1
+    for s in rest:
+        row_numel *= s
+    if origin is None or global_shape is None:
+        return torch.arange(start * row_numel, stop * row_numel, dtype=torch.int64, device=device)
+    strides = [1] * len(global_shape)
+    for d in range(len(global_shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * int(global_shape[d + 1])
+    idx = (torch.arange(start, stop, dtype=torch.int64, device=device) + int(origin[0])) * strides[0]
+    for d, size in enumerate(rest, start=1):
+        axis = (torch.arange(size, dtype=torch.int64, device=device) + int(origin[d])) * strides[d]
+        idx = idx.unsqueeze(-1) + axis
+    return idx.reshape(-1)
+
+
+def stochastic_round_bf16_(out: torch.Tensor, value: torch.Tensor, key: int, *,
+                           origin: tuple[int, ...] | None = None,
+                           global_shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """Writes fp32 ``value`` into the bf16 ``out`` with stochastic rounding; returns ``out``.
 
     bf16 is the upper half of an fp32 bit pattern. Adding a uniform 16-bit integer ``u`` to the fp32 bits
@@ -126,6 +152,10 @@ def stochastic_round_bf16_(out: torch.Tensor, value: torch.Tensor, key: int) -> 
         out: bf16 tensor of ``value``'s shape (any layout).
         value: fp32 tensor (any layout); non-finite values stay non-finite.
         key: 32-bit key (:func:`rounding_key`).
+        origin: where ``out`` starts in a larger tensor of ``global_shape`` it is a block of (FSDP2's shard of a
+            moment): ``i`` is then the element's row-major index in the larger tensor (:func:`element_index`),
+            so a shard rounds exactly as the whole tensor would. ``None``: ``out`` is the whole tensor.
+        global_shape: the larger tensor's shape (with ``origin``).
 
     Raises:
         TypeError: when the dtypes are not bf16 / fp32.
@@ -135,6 +165,7 @@ def stochastic_round_bf16_(out: torch.Tensor, value: torch.Tensor, key: int) -> 
                         f"{out.dtype}")
     if out.dim() == 0:
         out, value = out.view(1), value.view(1)
+        origin = global_shape = None
     rows = int(out.shape[0])
     row_numel = out[0].numel() if rows else 0
     per_chunk = max(1, ROUND_CHUNK // max(row_numel, 1))
@@ -142,7 +173,7 @@ def stochastic_round_bf16_(out: torch.Tensor, value: torch.Tensor, key: int) -> 
     bits_in = value.view(torch.int32)
     for start in range(0, rows, per_chunk):
         stop = min(start + per_chunk, rows)
-        idx = torch.arange(start * row_numel, stop * row_numel, dtype=torch.int64, device=out.device)
+        idx = element_index(tuple(out.shape), start, stop, origin, global_shape, out.device)
         noise = _hash32(idx.add_(key).bitwise_and_(_MASK32)).bitwise_right_shift_(16)
         # fp32 bits + u, then the upper 16 bits (arithmetic shift keeps the sign half as int16)
         rounded = noise.view(stop - start, *out.shape[1:]).add_(bits_in[start:stop]).bitwise_right_shift_(16)
@@ -151,7 +182,8 @@ def stochastic_round_bf16_(out: torch.Tensor, value: torch.Tensor, key: int) -> 
 
 
 def quantize_blockwise_sr_(codes: torch.Tensor, absmax: torch.Tensor, value: torch.Tensor, code: torch.Tensor,
-                           key: int) -> None:
+                           key: int, *, origin: tuple[int, ...] | None = None,
+                           global_shape: tuple[int, ...] | None = None) -> None:
     """Blockwise dynamic quantization of ``value`` into ``codes`` / ``absmax`` with stochastic rounding.
 
     The format is bitsandbytes' (``dequantize_blockwise`` decodes it): per block of :data:`BLOCKSIZE` elements
@@ -159,7 +191,9 @@ def quantize_blockwise_sr_(codes: torch.Tensor, absmax: torch.Tensor, value: tor
     (sorted ascending). A normalized value between two map entries takes the upper one with probability
     proportional to its distance from the lower one (random bits: the element hash of
     :func:`stochastic_round_bf16_`), so the decoded value is unbiased; bitsandbytes rounds to the nearest entry,
-    which holds a slowly decaying value whose neighbours in the block decay at another rate.
+    which holds a slowly decaying value whose neighbours in the block decay at another rate. ``origin`` /
+    ``global_shape``: the random bits of a shard's element are those of its index in the whole tensor (as in
+    :func:`stochastic_round_bf16_`); the blocks are still the shard's own.
     """
     flat = value.reshape(-1)
     numel = flat.numel()
@@ -173,7 +207,10 @@ def quantize_blockwise_sr_(codes: torch.Tensor, absmax: torch.Tensor, value: tor
     lower = upper - 1
     low, high = code[lower], code[upper]
     frac = (normalized - low).div_(high - low).clamp_(0.0, 1.0)
-    idx = torch.arange(numel, dtype=torch.int64, device=flat.device)
+    if value.dim() == 0:
+        origin = global_shape = None
+    rows = int(value.shape[0]) if value.dim() else 1
+    idx = element_index(tuple(value.shape) if value.dim() else (1,), 0, rows, origin, global_shape, flat.device)
     u = _hash32(idx.add_(key).bitwise_and_(_MASK32)).bitwise_right_shift_(8).to(torch.float32).mul_(2.0**-24)
     codes.view(-1).copy_(lower.add_((u < frac).to(torch.int64)))
 
@@ -254,19 +291,24 @@ class StateStore:
         return stored.float()
 
     @staticmethod
-    def save(state: dict, name: str, value: torch.Tensor, signed: bool = True) -> None:
+    def save(state: dict, name: str, value: torch.Tensor, signed: bool = True, *,
+             origin: tuple[int, ...] | None = None, global_shape: tuple[int, ...] | None = None) -> None:
         """Writes the fp32 ``value`` back into moment ``name`` (no-op for an fp32 moment updated in place).
 
         bf16: stochastic rounding keyed by ``state["round_seed"]`` (0 when absent), ``state["step"]`` and
         ``name``; 8-bit: blockwise quantization in row-major order with the same stochastic rounding between
-        map entries (``value`` may have any layout).
+        map entries (``value`` may have any layout). ``origin`` / ``global_shape``: the moment is a shard
+        starting at ``origin`` of a ``global_shape`` moment (FSDP2), whose rounding bits follow the elements'
+        indices in the whole moment (:func:`element_index`).
         """
         stored = state[name]
+        where = {"origin": origin, "global_shape": global_shape}
         if stored.dtype == torch.uint8:
             key = rounding_key(int(state.get(ROUND_SEED, 0)), int(state.get("step", 0)), name)
-            quantize_blockwise_sr_(stored, state[name + ABSMAX], value.float(), qmap(signed, stored.device), key)
+            quantize_blockwise_sr_(stored, state[name + ABSMAX], value.float(), qmap(signed, stored.device), key,
+                                   **where)
         elif stored.dtype == torch.bfloat16:
             key = rounding_key(int(state.get(ROUND_SEED, 0)), int(state.get("step", 0)), name)
-            stochastic_round_bf16_(stored, value.float(), key)
+            stochastic_round_bf16_(stored, value.float(), key, **where)
         elif value is not stored:
             stored.copy_(value)

@@ -69,11 +69,13 @@ def build(name: str, model: nn.Module, store: str) -> torch.optim.Optimizer:
     return lro.create_optimizer(name, groups, state_dtype=store, **kwargs)
 
 
-def synthetic_grads(model: nn.Module, step: int) -> None:
+def synthetic_grads(model: nn.Module, step: int, source: str = "synthetic") -> None:
     """Sets every gradient to ``0.1 W + noise(step)`` computed on the whole weight, the same bits on every rank
     and in one process; a sharded parameter gets its rows. Methods that take signs or top-k of the gradient
     (FRUGAL, GaLore+, GUM, online PCA) amplify the last-bit differences of a model's reduce-scattered
-    gradient, so their equality with one process is shown on identical gradients."""
+    gradient, so their equality with one process is shown on identical gradients. ``source="zerofirst"``: the
+    same, with every gradient of step 0 exactly zero."""
+    zero = step == 0 and source == "zerofirst"
     for i, p in enumerate(model.parameters()):
         w = p.full_tensor() if hasattr(p, "full_tensor") else p
         gen = torch.Generator().manual_seed(7919 * step + i)
@@ -84,6 +86,8 @@ def synthetic_grads(model: nn.Module, step: int) -> None:
         else:
             g = torch.randn(tuple(p.shape), generator=gen)
         g.add_(w.detach(), alpha=0.1)
+        if zero:  # a first gradient of zeros: the subspace is chosen at the first nonzero one
+            g.zero_()
         if hasattr(p, "full_tensor"):
             from torch.distributed.tensor import DTensor
 
@@ -98,8 +102,8 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int 
           source: str = "model") -> None:
     for step in steps:
         opt.zero_grad()
-        if source == "synthetic":
-            synthetic_grads(model, step)
+        if source in ("synthetic", "zerofirst"):
+            synthetic_grads(model, step, source)
         else:
             x, y = batch(step)
             part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)

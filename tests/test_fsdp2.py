@@ -9,8 +9,10 @@ in time; the single-process references run here. What is checked:
   block of a rank's own chunk) within the difference that store makes in one process;
 * uneven shards and a rank holding no rows (3 and 4 ranks);
 * state bytes per rank divide by the world size; refreshes are computed once per job;
-* DCP: same-size resume bit-exact (fp32, bf16), 2 -> 4 and 2 -> 1 within 1e-6, a gathered full optimizer
-  state dict loads into a single-process optimizer and continues like the uninterrupted run.
+* a first gradient of zeros (the subspace is chosen at the first nonzero one, as in one process);
+* DCP: same-size resume bit-exact (every store, 8-bit included; FRUGAL, GUM, APOLLO), 2 -> 4 and 2 -> 1 within
+  1e-6 (bf16: 1e-4, 8-bit requantized: 1e-2), a gathered full optimizer state dict loads into a single-process
+  optimizer and continues like the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from helpers import rendezvous
 
 TIMEOUT_S = 300
 CORE = ("galore_adamw", "fira", "flora")
+#: Further presets whose state is sharded (APOLLO's residual on a seeded basis; FRUGAL's row-local blocks).
+SHARDED_MORE = ("apollo", "apollo_mini", "frugal")
 #: Presets whose update is continuous in the gradient (no sign / top-k / random layer draw of it): they also
 #: run through a real model, whose reduce-scattered gradients differ from one process's in the last bits.
 CONTINUOUS = ("galore_adamw", "fira", "flora", "galore_adafactor")
@@ -92,9 +96,12 @@ def check_parity(result: dict[str, Any], world: int) -> list[str]:
         ref = reference(name, store, source)
         rel, pname = worst(got["params"], ref)
         bound = 1e-5
-        if store != "fp32":  # two runs, each rounded by the store: the k-rank one in its chunks' own 8-bit blocks
-            # and bf16 stochastic-rounding streams (keyed by the chunk's element index): independent noise, so
-            # the bound is a small multiple of what the store changes in one process
+        if store == "bf16":  # stochastic rounding keyed by the element's index in the whole moment: k ranks round
+            # as one process does, up to flips by the last-bit differences of the reductions (measured <= 3.3e-5,
+            # where bf16 itself moves the run 4.3e-3)
+            bound = 1e-4
+        elif store != "fp32":  # the k-rank run quantizes in its chunks' own 8-bit blocks: other noise, so the
+            # bound is a small multiple of what the store changes in one process
             bound = max(bound, 3 * worst(ref, reference(name, "fp32", source))[0])
         if not rel <= bound:
             failures.append(f"{world} ranks {key} {pname}: relative difference {rel:.2e} > {bound:.2e}")
@@ -107,8 +114,13 @@ def _cases(names: tuple[str, ...] | list[str], stores: tuple[str, ...], source: 
 
 PARITY_2 = (_cases([*lro.available_optimizers(), "galore_adafactor+relative"], ("fp32",), "synthetic")
             + _cases(CORE, ("bf16", "8bit"), "synthetic")
-            + _cases(CONTINUOUS, ("fp32",), "model"))
-CHECKPOINT = _cases(CORE, ("fp32",), "synthetic") + _cases(("galore_adamw",), ("bf16", "8bit"), "synthetic")
+            + _cases(CONTINUOUS, ("fp32",), "model")
+            + _cases(("galore_adamw", "fira"), ("fp32",), "zerofirst"))
+#: Sharded presets in every store; presets whose state changes shape (FRUGAL's blocks, GUM's full-rank draw) or
+#: gains a key after the first step (APOLLO's limiter norm).
+CHECKPOINT = (_cases(CORE, ("fp32",), "synthetic") + _cases(("galore_adamw",), ("bf16", "8bit"), "synthetic")
+              + _cases(("frugal",), ("fp32", "8bit"), "synthetic")
+              + [("gum", "bf16", "synthetic"), ("apollo", "fp32", "synthetic")])
 
 
 @pytest.fixture(scope="module")
@@ -134,13 +146,19 @@ def test_sharded_refresh_runs_once_per_job(two_ranks: tuple[dict[str, Any], Path
     for name in ("dct_adamw", "coap", "online_subspace_descent"):
         calls = result[f"{name}/fp32/synthetic"]["calls"]
         assert calls["engine"] == 3 * N_LOWRANK and calls["init"] == 0, (name, calls)
+    # every preset: 3 refreshes per matrix in the job; the projectors whose state is ints or a seeded draw (Flora's
+    # and APOLLO's random bases, FRUGAL's blocks) compute them on every rank, without traffic
+    seeded = ("flora", "apollo", "apollo_mini", "frugal")
+    for name in lro.available_optimizers():
+        calls = result[f"{name}/fp32/synthetic"]["calls"]
+        assert sum(calls.values()) == 3 * N_LOWRANK * (2 if name in seeded else 1), (name, calls)
 
 
 def test_state_bytes_divide(two_ranks: tuple[dict[str, Any], Path]) -> None:
     """Per-rank state of the sharded presets is about half of the job's total (bases included), and the job's
     total equals one process's state bytes up to the few replicated vectors (Adafactor's column statistics)."""
     result = two_ranks[0]["parity"]
-    for name in CORE:
+    for name in (*CORE, *SHARDED_MORE):
         got = result[f"{name}/fp32/synthetic"]
         model = worker.make_model()
         opt = worker.build(name, model, "fp32")
@@ -155,14 +173,14 @@ def _exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def test_checkpoint_same_size_resume(two_ranks: tuple[dict[str, Any], Path]) -> None:
-    """DCP save at step 15 and load into a fresh model and optimizer on 2 ranks: bit-exact for fp32 and bf16;
-    8-bit moments are saved dequantized and requantized on load (see ``distributed/checkpoint.py``)."""
-    for key, got in two_ranks[0]["checkpoint_save"].items():
-        if "/8bit/" in key:
-            rel, pname = worst(got["resumed"], got["uninterrupted"])
-            assert rel <= 1e-2, (key, pname, rel)
-        else:
-            assert _exact(got["resumed"], got["uninterrupted"]), key
+    """DCP save at step 15 and load into a fresh model and optimizer on 2 ranks: bit-exact for every store, 8-bit
+    included (codes saved as they are, with their block scales), and for the replicated presets whose state
+    changes shape or keys (FRUGAL, GUM, APOLLO)."""
+    result = two_ranks[0]["checkpoint_save"]
+    assert sorted(result) == sorted("/".join(c) for c in CHECKPOINT)
+    for key, got in result.items():
+        rel, pname = worst(got["resumed"], got["uninterrupted"])
+        assert _exact(got["resumed"], got["uninterrupted"]), (key, pname, rel)
 
 
 def _single_resume(name: str, store: str, source: str, load: Any) -> dict[str, torch.Tensor]:
@@ -173,20 +191,18 @@ def _single_resume(name: str, store: str, source: str, load: Any) -> dict[str, t
     return worker.whole(model)
 
 
-@pytest.mark.xfail(strict=True, reason="open: main's new per-parameter state key 'subspace_pending' is created by "
-                   "the single-process engine but not by the FSDP2 sharded path, so a plain template asks DCP for it")
 def test_checkpoint_two_ranks_to_one_process(two_ranks: tuple[dict[str, Any], Path]) -> None:
-    """The 2-rank DCP checkpoint, and the gathered full state dicts, load into one process and continue
-    within 1e-6 of the uninterrupted 2-rank run (fp32, bf16); 8-bit within the 8-bit tolerance."""
+    """The 2-rank DCP checkpoint (strict load: the template's keys and shapes match the checkpoint's), and the
+    gathered full state dicts, load into one process and continue within 1e-6 of the uninterrupted 2-rank run
+    (bf16: 1e-4, rounding keyed by the global element index; 8-bit: requantized in one process's blocks, 1e-2)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     for key, got in two_ranks[0]["checkpoint_save"].items():
         name, store, source = key.split("/")
-        if store == "bf16":  # bf16 moments load as saved, like fp32 (same-size test above)
-            continue
-        bound = 1e-2 if store == "8bit" else 1e-6
-        if store != "8bit":  # a plain (non-DTensor) 8-bit template holds codes, the sharded checkpoint fp32 values:
-            # 8-bit sharded checkpoints load at any FSDP2 world size (1 included) or through the full state dict
+        bound = {"8bit": 1e-2, "bf16": 1e-4}.get(store, 1e-6)
+        if store != "8bit":  # a plain (non-DTensor) template keeps one absmax per block, a sharded 8-bit
+            # checkpoint one scale per code: it loads at any FSDP2 world size (1 included) or through the full
+            # state dict
             resumed = _single_resume(name, store, source, lambda m, o, p=got["path"]: worker.dcp_load(m, o, p))
             rel, pname = worst(resumed, got["uninterrupted"])
             assert rel <= bound, (key, "dcp 2 -> 1", pname, rel)
@@ -203,24 +219,27 @@ def test_checkpoint_two_ranks_to_one_process(two_ranks: tuple[dict[str, Any], Pa
 @pytest.mark.slow
 def test_four_ranks(two_ranks: tuple[dict[str, Any], Path]) -> None:
     """4 ranks (two of them hold no row of the 2-row matrix): the 2-rank checkpoint resharded to 4 continues
-    within 1e-6; parity with one process; per-rank state <= 0.30 of one process's for GaLore, Fira, Flora."""
+    within 1e-6; parity with one process; per-rank state <= 0.30 of one process's for GaLore, Fira, Flora, APOLLO
+    and FRUGAL."""
     saved, out = two_ranks
-    cases = _cases(CORE, ("fp32",), "synthetic")
+    cases = _cases((*CORE, "apollo", "frugal"), ("fp32",), "synthetic")
     result = launch(4, [("checkpoint_load", CHECKPOINT), ("parity", cases)], out)
     for key, got in result["checkpoint_load"].items():
-        # fp32: the issue's 1e-6. 8-bit is requantized on load, and bf16's stochastic rounding is keyed by the
-        # rank's local element index, so a resharded run draws other rounding bits (open: key it by the global
-        # index); both are held to the store's own effect instead.
-        bound = 1e-2 if ("/8bit/" in key or "/bf16/" in key) else 1e-6
+        # fp32: the issue's 1e-6. bf16's stochastic rounding is keyed by each element's index in the whole
+        # moment, so 4 ranks round as 2 do: only the last-bit differences of the reductions (sums in another
+        # order) can flip a rounding (measured 8e-6). 8-bit codes are requantized in the 4 ranks' own blocks.
+        bound = {"8bit": 1e-2, "bf16": 1e-4}.get(key.split("/")[1], 1e-6)
         rel, pname = worst(got["resumed"], saved["checkpoint_save"][key]["uninterrupted"])
         assert rel <= bound, (key, "dcp 2 -> 4", pname, rel)
     failures = check_parity(result["parity"], 4)
     assert not failures, "\n".join(failures)
     shapes = {n: tuple(p.shape) for n, p in worker.make_model().named_parameters()}
-    for name in CORE:
+    for name in (*CORE, "apollo", "frugal"):
         got = result["parity"][f"{name}/fp32/synthetic"]
         single = saved["parity"][f"{name}/fp32/synthetic"]["global_bytes"]
         assert got["bytes"] <= 0.30 * single, (name, got["bytes"], single)
+        if name not in CORE:
+            continue
         # the planner's closed form per rank agrees with rank 0's measured bytes (chunks here are nearly even)
         plan = lro.plan_memory(shapes, name, rank=worker.RANK, state_dtype="fp32", weight_dtype="fp32",
                                target_modules=["attn", "mlp"], shards=4)
@@ -244,6 +263,10 @@ def test_planner_shards() -> None:
     eight = lro.plan_memory("llama-60m", "galore_adamw", rank=128, state_dtype="8bit", shards=8)
     assert eight.weights == -(-one.weights // 8) and eight.gradients == -(-one.gradients // 8)
     assert all(eight.state[k] == -(-v // 8) for k, v in one.state.items())
+    for name in ("apollo", "frugal"):  # sharded too
+        one = lro.plan_memory("llama-60m", name, rank=128, state_dtype="8bit")
+        eight = lro.plan_memory("llama-60m", name, rank=128, state_dtype="8bit", shards=8)
+        assert all(eight.state[k] == -(-v // 8) for k, v in one.state.items()), name
     dct1 = lro.plan_memory("llama-60m", "dct_adamw", rank=128, state_dtype="8bit")
     dct8 = lro.plan_memory("llama-60m", "dct_adamw", rank=128, state_dtype="8bit", shards=8)
     assert dct8.state["low-rank moments"] == dct1.state["low-rank moments"]
@@ -263,3 +286,50 @@ def test_accelerate_fsdp2_plugin(two_ranks: tuple[dict[str, Any], Path]) -> None
     worker.accelerate_train(model, opt, lambda loss: loss.backward(), 0, 1)
     rel, pname = worst(got["params"], worker.whole(model))
     assert rel <= 1e-5, (pname, rel)
+
+
+@pytest.mark.parametrize("store", ["bf16", "8bit"])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_shard_rounds_like_the_whole_moment(store: str, dim: int) -> None:
+    """A rank's chunk of a moment, saved through its ``ShardStore``, gets the stochastic rounding bits of the same
+    elements in the whole moment (keyed by the global index): bf16 chunks are bit-identical to the whole
+    moment's rows (dim 0) or columns (dim 1); 8-bit chunks whose blocks coincide with the whole's blocks (rows of
+    64 elements, 8 rows from row 8: blocks 2 and 3) have the whole's codes and absmax."""
+    from lowrank_optim.distributed.fsdp import ShardStore
+    from lowrank_optim.distributed.shards import Split
+    from lowrank_optim.state import StateStore
+
+    whole_shape = (32, 64) if dim == 0 else (64, 32)
+    value = torch.randn(whole_shape, generator=torch.Generator().manual_seed(3))
+    base = StateStore(store, min_8bit_size=1)
+    full: dict[str, Any] = {"round_seed": 11, "step": 4}
+    base.create(full, "exp_avg", whole_shape, torch.device("cpu"))
+    base.save(full, "exp_avg", value)
+    cut = [slice(None), slice(None)]
+    cut[dim] = slice(8, 16)
+    part = value[tuple(cut)].contiguous()
+    st: dict[str, Any] = {"round_seed": 11, "step": 4}
+    shard = ShardStore(base, value.numel(), Split(dim, 8, whole_shape))
+    shard.create(st, "exp_avg", tuple(part.shape), torch.device("cpu"))
+    shard.save(st, "exp_avg", part)
+    if store == "bf16" or dim == 0:
+        assert torch.equal(st["exp_avg"], full["exp_avg"][tuple(cut)])
+    if store == "8bit" and dim == 0:
+        assert torch.equal(st["exp_avg_absmax"], full["exp_avg_absmax"][2:4])
+    unkeyed: dict[str, Any] = {"round_seed": 11, "step": 4}
+    base.create(unkeyed, "exp_avg", tuple(part.shape), torch.device("cpu"))
+    base.save(unkeyed, "exp_avg", part)  # keyed by the chunk's local index: other bits
+    assert not torch.equal(unkeyed["exp_avg"], st["exp_avg"])
+
+
+def test_8bit_scales_round_trip() -> None:
+    """Per-code scales (the checkpoint form of 8-bit moments) give back the block absmax exactly in the blocks
+    they were made in, and ``None`` (requantize) when a block mixes scales (another split)."""
+    from lowrank_optim.distributed.checkpoint import block_absmax, element_scales
+
+    codes = torch.zeros(10, 60, dtype=torch.uint8)  # 600 codes: blocks of 256, 256 and a ragged 88
+    absmax = torch.tensor([0.5, 2.0, 3.0])
+    scales = element_scales(absmax, codes)
+    assert scales.shape == codes.shape and float(scales[4, 15]) == 0.5 and float(scales[4, 16]) == 2.0
+    assert torch.equal(block_absmax(scales), absmax)
+    assert block_absmax(scales[2:]) is None  # rows 2..9 start at code 120: the blocks straddle two scales

@@ -13,22 +13,27 @@ with the placement that says how the whole tensor is split:
 So DCP saves each element once, reshards on load at any world size, and ``get_optimizer_state_dict(...,
 options=StateDictOptions(full_state_dict=True))`` yields exactly a single-process state dict.
 
-8-bit moments: blockwise codes are blocks of 256 *flattened local* elements, which a different split would
-cut differently, so the exported value is the dequantized fp32 moment (no ``_absmax``); :func:`requantize`
-quantizes it again on load, in the loading rank's own blocks. (For one process, or a checkpoint of another
-world size, a code survives its round trip exactly when requantizing reproduces its block's absmax, which
-the dynamic map's exact 1.0 entry guarantees; see the tests.)
+8-bit moments: the codes are exported as they are (``uint8``, placed like the moment) and ``<name>_absmax``
+as one fp32 scale per code (its block's ``absmax``, placed like the moment too), so DCP can move every code with
+the scale that decodes it to any world size. :func:`requantize` restores the block ``absmax`` on load: when this
+rank's blocks (256 row-major elements of its own chunk) are the blocks the codes were made in (the same world
+size), the codes and scales are kept as they are and the resume is bit-exact; otherwise (another world size, or
+a gathered full state dict loaded in one process) the exact decoded values are requantized in this rank's
+blocks, with the stochastic rounding keyed by each element's index in the whole moment. A checkpoint holds 5
+bytes per 8-bit element (1 in memory); a plain, non-FSDP2 template in one process keeps its block ``absmax``
+layout, so a sharded 8-bit checkpoint loads in one process through a 1-rank mesh or the full state dict.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..projectors.base import LEFT
-from ..state import ABSMAX
-from .shards import is_dtensor, layout, wrap
+from ..state import ABSMAX, BLOCKSIZE, StateStore, n_blocks, qmap
+from .shards import is_dtensor, layout, split_axis, wrap
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import LowRankOptimizer
@@ -38,20 +43,153 @@ def _group_of(opt: LowRankOptimizer) -> list[tuple[dict[str, Any], torch.Tensor]
     return [(g, p) for g in opt.param_groups for p in g["params"]]
 
 
-def _split_axis(name: str, ndim: int, low_ndim: int, dim: int) -> int | None:
-    """The axis of moment ``name`` split across ranks when the rule's tensor is split along ``dim``."""
-    if ndim == low_ndim:
-        return dim
-    if ndim == 1 and ((name.endswith("_row") and dim == 0) or (name.endswith("_col") and dim == 1)):
-        return 0
-    return None
+#: Key of an int set to 1 in a state whose moments :func:`export_state` packed into fixed-size byte buffers.
+PACKED = "moments_packed"
+
+
+def _variable(opt: LowRankOptimizer, group: dict[str, Any]) -> bool:
+    """Whether the group's projector changes the moments' shape on a refresh (GUM's draw; FRUGAL's blocks are
+    widened instead, see :func:`_widen`)."""
+    from .fsdp import elementwise
+
+    proj = opt._parts(group)[0]
+    return proj is not None and not proj.fixed_low_shape and not elementwise(proj)
+
+
+def _rows_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The shape of this rank's rows of ``p`` (``p``'s shape when it is not a ``DTensor``)."""
+    return tuple(int(s) for s in (p.to_local() if is_dtensor(p) else p).shape)
+
+
+def _widen(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> dict[str, Any]:
+    """The state of an elementwise projector's parameter (FRUGAL's blocks: moments of the tensor's shape when
+    active, empty when not) with every moment at the widest shape, zero when empty, so its keys and shapes do
+    not depend on which blocks are active (``torch.distributed.checkpoint`` checks shapes); :func:`_narrow`
+    empties them again on load, from the loaded projector state."""
+    from .fsdp import local_store
+
+    proj, rule, _, _, store = opt._parts(group)
+    widest = tuple(int(s) for s in proj.low_shape(_rows_shape(p)))
+    whole = 1
+    for s_ in proj.low_shape(p.shape):
+        whole *= int(s_)
+    st = dict(st)
+    for spec in rule.moments(widest, group):
+        t = st.get(spec.name)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) == tuple(spec.shape):
+            continue
+        zero: dict[str, Any] = {}
+        local_store(store, whole).create(zero, spec.name, spec.shape, t.device)
+        st.pop(spec.name + ABSMAX, None)
+        st.update(zero)
+    return st
+
+
+def _narrow(opt: LowRankOptimizer) -> None:
+    """Empties, after a load, the widened moments (:func:`_widen`) of every block the loaded state says is
+    inactive."""
+    from .fsdp import elementwise
+
+    for group, p in _group_of(opt):
+        st = opt.state.get(p)
+        proj, rule, _, _, store = opt._parts(group)
+        if not st or "projector" not in st or not elementwise(proj):
+            continue
+        for spec in rule.moments(tuple(int(s) for s in proj.low_shape(_rows_shape(p), st["projector"])), group):
+            t = st.get(spec.name)
+            if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(spec.shape) and not math.prod(spec.shape):
+                store.create(st, spec.name, spec.shape, t.device)
+
+
+def _envelope(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> tuple[list[Any], int]:
+    """``(moment specs, bytes)``: the moments of a variable-shape projector and the size of the byte buffer that
+    holds each of them (with its 8-bit ``absmax``) in any of the shapes it can take (the projector's widest
+    low-rank shape, or the whole parameter)."""
+    proj, rule, _, _, store = opt._parts(group)
+    shapes = [tuple(proj.low_shape(p.shape)), tuple(int(s) for s in p.shape)]
+    size = 0
+    for shape in shapes:
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        size = max(size, store.bytes_for(numel))
+    return rule.moments(shapes[0], group), size
+
+
+def _pack(st: dict[str, Any], specs: list[Any], size: int) -> dict[str, Any]:
+    """The state with each moment (and its ``absmax``) as a ``uint8`` buffer of ``size`` bytes (zero padded)."""
+    st = dict(st)
+    for spec in specs:
+        if spec.name not in st:
+            continue
+        parts = [st.pop(spec.name).contiguous().reshape(-1).view(torch.uint8)]
+        if spec.name + ABSMAX in st:
+            parts.append(st.pop(spec.name + ABSMAX).contiguous().view(torch.uint8))
+        raw = torch.cat(parts)
+        buf = torch.zeros(size, dtype=torch.uint8, device=raw.device)
+        buf[: raw.numel()] = raw
+        st[spec.name] = buf
+    st[PACKED] = 1
+    return st
+
+
+def _unpack(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`_pack`: each buffer read back as the moment of the shape the loaded projector state
+    gives (bit-exact, any store)."""
+    proj, rule, _, _, store = opt._parts(group)
+    st = {k: v for k, v in st.items() if k != PACKED}
+    for spec in rule.moments(tuple(proj.low_shape(p.shape, st["projector"])), group):
+        if spec.name not in st:
+            continue
+        shape = tuple(int(s) for s in spec.shape)
+        numel = math.prod(shape)
+        buf = st[spec.name]
+        if store.quantized(numel):
+            st[spec.name] = buf[:numel].clone().view(shape)
+            st[spec.name + ABSMAX] = buf[numel: numel + 4 * n_blocks(numel)].clone().view(torch.float32)
+        else:
+            dt = torch.bfloat16 if store.dtype == "bf16" else torch.float32
+            size = numel * (2 if dt == torch.bfloat16 else 4)
+            st[spec.name] = buf[:size].clone().view(dt).view(shape)
+    return st
+
+
+def _pending_key() -> str:
+    from ..engine import PENDING
+
+    return PENDING
+
+
+def _with_pending(state: dict[int, Any]) -> dict[int, Any]:
+    """Every low-rank parameter's state with the int ``subspace_pending`` (0 when absent): a template built from
+    zero gradients (``get_optimizer_state_dict`` on a fresh optimizer) holds a pending subspace, a trained
+    checkpoint does not, and DCP loads only keys both have."""
+    key = _pending_key()
+    return {idx: ({**st, key: int(st.get(key, 0))} if isinstance(st, dict) and "projector" in st else st)
+            for idx, st in state.items()}
 
 
 def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """``state_dict`` with the sharded state of FSDP2 parameters wrapped as ``DTensor``s (see the module)."""
-    from .fsdp import mode, moment_layout
+    """``state_dict`` with the sharded state of FSDP2 parameters wrapped as ``DTensor``s (see the module), and
+    ``subspace_pending`` present (0 or 1) in every low-rank parameter's state, so that the set of keys never
+    depends on whether a subspace is still pending (``torch.distributed.checkpoint`` loads by keys and checks
+    shapes). For the same reason, a projector whose moments change shape on a refresh (``fixed_low_shape``
+    false: GUM's full-rank draw) has each moment packed into a ``uint8`` buffer of the size its widest shape takes
+    (``moments_packed = 1``), unpacked bit-exactly on load; FRUGAL's blocks (a moment is the tensor's shape or
+    empty) export empty moments as zeros of the tensor's shape, emptied again on load."""
+    from .fsdp import elementwise, mode, moment_layout
 
+    state_dict = {**state_dict, "state": _with_pending(state_dict["state"])}
     pairs = _group_of(opt)
+    packed = {}
+    for idx, st in state_dict["state"].items():
+        group, p = pairs[idx]
+        if isinstance(st, dict) and "projector" in st and _variable(opt, group):
+            st = _pack(st, *_envelope(opt, group, p))
+        elif isinstance(st, dict) and "projector" in st and elementwise(opt._parts(group)[0]):
+            st = _widen(opt, group, p, st)
+        packed[idx] = st
+    state_dict = {**state_dict, "state": packed}
     if not any(is_dtensor(p) for _, p in pairs):
         return state_dict
     out: dict[int, Any] = {}
@@ -60,7 +198,6 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
         if not is_dtensor(p) or not st or mode(opt, group, p) != "sharded":
             out[idx] = st
             continue
-        store = opt._parts(group)[4]
         lay = layout(p)
         st = dict(st)
         rule, low, dim = moment_layout(opt, group, p)
@@ -72,10 +209,11 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
             if spec.name not in st:
                 continue
             t = st[spec.name]
-            if t.dtype == torch.uint8:
-                t = store.load(st, spec.name, spec.signed).clone()
-                st.pop(spec.name + ABSMAX, None)
-            st[spec.name] = wrap(t, lay, _split_axis(spec.name, len(spec.shape), len(low), dim), spec.shape)
+            axis = split_axis(spec.name, len(spec.shape), len(low), dim)
+            if t.dtype == torch.uint8:  # codes as they are, each with its block's scale (see the module)
+                scales = element_scales(st[spec.name + ABSMAX], t)
+                st[spec.name + ABSMAX] = wrap(scales, lay, axis, spec.shape)
+            st[spec.name] = wrap(t, lay, axis, spec.shape)
         out[idx] = st
     return {**state_dict, "state": out}
 
@@ -90,38 +228,91 @@ def _unwrap(obj: Any) -> Any:
 
 def import_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` with every ``DTensor`` replaced by this rank's chunk (the inverse of :func:`export_state`
-    once DCP has resharded the chunks to this optimizer's layout)."""
-    return {**state_dict, "state": {k: _unwrap(v) for k, v in state_dict["state"].items()}}
+    once DCP has resharded the chunks to this optimizer's layout); ``subspace_pending == 0`` is dropped (the
+    engine's state holds the key only while a subspace is pending) and packed moments are unpacked."""
+    key = _pending_key()
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    pairs = dict(zip(ids, _group_of(opt), strict=False))
+    out = {}
+    for k, v in state_dict["state"].items():
+        v = _unwrap(v)
+        if isinstance(v, dict) and key in v and not int(v[key]):
+            v = {n: t for n, t in v.items() if n != key}
+        if isinstance(v, dict) and v.get(PACKED) and k in pairs:
+            v = _unpack(opt, *pairs[k], v)
+        out[k] = v
+    return {**state_dict, "state": out}
+
+
+def element_scales(absmax: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The block scale of every code: ``absmax`` (one per block of :data:`~lowrank_optim.state.BLOCKSIZE`
+    row-major codes) repeated over its block, shaped like ``codes`` (fp32)."""
+    return absmax.repeat_interleave(BLOCKSIZE)[: codes.numel()].reshape(codes.shape).clone()
+
+
+def block_absmax(scales: torch.Tensor) -> torch.Tensor | None:
+    """The per-block ``absmax`` that :func:`element_scales` expanded, when ``scales`` (row-major) is constant on
+    each of this tensor's own blocks; ``None`` when a block mixes scales (the codes were quantized in other
+    blocks: a checkpoint of another world size, or gathered from ranks)."""
+    flat = scales.reshape(-1)
+    first = flat[::BLOCKSIZE].clone()
+    if not bool((flat == first.repeat_interleave(BLOCKSIZE)[: flat.numel()]).all()):
+        return None
+    return first
+
+
+def _from_scales(st: dict[str, Any], name: str, signed: bool, store: StateStore) -> None:
+    """Turns exported codes + per-element scales back into codes + block ``absmax``: as they were when the blocks
+    are the ones they were saved in (same world size: bit-exact), else requantized from their exact values."""
+    codes, scales = st[name], st[name + ABSMAX]
+    absmax = block_absmax(scales)
+    if absmax is not None:
+        st[name + ABSMAX] = absmax
+        return
+    value = qmap(signed, codes.device)[codes.long()] * scales  # each code's exact fp32 value, as dequantized
+    st[name + ABSMAX] = torch.zeros(n_blocks(codes.numel()), dtype=torch.float32, device=codes.device)
+    store.save(st, name, value, signed)
 
 
 def requantize(opt: LowRankOptimizer) -> None:
-    """Quantizes, in place, every fp32 moment that an ``"8bit"`` group keeps as codes (a moment exported
-    dequantized by :func:`export_state`, or a full state dict gathered from ranks). Whether a moment is
-    quantized follows the whole moment's size, as in one process."""
-    from .fsdp import local_store, mode, moment_layout
+    """Restores, in place, the 8-bit moments of ``"8bit"`` groups after a load: codes exported with per-element
+    scales by :func:`export_state` get their block ``absmax`` back (bit-exact in the blocks they were saved in,
+    requantized in this rank's blocks otherwise), and fp32 moments that the store keeps as codes are quantized.
+    Whether a moment is quantized follows the whole moment's size, as in one process."""
+    from .fsdp import local_store, mode, moment_layout, shard_split
 
+    _narrow(opt)
     for group, p in _group_of(opt):
         st = opt.state.get(p)
         store = opt._parts(group)[4]
         if not st or store.dtype != "8bit":
             continue
+        split = None
         if is_dtensor(p) and mode(opt, group, p) == "sharded":
             rule, low, _ = moment_layout(opt, group, p)
+            split = shard_split(opt, group, p)
         else:
             low = None
             rule = moment_layout(opt, group, p)[0] if "projector" not in st else opt._parts(group)[1]
         for spec in rule.moments(low if low is not None else (2, 2), group) + \
                 (rule.moments((2,), group) if low is None else []):
             t = st.get(spec.name)
-            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or spec.name + ABSMAX in st:
+            if not isinstance(t, torch.Tensor):
+                continue
+            absmax = st.get(spec.name + ABSMAX)
+            if t.dtype == torch.uint8 and absmax is not None and absmax.numel() == t.numel() > 1:
+                _from_scales(st, spec.name, spec.signed, local_store(store, None, split))
+                continue
+            if t.dtype != torch.float32 or absmax is not None:
                 continue
             whole = spec.shape if low is not None else tuple(t.shape)
             numel = 1
             for s in whole:
                 numel *= int(s)
             if store.quantized(numel):
-                local_store(store, numel).create(st, spec.name, tuple(t.shape), t.device)
-                store.save(st, spec.name, t, spec.signed)
+                saver = local_store(store, numel, split)
+                saver.create(st, spec.name, tuple(t.shape), t.device)
+                saver.save(st, spec.name, t, spec.signed)
 
 
-__all__ = ["export_state", "import_state", "requantize"]
+__all__ = ["PACKED", "block_absmax", "element_scales", "export_state", "import_state", "requantize"]

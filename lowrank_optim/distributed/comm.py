@@ -140,6 +140,15 @@ def rms(t: torch.Tensor, *, param: bool = False) -> float:
     return math.sqrt(float(total) / max(numel, 1))
 
 
+def norm(t: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of the whole rule's tensor ``t`` is a shard of (0-d tensor); ``t.norm()`` when nothing is
+    split (one process: unchanged)."""
+    spec = current()
+    if spec is None or spec.dim is None:
+        return t.norm()
+    return all_reduce(t.float().square().sum().reshape(1), spec.group).sqrt().reshape(())
+
+
 def param_norm(t: torch.Tensor) -> torch.Tensor:
     """Frobenius norm of the whole parameter-shaped tensor ``t`` is a row shard of (0-d tensor)."""
     spec = current()
@@ -148,5 +157,5 @@ def param_norm(t: torch.Tensor) -> torch.Tensor:
     return all_reduce(t.float().square().sum().reshape(1), spec.group).sqrt().reshape(())
 
 
-__all__ = ["TRAFFIC", "Sharding", "all_reduce", "all_reduce_max", "current", "length", "mean", "param_norm",
+__all__ = ["TRAFFIC", "Sharding", "all_reduce", "all_reduce_max", "current", "length", "mean", "norm", "param_norm",
            "phase", "reduce_split", "reduce_total", "rms", "sharded"]

@@ -3,9 +3,11 @@
 Two modes, chosen per parameter from its group's parts (:func:`mode`):
 
 * ``"sharded"``: basis projectors (``svd``, ``rsvd``, ``random``) with an inner rule that is elementwise or
-  asks :mod:`~lowrank_optim.distributed.comm` for its sums (``adam``, ``adafactor``, ``sgd``), the ``drop`` or
-  ``fira`` residual and the ``keep``, ``reset`` or ``linear`` transfer (GaLoreAdamW, GaLoreAdafactor, Fira,
-  Flora), and every plain parameter whose rule is one of those. Every state tensor is sharded:
+  asks :mod:`~lowrank_optim.distributed.comm` for its sums (``adam``, ``adafactor``, ``sgd``), the ``drop``,
+  ``fira`` or ``apollo`` residual and the ``keep``, ``reset`` or ``linear`` transfer (GaLoreAdamW,
+  GaLoreAdafactor, Fira, Flora, APOLLO, APOLLO-Mini), FRUGAL's blocks with a state-free residual and a
+  resetting transfer (row-local: :func:`_step_elementwise`), and every plain parameter whose rule is one of
+  those. Every state tensor is sharded:
 
   - right side (``m >= n`` under ``"std"``; basis ``Q``, ``n x r``): ``R_i = G_i Q`` and ``W_i -= N_i Q^T``
     are local; the moments are ``m_i x r`` row chunks; ``Q`` is kept as row chunks (``n`` split like ``m``)
@@ -13,15 +15,18 @@ Two modes, chosen per parameter from its group's parts (:func:`mode`):
   - left side (basis ``P``, ``m x r``, row chunks aligned with ``W_i``): ``R = sum_i P_i^T G_i`` is one
     all-reduce of ``r x n``; each rank runs the rule on its column chunk of ``R`` (moments ``r x n_j``),
     then one all-gather of the ``r x n`` step and ``W_i -= P_i N`` (the residual, if any, needs ``R`` and
-    ``N`` whole, which this gives);
+    ``N`` whole, which this gives; on the right side it sees their row chunks and completes its sums through
+    :mod:`~lowrank_optim.distributed.comm`);
   - refresh (SVD, rSVD): computed once per period on an owner rank (the parameter's index modulo the world
     size): one gather of the whole gradient to the owner, the projector's own ``init`` / ``update`` on it
     (so the basis is bit-identical to one process's, signs included), one broadcast of the basis; random
-    bases (Flora) are drawn from the same seed on every rank and need no traffic.
+    bases (Flora, APOLLO) are drawn from the same seed on every rank and need no traffic;
+  - a zero first gradient defers the subspace to the first nonzero one (``subspace_pending``), as in one
+    process; stochastic rounding of the stores is keyed by the global element index (:class:`ShardStore`).
 
-* ``"replicated"`` (every other combination: DCT, online PCA, COAP, FRUGAL's blocks, GUM's Muon, GaLore+'s
-  sparse residual): the whole gradient and weight are all-gathered, the single-process step runs on them
-  with replicated state, and each rank keeps its rows. Exact, but the state is not divided.
+* ``"replicated"`` (every other combination: DCT, online PCA, COAP, GUM's Muon, GaLore+'s sparse residual):
+  the whole gradient and weight are all-gathered, the single-process step runs on them with replicated state,
+  and each rank keeps its rows. Exact, but the state is not divided.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from ..projectors import PROJECTORS
 from ..projectors.base import LEFT, Projector, derive_seed
 from ..state import StateStore
 from . import comm
-from .shards import Layout, all_gather_cols, all_gather_rows, broadcast_from, gather_rows_to, layout, local
+from .shards import Layout, Split, all_gather_cols, all_gather_rows, broadcast_from, gather_rows_to, layout, local
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import LowRankOptimizer
@@ -44,11 +49,17 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Parts the sharded mode implements; anything else runs replicated.
 SHARDED_PROJECTORS = ("svd", "rsvd", "random")
 SHARDED_RULES = ("adam", "adafactor", "sgd")
-SHARDED_RESIDUALS = ("drop", "fira")
+SHARDED_RESIDUALS = ("drop", "fira", "apollo")
 SHARDED_TRANSFERS = ("keep", "reset", "linear")
 
 #: Projectors whose state has no tensor and whose ``init`` / ``update`` read only the gradient's shape.
 SEEDED_PROJECTORS = ("random",)
+#: Projectors whose subspace is all of a tensor or nothing (FRUGAL's blocks): ``project``, the lift and the
+#: complement act on a rank's rows alone, and their state is ints (from the shape and the group's layout), so
+#: they run on every rank; with a state-free residual and a resetting transfer the whole step is row-local.
+ELEMENTWISE_PROJECTORS = ("blocks",)
+ELEMENTWISE_RESIDUALS = ("drop", "sign", "sgd")
+ELEMENTWISE_TRANSFERS = ("reset", "reset_on_change")
 
 _BASIS = Projector(rank=1)  # the base class's matrix products on an explicit ``basis`` (a view of a shard)
 
@@ -62,10 +73,24 @@ def mode(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> str:
     if not _lowrank(opt, group, p):
         plain = group.get("plain_inner") or group["inner"]
         return "sharded" if plain in SHARDED_RULES else "replicated"
-    ok = (proj.name in SHARDED_PROJECTORS and type(proj) is PROJECTORS.get(proj.name)
-          and group["inner"] in SHARDED_RULES and group["residual"] in SHARDED_RESIDUALS
-          and group["transfer"] in SHARDED_TRANSFERS)
+    ok = type(proj) is PROJECTORS.get(proj.name) and sharded_parts(proj.name, group["inner"], group["residual"],
+                                                                   group["transfer"])
     return "sharded" if ok else "replicated"
+
+
+def sharded_parts(projector: str, inner: str, residual: str, transfer: str) -> bool:
+    """Whether a projected matrix with these parts (registry names) runs in the sharded mode (the memory planner
+    asks too)."""
+    if inner not in SHARDED_RULES:
+        return False
+    if projector in ELEMENTWISE_PROJECTORS:
+        return residual in ELEMENTWISE_RESIDUALS and transfer in ELEMENTWISE_TRANSFERS
+    return projector in SHARDED_PROJECTORS and residual in SHARDED_RESIDUALS and transfer in SHARDED_TRANSFERS
+
+
+def elementwise(proj: Projector | None) -> bool:
+    """Whether ``proj`` is one of :data:`ELEMENTWISE_PROJECTORS` (its own class, not a subclass)."""
+    return proj is not None and proj.name in ELEMENTWISE_PROJECTORS and type(proj) is PROJECTORS.get(proj.name)
 
 
 def _lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> bool:
@@ -76,7 +101,9 @@ def moment_layout(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor)
                                                                                      int]:
     """``(rule, global shape, split axis)`` of the tensor the inner rule of a sharded parameter sees: the
     low-rank gradient (``(m, r)`` split along 0, or ``(r, n)`` along 1) or the parameter (along 0)."""
-    _, rule, _, _, _ = opt._parts(group)
+    proj, rule, _, _, _ = opt._parts(group)
+    if _lowrank(opt, group, p) and elementwise(proj):  # the widest shape (an inactive block's moments are empty)
+        return rule, tuple(int(s) for s in proj.low_shape(p.shape)), 0
     if _lowrank(opt, group, p):
         pst = opt.state[p]["projector"]
         r, m, n = int(pst["rank"]), int(p.shape[0]), int(p.shape[1])
@@ -88,12 +115,39 @@ def moment_layout(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor)
     return rule, tuple(p.shape), 0
 
 
-def local_store(store: StateStore, global_numel: int) -> StateStore:
-    """A store that quantizes a rank's chunk exactly when one process would quantize the whole moment
-    (the ``min_8bit_size`` rule applies to the whole tensor, never to a shard)."""
-    if store.dtype != "8bit":
-        return store
-    return StateStore("8bit", min_8bit_size=1 if store.quantized(global_numel) else 1 << 62)
+class ShardStore(StateStore):
+    """The group's store for one rank's chunks of a sharded parameter's moments.
+
+    It quantizes a chunk exactly when one process would quantize the whole moment (``min_8bit_size`` applies to
+    the whole tensor, never to a shard), and its ``save`` keys the stochastic rounding (bf16, 8-bit) by each
+    element's index in the whole moment (:class:`~.shards.Split`), so a chunk rounds as the whole moment would,
+    at any world size; 8-bit blocks are still the chunk's own.
+    """
+
+    def __init__(self, store: StateStore, global_numel: int | None, split: Split | None) -> None:
+        small = store.min_8bit_size
+        if store.dtype == "8bit" and global_numel is not None:
+            small = 1 if store.quantized(global_numel) else 1 << 62
+        super().__init__(store.dtype, min_8bit_size=small)
+        self.split = split
+
+    def save(self, state: dict, name: str, value: torch.Tensor, signed: bool = True, *,  # type: ignore[override]
+             origin: tuple[int, ...] | None = None, global_shape: tuple[int, ...] | None = None) -> None:
+        if origin is None and self.split is not None:
+            origin, global_shape = self.split.place(name, tuple(value.shape))
+        StateStore.save(state, name, value, signed, origin=origin, global_shape=global_shape)
+
+
+def local_store(store: StateStore, global_numel: int | None, split: Split | None = None) -> ShardStore:
+    """The :class:`ShardStore` of ``store`` for moments of ``global_numel`` elements in all (``None``: decide
+    by the chunk's own size) placed by ``split`` (``None``: whole on this rank)."""
+    return ShardStore(store, global_numel, split)
+
+
+def shard_split(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> Split:
+    """The :class:`~.shards.Split` of a sharded parameter's moments on this rank (after its state exists)."""
+    _, low, dim = moment_layout(opt, group, p)
+    return Split(dim, layout(p).rows(int(low[dim]))[0], tuple(int(s) for s in low))
 
 
 def _create(store: StateStore, state: dict, specs: list[Any], global_specs: list[Any], device: torch.device,
@@ -203,8 +257,9 @@ def _step_plain(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, l
             d = None
         else:
             d = rule.direction(grad, moments, step, group, target)
+    saver = local_store(store, None, Split(0, lay.rows(int(p.shape[0]))[0], tuple(int(d) for d in p.shape)))
     for s in specs:
-        store.save(state, s.name, moments[s.name], s.signed)
+        saver.save(state, s.name, moments[s.name], s.signed)
     state["step"], state["inner_step"] = state["step"] + 1, step
     if d is not None:
         if group["weight_decay"] != 0:
@@ -234,14 +289,15 @@ def _refreshed(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, in
     proj = opt._parts(group)[0]
     m = int(p.shape[0])
     seed = derive_seed(group["seed"], index)
-    if proj.name in SEEDED_PROJECTORS:
+    if proj.name in SEEDED_PROJECTORS or elementwise(proj):
         shape_only = torch.empty(tuple(p.shape), dtype=torch.float32, device="meta")
+        ctx = {"layout": opt._layout(group, p)} if getattr(proj, "wants_layout", False) else {}
         if old is None:
             REFRESH_CALLS["init"] += 1
-            new = proj.init(shape_only, seed=seed)
+            new = proj.init(shape_only, seed=seed, **ctx)
         else:
             REFRESH_CALLS["update"] += 1
-            new = proj.update(shape_only, old)
+            new = proj.update(shape_only, old, **ctx)
         return new, new, old
     own = owner(index, lay.world)
     with comm.phase("refresh"):
@@ -272,6 +328,8 @@ def _refreshed(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, in
 
 
 def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, index: int, lay: Layout) -> None:
+    from ..engine import PENDING
+
     proj, rule, residual, transfer, store = opt._parts(group)
     state = opt.state[p]
     m, n = int(p.shape[0]), int(p.shape[1])
@@ -281,23 +339,37 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
     if not state:
         state["step"], state["inner_step"] = 0, 0
         state["projector"], _, _ = _refreshed(opt, group, p, index, lay, None, full_old=False)
-        _create(store, state, rule.moments(_low_shape(state["projector"], p.shape, lay), group),
-                rule.moments(_low_shape(state["projector"], p.shape, None), group), w.device,
+        _create(store, state, rule.moments(_low_shape(state["projector"], p.shape, lay, proj), group),
+                rule.moments(_low_shape(state["projector"], p.shape, None, proj), group), w.device,
                 derive_seed(group["seed"], index))
+        if grad.device.type != "meta" and not _any_nonzero(grad, lay):
+            state[PENDING] = 1  # as in one process: the subspace is chosen at the first nonzero gradient
+    elif PENDING in state:
+        if _any_nonzero(grad, lay):
+            del state[PENDING]
+            state["projector"], _, _ = _refreshed(opt, group, p, index, lay, None, full_old=False)
+            pst = state["projector"]
+            for spec, whole in zip(rule.moments(_low_shape(pst, p.shape, lay, proj), group),
+                                   rule.moments(_low_shape(pst, p.shape, None, proj), group), strict=True):
+                if tuple(state[spec.name].shape) != tuple(spec.shape):
+                    local_store(store, _numel(whole.shape)).create(state, spec.name, spec.shape, w.device)
     elif state["step"] % group["update_proj_gap"] == 0:
         old = state["projector"]
         linear = group["transfer"] == "linear" and "basis" in old
         new, new_full, old_full = _refreshed(opt, group, p, index, lay, old, full_old=linear)
-        specs = rule.moments(_low_shape(new, p.shape, lay), group)
-        whole = _numel(rule.moments(_low_shape(new, p.shape, None), group)[0].shape) if specs else 0
+        specs = rule.moments(_low_shape(new, p.shape, lay, proj), group)
+        whole = _numel(rule.moments(_low_shape(new, p.shape, None, proj), group)[0].shape) if specs else 0
         transfer.apply(state, old_full if linear else old, new_full if linear else new, proj, specs,
-                       local_store(store, whole))
+                       local_store(store, whole, _split(new, p.shape, lay, proj)))
         for spec in specs:
             if tuple(state[spec.name].shape) != tuple(spec.shape):
                 raise ValueError(f"Invalid transfer: {group['transfer']!r} kept moment {spec.name!r} of shape "
                                  f"{tuple(state[spec.name].shape)} but the new subspace needs {tuple(spec.shape)}")
         state["projector"] = new
     pst = state["projector"]
+    if elementwise(proj):
+        _step_elementwise(opt, group, p, lay, state, w, grad)
+        return
     side, r = int(pst["side"]), int(pst["rank"])
     offset, size = lay.rows(m)
     if proj.name in SEEDED_PROJECTORS:
@@ -322,8 +394,9 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
     target = w if w.dtype == torch.float32 else w.float()
     with comm.sharded(spec):
         d = rule.direction(low, moments, inner_step, group, target)
+    saver = local_store(store, None, _split(pst, p.shape, lay, proj))
     for s in specs:
-        store.save(state, s.name, moments[s.name], s.signed)
+        saver.save(state, s.name, moments[s.name], s.signed)
     state["step"], state["inner_step"] = step, inner_step
     if group["weight_decay"] != 0:
         target.mul_(1 - d.lr * group["weight_decay"])
@@ -333,10 +406,12 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
     if side == LEFT:
         low_update = all_gather_cols(low_update, n, lay)  # N, (r, n)
         low = whole
-    if low_update.numel():
+    if low_update.numel() and not getattr(residual, "replaces_lift", False):  # APOLLO applies its own update
         _BASIS.add_back(target, low_update, view, alpha)
     ctx = {"coef": d.coef, "lr": d.lr} if getattr(residual, "wants_coef", False) else {}
-    with comm.sharded(comm.Sharding(lay.group, None, tuple(low.shape), m * n)):
+    # the residual sees R and N whole on the left side, as row chunks on the right
+    with comm.sharded(comm.Sharding(lay.group, None if side == LEFT else 0, (r, n) if side == LEFT else (m, r),
+                                    m * n)):
         extra = residual.step(grad, low, low_update, _BASIS, view, state, group, **ctx)
     if extra is not None:
         target.sub_(extra)
@@ -344,17 +419,68 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
         w.copy_(target)
 
 
-def _low_shape(pst: dict[str, Any], shape: torch.Size, lay: Layout | None) -> tuple[int, int]:
+def _step_elementwise(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, lay: Layout, state: dict,
+                      w: torch.Tensor, grad: torch.Tensor) -> None:
+    """The step of an elementwise projector (FRUGAL's blocks) on this rank's rows: the rule on ``project(G_i)``
+    (``G_i`` itself for an active block, nothing for an inactive one), the lift, and the state-free residual on
+    the complement, all local."""
+    proj, rule, residual, _, store = opt._parts(group)
+    pst = state["projector"]
+    m, n = int(p.shape[0]), int(p.shape[1])
+    low = proj.project(grad, pst)
+    step, inner_step = state["step"] + 1, state["inner_step"] + 1
+    specs = rule.moments(tuple(low.shape), group)
+    moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
+    target = w if w.dtype == torch.float32 else w.float()
+    whole = tuple(int(s) for s in proj.low_shape(p.shape, pst))
+    with comm.sharded(comm.Sharding(lay.group, 0, whole, m * n)):
+        d = rule.direction(low, moments, inner_step, group, target)
+    saver = local_store(store, None, _split(pst, p.shape, lay, proj))
+    for s in specs:
+        saver.save(state, s.name, moments[s.name], s.signed)
+    state["step"], state["inner_step"] = step, inner_step
+    if group["weight_decay"] != 0:
+        target.mul_(1 - d.lr * group["weight_decay"])
+    low_update = d.num if d.den is None else d.num / d.den
+    if low_update.numel():
+        proj.add_back(target, low_update, pst, -d.coef * group["scale"])
+    with comm.sharded(comm.Sharding(lay.group, 0, (m, n), m * n)):
+        extra = residual.step(grad, low, low_update, proj, pst, state, group)
+    if extra is not None:
+        target.sub_(extra)
+    if target is not w:
+        w.copy_(target)
+
+
+def _split(pst: dict[str, Any], shape: torch.Size, lay: Layout, proj: Projector | None = None) -> Split:
+    """Where this rank's part of the low-rank gradient sits: rows of ``(m, r)`` (right) or columns of ``(r, n)``
+    (an elementwise projector: rows of its own shape)."""
+    whole = _low_shape(pst, shape, None, proj)
+    dim = 0 if elementwise(proj) or int(pst["side"]) != LEFT else 1
+    return Split(dim, lay.rows(whole[dim])[0], whole)
+
+
+def _any_nonzero(grad: torch.Tensor, lay: Layout) -> bool:
+    """Whether the whole gradient has a nonzero element (one MAX all-reduce of a flag)."""
+    flag = torch.tensor([1.0 if bool(grad.any()) else 0.0], dtype=torch.float32, device=grad.device)
+    return bool(comm.all_reduce_max(flag, lay.group).item() > 0)
+
+
+def _low_shape(pst: dict[str, Any], shape: torch.Size, lay: Layout | None,
+               proj: Projector | None = None) -> tuple[int, ...]:
     """This rank's part of the low-rank gradient: ``(m_i, r)`` on the right side, ``(r, n_j)`` on the left
-    (``lay`` None: the whole ``(m, r)`` or ``(r, n)``)."""
+    (``lay`` None: the whole ``(m, r)`` or ``(r, n)``); an elementwise projector's own shape of the rank's rows."""
+    if elementwise(proj):
+        rows = lay.rows(int(shape[0]))[1] if lay is not None else int(shape[0])
+        return tuple(int(s) for s in proj.low_shape((rows, *tuple(shape)[1:]), pst))
     r = int(pst["rank"])
     if int(pst["side"]) == LEFT:
         return r, (lay.rows(int(shape[1]))[1] if lay is not None else int(shape[1]))
     return (lay.rows(int(shape[0]))[1] if lay is not None else int(shape[0])), r
 
 
-__all__ = ["REFRESH_CALLS", "SHARDED_PROJECTORS", "SHARDED_RESIDUALS", "SHARDED_RULES", "SHARDED_TRANSFERS",
-           "divide_refresh", "mode", "once", "owner", "step_param"]
+__all__ = ["ELEMENTWISE_PROJECTORS", "REFRESH_CALLS", "SHARDED_PROJECTORS", "SHARDED_RESIDUALS", "SHARDED_RULES",
+           "SHARDED_TRANSFERS", "divide_refresh", "elementwise", "mode", "once", "owner", "sharded_parts", "step_param"]
 
 
 def agree_finite(finite: bool, params: list[torch.Tensor]) -> bool:

@@ -126,6 +126,41 @@ def broadcast_from(obj: Any, lay: Layout, owner: int) -> Any:
     return out
 
 
+def split_axis(name: str, ndim: int, low_ndim: int, dim: int | None) -> int | None:
+    """The axis of moment ``name`` (``ndim`` axes) split across ranks when the inner rule's tensor (``low_ndim``
+    axes) is split along ``dim``: the same axis for a moment shaped like that tensor; axis 0 of Adafactor's
+    row statistic (``*_row``) when rows are split, of its column statistic (``*_col``) when columns are;
+    ``None`` (whole on every rank) otherwise."""
+    if dim is None:
+        return None
+    if ndim == low_ndim:
+        return dim
+    if ndim == 1 and ((name.endswith("_row") and dim == 0) or (name.endswith("_col") and dim == 1)):
+        return 0
+    return None
+
+
+@dataclass(frozen=True)
+class Split:
+    """How this rank's moments sit in the whole moments: the inner rule's tensor of global shape ``shape`` is
+    split along ``dim`` and this rank's chunk starts at ``offset`` along it."""
+
+    dim: int
+    offset: int
+    shape: tuple[int, ...]
+
+    def place(self, name: str, local_shape: tuple[int, ...]) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+        """``(origin, global_shape)`` of this rank's part of moment ``name`` (``(None, None)``: whole here)."""
+        axis = split_axis(name, len(local_shape), len(self.shape), self.dim)
+        if axis is None:
+            return None, None
+        origin = [0] * len(local_shape)
+        origin[axis] = self.offset
+        whole = list(local_shape)
+        whole[axis] = self.shape[axis] if len(local_shape) == len(self.shape) else self.shape[self.dim]
+        return tuple(origin), tuple(whole)
+
+
 def wrap(t: torch.Tensor, lay: Layout, dim: int | None, global_shape: tuple[int, ...]) -> torch.Tensor:
     """``t`` (this rank's chunk along ``dim``, or the whole tensor when ``dim`` is ``None``) as a DTensor on
     the parameter's mesh, sharing storage: what ``torch.distributed.checkpoint`` reshards by placement."""
@@ -135,5 +170,5 @@ def wrap(t: torch.Tensor, lay: Layout, dim: int | None, global_shape: tuple[int,
                               stride=stride)
 
 
-__all__ = ["Layout", "all_gather_cols", "all_gather_rows", "broadcast_from", "check_placement", "chunk",
-           "gather_rows_to", "is_dtensor", "layout", "local", "wrap"]
+__all__ = ["Layout", "Split", "all_gather_cols", "all_gather_rows", "broadcast_from", "check_placement", "chunk",
+           "gather_rows_to", "is_dtensor", "layout", "local", "split_axis", "wrap"]

@@ -13,9 +13,10 @@ from typing import Any, ClassVar
 import torch
 
 from .._validation import check_choice, check_number
+from ..distributed import comm
 from ..projectors.base import LEFT, Projector, ProjState
 from .base import Group, ResidualRule
-from .fira_residual import adam_step_size, limit_norm_growth, slice_scaling
+from .fira_residual import adam_step_size, limit_norm_growth, reserve_limiter, slice_scaling
 
 SCALE_TYPES = ("channel", "tensor")
 _TINY = 1e-8  # guard of ||R|| in the scaling factor, as Fira's
@@ -32,8 +33,8 @@ def apollo_scaling(low_step: torch.Tensor, low_grad: torch.Tensor, side: int, sc
             ``(m, 1)``), i.e. per slice along the dimension the projection keeps (the paper's channels).
         scale_type: ``"channel"`` (APOLLO) or ``"tensor"`` (APOLLO-Mini: one factor, ``(1, 1)``).
     """
-    if scale_type == "tensor":
-        return (low_step.norm() / (low_grad.norm() + _TINY)).reshape(1, 1)
+    if scale_type == "tensor":  # norms of the whole R~, R when they are row shards (FSDP2)
+        return (comm.norm(low_step) / (comm.norm(low_grad) + _TINY)).reshape(1, 1)
     return slice_scaling(low_step, low_grad, side)
 
 
@@ -77,6 +78,8 @@ class APOLLOScaling(ResidualRule):
              lr: float = 1.0) -> torch.Tensor | None:
         eta = adam_step_size(lr, state, group)  # Adam's bias correction moves into the step size eta_t
         if eta == 0.0:
+            if group["limiter_gamma"] is not None:
+                reserve_limiter(state, grad.device)
             return None
         s = apollo_scaling(low_update, low_grad, int(proj_state.get("side", LEFT)), group["scale_type"])
         s.mul_(coef / eta)  # norms of coef * low_update / eta_t: the un-corrected Adam step R~

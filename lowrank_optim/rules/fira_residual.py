@@ -31,6 +31,13 @@ def slice_scaling(low_step: torch.Tensor, low_grad: torch.Tensor, side: int) -> 
     return low_step.norm(dim=dim, keepdim=True) / (low_grad.norm(dim=dim, keepdim=True) + _TINY)
 
 
+def reserve_limiter(state: dict, device: torch.device) -> None:
+    """Creates the limiter's stored norm as the placeholder -1 ("not measured yet") if it is absent: a zero-lr
+    step (DCP's fresh-optimizer template comes from one) leaves the same keys as a trained step, so a checkpoint
+    loads into the template with nothing dropped."""
+    state.setdefault(LIMITER_KEY, torch.full((), -1.0, dtype=torch.float32, device=device))
+
+
 def limit_norm_growth(residual: torch.Tensor, state: dict, gamma: float) -> torch.Tensor:
     """Fira's norm-growth limiter: if ``||S_t|| > gamma * s_{t-1}``, rescale ``S_t`` to ``gamma * s_{t-1}``.
 
@@ -116,9 +123,7 @@ class FiraResidual(ResidualRule):
         eta = adam_step_size(lr, state, group)
         if eta == 0.0:
             if group["limiter_gamma"] is not None:
-                # the stored norm exists from the first step on, even a zero-lr one (DCP's fresh-optimizer
-                # template comes from such a step): -1 means "not measured yet"
-                state.setdefault(LIMITER_KEY, torch.full((), -1.0, dtype=torch.float32, device=grad.device))
+                reserve_limiter(state, grad.device)
             return None
         # G - alpha * lift(R) ("reference") or G - lift(R)
         alpha = group["scale"] if group["fira_residual"] == "reference" else 1.0
@@ -131,4 +136,4 @@ class FiraResidual(ResidualRule):
         return residual.mul_(eta)
 
 
-__all__ = ["LIMITER_KEY", "FiraResidual", "adam_step_size", "limit_norm_growth", "slice_scaling"]
+__all__ = ["LIMITER_KEY", "FiraResidual", "adam_step_size", "limit_norm_growth", "reserve_limiter", "slice_scaling"]
