@@ -34,22 +34,29 @@ __all__ = ["lr_factor", "main", "run", "summary", "train_one"]
 
 
 @torch.no_grad()
+def evaluate_batches(model: torch.nn.Module, corpus: Corpus, batches: int, batch_size: int, seq_len: int,
+                     device: torch.device) -> list[float]:
+    """Validation loss of each of ``batches`` fixed validation batches (the same batches for every run)."""
+    model.eval()
+    losses = []
+    for i in range(batches):
+        x, y = corpus.batch("val", i, batch_size, seq_len)
+        losses.append(float(model(x.to(device), y.to(device))))
+    model.train()
+    return losses
+
+
 def evaluate(model: torch.nn.Module, corpus: Corpus, batches: int, batch_size: int, seq_len: int,
              device: torch.device) -> float:
     """Mean validation loss over ``batches`` fixed validation batches."""
-    model.eval()
-    total = 0.0
-    for i in range(batches):
-        x, y = corpus.batch("val", i, batch_size, seq_len)
-        total += float(model(x.to(device), y.to(device)))
-    model.train()
-    return total / batches
+    return sum(evaluate_batches(model, corpus, batches, batch_size, seq_len, device)) / batches
 
 
 def train_one(spec: Spec, cfg: DecoderConfig, corpus: Corpus, steps: int, batch_size: int, seq_len: int,
               rank: int, update_proj_gap: int, eval_every: int, eval_batches: int, device: torch.device,
               seed: int = 0) -> dict[str, Any]:
-    """Trains a fresh decoder with ``spec``; returns the record (curves included)."""
+    """Trains a fresh decoder with ``spec``; returns the record (curves included, and ``val_batch_losses``: the
+    last evaluation's loss per validation batch, for paired comparisons between runs)."""
     model = build_model(cfg, seed=seed, device=device)
     groups = param_groups(model, rank=rank, target_modules=["attn", "mlp"], update_proj_gap=update_proj_gap)
     opt = spec.build(groups)
@@ -60,6 +67,7 @@ def train_one(spec: Spec, cfg: DecoderConfig, corpus: Corpus, steps: int, batch_
     opt_time = 0.0
     t_start = time.perf_counter()
     diverged = False
+    val_batches: list[float] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for step in range(steps):
@@ -80,14 +88,16 @@ def train_one(spec: Spec, cfg: DecoderConfig, corpus: Corpus, steps: int, batch_
                 diverged = True
                 break
             if (step + 1) % eval_every == 0 or step + 1 == steps:
-                val_curve.append((step + 1, evaluate(model, corpus, eval_batches, batch_size, seq_len, device)))
+                val_batches = evaluate_batches(model, corpus, eval_batches, batch_size, seq_len, device)
+                val_curve.append((step + 1, sum(val_batches) / eval_batches))
     wall = time.perf_counter() - t_start
     val = val_curve[-1][1] if val_curve and not diverged else float("nan")
     return {"val_loss": val, "val_ppl": math.exp(val) if math.isfinite(val) and val < 50 else float("inf"),
             "val_bits_per_byte": val / math.log(2) if math.isfinite(val) else float("nan"),
             "final_train_loss": train_curve[-1][1], "diverged": diverged, "wall_s": wall,
             "optimizer_s_per_step": opt_time / max(1, len(train_curve)), "state_bytes": count_state_bytes(opt),
-            "train_curve": train_curve, "val_curve": val_curve}
+            "train_curve": train_curve, "val_curve": val_curve,
+            "val_batch_losses": val_batches if val_curve and not diverged else []}
 
 
 def run(cfg: DecoderConfig, steps: int, batch_size: int, seq_len: int, rank: int, update_proj_gap: int,

@@ -24,8 +24,10 @@ STORED = [(name, dt) for name in sorted(BASIS_PROJECTORS) for dt in QUANTIZED if
 @pytest.mark.parametrize("d", [1, 7, BLOCK, BLOCK + 3, 2 * BLOCK + 1])
 @pytest.mark.parametrize("basis_dtype", ["fp32", *QUANTIZED])
 def test_codec_error_bounds_and_bytes(d: int, basis_dtype: str) -> None:
-    """Round to nearest: |x - decode(encode(x))| <= absmax(block) / (2 L) with L = 127 (int8) or 7 (int4);
-    bf16 within half an ulp; bytes of the stored tensors equal :func:`basis_bytes`; encoding is deterministic."""
+    """int8 / int4: the codes are round-to-nearest of x / (absmax(block) / L), L = 127 or 7; each column's scales
+    carry one factor f making the decoded column's norm the fp32 one's, so |x - decode(encode(x))| <=
+    absmax / (2 L) + |1 - f| absmax. bf16 within half an ulp; bytes of the stored tensors equal
+    :func:`basis_bytes`; encoding is deterministic."""
     gen = torch.Generator().manual_seed(d)
     x = torch.randn(d, 3, generator=gen)
     x[:, 1] = 0.0  # an all-zero column decodes to zeros
@@ -43,11 +45,38 @@ def test_codec_error_bounds_and_bytes(d: int, basis_dtype: str) -> None:
         levels = 127 if basis_dtype == "int8" else 7
         nb = math.ceil(d / BLOCK)
         pad = torch.cat([x, x.new_zeros(nb * BLOCK - d, 3)]).view(nb, BLOCK, 3)
-        bound = (pad.abs().amax(dim=1, keepdim=True) / (2 * levels)).expand(nb, BLOCK, 3).reshape(-1, 3)[:d]
-        assert ((y - x).abs() <= bound * (1 + 1e-6) + 1e-12).all()
+        absmax = pad.abs().amax(dim=1, keepdim=True)
+        step = torch.where(absmax > 0, absmax / levels, 1.0)
+        codes = torch.round(pad / step)
+        rounded = (codes * step).view(nb * BLOCK, 3)[:d]
+        code_of = (lambda e: e["basis"].float()) if basis_dtype == "int8" else None
+        if code_of is not None:
+            assert torch.equal(code_of(enc), codes.view(nb * BLOCK, 3)[:d])
+        f = torch.where(rounded.norm(dim=0) > 0, x.norm(dim=0) / rounded.norm(dim=0).clamp(min=1e-30), 1.0)
+        absmax_rows = absmax.expand(nb, BLOCK, 3).reshape(-1, 3)[:d]
+        bound = absmax_rows / (2 * levels) + (1 - f).abs() * absmax_rows
+        assert ((y - x).abs() <= bound * (1 + 1e-5) + 1e-12).all()
+        assert torch.allclose(y.norm(dim=0), x.norm(dim=0), rtol=2e-6, atol=0)
     again = encode_basis(x, basis_dtype)
     for k, v in enc.items():
         assert torch.equal(v, again[k]) if isinstance(v, torch.Tensor) else v == again[k]
+
+
+@pytest.mark.parametrize("basis_dtype", ["int8", "int4"])
+def test_decoded_columns_keep_their_norm(basis_dtype: str) -> None:
+    """Round to nearest alone makes a unit column's squared norm 1 + d step^2 / 12 on average (int4, d = 256: about
+    +1.5%, so every lifted step was ~0.8% too long); the per-column factor brings it back to 1 within fp32
+    rounding while the codes stay round-to-nearest."""
+    gen = torch.Generator().manual_seed(0)
+    p, _ = torch.linalg.qr(torch.randn(BLOCK, 32, generator=gen))  # one block per column
+    q = decode_basis(encode_basis(p, basis_dtype))
+    assert torch.allclose(q.norm(dim=0), torch.ones(32), rtol=0, atol=2e-6)
+    levels = 127 if basis_dtype == "int8" else 7
+    step = p.abs().amax(dim=0) / levels
+    naive = torch.round(p / step) * step
+    excess = float(naive.square().sum(0).mean()) - 1.0
+    assert excess > (0.005 if basis_dtype == "int4" else 0.0)  # the bias the factor removes
+    assert torch.allclose(q, naive * (1.0 / naive.norm(dim=0)), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(("name", "basis_dtype"), STORED)

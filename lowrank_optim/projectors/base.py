@@ -181,8 +181,9 @@ class Projector:
     sign_rule: str | None = None
     #: Basis storage forms this projector accepts (``("fp32",)``: it stores no basis, or must keep it exact).
     basis_dtypes: ClassVar[tuple[str, ...]] = BASIS_DTYPES
-    #: Whether :meth:`configure` accepts ``lazy_refresh`` (needs a stored basis to measure the overlap).
-    supports_lazy: ClassVar[bool] = True
+    #: ``None`` when :meth:`configure` accepts ``lazy_refresh``; otherwise why not, for the error message (a
+    #: refresh that is a draw rather than a recomputation from the gradient, or that other matrices depend on).
+    lazy_refusal: ClassVar[str | None] = None
 
     def __init__(self, rank: int, side: str = "std") -> None:
         self.rank = check_int("rank", rank, low=1)
@@ -206,8 +207,10 @@ class Projector:
             lazy_max_multiple: longest period in multiples of ``update_proj_gap`` (8).
 
         Raises:
-            ValueError: an unknown ``basis_dtype``, a quantized basis or lazy refresh for a projector that
-                stores no basis (``random``, ``dct``, selections) or cannot use it, bad schedule numbers.
+            ValueError: an unknown ``basis_dtype``; a quantized basis for a projector that stores no basis
+                (``random``, ``dct``, selections) or must keep it exact (``online_pca``); lazy refresh for a
+                projector that refuses it (:attr:`lazy_refusal`: ``gum``, ``random``, coordinate selections,
+                ``blocks``); bad schedule numbers.
             TypeError: wrong types.
         """
         check_choice("basis_dtype", basis_dtype, BASIS_DTYPES)
@@ -217,9 +220,8 @@ class Projector:
         if not isinstance(lazy_refresh, bool):
             raise TypeError(f"Invalid lazy_refresh: expected a bool, got {lazy_refresh!r}")
         lazy = LazyRefresh(lazy_threshold, lazy_max_multiple)
-        if lazy_refresh and not self.supports_lazy:
-            raise ValueError(f"Invalid lazy_refresh: True for projector {self.name!r}, which has no stored basis "
-                             "whose overlap could be measured (or must refresh every period)")
+        if lazy_refresh and self.lazy_refusal is not None:
+            raise ValueError(f"Invalid lazy_refresh: True for projector {self.name!r}: {self.lazy_refusal}")
         self.basis_dtype = basis_dtype
         self.lazy = lazy if lazy_refresh else None
         return self
@@ -242,9 +244,14 @@ class Projector:
         if self.lazy is not None and LazyRefresh.skips(state):
             return LazyRefresh.skipped(state)
         new = self.refresh(grad, state, **context)
-        if self.lazy is not None and "basis" in new and new["basis"] is not state.get("basis"):
-            self.lazy.record(new, subspace_overlap(self.basis_of(state), self.basis_of(new)))
+        if self.lazy is not None and not ("basis" in new and new["basis"] is state.get("basis")):
+            self.lazy.record(new, self.overlap(state, new))  # (a failed decomposition kept the basis: no record)
         return self._encode(new)
+
+    def overlap(self, old: ProjState, new: ProjState) -> float:
+        """How much of the old subspace the new one keeps, in ``[0, 1]``: :func:`subspace_overlap` of the two
+        decoded bases (1: same subspace; about ``r / d`` for unrelated ones). Lazy refresh's measure."""
+        return subspace_overlap(self.basis_of(old), self.basis_of(new))
 
     def init_state(self, grad: torch.Tensor, *, seed: int = 0, **context: Any) -> ProjState:
         """Subclass hook of :meth:`init`: side, rank, seed, refresh count and the first fp32 basis."""

@@ -55,9 +55,10 @@ class BlockProjector(Projector):
     """
 
     name = "blocks"
-    #: no stored basis: neither a quantized basis nor lazy refresh applies
+    #: no stored basis: no quantized basis
     basis_dtypes = ("fp32",)
-    supports_lazy = False
+    lazy_refusal = ("which tensors are active follows a schedule across the group's tensors every period; a "
+                    "tensor that skipped a switch would break the active fraction (density)")
     wants_layout = True
     orthonormal = True  # the subspace is all of the tensor or nothing: its complement is exact
     exact_complement = True

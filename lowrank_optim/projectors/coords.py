@@ -27,9 +27,10 @@ class CoordinateProjector(Projector):
     """
 
     name = "coords"
-    #: no stored basis: neither a quantized basis nor lazy refresh applies
+    #: no stored basis: no quantized basis
     basis_dtypes = ("fp32",)
-    supports_lazy = False
+    lazy_refusal = ("its coordinates are a fresh random draw every period, independent of the gradient, so "
+                    "the overlap of two draws says nothing about whether the subspace keeps still")
     choice: ClassVar[str] = "columns"
     orthonormal = True  # coordinate vectors: the complement zeroes the kept coordinates exactly
     exact_complement = True

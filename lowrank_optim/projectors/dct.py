@@ -143,9 +143,8 @@ class DCTProjector(Projector):
     orthonormal = True  # columns of the orthonormal DCT-II matrix
     dominant = True
     indexed = True
-    #: indices, no stored basis: neither a quantized basis nor lazy refresh applies
+    #: indices, no stored basis: no quantized basis (lazy refresh measures the overlap on the indices)
     basis_dtypes = ("fp32",)
-    supports_lazy = False
 
     def __init__(self, rank: int, side: str = "std", *, score: str = "l2", path: str = "auto") -> None:
         super().__init__(rank, side)
@@ -195,7 +194,7 @@ class DCTProjector(Projector):
         return self._selected(state, int(state["dim"]), torch.device(device)).T.contiguous()
 
     # -- contract ---------------------------------------------------------------------------------
-    def init(self, grad: torch.Tensor, *, seed: int = 0) -> ProjState:
+    def init_state(self, grad: torch.Tensor, *, seed: int = 0, **context: Any) -> ProjState:
         if grad.dim() != 2:
             raise ValueError(f"Invalid grad: projectors take 2-D tensors, got shape {tuple(grad.shape)}")
         side = choose_side(grad.shape, self.side_rule)
@@ -204,11 +203,20 @@ class DCTProjector(Projector):
         return {"side": side, "rank": rank, "seed": int(seed), "refresh": 0, "dim": dim,
                 "indices": self.select(grad, side, rank)}
 
-    def update(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
+    def refresh(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
         new = dict(state)
         new["refresh"] = int(state["refresh"]) + 1
         new["indices"] = self.select(grad, int(state["side"]), int(state["rank"]))
         return new
+
+    def overlap(self, old: ProjState, new: ProjState) -> float:
+        """Fraction of the new selection's columns that the old one held: ``||Q_old^T Q_new||_F^2 / r`` exactly,
+        since the DCT columns are orthonormal (lazy refresh's measure)."""
+        r = int(new["indices"].numel())
+        if r == 0:
+            return 1.0
+        kept = torch.isin(new["indices"], old["indices"].to(new["indices"].device))
+        return int(kept.sum()) / r
 
     def project(self, grad: torch.Tensor, state: ProjState) -> torch.Tensor:
         side = state["side"]

@@ -62,8 +62,9 @@ class GUMProjector(Projector):
     #: the full branch steps the complement: an int4 basis leaves 0.14 of the gradient there as quantization
     #: error (:data:`~lowrank_optim.projectors.quantized_basis.RESIDUAL_FLOORS`)
     basis_dtypes = ("fp32", "bf16", "int8")
-    #: every period redraws the full-rank branch too, so no refresh may be skipped
-    supports_lazy = False
+    lazy_refusal = ("every period redraws which matrices take the full-rank branch (exactly gamma of them, or each "
+                    "with probability q); a matrix that skipped the draw would break it and the 1/q, 1/(1-q) "
+                    "weights that make GUM's estimate unbiased")
     wants_layout = True
     orthonormal = True
     dominant = True

@@ -11,6 +11,12 @@ projection:
 * ``"int4"``: the same with codes in ``[-7, 7]``, two per byte (row ``2i`` in the low nibble, ``2i + 1`` in
   the high one): ``basis`` uint8 ``(ceil(d / 2), r)``, ``basis_scale`` as int8, and ``basis_rows = d`` (an int).
 
+Rounding to nearest adds a zero-mean error of variance ``step^2 / 12`` to every entry, so a decoded column's
+squared norm is too large on average by ``d step^2 / 12``: about +1.7% for int4 at ``d = 128 .. 1024`` (the lift
+``P N`` of every step about 0.85% too long), 1e-4 for int8. The encoder removes that bias: after rounding, each
+column's block scales are multiplied by one factor so that the decoded column has the fp32 column's norm (same
+storage, one multiplication). An entry's error then stays within ``absmax / (2 L) + |1 - factor| absmax``.
+
 Decoding depends only on the stored tensors (their dtype says which form), so a checkpoint decodes the same
 basis whatever the projector's options. Rounding is to nearest (deterministic): quantizing the same basis
 twice gives the same codes, which keeps resume bit-exact.
@@ -58,7 +64,13 @@ def encode_basis(basis: torch.Tensor, basis_dtype: str) -> dict[str, Any]:
     x = x.view(nb, BLOCK, r)
     scale = x.abs().amax(dim=1) / levels  # (nb, r)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round(x / safe.unsqueeze(1)).clamp_(-levels, levels).view(nb * BLOCK, r)[:d]
+    codes = torch.round(x / safe.unsqueeze(1)).clamp_(-levels, levels)
+    # one factor per column so that the decoded column keeps the fp32 column's norm (removes rounding's bias)
+    decoded_norm = (codes * scale.unsqueeze(1)).square().sum(dim=(0, 1)).sqrt()
+    true_norm = x.square().sum(dim=(0, 1)).sqrt()
+    factor = torch.where(decoded_norm > 0, true_norm / torch.where(decoded_norm > 0, decoded_norm, 1.0), 1.0)
+    scale = scale * factor
+    codes = codes.view(nb * BLOCK, r)[:d]
     if basis_dtype == "int8":
         return {"basis": codes.to(torch.int8), "basis_scale": scale}
     nibbles = (codes + 8).to(torch.uint8)  # 1..15

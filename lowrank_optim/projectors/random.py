@@ -43,9 +43,10 @@ class RandomProjector(Projector):
     """
 
     name = "random"
-    #: no stored basis: neither a quantized basis nor lazy refresh applies
+    #: no stored basis: no quantized basis
     basis_dtypes = ("fp32",)
-    supports_lazy = False
+    lazy_refusal = ("its basis is a fresh seeded random draw every period, independent of the gradient, so "
+                    "there is no subspace that could keep still")
 
     def __init__(self, rank: int, side: str = "std", *, distribution: str = "gaussian", cache_size: int = 2) -> None:
         super().__init__(rank, side)

@@ -7,6 +7,7 @@ import warnings
 import torch
 
 from ..projectors.base import LEFT, Projector, ProjState
+from ..projectors.lazy_refresh import LazyRefresh
 from ..state import StateStore
 from .base import MomentSpec, TransferPolicy
 
@@ -25,12 +26,18 @@ class KeepTransfer(TransferPolicy):
 
 
 class ResetTransfer(TransferPolicy):
-    """Moments restart from zero and so does the bias-correction step (FRUGAL's ``reset_statistics``)."""
+    """Moments restart from zero and so does the bias-correction step (FRUGAL's ``reset_statistics``).
+
+    A refresh that lazy refresh skipped (:meth:`~lowrank_optim.projectors.lazy_refresh.LazyRefresh.was_skipped`:
+    the same subspace, no refresh counted) resets nothing: the moments still belong to the subspace.
+    """
 
     name = "reset"
 
     def apply(self, state: dict, old: ProjState, new: ProjState, projector: Projector, specs: list[MomentSpec],
               store: StateStore) -> None:
+        if LazyRefresh.was_skipped(old, new):
+            return
         for spec in specs:
             store.create(state, spec.name, spec.shape, state[spec.name].device)
         state["inner_step"] = 0
