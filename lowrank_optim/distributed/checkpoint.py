@@ -56,9 +56,18 @@ def _variable(opt: LowRankOptimizer, group: dict[str, Any]) -> bool:
     return proj is not None and not proj.fixed_low_shape and not elementwise(proj)
 
 
-def _rows_shape(p: torch.Tensor) -> tuple[int, ...]:
-    """The shape of this rank's rows of ``p`` (``p``'s shape when it is not a ``DTensor``)."""
-    return tuple(int(s) for s in (p.to_local() if is_dtensor(p) else p).shape)
+def _matrix_shape(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> tuple[int, ...]:
+    """The shape the engine projects ``p`` as: a conv weight ``(out, in, *k)`` is the matrix ``out x (in * prod(k))``
+    (:func:`lowrank_optim.plan.matrix_shape`); any other parameter its own shape."""
+    from ..plan import matrix_shape
+
+    kind = opt._planner.kind(group, p) if opt._parts(group)[0] is not None else None
+    return matrix_shape(p, kind) if kind == "conv" else tuple(int(s) for s in p.shape)
+
+
+def _rows_shape(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> tuple[int, ...]:
+    """The shape of this rank's rows of ``p`` (its matrix shape when it is not a ``DTensor``)."""
+    return tuple(int(s) for s in p.to_local().shape) if is_dtensor(p) else _matrix_shape(opt, group, p)
 
 
 def _widen(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> dict[str, Any]:
@@ -69,9 +78,9 @@ def _widen(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, st: di
     from .fsdp import local_store
 
     proj, rule, _, _, store = opt._parts(group)
-    widest = tuple(int(s) for s in proj.low_shape(_rows_shape(p)))
+    widest = tuple(int(s) for s in proj.low_shape(_rows_shape(opt, group, p)))
     whole = 1
-    for s_ in proj.low_shape(p.shape):
+    for s_ in proj.low_shape(_matrix_shape(opt, group, p)):
         whole *= int(s_)
     st = dict(st)
     for spec in rule.moments(widest, group):
@@ -95,7 +104,8 @@ def _narrow(opt: LowRankOptimizer) -> None:
         proj, rule, _, _, store = opt._parts(group)
         if not st or "projector" not in st or not elementwise(proj):
             continue
-        for spec in rule.moments(tuple(int(s) for s in proj.low_shape(_rows_shape(p), st["projector"])), group):
+        low = proj.low_shape(_rows_shape(opt, group, p), st["projector"])
+        for spec in rule.moments(tuple(int(s) for s in low), group):
             t = st.get(spec.name)
             if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(spec.shape) and not math.prod(spec.shape):
                 store.create(st, spec.name, spec.shape, t.device)
@@ -106,7 +116,8 @@ def _envelope(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> 
     holds each of them (with its 8-bit ``absmax``) in any of the shapes it can take (the projector's widest
     low-rank shape, or the whole parameter)."""
     proj, rule, _, _, store = opt._parts(group)
-    shapes = [tuple(proj.low_shape(p.shape)), tuple(int(s) for s in p.shape)]
+    whole = _matrix_shape(opt, group, p)
+    shapes = [tuple(proj.low_shape(whole)), whole]
     size = 0
     for shape in shapes:
         numel = 1
@@ -138,7 +149,7 @@ def _unpack(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, st: d
     gives (bit-exact, any store)."""
     proj, rule, _, _, store = opt._parts(group)
     st = {k: v for k, v in st.items() if k != PACKED}
-    for spec in rule.moments(tuple(proj.low_shape(p.shape, st["projector"])), group):
+    for spec in rule.moments(tuple(proj.low_shape(_matrix_shape(opt, group, p), st["projector"])), group):
         if spec.name not in st:
             continue
         shape = tuple(int(s) for s in spec.shape)
