@@ -134,6 +134,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {unknown}")
         defaults.update(kwargs)
         self._parts_cache: dict[tuple, Parts] = {}
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # transposed bases (stacks.transposed)
         self._planner = Planner([], module)
         super().__init__(params, defaults)
         self._planner.param_groups = self.param_groups
@@ -214,6 +215,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._parts_cache = {}
+        self._views = {}
         self.__dict__.setdefault("_module", None)
         self._planner = Planner(self.param_groups, self._module)
         for group in self.param_groups:
@@ -350,9 +352,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if not init_only:
                     apply_step(state, group, w, grad, parts, False)
                 continue
-            shape = matrix_shape(p, kind)
-            pm = _view_or_copy(w, shape)
-            gm = grad.reshape(shape)
+            if kind == "matrix":  # already (m, n): no view to dispatch
+                pm, gm = w, grad
+            else:
+                shape = matrix_shape(p, kind)
+                pm, gm = _view_or_copy(w, shape), grad.reshape(shape)
             first = phases[id(p)] if phases is not None else 0
             if kind == "experts":
                 if not state:
@@ -374,7 +378,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 copies.append((w, pm))
         if init_only:
             return
-        rest = apply_units(units, group, group_parts) if self.batched else units
+        rest = apply_units(units, group, group_parts, self._views) if self.batched else units
         for u in rest:
             apply_step(u.state, group, u.param, u.grad, group_parts, True)
         for p, pm in copies:
@@ -444,6 +448,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """
         load_state(self, _checkpoint.import_state(self, state_dict))
         self._parts_cache = {}
+        self._views = {}
         _checkpoint.requantize(self)
         self._planner.reset()
 

@@ -1,9 +1,12 @@
-"""The global non-finite check: one host read per step, before any state changes.
+"""The global non-finite check: one host read per device and step, before any state changes.
 
-Every gradient of a step is reduced on its own device to one fp32 sum; the sums of a device are stacked and
-checked with one ``isfinite().all()``, the only host read of a device value in a steady step. A sum is
-non-finite whenever any entry is inf or NaN (it can also overflow for finite entries near the fp32 range,
-which then skips a step that was finite: a conservative error). Under FSDP2 each rank checks its own rows and
+The gradients of a step are checked per device and dtype by one call of the kernel ``torch.amp.GradScaler`` uses
+(``torch._amp_foreach_non_finite_check_and_unscale_``, with an unscale factor of exactly 1, so every gradient
+keeps its bits: ``x * 1 == x`` for every float, subnormals, signed zeros and infinities included): one dispatch
+for all of them, raising one flag per device if any entry is inf or NaN; reading the flag is the only host read
+of a device value in a steady step. Gradients of other dtypes (float64) are reduced one by one to an fp32 sum
+instead, which is non-finite whenever an entry is (and, conservatively, when finite entries near the fp32 range
+overflow it). Under FSDP2 each rank checks its own rows and
 the ranks agree on one verdict (:func:`lowrank_optim.distributed.fsdp.agree_finite`).
 """
 
@@ -38,11 +41,7 @@ def gradients_ok(owner: str, work: Sequence[tuple[dict[str, Any], torch.Tensor]]
     checked = [(g, p) for g, p in work if g["nonfinite"] != "ignore"]
     if not checked:
         return True
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for _, p in checked:
-        grad = _shards.local(p.grad)  # FSDP2: this rank's rows; the verdict is agreed below
-        by_device.setdefault(grad.device, []).append(grad.sum(dtype=torch.float32))
-    finite = all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values())
+    finite = all_finite([_shards.local(p.grad) for _, p in checked])  # FSDP2: this rank's rows, agreed below
     finite = _fsdp.agree_finite(finite, [p for _, p in checked])
     if finite:
         return True
@@ -53,4 +52,30 @@ def gradients_ok(owner: str, work: Sequence[tuple[dict[str, Any], torch.Tensor]]
     return False
 
 
-__all__ = ["NONFINITE_POLICIES", "check_grad", "gradients_ok"]
+def all_finite(grads: Sequence[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor in ``grads`` is finite (see the module docstring): one kernel per
+    device and dtype, one host read per device. The tensors are not changed."""
+    lists: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        lists.setdefault((g.device, g.dtype), []).append(g)
+    flags: dict[torch.device, torch.Tensor] = {}
+    for (device, dtype), tensors in lists.items():
+        flag = flags.get(device)
+        if flag is None:
+            flag = flags[device] = torch.zeros(1, dtype=torch.float32, device=device)
+        if dtype in _AMP_DTYPES:
+            one = torch.ones(1, dtype=torch.float32, device=device)
+            try:
+                torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, one)
+                continue
+            except (RuntimeError, NotImplementedError):  # a device without the kernel: the sums below
+                pass
+        sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])
+        flag.add_(torch.isfinite(sums).all().logical_not())
+    return not any(bool(flag) for flag in flags.values())
+
+
+#: Dtypes the fused check takes (torch's GradScaler kernel).
+_AMP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+__all__ = ["NONFINITE_POLICIES", "all_finite", "check_grad", "gradients_ok"]

@@ -44,8 +44,27 @@ class Unit(NamedTuple):
     grad: torch.Tensor
 
 
-def apply_units(units: list[Unit], group: Group, parts: Parts) -> list[Unit]:
-    """Steps the units the batched kernels can take (module docstring); returns the rest, untouched."""
+def transposed(basis: torch.Tensor, state: dict, views: dict[int, tuple[torch.Tensor, torch.Tensor]] | None
+               ) -> torch.Tensor:
+    """``basis.T``, kept in ``views`` (keyed by the matrix's state) while ``basis`` is the stored basis: a steady
+    step then dispatches no transpose (a view is free in time but not in dispatches, the cost a GPU pays per op).
+    A basis made for this step only (Flora's regenerated one) is not kept, so ``views`` never holds more than
+    views of the stored bases."""
+    if views is None or basis is not state["projector"].get("basis"):
+        return basis.T
+    key = id(state)
+    hit = views.get(key)
+    if hit is not None and hit[0] is basis:
+        return hit[1]
+    t = basis.T
+    views[key] = (basis, t)
+    return t
+
+
+def apply_units(units: list[Unit], group: Group, parts: Parts,
+                views: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[Unit]:
+    """Steps the units the batched kernels can take (module docstring); returns the rest, untouched. ``views``
+    caches the transposed bases between steps (:func:`transposed`)."""
     proj, rule, residual, _, store = parts
     if proj is None or not units or residual.name not in BATCHED_RESIDUALS:
         return units
@@ -63,7 +82,8 @@ def apply_units(units: list[Unit], group: Group, parts: Parts) -> list[Unit]:
         return rest
     lows = []
     for u, basis in batch:
-        lows.append(torch.mm(basis.T, u.grad) if u.state["projector"]["side"] == LEFT else torch.mm(u.grad, basis))
+        left = u.state["projector"]["side"] == LEFT
+        lows.append(torch.mm(transposed(basis, u.state, views), u.grad) if left else torch.mm(u.grad, basis))
     specs = [rule.moments(tuple(low.shape), group) for low in lows]
     moments = [{s.name: store.load(u.state, s.name, s.signed) for s in sp} for (u, _), sp in
                zip(batch, specs, strict=True)]
@@ -83,14 +103,15 @@ def apply_units(units: list[Unit], group: Group, parts: Parts) -> list[Unit]:
         update = d.num if d.den is None else d.num / d.den
         side = state["projector"]["side"]
         if fira:
+            basis_t = transposed(basis, state, views) if side != LEFT else None
             fira_closed_form_step(target, u.grad, low, update, basis, side, d.coef, d.lr, state, group,
-                                  proj.complement_floor(state["projector"]))
+                                  proj.complement_floor(state["projector"]), basis_t)
         elif update.numel():
             alpha = -d.coef * scale
             if side == LEFT:
                 target.addmm_(basis, update, alpha=alpha)
             else:
-                target.addmm_(update, basis.T, alpha=alpha)
+                target.addmm_(update, transposed(basis, state, views), alpha=alpha)
     return rest
 
 

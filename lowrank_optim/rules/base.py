@@ -22,20 +22,27 @@ _STEP_TENSORS: dict[tuple[str, float], torch.Tensor] = {}
 _STEP_CACHE_SIZE = 64
 
 
-def step_tensor(step: int, device: torch.device) -> torch.Tensor:
-    """A 0-d fp32 tensor holding ``step`` on ``device``, for kernels that take step counts as tensors
-    (``torch._fused_adamw_``), shared by every parameter of a step.
+def device_scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A 0-d fp32 tensor holding ``value`` on ``device``, shared by every parameter of a step (read-only).
 
     Made with ``torch.full`` (a fill on the device: no host-to-device copy, no synchronisation) once per
-    ``(device, step)`` and cached (the last 64). Callers must not modify it (the fused kernels only read it).
+    ``(device, value)`` and cached (the 64 most recently used). An elementwise op with it is one dispatch,
+    where a Python number costs a CPU tensor wrapped and cast first. Callers must not modify it.
     """
-    key = (str(device), float(step))
-    t = _STEP_TENSORS.get(key)
+    key = (str(device), float(value))
+    t = _STEP_TENSORS.pop(key, None)  # re-inserted below: the least recently used entry is the first to go
     if t is None:
         if len(_STEP_TENSORS) >= _STEP_CACHE_SIZE:
             _STEP_TENSORS.pop(next(iter(_STEP_TENSORS)))
-        t = _STEP_TENSORS[key] = torch.full((), float(step), dtype=torch.float32, device=device)
+        t = torch.full((), float(value), dtype=torch.float32, device=device)
+    _STEP_TENSORS[key] = t
     return t
+
+
+def step_tensor(step: int, device: torch.device) -> torch.Tensor:
+    """:func:`device_scalar` of ``step``, for kernels that take step counts as tensors (``torch._fused_adamw_``;
+    they only read it)."""
+    return device_scalar(float(step), device)
 
 
 @dataclass

@@ -19,13 +19,13 @@ complement is rounding noise too, and Fira's limiter must not arm on it.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from ..projectors.base import LEFT
-from .fira_residual import _TINY, LIMITER_KEY
+from .base import device_scalar
+from .fira_residual import _TINY, LIMITER_KEY, adam_step_size
 
 #: The smallest ``||E||^2 / ||G||^2`` the difference of squared norms resolves (fp32 sums of squares).
 CANCELLATION = 64 * torch.finfo(torch.float32).eps
@@ -33,8 +33,14 @@ CANCELLATION = 64 * torch.finfo(torch.float32).eps
 
 def fira_closed_form_step(target: torch.Tensor, grad: torch.Tensor, low: torch.Tensor, update: torch.Tensor,
                           basis: torch.Tensor, side: int, coef: float, lr: float, state: dict,
-                          group: dict[str, Any], floor: float = 0.0) -> None:
+                          group: dict[str, Any], floor: float = 0.0, basis_t: torch.Tensor | None = None) -> None:
     """Applies ``-(coef * scale * lift(update) + Fira's residual step)`` to ``target`` in place.
+
+    With ``eta`` Adam's step size (:func:`~lowrank_optim.rules.fira_residual.adam_step_size`), ``u`` and ``rho`` the
+    slice norms of ``update`` and ``low`` and ``m = u / (rho + 1e-8)`` (so ``eta * phi = coef * m``), the step is
+    ``coef * m / f * G + alpha * coef * (scale / alpha * update - low * m / f) Q^T`` (right side; the left side is
+    the transpose), ``f`` the limiter's factor for the norm ``coef / eta * ||m * (G - alpha R Q^T)||``. Scalars
+    enter as shared 0-d tensors or as an op's ``alpha`` / ``value`` (one dispatch each).
 
     Args:
         target: fp32 ``(m, n)`` weight, updated in place (weight decay already applied).
@@ -47,46 +53,51 @@ def fira_closed_form_step(target: torch.Tensor, grad: torch.Tensor, low: torch.T
         state: the matrix's state (the limiter's stored norm lives there).
         group: the param group (``scale``, ``fira_residual``, ``limiter_gamma``, ``betas``).
         floor: the basis's complement floor ``tau`` (:meth:`~lowrank_optim.projectors.base.Projector.complement_floor`).
+        basis_t: ``basis.T`` if the caller holds it already (right side), else ``None``.
     """
     scale = float(group["scale"])
-    eta = float(lr)
-    if "betas" in group:
-        t = state["inner_step"]
-        beta1, beta2 = group["betas"]
-        eta *= math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-    lift_low = update * (coef * scale)
-    if eta == 0.0 and group["limiter_gamma"] is not None:  # as FiraResidual: -1 means "not measured yet"
-        state.setdefault(LIMITER_KEY, torch.full((), -1.0, dtype=torch.float32, device=grad.device))
-    if eta != 0.0:
-        alpha = scale if group["fira_residual"] == "reference" else 1.0
-        dim = 0 if side == LEFT else 1
-        phi = update.norm(dim=dim, keepdim=True).div_(low.norm(dim=dim, keepdim=True).add_(_TINY))
-        phi.mul_(coef / eta)  # Fira's phi in the un-corrected units of the limiter
-        # ||phi * (G - alpha lift(R))||^2 from the slice norms of G and R
-        sq = torch.linalg.vector_norm(grad, dim=dim, keepdim=True).square_()
-        total = sq.sum()  # ||G||^2
-        sq.sub_(low.square().sum(dim=dim, keepdim=True), alpha=2.0 * alpha - alpha * alpha).clamp_(min=0.0)
-        # a complement at the rounding floor is zero (module docstring)
-        above = sq.sum() > total * max(floor * floor, CANCELLATION)
-        sq.mul_(above)
-        mult = phi.mul(eta).mul_(above)  # eta * phi (0 under the floor), then over the limiter's factor
-        gamma = group["limiter_gamma"]
-        if gamma is not None:
-            norm = sq.mul_(phi.square()).sum().sqrt_()
-            stored = state.get(LIMITER_KEY)
-            if stored is None:
-                state[LIMITER_KEY] = norm.to(torch.float32).clone()
-            else:
-                factor = (norm / (stored + _TINY)).clamp(min=float(gamma)) / float(gamma)
-                factor = torch.where(stored > 0, factor, torch.ones_like(factor))  # armed after a nonzero norm
-                mult.div_(factor)
-                stored.copy_(norm / factor)
-        lift_low.sub_(low * mult, alpha=alpha)
-        target.addcmul_(grad, mult, value=-1.0)
-    if side == LEFT:
-        target.addmm_(basis, lift_low, alpha=-1.0)
+    eta = adam_step_size(lr, state, group)
+    gamma = group["limiter_gamma"]
+    left = side == LEFT
+    back = basis if left else (basis.T if basis_t is None else basis_t)
+    if eta == 0.0:
+        if gamma is not None:  # as FiraResidual: -1 means "not measured yet"
+            state.setdefault(LIMITER_KEY, torch.full((), -1.0, dtype=torch.float32, device=grad.device))
+        if left:
+            target.addmm_(back, update, alpha=-coef * scale)
+        else:
+            target.addmm_(update, back, alpha=-coef * scale)
+        return
+    dev = grad.device
+    alpha = scale if group["fira_residual"] == "reference" else 1.0
+    dim = 0 if left else 1
+    # ||m * (G - alpha lift(R))||^2 per slice from the slice norms of G and R (<G, lift(R)> = ||R||^2)
+    sq = torch.linalg.vector_norm(grad, dim=dim, keepdim=True)
+    sq.mul_(sq)
+    total = sq.sum()  # ||G||^2
+    rho = torch.linalg.vector_norm(low, dim=dim, keepdim=True)
+    sq.addcmul_(rho, rho, value=-(2.0 * alpha - alpha * alpha)).clamp_min_(device_scalar(0.0, dev))
+    # a complement at the rounding floor is zero (module docstring): m = 0 zeroes the residual and its norm
+    above = sq.sum().gt_(total.mul_(device_scalar(max(floor * floor, CANCELLATION), dev)))
+    m = torch.linalg.vector_norm(update, dim=dim, keepdim=True).div_(rho.add_(device_scalar(_TINY, dev)))
+    m.mul_(above)
+    if gamma is not None:
+        norm = sq.mul_(m).mul_(m).sum().sqrt_().mul_(device_scalar(coef / eta, dev))
+        stored = state.get(LIMITER_KEY)
+        if stored is None:
+            state[LIMITER_KEY] = norm.clone()
+        else:
+            factor = torch.div(norm, stored.add(device_scalar(_TINY, dev))).div_(device_scalar(float(gamma), dev))
+            factor.clamp_min_(device_scalar(1.0, dev))
+            factor = torch.where(stored.gt(device_scalar(0.0, dev)), factor, device_scalar(1.0, dev))  # armed
+            m.div_(factor)
+            torch.div(norm, factor, out=stored)
+    target.addcmul_(grad, m, value=-coef)
+    lift = low.mul(m).sub_(update, alpha=scale / alpha)  # -(scale / alpha * update - low * m)
+    if left:
+        target.addmm_(back, lift, alpha=alpha * coef)
     else:
-        target.addmm_(lift_low, basis.T, alpha=-1.0)
+        target.addmm_(lift, back, alpha=alpha * coef)
 
 
 __all__ = ["fira_closed_form_step"]
