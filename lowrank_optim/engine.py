@@ -31,7 +31,7 @@ from .distributed import shards as _shards
 from .groups import method_overrides, warn_method_overrides
 from .nonfinite import NONFINITE_POLICIES, check_grad, gradients_ok
 from .plan import ND_LAYOUTS, Planner, matrix_shape, n_matrices, nd_kind, refuse_flattened
-from .projectors import PROJECTORS, SIDE_RULES, make_projector
+from .projectors import COMMON_OPTIONS, PROJECTORS, SIDE_RULES, make_projector
 from .rules import INNER_RULES, RESIDUAL_RULES, TRANSFER_POLICIES
 from .schedule import refresh_due, stagger_phase
 from .stacks import Unit, apply_units
@@ -153,6 +153,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             param_group = dict(param_group)
             if "proj_type" in param_group:
                 param_group["proj_side"] = param_group.pop("proj_type")
+            if "projector" in param_group and "projector_options" not in param_group:
+                param_group["projector_options"] = self._inherited_options(param_group["projector"])
             given = set(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -211,6 +213,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             # combinations that cannot work are refused by name
             parts.residual.check_projector(parts.projector, group)
             parts.transfer.check_projector(parts.projector, group)
+            parts.inner.check_projector(parts.projector, group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -222,10 +225,20 @@ class LowRankOptimizer(torch.optim.Optimizer):
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
 
+    def _inherited_options(self, projector: Any) -> dict[str, Any]:
+        """The optimizer-level ``projector_options`` a group with ``projector`` inherits: all of them for the
+        optimizer's own projector; for another one only the projector-agnostic :data:`COMMON_OPTIONS` (a preset's
+        options belong to its projector: APOLLO's and Flora's ``distribution``, COAP's correction, DCT-AdamW's
+        path and score), so ``APOLLO`` with a group on ``"svd"`` (the paper's SVD variant) is not refused."""
+        inherited = dict(self.defaults.get("projector_options") or {})
+        if projector != self.defaults.get("projector"):
+            inherited = {k: v for k, v in inherited.items() if k in COMMON_OPTIONS}
+        return inherited
+
     def _parts(self, group: dict[str, Any]) -> Parts:
         """The (cached) strategy objects a group's keys select."""
         # a group's own options refine the optimizer-level ones instead of replacing them
-        opts = {**(self.defaults.get("projector_options") or {}), **(group["projector_options"] or {})}
+        opts = {**self._inherited_options(group["projector"]), **(group["projector_options"] or {})}
         key = (group["projector"], group["rank"], group["proj_side"], repr(sorted(opts.items())), group["inner"],
                group["residual"], group["transfer"], group["state_dtype"])
         parts = self._parts_cache.get(key)

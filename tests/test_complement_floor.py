@@ -169,3 +169,27 @@ def test_fira_accepts_dominant_subspaces(projector: str) -> None:
     w = torch.nn.Parameter(torch.randn(8, 16))
     opts = {"orthonormalize": True} if projector == "online_pca" else {}
     lro.Fira([{"params": [w], "rank": 2}], projector=projector, projector_options=opts)
+
+
+@pytest.mark.parametrize(("preset", "own"), [("apollo", "random"), ("flora", "random"), ("coap", "coap"),
+                                             ("dct_adamw", "dct")])
+def test_a_group_on_another_projector_does_not_inherit_the_presets_projector_options(preset: str, own: str) -> None:
+    """APOLLO's / Flora's ``distribution``, COAP's correction and DCT-AdamW's path and score are options of the
+    preset's own projector: a group on ``"svd"`` (APOLLO-SVD is a variant in the APOLLO paper) runs instead of
+    being refused with ``Invalid projector option``; the projector-agnostic ``basis_dtype`` is still inherited."""
+    w = torch.nn.Parameter(torch.randn(16, 24))
+    other = torch.nn.Parameter(torch.randn(16, 24))
+    extra = {"transfer": "keep"} if preset == "dct_adamw" else {}  # its 'match' needs indexed columns
+    opt = lro.create_optimizer(preset, [{"params": [w], "rank": 4, "projector": "svd", **extra},
+                                        {"params": [other], "rank": 4}], lr=1e-3)
+    assert opt.param_groups[1]["projector"] == own
+    (w.square().sum() + other.square().sum()).backward()
+    opt.step()
+    assert torch.isfinite(w).all() and "projector" in opt.state[w]
+
+
+@pytest.mark.parametrize("projector", ["entries", "blocks"])
+def test_muon_refuses_projectors_without_a_low_rank_matrix(projector: str) -> None:
+    w = torch.nn.Parameter(torch.randn(16, 24))
+    with pytest.raises(ValueError, match=f"projector: '{projector}' with inner='muon'"):
+        lro.GUM([{"params": [w], "rank": 4, "projector": projector}])

@@ -74,6 +74,10 @@ class InnerRule:
     name: ClassVar[str] = "base"
     defaults: ClassVar[dict[str, Any]] = {}
 
+    def check_projector(self, projector: Projector, group: Group) -> None:
+        """Raises ``ValueError`` (naming ``projector`` and ``inner``) for a projector whose low-rank tensor this
+        rule cannot take; the engine calls it at construction. Default: every projector."""
+
     def validate(self, group: Group) -> None:
         """Raises ``ValueError``/``TypeError`` naming a bad hyper-parameter of ``group``."""
 

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._validation import check_int, check_number
+from ..projectors.base import Projector
 from .base import Direction, Group, InnerRule, MomentSpec
 
 #: The quintic coefficients (a, b, c) of Keller Jordan's Muon: a steep slope at 0, no convergence to
@@ -68,6 +69,14 @@ class MuonRule(InnerRule):
     name = "muon"
     defaults: ClassVar[dict[str, Any]] = {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "ns_eps": 1e-7,
                                           "muon_lr_adjust": "original"}
+
+    def check_projector(self, projector: Projector, group: Group) -> None:
+        """Newton-Schulz orthogonalises a matrix: ``entries`` gives a 1-D vector and ``blocks`` an empty tensor for
+        an inactive block, so both are refused by name."""
+        if projector.name in ("entries", "blocks"):
+            raise ValueError(f"Invalid projector: {projector.name!r} with inner={self.name!r}: Newton-Schulz needs a "
+                             "2-D low-rank matrix, and this projector gives a vector or an empty block; use "
+                             "'svd', 'rsvd', 'columns', 'rows', 'random', 'dct' or 'gum'")
 
     def validate(self, group: Group) -> None:
         check_number("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
