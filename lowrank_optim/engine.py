@@ -18,6 +18,7 @@ All math runs in fp32. Optimizer state is plain tensors and ints, so ``state_dic
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -227,12 +228,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _inherited_options(self, projector: Any) -> dict[str, Any]:
         """The optimizer-level ``projector_options`` a group with ``projector`` inherits: all of them for the
-        optimizer's own projector; for another one only the projector-agnostic :data:`COMMON_OPTIONS` (a preset's
-        options belong to its projector: APOLLO's and Flora's ``distribution``, COAP's correction, DCT-AdamW's
-        path and score), so ``APOLLO`` with a group on ``"svd"`` (the paper's SVD variant) is not refused."""
+        optimizer's own projector; for another one those it takes (its keyword arguments and
+        :data:`COMMON_OPTIONS`). A preset's options belong to its projector (APOLLO's and Flora's ``distribution``,
+        COAP's correction, DCT-AdamW's path and score), so ``APOLLO`` with a group on ``"svd"`` (the paper's SVD
+        variant) is not refused, while an ``oversample`` given for groups on ``"rsvd"`` still reaches them."""
         inherited = dict(self.defaults.get("projector_options") or {})
-        if projector != self.defaults.get("projector"):
-            inherited = {k: v for k, v in inherited.items() if k in COMMON_OPTIONS}
+        if projector != self.defaults.get("projector") and projector in PROJECTORS:
+            params = inspect.signature(PROJECTORS[projector].__init__).parameters
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                inherited = {k: v for k, v in inherited.items() if k in params or k in COMMON_OPTIONS}
         return inherited
 
     def _parts(self, group: dict[str, Any]) -> Parts:

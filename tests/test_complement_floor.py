@@ -193,3 +193,23 @@ def test_muon_refuses_projectors_without_a_low_rank_matrix(projector: str) -> No
     w = torch.nn.Parameter(torch.randn(16, 24))
     with pytest.raises(ValueError, match=f"projector: '{projector}' with inner='muon'"):
         lro.GUM([{"params": [w], "rank": 4, "projector": projector}])
+
+
+@pytest.mark.parametrize(("make", "own_arg"), [
+    (lambda p, **k: lro.APOLLO(p, projector="svd", **k), {"distribution": "orthonormal"}),
+    (lambda p, **k: lro.Flora(p, projector="svd", **k), {"distribution": "orthonormal"}),
+    (lambda p, **k: lro.COAP(p, projector="svd", **k), {"correction_lr": 0.5}),
+    (lambda p, **k: lro.DCTAdamW(p, projector="svd", transfer="keep", **k), {"dct_score": "l2"}),
+], ids=["apollo", "flora", "coap", "dct_adamw"])
+def test_the_keyword_form_with_another_projector(make, own_arg: dict) -> None:
+    """``APOLLO(projector="svd")``: the preset's own-projector options left at their defaults are dropped; one set
+    to another value is refused by name (it would be silently ignored otherwise)."""
+    w = torch.nn.Parameter(torch.randn(16, 24))
+    opt = make([{"params": [w], "rank": 4}])
+    assert opt.param_groups[0]["projector"] == "svd"
+    w.square().sum().backward()
+    opt.step()
+    assert "projector" in opt.state[w]
+    arg = next(iter(own_arg))
+    with pytest.raises(ValueError, match=f"Invalid {arg}"):
+        make([{"params": [torch.nn.Parameter(torch.randn(16, 24))], "rank": 4}], **own_arg)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from .._validation import check_int
 from ..engine import LowRankOptimizer, ParamsT
 from ..registry import register_optimizer
+from .projector_options import preset_projector_options
 
 #: APOLLO-Mini's alpha: sqrt(128), the paper's heuristic for rank 1 (HF Trainer / the authors' README pass
 #: ``scale=128``, which their code and ``pytorch-optimizer`` apply as ``sqrt(scale)``).
@@ -78,7 +79,9 @@ class APOLLO(LowRankOptimizer):
                  limiter_gamma: float | None = 1.01, distribution: str = "gaussian", proj_side: str = "std",
                  state_dtype: str = "fp32", projector_options: dict[str, Any] | None = None,
                  **kwargs: Any) -> None:
-        options = {"distribution": distribution, **(projector_options or {})}
+        options = preset_projector_options(kwargs.get("projector", "random"), "random",
+                                           {"distribution": ("distribution", distribution, "gaussian")},
+                                           projector_options)
         super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                          update_proj_gap=update_proj_gap,
                          scale=self.preset_defaults["scale"] if scale is None else scale,

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from ..engine import LowRankOptimizer, ParamsT
 from ..registry import register_optimizer
+from .projector_options import preset_projector_options
 
 
 @register_optimizer("coap")
@@ -55,8 +56,11 @@ class COAP(LowRankOptimizer):
             raise TypeError(f"Invalid restore_state: expected a bool, got {restore_state!r}")
         gap = kwargs.pop("update_proj_gap", update_interval)
         transfer = kwargs.pop("transfer", "linear" if restore_state else "keep")
-        options = {"reproject_factor": reproject_factor, "correction_lr": correction_lr, "normalize": normalize,
-                   **(projector_options or {})}
+        options = preset_projector_options(
+            kwargs.get("projector", "coap"), "coap",
+            {"reproject_factor": ("reproject_factor", reproject_factor, 5),
+             "correction_lr": ("correction_lr", correction_lr, 0.1), "normalize": ("normalize", normalize, True)},
+            projector_options)
         super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                          update_proj_gap=gap, transfer=transfer, scale=scale, proj_side=proj_side,
                          state_dtype=state_dtype, projector_options=options, **kwargs)

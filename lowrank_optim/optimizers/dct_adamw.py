@@ -9,6 +9,7 @@ from .._validation import check_choice
 from ..engine import LowRankOptimizer, ParamsT
 from ..projectors.dct import DCT_PATHS, DCT_SCORES
 from ..registry import register_optimizer
+from .projector_options import preset_projector_options
 
 
 @register_optimizer("dct_adamw")
@@ -53,8 +54,10 @@ class DCTAdamW(LowRankOptimizer):
                  scale: float = 1.0, dct_path: str = "auto", dct_score: str = "l1", transfer: str = "match",
                  proj_side: str = "std", state_dtype: str = "fp32", projector_options: dict[str, Any] | None = None,
                  **kwargs: Any) -> None:
-        options = {"path": check_choice("dct_path", dct_path, DCT_PATHS),
-                   "score": check_choice("dct_score", dct_score, DCT_SCORES), **(projector_options or {})}
+        options = preset_projector_options(
+            kwargs.get("projector", "dct"), "dct",
+            {"path": ("dct_path", check_choice("dct_path", dct_path, DCT_PATHS), "auto"),
+             "score": ("dct_score", check_choice("dct_score", dct_score, DCT_SCORES), "l1")}, projector_options)
         super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                          update_proj_gap=update_proj_gap, scale=scale, transfer=transfer, proj_side=proj_side,
                          state_dtype=state_dtype, projector_options=options, **kwargs)

@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 from ..engine import LowRankOptimizer, ParamsT
 from ..registry import register_optimizer
+from .projector_options import preset_projector_options
 
 
 @register_optimizer("flora")
@@ -59,7 +60,9 @@ class Flora(LowRankOptimizer):
                  proj_side: str = "std", state_dtype: str = "fp32", projector_options: dict[str, Any] | None = None,
                  **kwargs: Any) -> None:
         gap = kwargs.pop("update_proj_gap", kappa)
-        options = {"distribution": distribution, **(projector_options or {})}
+        options = preset_projector_options(kwargs.get("projector", "random"), "random",
+                                           {"distribution": ("distribution", distribution, "gaussian")},
+                                           projector_options)
         super().__init__(params, lr, weight_decay=weight_decay, rank=rank, update_proj_gap=gap, inner=inner,
                          scale=scale, proj_side=proj_side, state_dtype=state_dtype, projector_options=options,
                          **kwargs)
