@@ -263,3 +263,16 @@ def test_preset_independent_of_default_dtype(preset: str, default: torch.dtype) 
     projector = cls.preset_defaults.get("projector", "svd")
     transfer = cls.preset_defaults.get("transfer", "keep")
     check_combination(preset, projector, transfer, "fp32", "tall", compare_default_dtype=True, default=default)
+
+
+@pytest.mark.parametrize(("preset", "projector", "transfer", "store", "param_dtype", "seed", "default"), [
+    ("frugal", "entries", "keep", "fp32", torch.bfloat16, 11973, torch.float64),
+    ("frugal", "entries", "reset_on_change", "bf16", torch.bfloat16, 38730, torch.bfloat16),
+    ("frugal", "entries", "keep", "fp32", torch.float32, 1, torch.float32),
+])
+def test_found_by_random_seeds(preset: str, projector: str, transfer: str, store: str, param_dtype: torch.dtype,
+                               seed: int, default: torch.dtype) -> None:
+    """Random-seed property runs once the presets' projector options stopped hiding these pairs: the entries
+    projector's complement viewed a transposed gradient's copy as 1-D (``view`` needs a row-major copy)."""
+    assert check_combination(preset, projector, transfer, store, "transposed", param_dtype, seed,
+                             compare_default_dtype=True, default=default) == "ran"

@@ -117,7 +117,7 @@ class CoordinateProjector(Projector):
         idx = state["indices"]
         if idx.numel() == self._count((state["rows"], state["cols"])):
             return None
-        out = grad.clone()
+        out = grad.clone(memory_format=torch.contiguous_format)  # view(-1) below needs a row-major copy
         if self.choice == "columns":
             return out.index_fill_(1, idx, 0.0)
         if self.choice == "rows":
