@@ -180,3 +180,15 @@ def end_process_group() -> None:
             dist.barrier()
         gc.collect()  # DDP reducers and FSDP hooks that still hold the group go before it
         dist.destroy_process_group()
+
+
+def feed(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[list[torch.Tensor]]) -> None:
+    """One ``opt.step()`` per entry of ``grads``, each setting a copy of its gradients on ``params`` (warnings off)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone()
+            opt.step()

@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-from helpers import assert_same_state, roundtrip
+from helpers import assert_same_state, feed, roundtrip
 from torch import nn
 
 import lowrank_optim as lro
@@ -23,12 +21,7 @@ def _grads(shape: tuple[int, ...], steps: int, seed: int = 0) -> list[torch.Tens
 
 def _run(name: str, params: list[torch.Tensor], grads: list[list[torch.Tensor]], **kw) -> torch.optim.Optimizer:
     opt = lro.create_optimizer(name, [{"params": params, "rank": 3, "update_proj_gap": 2, **kw}], lr=1e-2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for gs in grads:
-            for p, g in zip(params, gs, strict=True):
-                p.grad = g.clone()
-            opt.step()
+    feed(opt, params, grads)
     return opt
 
 
@@ -93,12 +86,7 @@ def test_every_preset_resumes_bit_exactly_with_experts_and_conv(name: str) -> No
                                            {"params": ps[3:]}], lr=1e-2)
 
     def run(ps: list[nn.Parameter], opt: torch.optim.Optimizer, gs: list[list[torch.Tensor]]) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for step in gs:
-                for p, g in zip(ps, step, strict=True):
-                    p.grad = g.clone()
-                opt.step()
+        feed(opt, ps, gs)
 
     opt = make(params)
     run(params, opt, grads[:4])

@@ -5,11 +5,10 @@ reads one device value (the non-finite check); staggered refresh spreads a group
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import pytest
 import torch
-from helpers import CASES, STATE_DTYPES, assert_same_state, roundtrip
+from helpers import CASES, STATE_DTYPES, assert_same_state, feed, roundtrip
 from torch import nn
 
 import lowrank_optim as lro
@@ -37,12 +36,7 @@ def _make(name: str, params: list[nn.Parameter], batched: bool, state_dtype: str
 
 
 def _run(opt: torch.optim.Optimizer, params: list[nn.Parameter], grads: list[list[torch.Tensor]]) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for step in grads:
-            for p, g in zip(params, step, strict=True):
-                p.grad = g.clone()
-            opt.step()
+    feed(opt, params, grads)
 
 
 def _close_states(a: torch.optim.Optimizer, b: torch.optim.Optimizer, atol: float) -> None:
