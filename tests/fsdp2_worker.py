@@ -25,6 +25,8 @@ GAP = 10  # refreshes at steps 10 and 20
 BATCH = 48  # divisible by 1, 2, 3 and 4 ranks
 RANK = 8
 SAVE_AT = 15
+#: A late checkpoint: after the second refresh (20), every warm-up (GaLore+'s residual: 2 steps) and every draw.
+LATE_AT = 25
 
 
 class Net(nn.Module):
@@ -57,11 +59,11 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, 24, generator=g), torch.randn(BATCH, 3, generator=g)
 
 
-def build(name: str, model: nn.Module, store: str) -> torch.optim.Optimizer:
+def build(name: str, model: nn.Module, store: str, **extra: Any) -> torch.optim.Optimizer:
     sys.path.insert(0, os.path.dirname(__file__))
     from helpers import CASES
 
-    kwargs = dict(CASES.get(name.removesuffix("+relative"), {}))
+    kwargs = {**CASES.get(name.removesuffix("+relative"), {}), **extra}
     if name.endswith("+relative"):  # Adafactor's relative step scaled by RMS(W): sums over the whole weight
         name = name.removesuffix("+relative")
         kwargs.update(lr=None, relative_step=True, scale_parameter=True)
@@ -253,7 +255,29 @@ def checkpoint_load(cases: list[tuple[str, str, str]], rank: int, world: int, ou
     return out
 
 
-JOBS.update({"checkpoint_save": checkpoint_save, "checkpoint_load": checkpoint_load})
+def checkpoint_late(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """Per case: a DCP save at step :data:`LATE_AT` (late in the run: every warm-up, draw and the second refresh
+    behind it), the uninterrupted run to :data:`STEPS`, and a fresh model and optimizer that load the checkpoint
+    through ``dcp.load`` into their own template and continue."""
+    out: dict[str, Any] = {}
+    for name, store, source in cases:
+        key = f"{name}/{store}/{source}"
+        path = str(Path(out_dir) / ("late-" + key.replace("/", "-")))
+        model = sharded_model(world)
+        opt = build(name, model, store)
+        train(model, opt, range(LATE_AT), rank, world, source)
+        _dcp_save(model, opt, path)
+        train(model, opt, range(LATE_AT, STEPS), rank, world, source)
+        model2 = sharded_model(world)
+        opt2 = build(name, model2, store)
+        dcp_load(model2, opt2, path)
+        train(model2, opt2, range(LATE_AT, STEPS), rank, world, source)
+        out[key] = {"uninterrupted": whole(model), "resumed": whole(model2)}
+    return out
+
+
+JOBS.update({"checkpoint_save": checkpoint_save, "checkpoint_load": checkpoint_load,
+             "checkpoint_late": checkpoint_late})
 
 
 # -- accelerate ---------------------------------------------------------------------------------------------

@@ -123,10 +123,17 @@ CHECKPOINT = (_cases(CORE, ("fp32",), "synthetic") + _cases(("galore_adamw",), (
               + [("gum", "bf16", "synthetic"), ("apollo", "fp32", "synthetic")])
 
 
+#: Every preset checkpointed late (after every warm-up, draw and the second refresh); GaLore+, whose state swaps
+#: its warm-up score for indices and moments, in every store.
+LATE = _cases(lro.available_optimizers(), ("fp32",), "synthetic") + _cases(("galore_plus",), ("bf16", "8bit"),
+                                                                            "synthetic")
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("fsdp2")
-    return launch(2, [("parity", PARITY_2), ("checkpoint_save", CHECKPOINT), ("accelerate", [])], out), out
+    jobs = [("parity", PARITY_2), ("checkpoint_save", CHECKPOINT), ("checkpoint_late", LATE), ("accelerate", [])]
+    return launch(2, jobs, out), out
 
 
 def test_two_ranks_equal_one_process(two_ranks: tuple[dict[str, Any], Path]) -> None:
@@ -181,6 +188,57 @@ def test_checkpoint_same_size_resume(two_ranks: tuple[dict[str, Any], Path]) -> 
     for key, got in result.items():
         rel, pname = worst(got["resumed"], got["uninterrupted"])
         assert _exact(got["resumed"], got["uninterrupted"]), (key, pname, rel)
+
+
+def test_checkpoint_late_resume_every_preset(two_ranks: tuple[dict[str, Any], Path]) -> None:
+    """DCP save at step 25 (GaLore+'s residual entries chosen, FRUGAL's and GUM's draws made, two refreshes
+    done), ``dcp.load`` into a fresh optimizer's template on 2 ranks: every preset resumes bit-exactly (the state
+    skeleton a fresh optimizer exports matches a late one's)."""
+    result = two_ranks[0]["checkpoint_late"]
+    assert sorted(result) == sorted("/".join(c) for c in LATE)
+    for key, got in result.items():
+        rel, pname = worst(got["resumed"], got["uninterrupted"])
+        assert _exact(got["resumed"], got["uninterrupted"]), (key, pname, rel)
+
+
+def _dcp_one_process(name: str, save_at: int, steps: int, tmp: Path, **extra: Any) -> tuple[Any, Any]:
+    """One process (no process group): ``save_at`` steps, a DCP save, ``steps`` more; a fresh model and optimizer
+    loaded from the checkpoint (raises what the load raises), continued ``steps``."""
+    model = worker.make_model()
+    opt = worker.build(name, model, "fp32", **extra)
+    worker.train(model, opt, range(save_at), source="synthetic")
+    worker._dcp_save(model, opt, str(tmp))
+    worker.train(model, opt, range(save_at, save_at + steps), source="synthetic")
+    model2 = worker.make_model()
+    opt2 = worker.build(name, model2, "fp32", **extra)
+    worker.dcp_load(model2, opt2, str(tmp))
+    worker.train(model2, opt2, range(save_at, save_at + steps), source="synthetic")
+    return worker.whole(model), worker.whole(model2)
+
+
+def test_sparse_residual_checkpoint_phases(tmp_path: Path) -> None:
+    """GaLore+'s exported state has one skeleton in every phase: DCP after the warm-up resumes bit-exactly in one
+    process; a checkpoint taken during the warm-up (a nonzero score a fresh skeleton cannot hold) is refused by
+    name on load, and the same state through ``torch.save`` of ``state_dict()`` resumes bit-exactly."""
+    import helpers
+
+    a, b = _dcp_one_process("galore_plus", 3, 2, tmp_path / "late", residual_warmup=2)
+    assert _exact(b, a)
+    with pytest.raises(ValueError, match="warm-up"):
+        _dcp_one_process("galore_plus", 1, 1, tmp_path / "warm", residual_warmup=2)
+    model = worker.make_model()
+    opt = worker.build("galore_plus", model, "fp32", residual_warmup=2)
+    worker.train(model, opt, range(1), source="synthetic")
+    assert any("residual_score" in st for st in opt.state.values())
+
+    def make(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return worker.build("galore_plus", m, "fp32", residual_warmup=2)
+
+    model2, opt2 = helpers.resume_copy(model, opt, make)
+    for m, o in ((model, opt), (model2, opt2)):
+        worker.train(m, o, range(1, 4), source="synthetic")
+    assert _exact(worker.whole(model2), worker.whole(model))
+    helpers.assert_same_state(opt, opt2)
 
 
 def _single_resume(name: str, store: str, source: str, load: Any) -> dict[str, torch.Tensor]:

@@ -180,6 +180,19 @@ def _with_pending(state: dict[int, Any]) -> dict[int, Any]:
             for idx, st in state.items()}
 
 
+def _residual_states(opt: LowRankOptimizer, group: dict[str, Any], st: Any, export: bool) -> Any:
+    """``st`` (a parameter's state; a stacked parameter's per-matrix states under ``"matrices"``) through its
+    residual rule's :meth:`~lowrank_optim.rules.base.ResidualRule.export_state` (``export``) or ``import_state``."""
+    if not isinstance(st, dict) or opt._parts(group)[0] is None:
+        return st
+    residual = opt._parts(group)[2]
+    move = residual.export_state if export else residual.import_state
+    if isinstance(st.get("matrices"), list):
+        return {**st, "matrices": [move(sub, group) if isinstance(sub, dict) and "projector" in sub else sub
+                                   for sub in st["matrices"]]}
+    return move(st, group) if "projector" in st else st
+
+
 def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` with the sharded state of FSDP2 parameters wrapped as ``DTensor``s (see the module), and
     ``subspace_pending`` present (0 or 1) in every low-rank parameter's state, so that the set of keys never
@@ -187,7 +200,9 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
     shapes). For the same reason, a projector whose moments change shape on a refresh (``fixed_low_shape``
     false: GUM's full-rank draw) has each moment packed into a ``uint8`` buffer of the size its widest shape takes
     (``moments_packed = 1``), unpacked bit-exactly on load; FRUGAL's blocks (a moment is the tensor's shape or
-    empty) export empty moments as zeros of the tensor's shape, emptied again on load."""
+    empty) export empty moments as zeros of the tensor's shape, emptied again on load. A residual rule whose state
+    changes keys over a run exports one skeleton in every phase (``ResidualRule.export_state``: GaLore+'s sparse
+    residual)."""
     from .fsdp import elementwise, mode, moment_layout
 
     state_dict = {**state_dict, "state": _with_pending(state_dict["state"])}
@@ -195,6 +210,7 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
     packed = {}
     for idx, st in state_dict["state"].items():
         group, p = pairs[idx]
+        st = _residual_states(opt, group, st, export=True)
         if isinstance(st, dict) and "projector" in st and _variable(opt, group):
             st = _pack(st, *_envelope(opt, group, p))
         elif isinstance(st, dict) and "projector" in st and elementwise(opt._parts(group)[0]):
@@ -240,7 +256,8 @@ def _unwrap(obj: Any) -> Any:
 def import_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` with every ``DTensor`` replaced by this rank's chunk (the inverse of :func:`export_state`
     once DCP has resharded the chunks to this optimizer's layout); ``subspace_pending == 0`` is dropped (the
-    engine's state holds the key only while a subspace is pending) and packed moments are unpacked."""
+    engine's state holds the key only while a subspace is pending), packed moments are unpacked and residual
+    rules drop their exported placeholders."""
     key = _pending_key()
     ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     pairs = dict(zip(ids, _group_of(opt), strict=False))
@@ -251,6 +268,8 @@ def import_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
             v = {n: t for n, t in v.items() if n != key}
         if isinstance(v, dict) and v.get(PACKED) and k in pairs:
             v = _unpack(opt, *pairs[k], v)
+        if k in pairs:
+            v = _residual_states(opt, pairs[k][0], v, export=False)
         out[k] = v
     return {**state_dict, "state": out}
 

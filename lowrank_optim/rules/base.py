@@ -142,6 +142,21 @@ class ResidualRule:
         """The full-shape tensor to subtract from the parameter, or ``None``."""
         raise NotImplementedError
 
+    def export_state(self, state: dict, group: Group) -> dict:
+        """The matrix's ``state`` as a checkpoint holds it (``state`` itself, or a changed copy).
+
+        ``torch.distributed.checkpoint`` loads by the keys and shapes of a fresh optimizer's state (one zero-lr,
+        zero-gradient step), so a rule whose state gains or swaps keys over a run (GaLore+'s sparse residual)
+        exports the same keys and shapes in every phase; :meth:`import_state` undoes it. Default: unchanged."""
+        return state
+
+    def import_state(self, state: dict, group: Group) -> dict:
+        """The inverse of :meth:`export_state` on a loaded ``state``.
+
+        Raises:
+            ValueError: the checkpoint lost state that the exported skeleton cannot carry."""
+        return state
+
 
 #: How to get an orthonormal variant of a projector that is not one (for :meth:`ResidualRule.check_projector`).
 _ORTHONORMAL_HINTS = {

@@ -13,6 +13,16 @@ phase. No public code exists, so every concrete choice below is ours:
   those entries only, through the group's state store, and adds the step at those entries, scaled by
   ``lr * scale`` like the low-rank step;
 * ``residual_density = 0`` keeps no state and is exactly the ``drop`` rule.
+
+Checkpoints (:meth:`SparseResidual.export_state`): the state swaps the warm-up score for indices and moments, and
+``torch.distributed.checkpoint`` loads by the keys and shapes of a fresh optimizer's state, which is in the
+warm-up. So the exported state has the same keys in every phase: during the warm-up the indices and moments are
+exported as placeholders (zeros of their final shape and dtype, ``residual_step = -1``) and an all-zero score
+(a fresh optimizer's) is left out; ``residual_scored`` says whether the score was exported. A checkpoint taken
+after the warm-up therefore loads through DCP into a fresh optimizer bit-exactly. One taken during the warm-up
+(the first ``residual_warmup`` steps of training) holds an ``m x n`` score that a fresh optimizer's skeleton has
+no room for: DCP skips it and the load raises ``ValueError`` instead of resuming with a lost score
+(``torch.save(optimizer.state_dict())`` carries it).
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import torch
 
 from .._validation import check_betas, check_int, check_number
 from ..projectors.base import Projector, ProjState
-from ..state import StateStore
+from ..state import ABSMAX, StateStore
 from .base import Group, ResidualRule
 
 _INDEX = "residual_index"
@@ -32,6 +42,10 @@ _SEEN = "residual_seen"
 _STEP = "residual_step"
 _M = "residual_exp_avg"
 _V = "residual_exp_avg_sq"
+#: Exported only (checkpoints): 1 when the exported state carries a warm-up score, else 0.
+_SCORED = "residual_scored"
+#: ``residual_step`` of exported placeholders: the entries are not chosen yet.
+_NOT_CHOSEN = -1
 
 
 def residual_count(density: float, shape: tuple[int, ...] | torch.Size) -> int:
@@ -98,3 +112,49 @@ class SparseResidual(ResidualRule):
         out = resid.view(-1).zero_()  # E's buffer is free once its entries are gathered
         out.index_copy_(0, idx, upd)
         return resid
+
+    def export_state(self, state: dict, group: Group) -> dict:
+        """The same keys in every phase (see the module docstring): after the warm-up the state plus
+        ``residual_scored = 0``; during it, zero placeholders of the indices and moments (``residual_step =
+        -1``) and the score only when it is nonzero (``residual_scored = 1``)."""
+        if _INDEX in state:
+            return {**state, _SCORED: 0}
+        score = state.get(_SCORE)
+        if score is None:  # no residual entries (k = 0): no state in any phase
+            return state
+        k = residual_count(group["residual_density"], score.shape)
+        out = {name: v for name, v in state.items() if name != _SCORE}
+        scored = score.device.type != "meta" and bool(score.any())
+        if scored:
+            out[_SCORE] = score
+        out[_SCORED] = int(scored)
+        out[_INDEX] = torch.zeros(k, dtype=torch.int32 if score.numel() < 2**31 else torch.int64,
+                                  device=score.device)
+        store = StateStore(group["state_dtype"])
+        for name in (_M, _V):
+            store.create(out, name, (k,), score.device)
+        out[_STEP] = _NOT_CHOSEN
+        return out
+
+    def import_state(self, state: dict, group: Group) -> dict:
+        """Drops :meth:`export_state`'s placeholders.
+
+        Raises:
+            ValueError: the checkpoint was taken during the warm-up with a nonzero score, and the score did not
+                come back (``torch.distributed.checkpoint`` loads only the keys a fresh optimizer has)."""
+        if _SCORED not in state:
+            return state
+        state = dict(state)
+        scored = int(state.pop(_SCORED))
+        if int(state.get(_STEP, 0)) != _NOT_CHOSEN:
+            return state
+        for name in (_INDEX, _M, _V, _M + ABSMAX, _V + ABSMAX, _STEP):
+            state.pop(name, None)
+        if scored and _SCORE not in state:
+            raise ValueError(
+                f"Invalid state_dict: the sparse residual (GaLore+) was saved during its warm-up (step "
+                f"{state.get(_SEEN)} of residual_warmup={group['residual_warmup']}) with a score of its entries, "
+                "and the score did not load: torch.distributed.checkpoint loads only the keys of a fresh "
+                "optimizer's state, which has no score. Resume from a checkpoint taken after the warm-up, or "
+                "save this one with torch.save(optimizer.state_dict())")
+        return state
