@@ -11,9 +11,7 @@ bytes). Results: ``benchmarks/results/distributed.json`` (+ PNG).
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -22,9 +20,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lowrank_optim as lro
+from lowrank_optim.distributed import local
 
 from . import common
 from .model import DecoderConfig, build_model
@@ -35,6 +33,7 @@ RANK = 32
 GAP = 10  # refresh at step 10
 STEPS = 13
 BATCH, SEQ = 8, 64
+TIMEOUT_S = 1800  # per world size
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -49,15 +48,14 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def _worker(rank: int, world: int, port: int, cfg: DecoderConfig, out: str) -> None:
+def _worker(rank: int, world: int, init_method: str, cfg: DecoderConfig, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from lowrank_optim.distributed import comm
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
+    local.init_gloo(rank, world, init_method, timeout_s=300)
     records = []
     try:
         for name in OPTIMIZERS:
@@ -100,13 +98,7 @@ def _worker(rank: int, world: int, port: int, cfg: DecoderConfig, out: str) -> N
         if rank == 0:
             torch.save(records, out)
     finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        local.end_process_group()
 
 
 def run(worlds: tuple[int, ...], cfg: DecoderConfig) -> list[dict[str, Any]]:
@@ -114,7 +106,7 @@ def run(worlds: tuple[int, ...], cfg: DecoderConfig) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         for world in worlds:
             out = str(Path(tmp) / f"{world}.pt")
-            mp.start_processes(_worker, args=(world, _free_port(), cfg, out), nprocs=world, start_method="spawn")
+            local.spawn(_worker, world, (world, local.rendezvous(tmp), cfg, out), timeout_s=TIMEOUT_S)
             records += torch.load(out, weights_only=False)
     single = {r["optimizer"]: r["state_bytes_rank0"] for r in records if r["world"] == 1}
     for r in records:
