@@ -7,7 +7,6 @@ parameters (gathered) of each case, which the test compares with one process on 
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import sys
 import traceback
@@ -168,10 +167,9 @@ def parity(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: st
 def main(rank: int, world: int, init_method: str, jobs: list[tuple[str, list[Any]]], out_dir: str) -> None:
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(__file__))
-    from helpers import end_process_group
+    from lowrank_optim.distributed import local
 
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    local.init_gloo(rank, world, init_method, timeout_s=120)
     try:
         result = {job: JOBS[job](cases, rank, world, out_dir) for job, cases in jobs}
         if rank == 0:
@@ -180,7 +178,7 @@ def main(rank: int, world: int, init_method: str, jobs: list[tuple[str, list[Any
         Path(out_dir, f"error-{world}-{rank}.txt").write_text(traceback.format_exc())
         raise
     finally:
-        end_process_group()
+        local.end_process_group()
 
 
 JOBS: dict[str, Any] = {"parity": parity}
@@ -195,7 +193,7 @@ def _dcp_save(model: nn.Module, opt: torch.optim.Optimizer, path: str) -> None:
              checkpoint_id=path)
 
 
-def dcp_load(model: nn.Module, opt: torch.optim.Optimizer, path: str) -> None:
+def dcp_load(model: nn.Module, opt: torch.optim.Optimizer, path: str, planner: Any = None) -> None:
     """The documented DCP resume: templates from a fresh model and optimizer, ``dcp.load``, set."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -206,7 +204,7 @@ def dcp_load(model: nn.Module, opt: torch.optim.Optimizer, path: str) -> None:
     )
 
     sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-    dcp.load(sd, checkpoint_id=path)
+    dcp.load(sd, checkpoint_id=path, planner=planner)
     set_model_state_dict(model, sd["model"])
     set_optimizer_state_dict(model, opt, sd["optim"])
 

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import io
-import os
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 import lowrank_optim as lro
+from lowrank_optim.distributed import local
 
 #: Per-optimizer keyword overrides for the generic conformance suite (name -> kwargs).
 #: Every registered optimizer runs through the suite; add an entry only when defaults need changing
@@ -161,25 +158,9 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def rendezvous(directory: str | os.PathLike[str]) -> str:
-    """A fresh ``file://`` init method for ``dist.init_process_group`` in ``directory``.
-
-    A file store has no server thread and no port: a ``tcp://`` port picked free in the parent can be taken by
-    another test's gloo sockets (pytest-xdist runs the distributed tests side by side) before rank 0 binds it.
-    """
-    path = Path(directory) / f"rendezvous-{uuid.uuid4().hex}"
-    return f"file://{path}"
-
-
-def end_process_group() -> None:
-    """Leave the process group together: a barrier first, so no rank tears down gloo while a peer still talks."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.barrier()
-        gc.collect()  # DDP reducers and FSDP hooks that still hold the group go before it
-        dist.destroy_process_group()
+# the gloo set-up the distributed tests share with the benchmarks (file:// rendezvous, teardown behind a barrier)
+rendezvous = local.rendezvous
+end_process_group = local.end_process_group
 
 
 def feed(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[list[torch.Tensor]]) -> None:

@@ -12,21 +12,19 @@ are refused with a clear error.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lowrank_optim as lro
+from lowrank_optim.distributed import local
 
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import rendezvous
@@ -98,11 +96,10 @@ def _fsdp_refused() -> list[str]:
 
 def _worker(rank: int, init_method: str, names: list[str], out: str) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
-    from helpers import end_process_group
+    from lowrank_optim.distributed import local
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    local.init_gloo(rank, WORLD, init_method, timeout_s=60)
     try:
         result: dict[str, Any] = {}
         for name in names:
@@ -117,23 +114,16 @@ def _worker(rank: int, init_method: str, names: list[str], out: str) -> None:
         if rank == 0:
             Path(out).write_text(json.dumps(gathered))
     finally:
-        end_process_group()
+        local.end_process_group()
 
 
 def test_replicas_stay_bit_identical(tmp_path: Path) -> None:
     names = lro.available_optimizers()
     out = tmp_path / "result.json"
-    ctx = mp.start_processes(_worker, args=(rendezvous(tmp_path), names, str(out)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
     try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+        local.spawn(_worker, WORLD, (rendezvous(tmp_path), names, str(out)), TIMEOUT_S)
+    except TimeoutError as err:
+        pytest.fail(str(err))
     ranks = json.loads(out.read_text())
     for name in names:
         r0, r1 = ranks[0][name], ranks[1][name]

@@ -250,22 +250,10 @@ def _step_plain(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, l
         state["step"], state["inner_step"] = 0, 0
         _create(store, state, rule.moments(tuple(w.shape), group), rule.moments(tuple(p.shape), group), w.device,
                 derive_seed(group["seed"], index))
-    specs = rule.moments(tuple(w.shape), group)
-    moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
     target = w if w.dtype == torch.float32 else w.float()
-    step = state["inner_step"] + 1
-    with comm.sharded(comm.Sharding(lay.group, 0, tuple(p.shape), p.numel())):
-        if rule.apply_plain(target, grad, moments, step, group):
-            d = None
-        else:
-            d = rule.direction(grad, moments, step, group, target)
-    saver = local_store(store, None, Split(0, lay.rows(int(p.shape[0]))[0], tuple(int(d) for d in p.shape)))
-    for s in specs:
-        saver.save(state, s.name, moments[s.name], s.signed)
-    state["step"], state["inner_step"] = state["step"] + 1, step
+    d = _inner_step(group, rule, store, state, grad, target, comm.Sharding(lay.group, 0, tuple(p.shape), p.numel()),
+                    Split(0, lay.rows(int(p.shape[0]))[0], tuple(int(s) for s in p.shape)), plain=True)
     if d is not None:
-        if group["weight_decay"] != 0:
-            target.mul_(1 - d.lr * group["weight_decay"])
         if d.den is None:
             target.add_(d.num, alpha=-d.coef)
         else:
@@ -390,18 +378,8 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
         whole = None
         low = grad @ basis  # (m_i, r)
         spec = comm.Sharding(lay.group, 0, (m, r), m * n)
-    step, inner_step = state["step"] + 1, state["inner_step"] + 1
-    specs = rule.moments(tuple(low.shape), group)
-    moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
     target = w if w.dtype == torch.float32 else w.float()
-    with comm.sharded(spec):
-        d = rule.direction(low, moments, inner_step, group, target)
-    saver = local_store(store, None, _split(pst, p.shape, lay, proj))
-    for s in specs:
-        saver.save(state, s.name, moments[s.name], s.signed)
-    state["step"], state["inner_step"] = step, inner_step
-    if group["weight_decay"] != 0:
-        target.mul_(1 - d.lr * group["weight_decay"])
+    d = _inner_step(group, rule, store, state, low, target, spec, _split(pst, p.shape, lay, proj))
     low_update = d.num if d.den is None else d.num / d.den
     alpha = -d.coef * group["scale"]
     view = {"side": side, "rank": r, "basis": basis}
@@ -421,6 +399,30 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
         w.copy_(target)
 
 
+def _inner_step(group: dict[str, Any], rule: Any, store: StateStore, state: dict, low: torch.Tensor,
+                target: torch.Tensor, spec: comm.Sharding, split: Split, *, plain: bool = False) -> Any:
+    """The inner rule on this rank's part ``low`` of the tensor it sees, shared by the basis, elementwise and
+    plain paths: loads the moments, runs ``rule.direction`` with its sums completed over ``spec``'s ranks, saves
+    the moments (rounding keyed by ``split``'s global indices), counts the step and applies decoupled weight decay
+    to ``target``. Returns the :class:`~lowrank_optim.rules.base.Direction`, or ``None`` when ``plain`` and the
+    rule applied the whole update itself (``apply_plain``: a fused kernel, weight decay included)."""
+    inner_step = state["inner_step"] + 1
+    specs = rule.moments(tuple(low.shape), group)
+    moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
+    with comm.sharded(spec):
+        if plain and rule.apply_plain(target, low, moments, inner_step, group):
+            d = None
+        else:
+            d = rule.direction(low, moments, inner_step, group, target)
+    saver = local_store(store, None, split)
+    for s in specs:
+        saver.save(state, s.name, moments[s.name], s.signed)
+    state["step"], state["inner_step"] = state["step"] + 1, inner_step
+    if d is not None and group["weight_decay"] != 0:
+        target.mul_(1 - d.lr * group["weight_decay"])
+    return d
+
+
 def _step_elementwise(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, lay: Layout, state: dict,
                       w: torch.Tensor, grad: torch.Tensor) -> None:
     """The step of an elementwise projector (FRUGAL's blocks) on this rank's rows: the rule on ``project(G_i)``
@@ -430,19 +432,10 @@ def _step_elementwise(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Ten
     pst = state["projector"]
     m, n = int(p.shape[0]), int(p.shape[1])
     low = proj.project(grad, pst)
-    step, inner_step = state["step"] + 1, state["inner_step"] + 1
-    specs = rule.moments(tuple(low.shape), group)
-    moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
     target = w if w.dtype == torch.float32 else w.float()
     whole = tuple(int(s) for s in proj.low_shape(p.shape, pst))
-    with comm.sharded(comm.Sharding(lay.group, 0, whole, m * n)):
-        d = rule.direction(low, moments, inner_step, group, target)
-    saver = local_store(store, None, _split(pst, p.shape, lay, proj))
-    for s in specs:
-        saver.save(state, s.name, moments[s.name], s.signed)
-    state["step"], state["inner_step"] = step, inner_step
-    if group["weight_decay"] != 0:
-        target.mul_(1 - d.lr * group["weight_decay"])
+    d = _inner_step(group, rule, store, state, low, target, comm.Sharding(lay.group, 0, whole, m * n),
+                    _split(pst, p.shape, lay, proj))
     low_update = d.num if d.den is None else d.num / d.den
     if low_update.numel():
         proj.add_back(target, low_update, pst, -d.coef * group["scale"])
