@@ -62,7 +62,10 @@ def build(name: str, model: nn.Module, store: str, **extra: Any) -> torch.optim.
     sys.path.insert(0, os.path.dirname(__file__))
     from helpers import CASES
 
+    name, _, basis = name.partition("+basis_")  # "+basis_<dtype>": the projector keeps its basis in <dtype>
     kwargs = {**CASES.get(name.removesuffix("+relative"), {}), **extra}
+    if basis:
+        kwargs["projector_options"] = {"basis_dtype": basis}
     if name.endswith("+relative"):  # Adafactor's relative step scaled by RMS(W): sums over the whole weight
         name = name.removesuffix("+relative")
         kwargs.update(lr=None, relative_step=True, scale_parameter=True)

@@ -36,8 +36,10 @@ from helpers import rendezvous
 
 TIMEOUT_S = 300
 CORE = ("galore_adamw", "fira", "flora")
-#: Further presets whose state is sharded (APOLLO's residual on a seeded basis; FRUGAL's row-local blocks).
-SHARDED_MORE = ("apollo", "apollo_mini", "frugal")
+#: Further presets whose state is sharded (APOLLO's residual on a seeded basis; FRUGAL's row-local blocks; DCT-AdamW's
+#: indices with owner-computed selections and a row-local ``match`` transfer; OSD's basis and its Adam moments as
+#: row chunks, stepped on the owner).
+SHARDED_MORE = ("apollo", "apollo_mini", "frugal", "dct_adamw", "online_subspace_descent")
 #: Presets whose update is continuous in the gradient (no sign / top-k / random layer draw of it): they also
 #: run through a real model, whose reduce-scattered gradients differ from one process's in the last bits.
 CONTINUOUS = ("galore_adamw", "fira", "flora", "galore_adafactor")
@@ -89,6 +91,9 @@ def check_parity(result: dict[str, Any], world: int) -> list[str]:
         ref = reference(name, store, source)
         rel, pname = worst(got["params"], ref)
         bound = 1e-5
+        if "+basis_int8" in name:  # replicated mode, exact but for the one-process batched step's last bits, which
+            # an int8 basis (codes rounded from the refreshed basis) turns into code flips: measured 9e-5
+            bound = 1e-3
         if store == "bf16":  # stochastic rounding keyed by the element's index in the whole moment: k ranks round
             # as one process does, up to flips by the last-bit differences of the reductions (measured <= 3.3e-5,
             # where bf16 itself moves the run 4.3e-3)
@@ -105,7 +110,8 @@ def _cases(names: tuple[str, ...] | list[str], stores: tuple[str, ...], source: 
     return [(n, s, source) for n in names for s in stores]
 
 
-PARITY_2 = (_cases([*lro.available_optimizers(), "galore_adafactor+relative"], ("fp32",), "synthetic")
+PARITY_2 = (_cases([*lro.available_optimizers(), "galore_adafactor+relative", "galore_adamw+basis_bf16",
+                    "galore_adamw+basis_int8"], ("fp32",), "synthetic")
             + _cases(CORE, ("bf16", "8bit"), "synthetic")
             + _cases(CONTINUOUS, ("fp32",), "model")
             + _cases(("galore_adamw", "fira"), ("fp32",), "zerofirst"))
@@ -113,7 +119,8 @@ PARITY_2 = (_cases([*lro.available_optimizers(), "galore_adafactor+relative"], (
 #: gains a key after the first step (APOLLO's limiter norm).
 CHECKPOINT = (_cases(CORE, ("fp32",), "synthetic") + _cases(("galore_adamw",), ("bf16", "8bit"), "synthetic")
               + _cases(("frugal",), ("fp32", "8bit"), "synthetic")
-              + [("gum", "bf16", "synthetic"), ("apollo", "fp32", "synthetic")])
+              + [("gum", "bf16", "synthetic"), ("apollo", "fp32", "synthetic"),
+                 ("online_subspace_descent", "fp32", "synthetic"), ("dct_adamw", "8bit", "synthetic")])
 
 
 #: Every preset checkpointed late (after every warm-up, draw and the second refresh); GaLore+, whose state swaps
@@ -140,10 +147,10 @@ def test_sharded_refresh_runs_once_per_job(two_ranks: tuple[dict[str, Any], Path
     """Each matrix's SVD (init + 2 refreshes) is computed once across both ranks, for the sharded presets
     (owner rank) and for the replicated ones (engine refreshes run on the owner and are broadcast)."""
     result = two_ranks[0]["parity"]
-    for name in ("galore_adamw", "fira", "galore_adafactor"):
+    for name in ("galore_adamw", "fira", "galore_adafactor", "dct_adamw", "online_subspace_descent"):
         calls = result[f"{name}/fp32/synthetic"]["calls"]
         assert (calls["init"], calls["update"], calls["engine"]) == (N_LOWRANK, 2 * N_LOWRANK, 0), (name, calls)
-    for name in ("dct_adamw", "coap", "online_subspace_descent"):
+    for name in ("coap", "gum", "galore_plus"):
         calls = result[f"{name}/fp32/synthetic"]["calls"]
         assert calls["engine"] == 3 * N_LOWRANK and calls["init"] == 0, (name, calls)
     # every preset: 3 refreshes per matrix in the job; the projectors whose state is ints or a seeded draw (Flora's
@@ -278,10 +285,10 @@ def test_checkpoint_two_ranks_to_one_process(two_ranks: tuple[dict[str, Any], Pa
 @pytest.mark.slow
 def test_four_ranks(two_ranks: tuple[dict[str, Any], Path]) -> None:
     """4 ranks (two of them hold no row of the 2-row matrix): the 2-rank checkpoint resharded to 4 continues
-    within 1e-6; parity with one process; per-rank state <= 0.30 of one process's for GaLore, Fira, Flora, APOLLO
-    and FRUGAL."""
+    within 1e-6; parity with one process; per-rank state <= 0.30 of one process's for GaLore, Fira, Flora, APOLLO,
+    FRUGAL, DCT-AdamW and Online Subspace Descent."""
     saved, out = two_ranks
-    cases = _cases((*CORE, "apollo", "frugal"), ("fp32",), "synthetic")
+    cases = _cases((*CORE, "apollo", "frugal", "dct_adamw", "online_subspace_descent"), ("fp32",), "synthetic")
     result = launch(4, [("checkpoint_load", CHECKPOINT), ("parity", cases)], out)
     for key, got in result["checkpoint_load"].items():
         # fp32: the issue's 1e-6. bf16's stochastic rounding is keyed by each element's index in the whole
@@ -293,7 +300,7 @@ def test_four_ranks(two_ranks: tuple[dict[str, Any], Path]) -> None:
     failures = check_parity(result["parity"], 4)
     assert not failures, "\n".join(failures)
     shapes = {n: tuple(p.shape) for n, p in worker.make_model().named_parameters()}
-    for name in (*CORE, "apollo", "frugal"):
+    for name in (*CORE, "apollo", "frugal", "dct_adamw", "online_subspace_descent"):
         got = result["parity"][f"{name}/fp32/synthetic"]
         single = saved["parity"][f"{name}/fp32/synthetic"]["global_bytes"]
         assert got["bytes"] <= 0.30 * single, (name, got["bytes"], single)
@@ -317,18 +324,18 @@ def test_three_ranks_uneven_shards(tmp_path: Path) -> None:
 
 def test_planner_shards() -> None:
     """``shards=K`` divides weights, gradients and the state of sharded presets by K; a replicated-mode preset
-    (DCT-AdamW) divides only its plain moments; layer-wise updates are refused under FSDP2."""
+    (COAP) divides only its plain moments; layer-wise updates are refused under FSDP2."""
     one = lro.plan_memory("llama-60m", "galore_adamw", rank=128, state_dtype="8bit")
     eight = lro.plan_memory("llama-60m", "galore_adamw", rank=128, state_dtype="8bit", shards=8)
     assert eight.weights == -(-one.weights // 8) and eight.gradients == -(-one.gradients // 8)
     assert all(eight.state[k] == -(-v // 8) for k, v in one.state.items())
-    for name in ("apollo", "frugal"):  # sharded too
+    for name in ("apollo", "frugal", "dct_adamw", "online_subspace_descent"):  # sharded too
         one = lro.plan_memory("llama-60m", name, rank=128, state_dtype="8bit")
         eight = lro.plan_memory("llama-60m", name, rank=128, state_dtype="8bit", shards=8)
         assert all(eight.state[k] == -(-v // 8) for k, v in one.state.items()), name
-    dct1 = lro.plan_memory("llama-60m", "dct_adamw", rank=128, state_dtype="8bit")
-    dct8 = lro.plan_memory("llama-60m", "dct_adamw", rank=128, state_dtype="8bit", shards=8)
-    assert dct8.state["low-rank moments"] == dct1.state["low-rank moments"]
+    coap1 = lro.plan_memory("llama-60m", "coap", rank=128, state_dtype="8bit")  # replicated mode
+    coap8 = lro.plan_memory("llama-60m", "coap", rank=128, state_dtype="8bit", shards=8)
+    assert coap8.state["low-rank moments"] == coap1.state["low-rank moments"]
     with pytest.raises(ValueError, match="shards"):
         lro.plan_memory("llama-60m", "galore_adamw", rank=128, layerwise=True, shards=2)
     with pytest.raises(ValueError, match="shards"):

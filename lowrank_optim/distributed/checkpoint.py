@@ -203,7 +203,7 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
     empty) export empty moments as zeros of the tensor's shape, emptied again on load. A residual rule whose state
     changes keys over a run exports one skeleton in every phase (``ResidualRule.export_state``: GaLore+'s sparse
     residual)."""
-    from .fsdp import elementwise, mode, moment_layout
+    from .fsdp import ROW_KEYS, elementwise, mode, moment_layout
 
     state_dict = {**state_dict, "state": _with_pending(state_dict["state"])}
     pairs = _group_of(opt)
@@ -229,9 +229,9 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
         st = dict(st)
         rule, low, dim = moment_layout(opt, group, p)
         pst = st.get("projector")
-        if isinstance(pst, dict) and "basis" in pst:
+        if isinstance(pst, dict) and any(k in pst for k in ROW_KEYS):
             r, d = int(pst["rank"]), int(p.shape[0] if int(pst["side"]) == LEFT else p.shape[1])
-            st["projector"] = {**pst, "basis": wrap(pst["basis"], lay, 0, (d, r))}
+            st["projector"] = {**pst, **{k: wrap(pst[k], lay, 0, (d, r)) for k in ROW_KEYS if k in pst}}
         for spec in rule.moments(low, group):
             if spec.name not in st:
                 continue

@@ -48,13 +48,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..engine import LowRankOptimizer
 
 #: Parts the sharded mode implements; anything else runs replicated.
-SHARDED_PROJECTORS = ("svd", "rsvd", "random")
+SHARDED_PROJECTORS = ("svd", "rsvd", "random", "dct", "online_pca")
 SHARDED_RULES = ("adam", "adafactor", "sgd")
 SHARDED_RESIDUALS = ("drop", "fira", "apollo")
-SHARDED_TRANSFERS = ("keep", "reset", "linear")
+SHARDED_TRANSFERS = ("keep", "reset", "linear", "match")
 
 #: Projectors whose state has no tensor and whose ``init`` / ``update`` read only the gradient's shape.
 SEEDED_PROJECTORS = ("random",)
+#: Projectors whose ``(d, r)`` basis is computed from their small replicated state (``back_matrix``): seeded draws
+#: and DCT's column indices; each rank builds it (its rows on the left side), no traffic.
+STATE_BASIS_PROJECTORS = ("random", "dct")
+#: Projector-state tensors of shape ``(d, r)`` (``d`` the projected axis), kept as row chunks like ``W``: the basis
+#: and Online Subspace Descent's Adam moments of the basis.
+ROW_KEYS = ("basis", "p_exp_avg", "p_exp_avg_sq")
 #: Projectors whose subspace is all of a tensor or nothing (FRUGAL's blocks): ``project``, the lift and the
 #: complement act on a rank's rows alone, and their state is ints (from the shape and the group's layout), so
 #: they run on every rank; with a state-free residual and a resetting transfer the whole step is row-local.
@@ -76,6 +82,7 @@ def mode(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> str:
         return "sharded" if plain in SHARDED_RULES else "replicated"
     ok = (p.dim() == 2  # MoE expert stacks and conv weights (lowrank_optim.plan) run replicated
           and type(proj) is PROJECTORS.get(proj.name)
+          and proj.basis_dtype == "fp32"  # a quantized basis is blocked along d: its row chunks do not decode alone
           and sharded_parts(proj.name, group["inner"], group["residual"], group["transfer"]))
     return "sharded" if ok else "replicated"
 
@@ -295,10 +302,12 @@ def _refreshed(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, in
         old_whole = None
         if old is not None:
             d = _dim(old, p.shape)
-            basis = gather_rows_to(old["basis"], d, lay, own)
-            old_whole = {**old, "basis": basis} if basis is not None else None
+            keys = [k for k in ROW_KEYS if k in old]
             if full_old:
-                old_whole = {**old, "basis": all_gather_rows(old["basis"], d, lay)}
+                old_whole = {**old, **{k: all_gather_rows(old[k], d, lay) for k in keys}}
+            else:
+                rows = {k: gather_rows_to(old[k], d, lay, own) for k in keys}
+                old_whole = {**old, **rows} if lay.rank == own else None
         new = None
         if lay.rank == own:
             ctx = {}
@@ -313,7 +322,7 @@ def _refreshed(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, in
                 new = proj.update(grad, old_whole, **ctx)
         new = broadcast_from(new, lay, own)
     offset, size = lay.rows(_dim(new, p.shape))
-    mine = {**new, "basis": new["basis"][offset: offset + size].clone()}
+    mine = {**new, **{k: new[k][offset: offset + size].clone() for k in ROW_KEYS if k in new}}
     return mine, new, (old_whole if full_old else None)
 
 
@@ -362,7 +371,7 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
         return
     side, r = int(pst["side"]), int(pst["rank"])
     offset, size = lay.rows(m)
-    if proj.name in SEEDED_PROJECTORS:
+    if proj.name in STATE_BASIS_PROJECTORS:
         basis = proj.back_matrix(pst, w.device)
         basis = basis[offset: offset + size] if side == LEFT else basis
     elif side == LEFT:
