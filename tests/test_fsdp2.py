@@ -38,8 +38,8 @@ TIMEOUT_S = 300
 CORE = ("galore_adamw", "fira", "flora")
 #: Further presets whose state is sharded (APOLLO's residual on a seeded basis; FRUGAL's row-local blocks; DCT-AdamW's
 #: indices with owner-computed selections and a row-local ``match`` transfer; OSD's basis and its Adam moments as
-#: row chunks, stepped on the owner).
-SHARDED_MORE = ("apollo", "apollo_mini", "frugal", "dct_adamw", "online_subspace_descent")
+#: row chunks, stepped on the owner; COAP's correction on the owner with the first moment gathered).
+SHARDED_MORE = ("apollo", "apollo_mini", "frugal", "dct_adamw", "online_subspace_descent", "coap")
 #: Presets whose update is continuous in the gradient (no sign / top-k / random layer draw of it): they also
 #: run through a real model, whose reduce-scattered gradients differ from one process's in the last bits.
 CONTINUOUS = ("galore_adamw", "fira", "flora", "galore_adafactor")
@@ -120,7 +120,8 @@ PARITY_2 = (_cases([*lro.available_optimizers(), "galore_adafactor+relative", "g
 CHECKPOINT = (_cases(CORE, ("fp32",), "synthetic") + _cases(("galore_adamw",), ("bf16", "8bit"), "synthetic")
               + _cases(("frugal",), ("fp32", "8bit"), "synthetic")
               + [("gum", "bf16", "synthetic"), ("apollo", "fp32", "synthetic"),
-                 ("online_subspace_descent", "fp32", "synthetic"), ("dct_adamw", "8bit", "synthetic")])
+                 ("online_subspace_descent", "fp32", "synthetic"), ("dct_adamw", "8bit", "synthetic"),
+                 ("coap", "fp32", "synthetic")])
 
 
 #: Every preset checkpointed late (after every warm-up, draw and the second refresh); GaLore+, whose state swaps
@@ -147,10 +148,10 @@ def test_sharded_refresh_runs_once_per_job(two_ranks: tuple[dict[str, Any], Path
     """Each matrix's SVD (init + 2 refreshes) is computed once across both ranks, for the sharded presets
     (owner rank) and for the replicated ones (engine refreshes run on the owner and are broadcast)."""
     result = two_ranks[0]["parity"]
-    for name in ("galore_adamw", "fira", "galore_adafactor", "dct_adamw", "online_subspace_descent"):
+    for name in ("galore_adamw", "fira", "galore_adafactor", "dct_adamw", "online_subspace_descent", "coap"):
         calls = result[f"{name}/fp32/synthetic"]["calls"]
         assert (calls["init"], calls["update"], calls["engine"]) == (N_LOWRANK, 2 * N_LOWRANK, 0), (name, calls)
-    for name in ("coap", "gum", "galore_plus"):
+    for name in ("gum", "galore_plus"):
         calls = result[f"{name}/fp32/synthetic"]["calls"]
         assert calls["engine"] == 3 * N_LOWRANK and calls["init"] == 0, (name, calls)
     # every preset: 3 refreshes per matrix in the job; the projectors whose state is ints or a seeded draw (Flora's
@@ -286,21 +287,26 @@ def test_checkpoint_two_ranks_to_one_process(two_ranks: tuple[dict[str, Any], Pa
 def test_four_ranks(two_ranks: tuple[dict[str, Any], Path]) -> None:
     """4 ranks (two of them hold no row of the 2-row matrix): the 2-rank checkpoint resharded to 4 continues
     within 1e-6; parity with one process; per-rank state <= 0.30 of one process's for GaLore, Fira, Flora, APOLLO,
-    FRUGAL, DCT-AdamW and Online Subspace Descent."""
+    FRUGAL, DCT-AdamW, Online Subspace Descent and COAP."""
     saved, out = two_ranks
-    cases = _cases((*CORE, "apollo", "frugal", "dct_adamw", "online_subspace_descent"), ("fp32",), "synthetic")
+    cases = _cases((*CORE, "apollo", "frugal", "dct_adamw", "online_subspace_descent", "coap"), ("fp32",),
+                   "synthetic")
     result = launch(4, [("checkpoint_load", CHECKPOINT), ("parity", cases)], out)
     for key, got in result["checkpoint_load"].items():
         # fp32: the issue's 1e-6. bf16's stochastic rounding is keyed by each element's index in the whole
         # moment, so 4 ranks round as 2 do: only the last-bit differences of the reductions (sums in another
-        # order) can flip a rounding (measured 8e-6). 8-bit codes are requantized in the 4 ranks' own blocks.
-        bound = {"8bit": 1e-2, "bf16": 1e-4}.get(key.split("/")[1], 1e-6)
+        # order) can flip a rounding (measured 8e-6). 8-bit codes are requantized in the 4 ranks' own blocks:
+        # within what the 8-bit store itself changes in one process (DCT-AdamW: 1.9e-2; resumed 1.2e-2).
+        name, store, source = key.split("/")
+        bound = {"bf16": 1e-4}.get(store, 1e-6)
+        if store == "8bit":
+            bound = max(1e-2, worst(reference(name, "8bit", source), reference(name, "fp32", source))[0])
         rel, pname = worst(got["resumed"], saved["checkpoint_save"][key]["uninterrupted"])
         assert rel <= bound, (key, "dcp 2 -> 4", pname, rel)
     failures = check_parity(result["parity"], 4)
     assert not failures, "\n".join(failures)
     shapes = {n: tuple(p.shape) for n, p in worker.make_model().named_parameters()}
-    for name in (*CORE, "apollo", "frugal", "dct_adamw", "online_subspace_descent"):
+    for name in (*CORE, "apollo", "frugal", "dct_adamw", "online_subspace_descent", "coap"):
         got = result["parity"][f"{name}/fp32/synthetic"]
         single = saved["parity"][f"{name}/fp32/synthetic"]["global_bytes"]
         assert got["bytes"] <= 0.30 * single, (name, got["bytes"], single)
@@ -324,18 +330,18 @@ def test_three_ranks_uneven_shards(tmp_path: Path) -> None:
 
 def test_planner_shards() -> None:
     """``shards=K`` divides weights, gradients and the state of sharded presets by K; a replicated-mode preset
-    (COAP) divides only its plain moments; layer-wise updates are refused under FSDP2."""
+    (GaLore+) divides only its plain moments; layer-wise updates are refused under FSDP2."""
     one = lro.plan_memory("llama-60m", "galore_adamw", rank=128, state_dtype="8bit")
     eight = lro.plan_memory("llama-60m", "galore_adamw", rank=128, state_dtype="8bit", shards=8)
     assert eight.weights == -(-one.weights // 8) and eight.gradients == -(-one.gradients // 8)
     assert all(eight.state[k] == -(-v // 8) for k, v in one.state.items())
-    for name in ("apollo", "frugal", "dct_adamw", "online_subspace_descent"):  # sharded too
+    for name in ("apollo", "frugal", "dct_adamw", "online_subspace_descent", "coap"):  # sharded too
         one = lro.plan_memory("llama-60m", name, rank=128, state_dtype="8bit")
         eight = lro.plan_memory("llama-60m", name, rank=128, state_dtype="8bit", shards=8)
         assert all(eight.state[k] == -(-v // 8) for k, v in one.state.items()), name
-    coap1 = lro.plan_memory("llama-60m", "coap", rank=128, state_dtype="8bit")  # replicated mode
-    coap8 = lro.plan_memory("llama-60m", "coap", rank=128, state_dtype="8bit", shards=8)
-    assert coap8.state["low-rank moments"] == coap1.state["low-rank moments"]
+    gum1 = lro.plan_memory("llama-60m", "galore_plus", rank=128, state_dtype="8bit")  # replicated mode
+    gum8 = lro.plan_memory("llama-60m", "galore_plus", rank=128, state_dtype="8bit", shards=8)
+    assert gum8.state["low-rank moments"] == gum1.state["low-rank moments"]
     with pytest.raises(ValueError, match="shards"):
         lro.plan_memory("llama-60m", "galore_adamw", rank=128, layerwise=True, shards=2)
     with pytest.raises(ValueError, match="shards"):

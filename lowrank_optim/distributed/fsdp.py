@@ -2,10 +2,11 @@
 
 Two modes, chosen per parameter from its group's parts (:func:`mode`):
 
-* ``"sharded"``: basis projectors (``svd``, ``rsvd``, ``random``) with an inner rule that is elementwise or
-  asks :mod:`~lowrank_optim.distributed.comm` for its sums (``adam``, ``adafactor``, ``sgd``), the ``drop``,
-  ``fira`` or ``apollo`` residual and the ``keep``, ``reset`` or ``linear`` transfer (GaLoreAdamW,
-  GaLoreAdafactor, Fira, Flora, APOLLO, APOLLO-Mini), FRUGAL's blocks with a state-free residual and a
+* ``"sharded"``: basis projectors (``svd``, ``rsvd``, ``random``, ``dct``, ``online_pca``, ``coap``; fp32 basis)
+  with an inner rule that is elementwise or asks :mod:`~lowrank_optim.distributed.comm` for its sums (``adam``,
+  ``adafactor``, ``sgd``), the ``drop``, ``fira`` or ``apollo`` residual and the ``keep``, ``reset``, ``linear``
+  or ``match`` transfer (GaLoreAdamW, GaLoreAdafactor, Fira, Flora, APOLLO, APOLLO-Mini, DCT-AdamW, Online
+  Subspace Descent, COAP), FRUGAL's blocks with a state-free residual and a
   resetting transfer (row-local: :func:`_step_elementwise`), and every plain parameter whose rule is one of
   those. Every state tensor is sharded:
 
@@ -17,17 +18,21 @@ Two modes, chosen per parameter from its group's parts (:func:`mode`):
     then one all-gather of the ``r x n`` step and ``W_i -= P_i N`` (the residual, if any, needs ``R`` and
     ``N`` whole, which this gives; on the right side it sees their row chunks and completes its sums through
     :mod:`~lowrank_optim.distributed.comm`);
-  - refresh (SVD, rSVD): computed once per period on an owner rank (the parameter's index modulo the world
-    size): one gather of the whole gradient to the owner, the projector's own ``init`` / ``update`` on it
-    (so the basis is bit-identical to one process's, signs included), one broadcast of the basis; random
-    bases (Flora, APOLLO) are drawn from the same seed on every rank and need no traffic;
+  - refresh (SVD, rSVD, DCT selection, OSD's basis step, COAP's correction): computed once per period on an
+    owner rank (the parameter's index modulo the world size): one gather of the whole gradient (and of the
+    row-chunked projector state, :data:`ROW_KEYS`; COAP: of the first moment) to the owner, the projector's own
+    ``init`` / ``update`` on it (so the basis is bit-identical to one process's, signs included), one
+    broadcast; each rank keeps its rows. Random bases (Flora, APOLLO) are drawn from the same seed on every rank
+    and need no traffic; DCT's basis is built on every rank from its replicated indices;
   - a zero first gradient defers the subspace to the first nonzero one (``subspace_pending``), as in one
     process; stochastic rounding of the stores is keyed by the global element index (:class:`ShardStore`).
 
-* ``"replicated"`` (every other combination: DCT, online PCA, COAP, GUM's Muon, GaLore+'s sparse residual; MoE
-  expert stacks and conv weights, :mod:`lowrank_optim.plan`): the whole gradient and weight are all-gathered, the
-  single-process step runs on them with replicated state, and each rank keeps its rows. Exact, but the state is
-  not divided.
+* ``"replicated"`` (every other combination: GUM's Muon, whose Newton-Schulz orthogonalises the whole update;
+  GaLore+'s sparse residual, a top-k over the whole matrix; a quantized basis, whose codes are blocked along the
+  row axis; MoE expert stacks and conv weights, :mod:`lowrank_optim.plan`): the whole gradient and weight are
+  all-gathered, the single-process step runs on them with replicated state, and each rank keeps its rows. Exact,
+  but the state is not divided. None of these is impossible to shard (``docs/ARCHITECTURE.md`` says what each
+  would take); they are not sharded yet.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..engine import LowRankOptimizer
 
 #: Parts the sharded mode implements; anything else runs replicated.
-SHARDED_PROJECTORS = ("svd", "rsvd", "random", "dct", "online_pca")
+SHARDED_PROJECTORS = ("svd", "rsvd", "random", "dct", "online_pca", "coap")
 SHARDED_RULES = ("adam", "adafactor", "sgd")
 SHARDED_RESIDUALS = ("drop", "fira", "apollo")
 SHARDED_TRANSFERS = ("keep", "reset", "linear", "match")
@@ -308,6 +313,7 @@ def _refreshed(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, in
             else:
                 rows = {k: gather_rows_to(old[k], d, lay, own) for k in keys}
                 old_whole = {**old, **rows} if lay.rank == own else None
+        moments = _moments_to(opt, group, p, lay, own, old) if old is not None and proj.wants_moments else None
         new = None
         if lay.rank == own:
             ctx = {}
@@ -319,11 +325,38 @@ def _refreshed(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, in
                 ctx = {}
                 if getattr(proj, "wants_lr", False):
                     ctx = {"lr": group["lr"], "initial_lr": group.get("initial_lr", group["lr"])}
+                if moments is not None:  # COAP's correction reads the first moment
+                    ctx["moments"] = moments
                 new = proj.update(grad, old_whole, **ctx)
         new = broadcast_from(new, lay, own)
     offset, size = lay.rows(_dim(new, p.shape))
     mine = {**new, **{k: new[k][offset: offset + size].clone() for k in ROW_KEYS if k in new}}
     return mine, new, (old_whole if full_old else None)
+
+
+def _moments_to(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, lay: Layout, own: int,
+                old: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The whole moments shaped like the low-rank gradient (fp32, as the store loads them) on the owner rank,
+    ``None`` elsewhere: one gather of row chunks (right side) or column chunks (left side) per moment, for a
+    projector that reads them on a refresh (:attr:`~lowrank_optim.projectors.base.Projector.wants_moments`:
+    COAP). Factored statistics (another shape) are not passed, as the projectors read only full moments."""
+    proj, rule, _, _, store = opt._parts(group)
+    state = opt.state[p]
+    low = _low_shape(old, p.shape, lay, proj)
+    whole = _low_shape(old, p.shape, None, proj)
+    out: dict[str, torch.Tensor] = {}
+    for spec in rule.moments(low, group):
+        if tuple(spec.shape) != tuple(low) or spec.name not in state:
+            continue
+        value = store.load(state, spec.name, spec.signed).float()
+        if int(old["side"]) == LEFT:  # (r, n_j) column chunks
+            got = gather_rows_to(value.T.contiguous(), whole[1], lay, own)
+            got = got.T.contiguous() if got is not None else None
+        else:
+            got = gather_rows_to(value.contiguous(), whole[0], lay, own)
+        if got is not None:
+            out[spec.name] = got
+    return out if lay.rank == own else None
 
 
 def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, index: int, lay: Layout) -> None:
