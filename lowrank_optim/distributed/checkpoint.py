@@ -180,17 +180,18 @@ def _with_pending(state: dict[int, Any]) -> dict[int, Any]:
             for idx, st in state.items()}
 
 
-def _residual_states(opt: LowRankOptimizer, group: dict[str, Any], st: Any, export: bool) -> Any:
+def _residual_states(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, st: Any, export: bool) -> Any:
     """``st`` (a parameter's state; a stacked parameter's per-matrix states under ``"matrices"``) through its
     residual rule's :meth:`~lowrank_optim.rules.base.ResidualRule.export_state` (``export``) or ``import_state``."""
     if not isinstance(st, dict) or opt._parts(group)[0] is None:
         return st
     residual = opt._parts(group)[2]
     move = residual.export_state if export else residual.import_state
-    if isinstance(st.get("matrices"), list):
-        return {**st, "matrices": [move(sub, group) if isinstance(sub, dict) and "projector" in sub else sub
-                                   for sub in st["matrices"]]}
-    return move(st, group) if "projector" in st else st
+    shape = _matrix_shape(opt, group, p)
+    if isinstance(st.get("matrices"), list):  # a stack of matrices of shape[1:]
+        return {**st, "matrices": [move(sub, group, shape[1:]) if isinstance(sub, dict) and "projector" in sub
+                                   else sub for sub in st["matrices"]]}
+    return move(st, group, shape) if "projector" in st else st
 
 
 def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -210,7 +211,7 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
     packed = {}
     for idx, st in state_dict["state"].items():
         group, p = pairs[idx]
-        st = _residual_states(opt, group, st, export=True)
+        st = _residual_states(opt, group, p, st, export=True)
         if isinstance(st, dict) and "projector" in st and _variable(opt, group):
             st = _pack(st, *_envelope(opt, group, p))
         elif isinstance(st, dict) and "projector" in st and elementwise(opt._parts(group)[0]):
@@ -269,7 +270,7 @@ def import_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
         if isinstance(v, dict) and v.get(PACKED) and k in pairs:
             v = _unpack(opt, *pairs[k], v)
         if k in pairs:
-            v = _residual_states(opt, pairs[k][0], v, export=False)
+            v = _residual_states(opt, *pairs[k], v, export=False)
         out[k] = v
     return {**state_dict, "state": out}
 

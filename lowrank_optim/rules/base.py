@@ -142,15 +142,15 @@ class ResidualRule:
         """The full-shape tensor to subtract from the parameter, or ``None``."""
         raise NotImplementedError
 
-    def export_state(self, state: dict, group: Group) -> dict:
-        """The matrix's ``state`` as a checkpoint holds it (``state`` itself, or a changed copy).
+    def export_state(self, state: dict, group: Group, shape: tuple[int, ...]) -> dict:
+        """The state of a matrix of ``shape`` (``(m, n)``) as a checkpoint holds it (``state``, or a changed copy).
 
         ``torch.distributed.checkpoint`` loads by the keys and shapes of a fresh optimizer's state (one zero-lr,
         zero-gradient step), so a rule whose state gains or swaps keys over a run (GaLore+'s sparse residual)
         exports the same keys and shapes in every phase; :meth:`import_state` undoes it. Default: unchanged."""
         return state
 
-    def import_state(self, state: dict, group: Group) -> dict:
+    def import_state(self, state: dict, group: Group, shape: tuple[int, ...]) -> dict:
         """The inverse of :meth:`export_state` on a loaded ``state``.
 
         Raises:

@@ -113,30 +113,33 @@ class SparseResidual(ResidualRule):
         out.index_copy_(0, idx, upd)
         return resid
 
-    def export_state(self, state: dict, group: Group) -> dict:
+    def export_state(self, state: dict, group: Group, shape: tuple[int, ...]) -> dict:
         """The same keys in every phase (see the module docstring): after the warm-up the state plus
         ``residual_scored = 0``; during it, zero placeholders of the indices and moments (``residual_step =
         -1``) and the score only when it is nonzero (``residual_scored = 1``)."""
         if _INDEX in state:
             return {**state, _SCORED: 0}
-        score = state.get(_SCORE)
-        if score is None:  # no residual entries (k = 0): no state in any phase
+        k = residual_count(group["residual_density"], shape)
+        if k == 0 or _SEEN not in state:  # no residual entries: no state in any phase
             return state
-        k = residual_count(group["residual_density"], score.shape)
+        score = state.get(_SCORE)  # absent after a load that left out an all-zero score: zeros
         out = {name: v for name, v in state.items() if name != _SCORE}
-        scored = score.device.type != "meta" and bool(score.any())
+        scored = score is not None and score.device.type != "meta" and bool(score.any())
         if scored:
             out[_SCORE] = score
         out[_SCORED] = int(scored)
-        out[_INDEX] = torch.zeros(k, dtype=torch.int32 if score.numel() < 2**31 else torch.int64,
-                                  device=score.device)
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        device = next((v.device for v in state.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        out[_INDEX] = torch.zeros(k, dtype=torch.int32 if numel < 2**31 else torch.int64, device=device)
         store = StateStore(group["state_dtype"])
         for name in (_M, _V):
-            store.create(out, name, (k,), score.device)
+            store.create(out, name, (k,), device)
         out[_STEP] = _NOT_CHOSEN
         return out
 
-    def import_state(self, state: dict, group: Group) -> dict:
+    def import_state(self, state: dict, group: Group, shape: tuple[int, ...]) -> dict:
         """Drops :meth:`export_state`'s placeholders.
 
         Raises:
