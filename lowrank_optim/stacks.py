@@ -142,7 +142,7 @@ def apply_units(units: list[Unit], group: Group, parts: Parts, cache: StackCache
     """Steps the units the batched kernels can take (module docstring), stack by stack; returns the rest,
     untouched. ``cache`` keeps arenas and transposed bases between steps (:class:`StackCache`; ``None``: a
     throwaway one)."""
-    proj, rule, residual, _, store = parts
+    proj, residual = parts.projector, parts.residual
     if proj is None or not units or residual.name not in BATCHED_RESIDUALS:
         return units
     cache = StackCache() if cache is None else cache
