@@ -151,11 +151,14 @@ def apply_units(units: list[Unit], group: Group, parts: Parts, cache: StackCache
     rest: list[Unit] = []
     for u in units:
         pst = u.state["projector"]
-        basis = proj.batch_basis(pst, u.grad.device) if u.param.dtype == torch.float32 else None
-        if basis is None or basis.dtype != torch.float32 or (fira and not proj.orthonormal_basis(pst)):
+        drawn = proj.stack_basis_shape(pst) if u.param.dtype == torch.float32 else None  # drawn per stack below
+        basis = None if drawn is not None or u.param.dtype != torch.float32 else proj.batch_basis(pst, u.grad.device)
+        if (drawn is None and (basis is None or basis.dtype != torch.float32)) or (
+                fira and not proj.orthonormal_basis(pst)):
             rest.append(u)
         else:
-            key = (tuple(u.grad.shape), pst["side"], tuple(basis.shape), u.grad.device, u.state["inner_step"])
+            shape = drawn if drawn is not None else tuple(basis.shape)
+            key = (tuple(u.grad.shape), pst["side"], shape, drawn is not None, u.grad.device, u.state["inner_step"])
             stacks.setdefault(key, []).append((u, basis))
     used = set()
     for members in stacks.values():
@@ -176,19 +179,23 @@ def _step_stack(members: list[tuple[Unit, torch.Tensor]], group: Group, parts: P
     left = side == LEFT
     device = first.grad.device
     m, n = (int(s) for s in first.grad.shape)
-    r = int(basis0.shape[1])
     b = len(members)
     views = cache.transposed
+    if basis0 is None:  # a basis regenerated every step (Flora), drawn for the whole stack
+        drawn = proj.stack_basis([st["projector"] for st in states], device)
+        bases, flipped = matrices(drawn), drawn.mT.unbind(0)
+    else:
+        bases = [basis for _, basis in members]
+        flipped = [transposed(basis, u.state, views) for u, basis in members]
+    r = int(bases[0].shape[1])
     low = torch.empty((b, r, n) if left else (b, m, r), dtype=torch.float32, device=device)
     lows = matrices(low)
-    backs = []
-    for (u, basis), out in zip(members, lows, strict=True):
+    backs = bases if left else flipped
+    for u, basis, flip, out in zip((u for u, _ in members), bases, flipped, lows, strict=True):
         if left:
-            torch.mm(transposed(basis, u.state, views), u.grad, out=out)
-            backs.append(basis)
+            torch.mm(flip, u.grad, out=out)
         else:
             torch.mm(u.grad, basis, out=out)
-            backs.append(transposed(basis, u.state, views))
     step = first.state["inner_step"] + 1
     specs = rule.moments(tuple(lows[0].shape), group)
     d = None
