@@ -110,8 +110,8 @@ def test_stack_draw_equals_per_matrix_draws_and_cpu_generator_option() -> None:
     states = [proj.init(g, seed=derive_seed(0, i)) for i in range(3)]
     states[1] = proj.update(g, states[1])
     stack = proj.stack_basis(states, torch.device("cpu"))
-    for st, b in zip(states, stack, strict=True):
-        assert torch.equal(b, proj.basis(st))
+    for state, b in zip(states, stack, strict=True):
+        assert torch.equal(b, proj.basis(state))
     assert torch.equal(proj.stack_basis(states[1:2], torch.device("cpu"))[0], stack[1])
     cpu = make_projector("random", 4, generator="cpu")
     assert torch.equal(cpu.basis(states[0]), proj.basis(states[0]))
