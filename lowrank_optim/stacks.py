@@ -81,9 +81,12 @@ class StackCache:
     def arena(self, key: tuple[int, ...], states: list[dict], name: str) -> torch.Tensor:
         """The ``(B, ...)`` arena of state tensor ``name`` of ``states``; built (one copy, the state's tensors
         replaced by its views) unless every state still holds the views of the current one. A stack of one
-        matrix needs no arena: its tensor seen as ``(1, ...)``."""
+        matrix needs no arena: its tensor seen as ``(1, ...)``; on the meta device (memory estimates, no values)
+        the state keeps its own tensors, so each parameter's bytes stay its own."""
         if len(states) == 1:
             return states[0][name].unsqueeze(0)
+        if states[0][name].device.type == "meta":  # shapes only (memory estimates): keep the state's own tensors
+            return torch.stack([st[name] for st in states])
         entry = self.entries.setdefault(key, {})
         hit = entry.get(name)
         if hit is not None and all(st.get(name) is v for st, v in zip(states, hit[1], strict=True)):

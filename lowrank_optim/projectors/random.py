@@ -96,6 +96,8 @@ class RandomProjector(Projector):
             self._cache.move_to_end(key)
             return cached
         d, r = key[2], key[3]
+        if device.type == "meta":  # shapes only (memory estimates): no generator lives there
+            return torch.empty(d, r, dtype=torch.float32, device=device)
         where = torch.device("cpu") if self.generator == "cpu" else device
         gen = torch.Generator(device=where)
         gen.manual_seed(derive_seed(key[0], key[1]))
@@ -128,6 +130,8 @@ class RandomProjector(Projector):
         from ..rules.base import device_scalar  # here: the rules package imports the projectors
 
         d, r = int(states[0]["dim"]), int(states[0]["rank"])
+        if torch.device(device).type == "meta":  # shapes only (memory estimates)
+            return torch.empty(len(states), d, r, dtype=torch.float32, device=device)
         where = torch.device("cpu") if self.generator == "cpu" else torch.device(device)
         out = torch.empty(len(states) * d, r, dtype=torch.float32, device=where)
         views = [out] if len(states) == 1 else out.split_with_sizes([d] * len(states))
