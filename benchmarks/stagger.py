@@ -42,11 +42,26 @@ from .sweep import SWEEP, train_run
 SWEEP_LR = 10 ** -1.5
 
 
+def _refreshes(opt: torch.optim.Optimizer) -> int:
+    """Refreshes so far, summed over the optimizer's projected matrices (their projector states' counters)."""
+    return sum(int(st["projector"]["refresh"]) for st in opt.state.values() if "projector" in st)
+
+
 def period_times(stagger: bool, size: str = "60M", rank: int = 128, gap: int = 200,
                  device: str = "cpu") -> dict[str, Any]:
-    """Step times (seconds) of GaLoreAdamW + ``svd`` over one full refresh period after the first step."""
+    """Step times (seconds) of GaLoreAdamW + ``svd`` over one full refresh period after the first step.
+
+    Args:
+        stagger: the ``refresh_stagger`` group key.
+        size: a key of :data:`lowrank_optim.memory.LLAMA_CONFIGS`, or ``"tiny"`` (one layer, width 64: tests).
+        rank: projection rank (GaLore's at 60M: 128).
+        gap: ``update_proj_gap``; ``gap`` steps are timed, so every matrix refreshes exactly once among them.
+        device: ``"cpu"`` or ``"cuda"``.
+    """
     dev = common.check_device(device)
-    params = common.synthetic_params(llama_shapes(**LLAMA_CONFIGS[size]), dev)
+    shapes = llama_shapes(n_layers=1, d_model=64, d_ffn=160, vocab=96) if size == "tiny" else \
+        llama_shapes(**LLAMA_CONFIGS[size])
+    params = common.synthetic_params(shapes, dev)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = lro.GaLoreAdamW(common.split_groups(params, rank, gap), lr=1e-3, projector="svd",
@@ -56,17 +71,21 @@ def period_times(stagger: bool, size: str = "60M", rank: int = 128, gap: int = 2
         opt.step()
         common.sync(dev)
         first = time.perf_counter() - t0
-        times = []
+        times, refreshes = [], []
+        done = _refreshes(opt)
         for _ in range(gap):
             t0 = time.perf_counter()
             opt.step()
             common.sync(dev)
             times.append(time.perf_counter() - t0)
+            now = _refreshes(opt)
+            refreshes.append(now - done)
+            done = now
     med = statistics.median(times)
     return {"refresh_stagger": stagger, "size": size, "rank": rank, "update_proj_gap": gap,
             "first_step_s": first, "median_step_s": med, "worst_step_s": max(times),
             "worst_over_median": max(times) / med, "mean_step_s": statistics.fmean(times),
-            "step_s": times}
+            "step_s": times, "refreshes_per_step": refreshes}
 
 
 def _spec(stagger: bool) -> Spec:
