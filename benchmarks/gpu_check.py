@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from lowrank_optim.memory import count_state_bytes, llama_shapes
+from lowrank_optim.projectors.random import RandomProjector
 
 from . import common
 from .model import LLAMA_DECODERS, DecoderConfig, build_model
@@ -139,10 +140,19 @@ def check_matrix(device: torch.device, shapes: dict[str, tuple[int, ...]], rank:
     return records
 
 
+def _cpu_draws(opt: torch.optim.Optimizer) -> None:
+    """Seeded random projectors (Flora, APOLLO) draw on the CPU (``generator="cpu"``): by default they draw on the
+    parameter's device, whose stream differs between CPU and CUDA, so the two trajectories would use other bases."""
+    for parts in getattr(opt, "_parts_cache", {}).values():
+        if isinstance(parts.projector, RandomProjector):
+            parts.projector.generator = "cpu"
+
+
 def _trajectory(spec: Spec, shapes: dict[str, tuple[int, ...]], rank: int, steps: int, period: int,
                 device: torch.device) -> dict[str, torch.Tensor]:
     params = _params(shapes, device)
     opt = spec.build(common.split_groups(params, rank, period))
+    _cpu_draws(opt)
     for i in range(steps):
         _new_grads(params, i)
         opt.step()

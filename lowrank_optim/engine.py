@@ -35,7 +35,7 @@ from .plan import ND_LAYOUTS, Planner, matrix_shape, n_matrices, nd_kind, refuse
 from .projectors import COMMON_OPTIONS, PROJECTORS, SIDE_RULES, make_projector
 from .rules import INNER_RULES, RESIDUAL_RULES, TRANSFER_POLICIES
 from .schedule import refresh_due, stagger_phase
-from .stacks import Unit, apply_units
+from .stacks import StackCache, Unit, apply_units
 from .state import STATE_DTYPES, StateStore
 from .targets import validate_target_modules
 from .update import PENDING, Parts, apply_step, init_state, init_subspace, refresh
@@ -135,7 +135,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {unknown}")
         defaults.update(kwargs)
         self._parts_cache: dict[tuple, Parts] = {}
-        self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # transposed bases (stacks.transposed)
+        self._stacks = StackCache()  # arenas and transposed bases kept between steps (lowrank_optim.stacks)
         self._planner = Planner([], module)
         super().__init__(params, defaults)
         self._planner.param_groups = self.param_groups
@@ -219,7 +219,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._parts_cache = {}
-        self._views = {}
+        self._stacks = StackCache()
         self.__dict__.setdefault("_module", None)
         self._planner = Planner(self.param_groups, self._module)
         for group in self.param_groups:
@@ -395,7 +395,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 copies.append((w, pm))
         if init_only:
             return
-        rest = apply_units(units, group, group_parts, self._views) if self.batched else units
+        rest = apply_units(units, group, group_parts, self._stacks) if self.batched else units
         for u in rest:
             apply_step(u.state, group, u.param, u.grad, group_parts, True)
         for p, pm in copies:
@@ -465,7 +465,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """
         load_state(self, _checkpoint.import_state(self, state_dict))
         self._parts_cache = {}
-        self._views = {}
+        self._stacks = StackCache()
         _checkpoint.requantize(self)
         self._planner.reset()
 

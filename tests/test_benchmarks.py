@@ -416,3 +416,16 @@ def test_frontier_bytes_are_the_closed_form_at_1b() -> None:
     n = sum(torch.Size(s).numel() for s in shapes.values())
     got = frontier.state_bytes_at(["torch:adamw"])
     assert got == {"torch:adamw": 8 * n + 4 * len(shapes)}
+
+
+@pytest.mark.parametrize("stagger", [False, True])
+def test_stagger_period_refreshes_every_matrix_once(stagger: bool) -> None:
+    """benchmarks.stagger times one full period: every projected matrix refreshes exactly once in it, all at one
+    step without staggering, at most ceil(count / gap) per step with it."""
+    from benchmarks import stagger as bench
+
+    gap = 5
+    rec = bench.period_times(stagger, "tiny", rank=8, gap=gap)
+    count = 7  # one decoder layer: q, k, v, o, gate, up, down
+    assert len(rec["step_s"]) == gap and sum(rec["refreshes_per_step"]) == count
+    assert max(rec["refreshes_per_step"]) == (math.ceil(count / gap) if stagger else count)

@@ -93,7 +93,8 @@ def test_bit_exact_resume_with_lazy_state(basis_dtype: str) -> None:
 
 @pytest.mark.parametrize(("name", "why"), [("gum", "full-rank branch"), ("random", "random draw"),
                                            ("columns", "random draw"), ("rows", "random draw"),
-                                           ("entries", "random draw"), ("blocks", "schedule")])
+                                           ("entries", "random draw"), ("blocks", "schedule"),
+                                           ("coap", "incremental correction"), ("online_pca", "incremental")])
 def test_refusals_name_the_projector_and_the_reason(name: str, why: str) -> None:
     with pytest.raises(ValueError, match=f"lazy_refresh: True for projector {name!r}: .*{why}"):
         make_projector(name, 4, lazy_refresh=True)
@@ -108,7 +109,7 @@ def test_every_periodic_projector_takes_lazy_refresh_or_refuses_it() -> None:
     from lowrank_optim.projectors import PROJECTORS
 
     takes = {n for n, cls in PROJECTORS.items() if cls.lazy_refusal is None}
-    assert takes == {"svd", "rsvd", "rsvd_heads", "coap", "online_pca", "dct"}
+    assert takes == {"svd", "rsvd", "rsvd_heads", "dct"}
     for name in takes:
         assert make_projector(name, 4, lazy_refresh=True).lazy is not None
 
@@ -205,8 +206,7 @@ def test_reset_transfers_keep_the_moments_across_a_skipped_refresh(transfer: str
     assert [i for _, _, i in seen] == [1, 2, 1, 2, 3, 4, 1, 2]
 
 
-@pytest.mark.parametrize(("projector", "options"), [("rsvd", {}), ("rsvd_heads", {"num_heads": 4}), ("coap", {}),
-                                                    ("online_pca", {})])
+@pytest.mark.parametrize(("projector", "options"), [("rsvd", {}), ("rsvd_heads", {"num_heads": 4})])
 def test_each_taking_projector_skips_and_resumes_bit_exactly(projector: str, options: dict) -> None:
     """Through GaLore-AdamW with threshold 0 (every subspace counts as still): scheduled refreshes at steps 3, 5, 7;
     real at 3 (period doubles: 5 skipped) and 7 (period 4: three to skip); then a bit-exact resume."""

@@ -102,10 +102,35 @@ def test_deterministic_per_seed_index_refresh_and_cache_free() -> None:
     assert not torch.equal(a.basis(other), a.basis(s))
 
 
+def test_stack_draw_equals_per_matrix_draws_and_cpu_generator_option() -> None:
+    """A stack's bases (one (B, d, r) draw from per-matrix generators) equal each matrix's basis(), whatever the
+    stack holds; generator='cpu' equals the default on the CPU; a bad generator is refused by name."""
+    proj = make_projector("random", 4, cache_size=0)
+    g = _matrix(30, 20, 0)
+    states = [proj.init(g, seed=derive_seed(0, i)) for i in range(3)]
+    states[1] = proj.update(g, states[1])
+    stack = proj.stack_basis(states, torch.device("cpu"))
+    for state, b in zip(states, stack, strict=True):
+        assert torch.equal(b, proj.basis(state))
+    assert torch.equal(proj.stack_basis(states[1:2], torch.device("cpu"))[0], stack[1])
+    cpu = make_projector("random", 4, generator="cpu")
+    assert torch.equal(cpu.basis(states[0]), proj.basis(states[0]))
+    assert proj.stack_basis_shape(states[0]) == (states[0]["dim"], 4)
+    assert make_projector("random", 4, distribution="orthonormal").stack_basis_shape(states[0]) is None
+    with pytest.raises(ValueError, match="generator"):
+        make_projector("random", 4, generator="cuda")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dist", ["gaussian", "orthonormal"])
 def test_identical_on_cpu_and_cuda(dist) -> None:
-    proj = make_projector("random", 16, distribution=dist)
+    """With generator='cpu' the basis is the same on every device (the default draws on the device: same device
+    type and seed, same basis)."""
+    proj = make_projector("random", 16, distribution=dist, generator="cpu")
+    device = make_projector("random", 16, distribution=dist)
+    g0 = _matrix(300, 200, 0)
+    s0 = device.init(g0, seed=7)
+    assert torch.equal(device.basis(s0, "cuda"), make_projector("random", 16, distribution=dist).basis(s0, "cuda"))
     g = _matrix(300, 200, 0)
     state = proj.update(g, proj.init(g, seed=12345))
     assert torch.equal(proj.basis(state, "cuda").cpu(), proj.basis(state, "cpu"))

@@ -29,7 +29,8 @@ class Flora(LowRankOptimizer):
       ``(1 - beta1) u + beta1 Up(c)`` mix of the full current update and the decompressed history.
     * The momentum transfer solves for the closest representable momentum (see
       :class:`lowrank_optim.rules.transfer.LinearTransfer`) instead of ``c P_old^T P_new``.
-    * The basis is drawn on the CPU, so a checkpoint decodes identically on every device.
+    * The basis is drawn on the parameter's device, as the reference does (same device type and seed: same
+      basis); ``projector_options={"generator": "cpu"}`` draws it on the CPU for one basis on every device.
     * Momentum compression is not disabled for the Adam variant or for unfactored second moments.
 
     Args:
@@ -44,7 +45,7 @@ class Flora(LowRankOptimizer):
         scale: multiplier of the back-projected update (1.0).
         proj_side: side rule (``"std"``: project the smaller dimension, as Flora).
         state_dtype: ``"fp32"``, ``"bf16"`` or ``"8bit"``.
-        projector_options: extra options of the random projector (e.g. ``cache_size``).
+        projector_options: extra options of the random projector (``cache_size``, ``generator``).
         **kwargs: rule hyper-parameters (Adafactor: ``beta1``, ``eps``, ``clip_threshold``, ``decay_rate``,
             ``scale_parameter`` (False here, True in ``flora-opt``: see above), ``relative_step``; Adam:
             ``betas``, ``eps``) and engine options.

@@ -334,6 +334,16 @@ class Projector:
         basis = state.get("basis")
         return basis if isinstance(basis, torch.Tensor) and basis.dim() == 2 else None
 
+    def stack_basis_shape(self, state: ProjState) -> tuple[int, int] | None:
+        """``(d, r)`` when the projector draws a whole stack's bases at once (:meth:`stack_basis`, a seeded random
+        basis regenerated every step); ``None`` (default): the batched step reads :meth:`batch_basis` per matrix."""
+        return None
+
+    def stack_basis(self, states: list[ProjState], device: torch.device) -> torch.Tensor:
+        """The ``(B, d, r)`` bases of ``states`` (all of one :meth:`stack_basis_shape`), equal to
+        :meth:`batch_basis` of each; only called when :meth:`stack_basis_shape` is not ``None``."""
+        raise NotImplementedError
+
     def orthonormal_basis(self, state: ProjState) -> bool:
         """Whether :meth:`batch_basis` has orthonormal columns (``B^T B = I`` to rounding), which closed forms of
         residual norms need (Fira). Default False; exact and randomized SVD bases say True."""

@@ -105,6 +105,9 @@ class COAPProjector(Projector):
     """
 
     name = "coap"
+    lazy_refusal = ("most of its refreshes are one incremental correction step of the basis (a randomized SVD only "
+                    "every reproject_factor-th): a high overlap after a small step is the normal case, so skipping "
+                    "refreshes would slow the basis's own learning instead of saving a decomposition")
     wants_moments = True
     orthonormal = False
     dominant = True

@@ -11,9 +11,11 @@ policies see that nothing moved (:meth:`LazyRefresh.was_skipped`: ``reset`` and 
 moments across a skipped refresh; ``keep``, ``linear`` and ``match`` are the identity on an unchanged state).
 
 Which projectors take it (``Projector.lazy_refusal`` is ``None``): those whose refresh recomputes the subspace
-from the gradient and can keep the old one, ``svd``, ``rsvd``, ``rsvd_heads``, ``coap`` and ``online_pca`` (stored
-bases, overlap of the decoded bases) and ``dct`` (a selection of orthonormal DCT columns: the overlap is the
-fraction of indices kept, exactly). Refused by name: ``gum`` (each period redraws which matrices take the
+from the gradient and can keep the old one, ``svd``, ``rsvd`` and ``rsvd_heads`` (stored bases, overlap of the
+decoded bases) and ``dct`` (a selection of orthonormal DCT columns: the overlap is the fraction of indices kept,
+exactly). Refused by name: ``coap`` and ``online_pca`` (their refreshes are mostly one incremental step of the
+basis, not a decomposition: the overlap after a small step is high by construction, so skipping would slow the
+basis's own learning instead of saving work), ``gum`` (each period redraws which matrices take the
 full-rank branch, exactly gamma of them; a matrix that skipped would break the draw and the 1/q weights that
 make the estimate unbiased), ``random`` (a fresh seeded draw every period, independent of the gradient),
 ``columns`` / ``rows`` / ``entries`` (random coordinates, likewise) and ``blocks`` (the active set follows a

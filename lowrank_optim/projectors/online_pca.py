@@ -99,6 +99,9 @@ class OnlinePCAProjector(SVDProjector):
     """
 
     name = "online_pca"
+    lazy_refusal = ("its refresh is one incremental optimizer step of P, not a decomposition: a high overlap after "
+                    "a small step is the normal case, so skipping refreshes would slow P's own learning instead of "
+                    "saving work")
     #: the basis takes a small optimizer step every refresh, which rounding to a coarser form would erase
     basis_dtypes = ("fp32",)
     #: The engine passes ``lr`` (the group's current lr) and ``initial_lr`` to :meth:`update` (both optional).

@@ -1,9 +1,11 @@
 """Seeded random projections, regenerated on demand (Flora, Hao et al. 2024, arXiv:2402.03293).
 
-The state holds ints only (side, rank, seed, refresh count); the basis is drawn again whenever it is
-needed from a CPU generator seeded with ``(seed, refresh)``, so the same checkpoint decodes the same
-basis on any device and on every data-parallel rank. (Flora's reference code seeds a generator on the
-tensor's device, whose stream differs between CPU and CUDA; we generate on the CPU and move the result.)
+The state holds ints only (side, rank, seed, refresh count); the basis is drawn again whenever it is needed
+from a generator seeded with ``(seed, refresh)``. By default the generator lives on the parameter's device and
+the basis is drawn there (no host-to-device copy in a step, as Flora's reference code does): the same checkpoint
+decodes the same basis on every device of one type (every data-parallel rank), but a CUDA draw differs from a CPU
+one. ``generator="cpu"`` draws on the CPU and moves the basis: the same basis on any device, at the cost of one
+copy per matrix and step.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import torch
 
 from .._validation import check_choice, check_int
 from ..linalg import robust
-from .base import LEFT, Projector, ProjState, choose_side, cpu_generator
+from .base import LEFT, Projector, ProjState, choose_side, derive_seed
 
 DISTRIBUTIONS = ("gaussian", "orthonormal")
+GENERATORS = ("device", "cpu")
 
 
 class RandomProjector(Projector):
@@ -39,7 +42,11 @@ class RandomProjector(Projector):
         distribution: ``"gaussian"`` (default) or ``"orthonormal"``.
         cache_size: how many recently drawn bases to keep (outside the optimizer state, keyed by
             ``(seed, refresh, shape, device)``); 0 regenerates at every use, as Flora does. The default 2
-            holds the old and new basis of a refresh, so a step draws each basis once.
+            holds the old and new basis of a refresh and serves a matrix's projection and lift from one
+            draw, so a step draws each matrix's basis once (it does not keep bases across steps: that
+            would hold the ``d x r`` basis per matrix that Flora exists not to store).
+        generator: ``"device"`` (default: a generator on the parameter's device, the draw made there) or
+            ``"cpu"`` (drawn on the CPU and moved: the same basis on every device type).
     """
 
     name = "random"
@@ -48,15 +55,17 @@ class RandomProjector(Projector):
     lazy_refusal = ("its basis is a fresh seeded random draw every period, independent of the gradient, so "
                     "there is no subspace that could keep still")
 
-    def __init__(self, rank: int, side: str = "std", *, distribution: str = "gaussian", cache_size: int = 2) -> None:
+    def __init__(self, rank: int, side: str = "std", *, distribution: str = "gaussian", cache_size: int = 2,
+                 generator: str = "device") -> None:
         super().__init__(rank, side)
         self.distribution = check_choice("distribution", distribution, DISTRIBUTIONS)
+        self.generator = check_choice("generator", generator, GENERATORS)
         self.cache_size = check_int("cache_size", cache_size, low=0)
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(rank={self.rank}, side={self.side_rule!r}, "
-                f"distribution={self.distribution!r})")
+                f"distribution={self.distribution!r}, generator={self.generator!r})")
 
     @property
     def orthonormal(self) -> bool:  # type: ignore[override]
@@ -78,26 +87,60 @@ class RandomProjector(Projector):
         return new
 
     def basis(self, state: ProjState, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The fp32 ``(d, r)`` basis of ``state`` on ``device`` (drawn on the CPU, then moved)."""
+        """The fp32 ``(d, r)`` basis of ``state`` on ``device`` (drawn there, or on the CPU and moved with
+        ``generator="cpu"``; module docstring)."""
+        device = torch.device(device)
         key = (int(state["seed"]), int(state["refresh"]), int(state["dim"]), int(state["rank"]), str(device))
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
         d, r = key[2], key[3]
-        gen = cpu_generator(key[0], key[1])
-        z = torch.randn(d, r, generator=gen, dtype=torch.float32, device="cpu")
+        if device.type == "meta":  # shapes only (memory estimates): no generator lives there
+            return torch.empty(d, r, dtype=torch.float32, device=device)
+        where = torch.device("cpu") if self.generator == "cpu" else device
+        gen = torch.Generator(device=where)
+        gen.manual_seed(derive_seed(key[0], key[1]))
+        z = torch.randn(d, r, generator=gen, dtype=torch.float32, device=where)
         if self.distribution == "gaussian":
-            p = z.div_(math.sqrt(r))
+            from ..rules.base import device_scalar  # here: the rules package imports the projectors
+
+            p = z.div_(device_scalar(math.sqrt(r), where))
         else:
             q, rr = robust(lambda x: torch.linalg.qr(x, mode="reduced"), z, what="QR")
             p = q * torch.where(torch.diagonal(rr) < 0, -1.0, 1.0).to(dtype=q.dtype, device=q.device)
-        p = p.to(device)
+        if where != device:
+            p = p.to(device)
         if self.cache_size:
             self._cache[key] = p
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return p
+
+    def stack_basis_shape(self, state: ProjState) -> tuple[int, int] | None:
+        """``(d, r)`` for a Gaussian basis, which :meth:`stack_basis` draws for a whole stack; ``None`` for the
+        orthonormal one (its QR is per matrix: :meth:`batch_basis`)."""
+        return (int(state["dim"]), int(state["rank"])) if self.distribution == "gaussian" else None
+
+    def stack_basis(self, states: list[ProjState], device: torch.device) -> torch.Tensor:
+        """The Gaussian bases of ``B`` matrices with one ``(d, r)`` shape as one fp32 ``(B, d, r)`` tensor on
+        ``device``: each matrix's draw from its own generator of ``(seed, refresh)`` (so a basis does not depend on
+        which matrices share its stack, and equals :meth:`basis`), written into the stack, one scaling for all.
+        Not cached: a steady step draws each basis once."""
+        from ..rules.base import device_scalar  # here: the rules package imports the projectors
+
+        d, r = int(states[0]["dim"]), int(states[0]["rank"])
+        if torch.device(device).type == "meta":  # shapes only (memory estimates)
+            return torch.empty(len(states), d, r, dtype=torch.float32, device=device)
+        where = torch.device("cpu") if self.generator == "cpu" else torch.device(device)
+        out = torch.empty(len(states) * d, r, dtype=torch.float32, device=where)
+        views = [out] if len(states) == 1 else out.split_with_sizes([d] * len(states))
+        for st, view in zip(states, views, strict=True):
+            gen = torch.Generator(device=where)
+            gen.manual_seed(derive_seed(int(st["seed"]), int(st["refresh"])))
+            view.normal_(generator=gen)  # torch.randn's draw (randn is empty + normal_), in place
+        out = out.view(len(states), d, r).div_(device_scalar(math.sqrt(r), where))
+        return out if where == torch.device(device) else out.to(device)
 
     def project(self, grad: torch.Tensor, state: ProjState) -> torch.Tensor:
         p = self.basis(state, grad.device)

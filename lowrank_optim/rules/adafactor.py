@@ -9,24 +9,42 @@ import torch
 
 from .._validation import check_number
 from ..distributed import comm
-from .base import Direction, Group, InnerRule, MomentSpec
+from .base import Direction, Group, InnerRule, MomentSpec, device_scalar
 
-#: Elements per row block of the factored update on the CPU (4 MB of fp32): each block's temporaries stay
-#: in cache and are reused, instead of two full-size temporaries per step (a 16M-element embedding would
-#: otherwise allocate, and page-fault in, 128 MB every step).
-CPU_BLOCK_ELEMENTS = 1 << 20
-
-
-def _rms(t: torch.Tensor, *, param: bool = False) -> float:
-    # RMS of the whole tensor (a row shard's under FSDP2: :mod:`lowrank_optim.distributed.comm`)
-    return comm.rms(t, param=param)
+#: Elements per row block of the factored update on the CPU (16 MB of fp32): one scratch block is reused,
+#: instead of two full-size temporaries per step (a 16M-element embedding would otherwise allocate, and
+#: page-fault in, 128 MB every step); blocks are few (4 for LLaMA-60M's embedding), each costing a dozen
+#: dispatches.
+CPU_BLOCK_ELEMENTS = 1 << 22
 
 
-def _row_blocks(grad: torch.Tensor) -> list[slice]:
-    """Row slices of a 2-D tensor: one block off the CPU (the caching allocator reuses the temporaries)."""
+def _rms(t: torch.Tensor, *, param: bool = False) -> torch.Tensor:
+    """RMS of the whole tensor ``t`` is a shard of (the rule's tensor, or the parameter with ``param``) as a 0-d
+    tensor: no host read (:func:`lowrank_optim.distributed.comm.rms` semantics under FSDP2)."""
+    spec = comm.current()
+    if spec is None or (not param and spec.dim is None):
+        return torch.linalg.vector_norm(t).div_(math.sqrt(max(t.numel(), 1)))
+    numel = spec.param_numel if param else math.prod(spec.shape)
+    total = comm.all_reduce(t.float().square().sum().reshape(1), spec.group).reshape(())
+    return total.div_(max(numel, 1)).sqrt_()
+
+
+def _row_blocks(grad: torch.Tensor) -> list[int]:
+    """Row counts of the blocks of a 2-D tensor: one block off the CPU (the caching allocator reuses the
+    temporaries)."""
     m, n = int(grad.shape[0]), int(grad.shape[1])
     rows = max(1, CPU_BLOCK_ELEMENTS // max(n, 1)) if grad.device.type == "cpu" else max(m, 1)
-    return [slice(i, min(i + rows, m)) for i in range(0, m, rows)] or [slice(0, 0)]
+    return [min(rows, m - i) for i in range(0, m, rows)] or [0]
+
+
+def _rows(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """``t`` cut into row blocks of ``sizes`` (views; ``[t]`` for one block: no dispatch)."""
+    return [t] if len(sizes) == 1 else list(t.split(sizes))
+
+
+def _scratch(buf: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """The scratch block seen with each block's row count (a full block is ``buf`` itself)."""
+    return [buf if k == buf.shape[0] else buf[:k] for k in sizes]
 
 
 class AdafactorRule(InnerRule):
@@ -74,18 +92,20 @@ class AdafactorRule(InnerRule):
             specs.append(MomentSpec("exp_avg", tuple(shape), True))
         return specs
 
-    def _lr(self, group: Group, step: int, param: torch.Tensor) -> float:
+    def _lr(self, group: Group, step: int, param: torch.Tensor) -> float | torch.Tensor:
+        """The step's learning rate: a Python number, or a 0-d tensor with ``scale_parameter`` (times
+        ``max(eps[1], RMS(param))``, kept on the device)."""
         if group["relative_step"]:
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             lr = min(min_step, 1.0 / math.sqrt(step))
         else:
             lr = float(group["lr"])
         if group["scale_parameter"]:
-            lr *= max(group["eps"][1], _rms(param.float(), param=True))
+            return _rms(param.float(), param=True).clamp_min_(group["eps"][1]).mul_(lr)
         return lr
 
     def _factored(self, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int, group: Group,
-                  lr: float, blocks: list[slice], buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  lr: float | torch.Tensor, blocks: list[int], buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Updates the row/column statistics; returns ``c`` (``(n,)``) and ``rs`` (``(m, 1)``) such that
         the clipped, lr-scaled update is ``(g * c) * rs``."""
         # under FSDP2 ``grad`` may be a shard of a bigger matrix: sums over a split axis are completed by ``comm``
@@ -94,28 +114,28 @@ class AdafactorRule(InnerRule):
         eps1 = group["eps"][0]
         row_sum = torch.empty(int(grad.shape[0]), dtype=grad.dtype, device=grad.device)
         col_sum = torch.zeros(int(grad.shape[1]), dtype=grad.dtype, device=grad.device)
-        for b in blocks:  # pass 1: row and column sums of g^2
-            sq = torch.mul(grad[b], grad[b], out=buf[: b.stop - b.start])
-            torch.sum(sq, dim=1, out=row_sum[b])
+        gs, bufs, sums = _rows(grad, blocks), _scratch(buf, blocks), _rows(row_sum, blocks)
+        for g, bf, rsum in zip(gs, bufs, sums, strict=True):  # pass 1: row and column sums of g^2
+            sq = torch.mul(g, g, out=bf)
+            torch.sum(sq, dim=1, out=rsum)
             col_sum.add_(sq.sum(dim=0))
         comm.reduce_split(row_sum, 1)
         comm.reduce_split(col_sum, 0)
         # row / column means of g^2 + eps1 (= mean(g^2) + eps1: eps1 is added to the small vectors only)
         row, col = moments["exp_avg_sq_row"], moments["exp_avg_sq_col"]
-        row.mul_(beta2t).add_(row_sum.div_(n).add_(eps1), alpha=1.0 - beta2t)
-        col.mul_(beta2t).add_(col_sum.div_(m).add_(eps1), alpha=1.0 - beta2t)
+        row.lerp_(row_sum.div_(n).add_(eps1), 1.0 - beta2t)
+        col.lerp_(col_sum.div_(m).add_(eps1), 1.0 - beta2t)
         r = (row / comm.mean(row, 0)).rsqrt_()
         c = col.rsqrt()
-        for b in blocks:  # pass 2: RMS of the update g * r c^T, from the row norms of g * c
-            gc = torch.mul(grad[b], c, out=buf[: b.stop - b.start])
-            torch.linalg.vector_norm(gc, dim=1, out=row_sum[b])
-        rms = math.sqrt(float(comm.reduce_total(row_sum.mul_(r).square_().sum())) / max(m * n, 1))
-        # RMS clipping and the learning rate in the row factor
-        return c, r.mul_(lr / max(1.0, rms / group["clip_threshold"])).unsqueeze(1)
+        for g, bf, rsum in zip(gs, bufs, sums, strict=True):  # pass 2: RMS of the update g * r c^T, from the
+            torch.linalg.vector_norm(torch.mul(g, c, out=bf), dim=1, out=rsum)  # row norms of g * c
+        rms = comm.reduce_total(row_sum.mul_(r).square_().sum()).div_(max(m * n, 1)).sqrt_()
+        # RMS clipping and the learning rate in the row factor (device-side: no host read)
+        return c, r.mul_(lr).div_(rms.div_(group["clip_threshold"]).clamp_min_(1.0)).unsqueeze(1)
 
-    def _blocked(self, grad: torch.Tensor) -> tuple[list[slice], torch.Tensor]:
+    def _blocked(self, grad: torch.Tensor) -> tuple[list[int], torch.Tensor]:
         blocks = _row_blocks(grad)
-        rows = max(b.stop - b.start for b in blocks)
+        rows = max(blocks)
         return blocks, torch.empty(rows, int(grad.shape[1]), dtype=grad.dtype, device=grad.device)
 
     def apply_plain(self, target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,
@@ -127,15 +147,49 @@ class AdafactorRule(InnerRule):
         blocks, buf = self._blocked(grad)
         c, rs = self._factored(grad, moments, step, group, lr, blocks, buf)
         exp_avg, beta1 = moments.get("exp_avg"), group["beta1"]
-        decay = 1.0 - lr * group["weight_decay"]
-        for b in blocks:  # pass 3: moment, weight decay and parameter, one block at a time
-            u = torch.mul(grad[b], c, out=buf[: b.stop - b.start]).mul_(rs[b])
-            if exp_avg is not None:
-                u = exp_avg[b].lerp_(u, 1 - beta1)
-            if decay != 1.0:
-                target[b].mul_(decay)
-            target[b].sub_(u)
+        wd = group["weight_decay"]
+        decay = 1.0 - lr * wd
+        avgs = _rows(exp_avg, blocks) if exp_avg is not None else [None] * len(blocks)
+        parts = zip(_rows(grad, blocks), _scratch(buf, blocks), _rows(rs, blocks), avgs, _rows(target, blocks),
+                    strict=True)
+        for g, bf, r, avg, w in parts:  # pass 3: moment, weight decay and parameter, one block at a time
+            u = torch.mul(g, c, out=bf).mul_(r)
+            if avg is not None:
+                u = avg.lerp_(u, 1 - beta1)
+            if wd != 0:
+                w.mul_(decay)
+            w.sub_(u)
         return True
+
+    def stack_direction(self, grads: torch.Tensor, moments: dict[str, torch.Tensor], step: int, group: Group,
+                        params: list[torch.Tensor]) -> Direction | None:
+        """The factored update of a stack ``(B, m, n)`` of projected gradients at once (same operations as
+        :meth:`direction`, over the stack: row / column statistics, RMS clipping and the learning rate as
+        ``(B, ...)`` tensors). ``None`` for unfactored moments or under FSDP2 sharding (per-matrix path)."""
+        if "exp_avg_sq_row" not in moments or grads.dim() != 3 or comm.current() is not None:
+            return None
+        m, n = int(grads.shape[1]), int(grads.shape[2])
+        dev = grads.device
+        lrs = [self._lr(group, step, p) for p in params]
+        lr: float | torch.Tensor = lrs[0] if isinstance(lrs[0], float) else torch.stack(lrs)
+        beta2t = 1.0 - math.pow(step, group["decay_rate"])
+        eps1 = device_scalar(group["eps"][0], dev)
+        sq = torch.mul(grads, grads)
+        row, col = moments["exp_avg_sq_row"], moments["exp_avg_sq_col"]
+        row.lerp_(sq.sum(2).div_(device_scalar(float(n), dev)).add_(eps1), 1.0 - beta2t)
+        col.lerp_(sq.sum(1).div_(device_scalar(float(m), dev)).add_(eps1), 1.0 - beta2t)
+        r = torch.div(row, row.sum(1, keepdim=True).div_(device_scalar(float(m), dev))).rsqrt_()
+        update = torch.mul(grads, col.rsqrt().unsqueeze(1), out=sq)
+        rms = torch.linalg.vector_norm(update, dim=2).mul_(r).square_().sum(1)
+        rms.div_(device_scalar(float(max(m * n, 1)), dev)).sqrt_()
+        clip = rms.div_(device_scalar(float(group["clip_threshold"]), dev)).clamp_min_(1.0)
+        factor = r.mul_(lr.unsqueeze(1) if isinstance(lr, torch.Tensor) else device_scalar(lr, dev))
+        update.mul_(factor.div_(clip.unsqueeze(1)).unsqueeze(2))
+        if group["beta1"] is not None:
+            exp_avg = moments["exp_avg"]
+            exp_avg.lerp_(update, 1 - group["beta1"])
+            update = exp_avg
+        return Direction(update, None, 1.0, lr)
 
     def direction(self, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int, group: Group,
                   param: torch.Tensor) -> Direction:
@@ -150,8 +204,9 @@ class AdafactorRule(InnerRule):
             v = moments["exp_avg_sq"]
             v.mul_(beta2t).addcmul_(grad, grad, value=1.0 - beta2t).add_(group["eps"][0] * (1.0 - beta2t))
             update = v.rsqrt().mul_(grad)
-            # RMS clipping and the learning rate in one multiply
-            update.mul_(lr / max(1.0, _rms(update) / group["clip_threshold"]))
+            # RMS clipping and the learning rate (device-side: no host read)
+            clip = _rms(update).div_(group["clip_threshold"]).clamp_min_(1.0)
+            update.mul_(lr).div_(clip)
         if group["beta1"] is not None:
             exp_avg = moments["exp_avg"]
             exp_avg.lerp_(update, 1 - group["beta1"])

@@ -81,6 +81,24 @@ class AdamRule(InnerRule):
         denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
         return Direction(exp_avg, denom, lr / bias_correction1, lr)
 
+    def stack_direction(self, grads: torch.Tensor, moments: dict[str, torch.Tensor], step: int, group: Group,
+                        params: list[torch.Tensor]) -> Direction | None:
+        """One fused kernel call on the stack's ``(B, ...)`` gradient and moment arenas (one tensor each, so the
+        kernel's per-tensor work is paid once per stack); ``None`` where the kernel is unavailable."""
+        exp_avg, exp_avg_sq = moments["exp_avg"], moments["exp_avg_sq"]
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (grads, exp_avg, exp_avg_sq)):
+            return None
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        buf = torch.zeros_like(grads)
+        try:
+            torch._fused_adamw_([buf], [grads], [exp_avg], [exp_avg_sq], [], [step_tensor(step, grads.device)],
+                                lr=-1.0, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=group["eps"],
+                                amsgrad=False, maximize=False)
+        except (RuntimeError, NotImplementedError, AttributeError):
+            return None
+        return Direction(buf, None, lr, lr)
+
     def directions(self, grads: list[torch.Tensor], moments: list[dict[str, torch.Tensor]], steps: list[int],
                    group: Group, params: list[torch.Tensor]) -> list[Direction]:
         """One fused kernel over every projected gradient (the scratch buffers carved from one zero block);

@@ -96,6 +96,16 @@ class InnerRule:
         overrides it (the result must equal the per-tensor calls to rounding). Default: one call each."""
         return [self.direction(g, m, s, group, p) for g, m, s, p in zip(grads, moments, steps, params, strict=True)]
 
+    def stack_direction(self, grads: torch.Tensor, moments: dict[str, torch.Tensor], step: int, group: Group,
+                        params: list[torch.Tensor]) -> Direction | None:
+        """:meth:`direction` for a stack of ``B`` same-shape (projected) gradients at one step count, as batched
+        ops on ``(B, ...)`` tensors: ``grads`` stacks the gradients, ``moments`` each moment's ``(B, ...)`` arena
+        (updated in place; :mod:`lowrank_optim.stacks`), ``params`` the ``B`` weights. The returned direction's
+        ``num`` / ``den`` are ``(B, ...)``; ``coef`` and ``lr`` are shared. ``None``: no stacked kernel, the engine
+        runs :meth:`directions` on per-matrix views instead (the default). Must equal :meth:`direction` per
+        matrix to rounding and read no device value on the host."""
+        return None
+
     def apply_plain(self, target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,
                     group: Group) -> bool:
         """Optionally performs the whole plain-parameter update (weight decay included) on the fp32 ``target``.
