@@ -96,10 +96,10 @@ class _IdentityProjector(Projector):
         return torch.eye(k)
 
 
-def test_identity_basis_with_adam_equals_torch_adamw() -> None:
+def test_identity_basis_with_adam_equals_torch_adamw(monkeypatch) -> None:
     """Adam is not rotation invariant, but with the identity basis GaLore (scale 1) is exactly Adam."""
-    if "test_identity" not in PROJECTORS:
-        register_projector(_IdentityProjector)
+    monkeypatch.setitem(PROJECTORS, "test_identity", None)  # undone after the test: the registry stays as shipped
+    register_projector(_IdentityProjector)
     ours, ref = _params(), _params()
     opt = lro.GaLoreAdamW([{"params": ours, "rank": 40}], lr=1e-2, projector="test_identity", scale=1.0,
                           weight_decay=0.05, update_proj_gap=3)
