@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -133,8 +134,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--out", default=str(common.RESULTS_DIR))
     args = ap.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
     result: dict[str, Any] = {"environment": common.environment(args.device),
-                              "command": "python -m benchmarks.stagger " + " ".join(argv or [])}
+                              "command": " ".join(["python -m benchmarks.stagger", *given])}
     if args.part in ("time", "all"):
         result["time"] = [period_times(s, args.size, gap=args.gap, device=args.device) for s in (False, True)]
     if args.part in ("loss", "all"):
