@@ -311,6 +311,31 @@ def test_gpu_check_cpu_part(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert [r["status"][:7] for r in matrix] == ["ok", "ok", "skipped"]
 
 
+def test_gpu_check_budget_and_cpu_draws(tmp_path) -> None:
+    """A spent budget skips cases by name (and still writes the JSON); seeded random projectors are switched to
+    CPU draws before the first step, so CPU and CUDA trajectories use the same bases."""
+    from benchmarks import gpu_check
+    from benchmarks.registry import specs
+
+    result = gpu_check.run("cpu", tiny=True, only=["flora"], budget_s=0.0, out_path=tmp_path / "g.json")
+    saved = json.loads((tmp_path / "g.json").read_text())
+    for part in ("matrix", "trajectories"):
+        assert {r["status"] for r in result[part]} == {"skipped: time budget"}, result[part]
+        assert saved[part] == result[part]
+    assert {r["status"] for r in result["speed"] if r["label"] != "bitsandbytes:adamw8bit"} == {
+        "skipped: time budget"}
+    flora = next(s for s in specs(("fp32",), references=False, only=["flora"]) if s.impl == "lowrank_optim")
+    params = gpu_check._params(gpu_check.SETTINGS["tiny"]["matrix_shapes"], torch.device("cpu"))
+    opt = flora.build(gpu_check.common.split_groups(params, 8, 2))
+    gpu_check._cpu_draws(opt)
+    drawn = [opt._parts(g).projector for g in opt.param_groups if g.get("rank") is not None]
+    assert drawn and all(p.generator == "cpu" for p in drawn)
+    # the speed part runs GaLore first after the baselines, SVD-heavy presets last
+    order = [label for label, _, _ in gpu_check._speed_specs(False)]
+    assert order[:3] == ["torch:adamw(fused)", "galore_adamw[fp32]", "flora[fp32]"] and order[-1] == (
+        "galore_plus[fp32]")
+
+
 # -- tuned comparison (benchmarks.sweep) and the frontier ----------------------------------------------------
 TINY_SWEEP = sweep.SweepConfig(cfg=DecoderConfig(d_model=32, n_layers=1, n_heads=2, d_ffn=64, max_len=16), steps=3,
                                batch_size=2, seq_len=16, rank=4, update_proj_gap=2, eval_batches=1, seeds=3,
