@@ -33,6 +33,7 @@ import torch
 
 from ..projectors.base import LEFT
 from ..state import ABSMAX, BLOCKSIZE, StateStore, n_blocks, qmap
+from . import gum as _gum
 from .shards import is_dtensor, layout, split_axis, wrap
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,6 +55,16 @@ def _variable(opt: LowRankOptimizer, group: dict[str, Any]) -> bool:
 
     proj = opt._parts(group)[0]
     return proj is not None and not proj.fixed_low_shape and not elementwise(proj)
+
+
+def _gum_sharded(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, st: Any) -> bool:
+    """Whether ``st`` is the state of a GUM parameter stepped sharded under FSDP2 (:mod:`.gum`), which checkpoints
+    in one process's form."""
+    from .fsdp import mode
+
+    proj = opt._parts(group)[0]
+    return (isinstance(st, dict) and "projector" in st and is_dtensor(p) and proj is not None
+            and proj.name in _gum.PROJECTORS and mode(opt, group, p) == "sharded")
 
 
 def _matrix_shape(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> tuple[int, ...]:
@@ -212,6 +223,8 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
     for idx, st in state_dict["state"].items():
         group, p = pairs[idx]
         st = _residual_states(opt, group, p, st, export=True)
+        if _gum_sharded(opt, group, p, st):  # one process's form (collective), packed below like it
+            st = _gum.whole_state(opt, group, p, st)
         if isinstance(st, dict) and "projector" in st and _variable(opt, group):
             st = _pack(st, *_envelope(opt, group, p))
         elif isinstance(st, dict) and "projector" in st and elementwise(opt._parts(group)[0]):
@@ -223,7 +236,7 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
     out: dict[int, Any] = {}
     for idx, st in state_dict["state"].items():
         group, p = pairs[idx]
-        if not is_dtensor(p) or not st or mode(opt, group, p) != "sharded":
+        if not is_dtensor(p) or not st or mode(opt, group, p) != "sharded" or _gum_sharded(opt, group, p, st):
             out[idx] = st
             continue
         lay = layout(p)
@@ -269,6 +282,8 @@ def import_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
             v = {n: t for n, t in v.items() if n != key}
         if isinstance(v, dict) and v.get(PACKED) and k in pairs:
             v = _unpack(opt, *pairs[k], v)
+        if k in pairs and _gum_sharded(opt, *pairs[k], v):
+            v = _gum.local_state(opt, *pairs[k], v)
         if k in pairs:
             v = _residual_states(opt, *pairs[k], v, export=False)
         out[k] = v

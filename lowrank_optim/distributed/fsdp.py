@@ -47,6 +47,7 @@ from ..projectors import PROJECTORS
 from ..projectors.base import LEFT, Projector, derive_seed
 from ..state import StateStore
 from . import comm
+from . import gum as _gum
 from .shards import Layout, Split, all_gather_cols, all_gather_rows, broadcast_from, gather_rows_to, layout, local
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,7 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Parts the sharded mode implements; anything else runs replicated.
 SHARDED_PROJECTORS = ("svd", "rsvd", "random", "dct", "online_pca", "coap")
-SHARDED_RULES = ("adam", "adafactor", "sgd")
+SHARDED_RULES = ("adam", "adafactor", "sgd", "muon")
 SHARDED_RESIDUALS = ("drop", "fira", "apollo")
 SHARDED_TRANSFERS = ("keep", "reset", "linear", "match")
 
@@ -99,6 +100,8 @@ def sharded_parts(projector: str, inner: str, residual: str, transfer: str) -> b
         return False
     if projector in ELEMENTWISE_PROJECTORS:
         return residual in ELEMENTWISE_RESIDUALS and transfer in ELEMENTWISE_TRANSFERS
+    if projector in _gum.PROJECTORS:  # GUM: its own step (lowrank_optim.distributed.gum)
+        return residual == "drop" and transfer in _gum.TRANSFERS
     return projector in SHARDED_PROJECTORS and residual in SHARDED_RESIDUALS and transfer in SHARDED_TRANSFERS
 
 
@@ -121,6 +124,8 @@ def moment_layout(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor)
     if _lowrank(opt, group, p):
         pst = opt.state[p]["projector"]
         r, m, n = int(pst["rank"]), int(p.shape[0]), int(p.shape[1])
+        if _gum.full_size(proj, pst):  # GUM's full-size branch: row chunks like W
+            return rule, (m, n), 0
         return (rule, (r, n), 1) if int(pst["side"]) == LEFT else (rule, (m, r), 0)
     if group.get("plain_inner") is not None:
         from ..rules import INNER_RULES
@@ -316,15 +321,15 @@ def _refreshed(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, in
         moments = _moments_to(opt, group, p, lay, own, old) if old is not None and proj.wants_moments else None
         new = None
         if lay.rank == own:
-            ctx = {}
+            # GUM's layer draw reads the parameter's place in its group (the same on every rank)
+            ctx = {"layout": opt._layout(group, p)} if getattr(proj, "wants_layout", False) else {}
             if old is None:
                 REFRESH_CALLS["init"] += 1
-                new = proj.init(grad, seed=seed)
+                new = proj.init(grad, seed=seed, **ctx)
             else:
                 REFRESH_CALLS["update"] += 1
-                ctx = {}
                 if getattr(proj, "wants_lr", False):
-                    ctx = {"lr": group["lr"], "initial_lr": group.get("initial_lr", group["lr"])}
+                    ctx.update(lr=group["lr"], initial_lr=group.get("initial_lr", group["lr"]))
                 if moments is not None:  # COAP's correction reads the first moment
                     ctx["moments"] = moments
                 new = proj.update(grad, old_whole, **ctx)
@@ -401,6 +406,9 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
     pst = state["projector"]
     if elementwise(proj):
         _step_elementwise(opt, group, p, lay, state, w, grad)
+        return
+    if proj.name in _gum.PROJECTORS:
+        _gum.step(opt, group, p, lay, state, w, grad)
         return
     side, r = int(pst["side"]), int(pst["rank"])
     offset, size = lay.rows(m)
@@ -493,7 +501,7 @@ def _split(pst: dict[str, Any], shape: torch.Size, lay: Layout, proj: Projector 
     """Where this rank's part of the low-rank gradient sits: rows of ``(m, r)`` (right) or columns of ``(r, n)``
     (an elementwise projector: rows of its own shape)."""
     whole = _low_shape(pst, shape, None, proj)
-    dim = 0 if elementwise(proj) or int(pst["side"]) != LEFT else 1
+    dim = 0 if elementwise(proj) or _gum.full_size(proj, pst) or int(pst["side"]) != LEFT else 1
     return Split(dim, lay.rows(whole[dim])[0], whole)
 
 
@@ -510,6 +518,8 @@ def _low_shape(pst: dict[str, Any], shape: torch.Size, lay: Layout | None,
     if elementwise(proj):
         rows = lay.rows(int(shape[0]))[1] if lay is not None else int(shape[0])
         return tuple(int(s) for s in proj.low_shape((rows, *tuple(shape)[1:]), pst))
+    if _gum.full_size(proj, pst):  # GUM's full-size branch: this rank's rows of the parameter
+        return (lay.rows(int(shape[0]))[1] if lay is not None else int(shape[0])), int(shape[1])
     r = int(pst["rank"])
     if int(pst["side"]) == LEFT:
         return r, (lay.rows(int(shape[1]))[1] if lay is not None else int(shape[1]))

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._validation import check_int, check_number
+from ..distributed import comm
 from ..projectors.base import Projector
 from .base import Direction, Group, InnerRule, MomentSpec
 
@@ -27,9 +28,19 @@ def newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7,
     overflow fp32, making the norm infinite and the result silently zero) are handled like any other; then
     ``steps`` iterations of ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` run on the wide orientation
     (the Gram matrix is ``min(m, n)`` square). A zero ``x`` gives zero.
+
+    Under an FSDP2 sharding (:func:`lowrank_optim.distributed.comm.sharded` with a split axis) ``x`` is this rank's
+    chunk of the matrix and the result is its chunk of the whole matrix's iteration
+    (:func:`lowrank_optim.distributed.newton_schulz.sharded_newton_schulz`: a Gram all-reduce per iteration, or
+    one all-gather).
     """
     if x.dim() != 2:
         raise ValueError(f"Invalid grad: Newton-Schulz needs a 2-D tensor, got shape {tuple(x.shape)}")
+    spec = comm.current()
+    if spec is not None and spec.dim is not None:
+        from ..distributed.newton_schulz import sharded_newton_schulz
+
+        return sharded_newton_schulz(x, spec, steps, eps, coefficients)
     a, b, c = coefficients
     tall = x.shape[0] > x.shape[1]
     y = x.T if tall else x
@@ -40,6 +51,16 @@ def newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7,
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
         y = torch.addmm(y, poly, y, beta=a)
     return (y.T if tall else y).contiguous()
+
+
+def whole_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """``param``'s shape; under an FSDP2 sharding (:func:`lowrank_optim.distributed.comm.sharded`), where ``param``
+    holds this rank's rows, the whole parameter's (rows from its element count)."""
+    shape = tuple(int(s) for s in param.shape)
+    spec = comm.current()
+    if spec is None:
+        return shape
+    return (spec.param_numel // max(math.prod(shape[1:]), 1), *shape[1:])
 
 
 def lr_factor(mode: str, shape: tuple[int, ...] | torch.Size) -> float:
@@ -101,8 +122,8 @@ class MuonRule(InnerRule):
         buf.mul_(mu).add_(grad)
         update = grad.add(buf, alpha=mu) if group["nesterov"] else buf
         ortho = newton_schulz(update, group["ns_steps"], group["ns_eps"])
-        shape = param.shape if param.dim() == 2 else grad.shape
+        shape = whole_shape(param) if param.dim() == 2 else tuple(grad.shape)
         return Direction(ortho, None, lr * lr_factor(group["muon_lr_adjust"], shape), lr)
 
 
-__all__ = ["LR_ADJUST", "NS_COEFFICIENTS", "MuonRule", "lr_factor", "newton_schulz"]
+__all__ = ["LR_ADJUST", "NS_COEFFICIENTS", "MuonRule", "lr_factor", "newton_schulz", "whole_shape"]
