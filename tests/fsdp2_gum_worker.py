@@ -33,8 +33,18 @@ NS_SHAPES = [((520, 8), 0), ((8, 520), 1), ((24, 520), 0), ((520, 24), 0), ((24,
              ((2, 24), 0), ((60, 40), 1)]
 
 
+#: 12 steps with draws and refreshes at 0, 4 and 8 (a short run: three draws, two refreshes).
+STEPS = 12
+GAP = 4
+
+
 def build(variant: str, model: torch.nn.Module, store: str) -> torch.optim.Optimizer:
-    return worker.build("gum", model, store, **VARIANTS[variant])
+    from helpers import CASES
+
+    import lowrank_optim as lro
+
+    groups = lro.param_groups(model, rank=worker.RANK, target_modules=["attn", "mlp"], update_proj_gap=GAP)
+    return lro.create_optimizer("gum", groups, state_dtype=store, **{**CASES["gum"], **VARIANTS[variant]})
 
 
 def draws(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
@@ -43,21 +53,34 @@ def draws(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
             if "projector" in opt.state.get(p, {})}
 
 
-def single(variant: str, store: str) -> dict[str, Any]:
-    """One process: the parameters after every step, the draw of each period and the state bytes."""
+def _perturb(model: torch.nn.Module, step: int) -> None:
+    """Multiplies every gradient by ``1 + 1.2e-7 z`` (``z`` standard normal, seeded by the step): about one ulp."""
+    gen = torch.Generator().manual_seed(99 + step)
+    for p in model.parameters():
+        p.grad.mul_(1 + 1.2e-7 * torch.randn(p.grad.shape, generator=gen))
+
+
+def single(variant: str, store: str, ulp: bool = False) -> dict[str, Any]:
+    """One process: the parameters after the run, the draw of each period and the state bytes; ``ulp``: with every
+    gradient perturbed by about one ulp (what fp32 rounding alone changes)."""
     model = worker.make_model()
     opt = build(variant, model, store)
     periods = []
-    for step in range(worker.STEPS):
-        worker.train(model, opt, range(step, step + 1), source="synthetic")
-        if step % worker.GAP == 0:
+    for step in range(STEPS):
+        opt.zero_grad()
+        worker.synthetic_grads(model, step)
+        if ulp:
+            _perturb(model, step)
+        opt.step()
+        if step % GAP == 0:
             periods.append(draws(model, opt))
     return {"params": worker.whole(model), "draws": periods, "bytes": opt.state_bytes()}
 
 
 def parity(cases: list[tuple[str, str]], rank: int, world: int, out_dir: str) -> dict[str, Any]:
-    """Per case: 30 steps (refreshes and draws at 0, 10, 20) on the sharded model; the gathered parameters, this
-    rank's and the job's state bytes, the refresh computations, and the traffic of the last (steady) step."""
+    """Per case: :data:`STEPS` steps (refreshes and draws every :data:`GAP`) on the sharded model; the gathered
+    parameters, this rank's and the job's state bytes, the refresh computations, and the traffic of the last
+    (steady) step."""
     from lowrank_optim.distributed import comm
 
     out: dict[str, Any] = {}
@@ -65,9 +88,9 @@ def parity(cases: list[tuple[str, str]], rank: int, world: int, out_dir: str) ->
         model = worker.sharded_model(world)
         opt = build(variant, model, store)
         before = worker._calls()
-        worker.train(model, opt, range(worker.STEPS - 1), rank, world, "synthetic")
+        worker.train(model, opt, range(STEPS - 1), rank, world, "synthetic")
         comm.TRAFFIC.update(step=0.0, refresh=0.0)
-        worker.train(model, opt, range(worker.STEPS - 1, worker.STEPS), rank, world, "synthetic")
+        worker.train(model, opt, range(STEPS - 1, STEPS), rank, world, "synthetic")
         traffic = dict(comm.TRAFFIC)
         out[f"{variant}/{store}"] = {"params": worker.whole(model), "bytes": opt.state_bytes(),
                                      "global_bytes": opt.global_state_bytes(), "calls": worker._sum_calls(before),
