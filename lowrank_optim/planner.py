@@ -253,7 +253,7 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
             for a name -> shape mapping).
         shards: FSDP2 ranks (``fully_shard``): weights, gradients and optimizer state per rank. Presets whose
             parts run sharded (:mod:`lowrank_optim.distributed.fsdp`: svd / rsvd / random projectors with Adam,
-            Adafactor or SGD and a drop, Fira or APOLLO residual; FRUGAL's blocks) divide everything by
+            Adafactor, SGD or Muon and a drop, Fira or APOLLO residual; FRUGAL's blocks; GUM) divide everything by
             ``shards``; the others keep their
             low-rank state (moments and bases) replicated and divide only the plain moments. 1: one process
             or DDP (every rank holds everything). Not counted: FSDP2's all-gathered unit of weights.

@@ -4,11 +4,13 @@ Two modes, chosen per parameter from its group's parts (:func:`mode`):
 
 * ``"sharded"``: basis projectors (``svd``, ``rsvd``, ``random``, ``dct``, ``online_pca``, ``coap``; fp32 basis)
   with an inner rule that is elementwise or asks :mod:`~lowrank_optim.distributed.comm` for its sums (``adam``,
-  ``adafactor``, ``sgd``), the ``drop``, ``fira`` or ``apollo`` residual and the ``keep``, ``reset``, ``linear``
-  or ``match`` transfer (GaLoreAdamW, GaLoreAdafactor, Fira, Flora, APOLLO, APOLLO-Mini, DCT-AdamW, Online
-  Subspace Descent, COAP), FRUGAL's blocks with a state-free residual and a
-  resetting transfer (row-local: :func:`_step_elementwise`), and every plain parameter whose rule is one of
-  those. Every state tensor is sharded:
+  ``adafactor``, ``sgd``; ``muon``, whose Newton-Schulz is :mod:`~lowrank_optim.distributed.newton_schulz`), the
+  ``drop``, ``fira`` or ``apollo`` residual and the ``keep``, ``reset``, ``linear`` or ``match`` transfer
+  (GaLoreAdamW, GaLoreAdafactor, Fira, Flora, APOLLO, APOLLO-Mini, DCT-AdamW, Online Subspace Descent, COAP),
+  FRUGAL's blocks with a state-free residual and a resetting transfer (row-local: :func:`_step_elementwise`), and
+  every plain parameter whose rule is one of those; GUM (the ``gum`` projector, fp32 basis, ``drop`` residual,
+  ``reset`` transfer: its weighted projection and full-size branch, :mod:`~lowrank_optim.distributed.gum`). Every
+  state tensor is sharded:
 
   - right side (``m >= n`` under ``"std"``; basis ``Q``, ``n x r``): ``R_i = G_i Q`` and ``W_i -= N_i Q^T``
     are local; the moments are ``m_i x r`` row chunks; ``Q`` is kept as row chunks (``n`` split like ``m``)
@@ -27,12 +29,11 @@ Two modes, chosen per parameter from its group's parts (:func:`mode`):
   - a zero first gradient defers the subspace to the first nonzero one (``subspace_pending``), as in one
     process; stochastic rounding of the stores is keyed by the global element index (:class:`ShardStore`).
 
-* ``"replicated"`` (every other combination: GUM's Muon, whose Newton-Schulz orthogonalises the whole update;
-  GaLore+'s sparse residual, a top-k over the whole matrix; a quantized basis, whose codes are blocked along the
-  row axis; MoE expert stacks and conv weights, :mod:`lowrank_optim.plan`): the whole gradient and weight are
-  all-gathered, the single-process step runs on them with replicated state, and each rank keeps its rows. Exact,
-  but the state is not divided. None of these is impossible to shard (``docs/ARCHITECTURE.md`` says what each
-  would take); they are not sharded yet.
+* ``"replicated"`` (every other combination: GaLore+'s sparse residual, a top-k over the whole matrix; a quantized
+  basis, whose codes are blocked along the row axis; MoE expert stacks and conv weights, :mod:`lowrank_optim.plan`):
+  the whole gradient and weight are all-gathered, the single-process step runs on them with replicated state, and
+  each rank keeps its rows. Exact, but the state is not divided. None of these is impossible to shard
+  (``docs/ARCHITECTURE.md`` says what each would take); they are not sharded yet.
 """
 
 from __future__ import annotations
