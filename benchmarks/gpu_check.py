@@ -10,7 +10,8 @@
    under ``"warn"``, counting the host syncs per step (the non-finite check's one read is allowed).
 2. **trajectories**: each optimizer (``fp32``) trained for ``trajectory_steps`` steps (refreshes included) from
    the same weights on the same seeded gradients on the CPU and on CUDA; the largest relative difference of
-   the final weights, ``max |w_cpu - w_cuda| / max |w_cpu|``, must stay under ``tolerance``.
+   the final weights, ``max |w_cpu - w_cuda| / max |w_cpu|``, must stay under ``tolerance`` or under
+   4x what a 1e-6 relative perturbation of the gradients does on the CPU alone (:func:`check_trajectories`).
 3. **speed**: end-to-end training steps (forward in bf16 autocast, backward, optimizer step) of the benchmark
    decoder at LLaMA-1B shapes (24 layers, width 2048, SwiGLU 5461, vocabulary 32000, fp32 master weights):
    step time, ``opt.step()`` time alone, first-step time (the initial subspace), tokens/s and peak memory
@@ -202,13 +203,26 @@ def _cpu_draws(opt: torch.optim.Optimizer) -> None:
             projector.generator = "cpu"
 
 
+#: Relative size of the gradient perturbation whose effect measures a trajectory's sensitivity to rounding.
+PERTURBATION = 1e-6
+#: A CPU-vs-CUDA difference within this many times the rounding sensitivity is rounding, not a fault.
+SENSITIVITY_FACTOR = 4.0
+
+
 def _trajectory(spec: Spec, shapes: dict[str, tuple[int, ...]], rank: int, steps: int, period: int,
-                device: torch.device) -> dict[str, torch.Tensor]:
+                device: torch.device, perturb: float = 0.0) -> dict[str, torch.Tensor]:
+    """Final weights after ``steps`` steps on the seeded gradients, each multiplied elementwise by
+    ``1 + perturb * z`` (``z`` standard normal from its own seeded stream) when ``perturb`` is nonzero."""
     params = _params(shapes, device)
     opt = spec.build(common.split_groups(params, rank, period))
     _cpu_draws(opt)
     for i in range(steps):
-        _new_grads(params, i)
+        grads = _draw_grads(params, i)
+        if perturb:
+            gen = torch.Generator().manual_seed(7 + i)
+            grads = {n: g * (1 + perturb * torch.randn(g.shape, generator=gen)).to(g.device)
+                     for n, g in grads.items()}
+        _set_grads(params, grads)
         opt.step()
     return {n: p.detach().to("cpu", torch.float32) for n, p in params.items()}
 
@@ -217,7 +231,15 @@ def check_trajectories(device: torch.device, shapes: dict[str, tuple[int, ...]],
                        period: int, tolerance: float, only: list[str] | None = None, budget: Budget | None = None,
                        records: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Each optimizer (fp32 store) on the CPU and on ``device``, same weights and gradients: final weights'
-    largest difference relative to the largest CPU weight, per optimizer (``ok`` when under ``tolerance``)."""
+    largest difference relative to the largest CPU weight, per optimizer.
+
+    Two correct implementations differ by rounding, and how far rounding moves a trajectory is the problem's own
+    property: an SVD's trailing kept vectors are determined only to ``eps * sigma_1 / gap``, and Adam's first
+    steps act like ``sign`` on coordinates near zero. On Gaussian gradients, multiplying them by
+    ``1 + 1e-6 z`` moves GaLore's, Fira's, COAP's and OSD's final weights by ~5e-3 on the CPU alone. So each
+    optimizer's CPU trajectory is also run with that perturbation (:data:`PERTURBATION`), and the device
+    difference is ``ok`` when it is under ``max(tolerance, SENSITIVITY_FACTOR * sensitivity)`` (both recorded):
+    a fault (a wrong basis, a lost moment) moves weights by O(1) relative, far above either."""
     budget = budget or Budget()
     records = [] if records is None else records
     cpu = torch.device("cpu")
@@ -234,10 +256,12 @@ def check_trajectories(device: torch.device, shapes: dict[str, tuple[int, ...]],
                 warnings.simplefilter("ignore")
                 a = _trajectory(spec, shapes, rank, steps, period, cpu)
                 b = _trajectory(spec, shapes, rank, steps, period, device)
-            diff = max(float((a[n] - b[n]).abs().max()) for n in a)
+                c = _trajectory(spec, shapes, rank, steps, period, cpu, perturb=PERTURBATION)
             scale = max(float(a[n].abs().max()) for n in a)
-            rec["max_rel_diff"] = diff / scale
-            rec["status"] = "ok" if diff / scale <= tolerance else "mismatch"
+            rec["max_rel_diff"] = max(float((a[n] - b[n]).abs().max()) for n in a) / scale
+            rec["rounding_sensitivity"] = max(float((a[n] - c[n]).abs().max()) for n in a) / scale
+            rec["bound"] = max(tolerance, SENSITIVITY_FACTOR * rec["rounding_sensitivity"])
+            rec["status"] = "ok" if rec["max_rel_diff"] <= rec["bound"] else "mismatch"
         except Exception as err:
             rec["status"] = "error"
             rec["error"] = f"{type(err).__name__}: {err}"[:400]

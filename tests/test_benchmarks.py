@@ -296,6 +296,8 @@ def test_gpu_check_cpu_part(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     # on the CPU both "devices" are the CPU: the same seeds must give bit-identical trajectories
     assert [(r["label"], r["status"], r["max_rel_diff"]) for r in result["trajectories"]] == [
         ("fira[fp32]", "ok", 0.0), ("galore_adamw[fp32]", "ok", 0.0)]
+    # the rounding sensitivity is measured (a perturbed run that moved nothing would make the bound vacuous)
+    assert all(0 < r["rounding_sensitivity"] < 1e-2 and r["bound"] >= 1e-3 for r in result["trajectories"])
     speed = {r["label"]: r for r in result["speed"]}
     assert {"torch:adamw(fused)", "galore_adamw[fp32]", "galore_adamw[8bit]", "fira[fp32]"} <= set(speed)
     assert speed["torch:adamw(fused)"]["tokens_per_s_ratio_to_adamw"] == 1.0
