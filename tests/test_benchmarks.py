@@ -303,6 +303,11 @@ def test_gpu_check_cpu_part(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert speed["torch:adamw(fused)"]["tokens_per_s_ratio_to_adamw"] == 1.0
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in result["speed"]), result["speed"]
     assert speed["galore_adamw[fp32]"]["state_bytes"] < speed["torch:adamw(fused)"]["state_bytes"]
+    assert {r["label"] for r in result["refresh"]} >= {"linalg.svd", "eigh(G G^T) fp64", "projector svd.init"}
+    assert all(r["status"] == "ok" and r["seconds"] > 0 for r in result["refresh"]), result["refresh"]
+    assert [r["label"] for r in result["profile"]] == ["torch:adamw(fused)", "galore_adamw[fp32]",
+                                                       "galore_adamw[8bit]", "fira[fp32]", "galore_adamw[fp32] tf32"]
+    assert all(r["status"] == "ok" and r["top_ops"] for r in result["profile"]), result["profile"]
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["anchor"]["galore_8bit"] == {"tokens_per_s": 1109, "memory_GB": 7.95}
     assert "anchor, GaLore paper" in gpu_check.summary(result)
