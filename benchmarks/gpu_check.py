@@ -392,9 +392,10 @@ def _decompositions(g: torch.Tensor, rank: int) -> dict[str, Any]:
                 driver)
     ways["eigh(G G^T) fp32"] = lambda: torch.linalg.eigh(g @ g.T)
     ways["eigh(G G^T) fp64"] = lambda: torch.linalg.eigh((g @ g.T).double())
-    for name in ("svd", "rsvd"):
-        proj = make_projector(name, rank, side="left")
-        ways[f"projector {name}.init"] = (lambda pr: lambda: pr.init(g, seed=0))(proj)
+    for label, name, opts in (("svd.init", "svd", {}), ("svd.init[solver=svd]", "svd", {"solver": "svd"}),
+                              ("svd.init[solver=gram]", "svd", {"solver": "gram"}), ("rsvd.init", "rsvd", {})):
+        proj = make_projector(name, rank, side="left", **opts)
+        ways[f"projector {label}"] = (lambda pr: lambda: pr.init(g, seed=0))(proj)
     return ways
 
 
