@@ -208,3 +208,12 @@ def test_steady_step_traffic(two: dict[str, Any]) -> None:
     for key, got in two["parity"].items():
         assert got["traffic"]["refresh"] == 0.0, key
         assert 0 < got["traffic"]["step"] <= fsdp, (key, got["traffic"], fsdp)
+
+
+def test_planner_divides_gum() -> None:
+    """``plan_memory(..., shards=K)`` divides GUM's state by K (it runs sharded), every part of it."""
+    import lowrank_optim as lro
+
+    one = lro.plan_memory("llama-60m", "gum", rank=128, state_dtype="8bit")
+    eight = lro.plan_memory("llama-60m", "gum", rank=128, state_dtype="8bit", shards=8)
+    assert one.state and all(eight.state[k] == -(-v // 8) for k, v in one.state.items())
