@@ -67,8 +67,9 @@ def _matrix_shape(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor)
 
 
 def _rows_shape(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> tuple[int, ...]:
-    """The shape of this rank's rows of ``p`` (its matrix shape when it is not a ``DTensor``)."""
-    return tuple(int(s) for s in p.to_local().shape) if is_dtensor(p) else _matrix_shape(opt, group, p)
+    """The shape of this rank's rows of ``p`` seen as its matrix (its matrix shape when it is not a ``DTensor``)."""
+    whole = _matrix_shape(opt, group, p)
+    return (int(p.to_local().shape[0]), *whole[1:]) if is_dtensor(p) else whole
 
 
 def _widen(opt: LowRankOptimizer, group: dict[str, Any], shape: tuple[int, ...], rows: tuple[int, ...],
