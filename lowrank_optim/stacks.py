@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .projectors.base import LEFT
+from .rules.apollo_scaling import APOLLOScaling, apollo_stack_step
 from .rules.base import Direction, device_scalar
 from .rules.fira_closed_form import CANCELLATION, fira_closed_form_step
 from .rules.fira_residual import _TINY, LIMITER_KEY, adam_step_size
@@ -49,7 +50,9 @@ from .update import Parts
 Group = dict[str, Any]
 
 #: Residual rules the batched step applies itself (``"fira"`` only with an orthonormal basis).
-BATCHED_RESIDUALS = ("drop", "fira")
+BATCHED_RESIDUALS = ("drop", "fira", "apollo")
+#: Residual rules whose stacked form reads the inner step as one ``(B, ...)`` tensor.
+_STACKED_UPDATE = ("fira", "apollo")
 
 
 class Unit(NamedTuple):
@@ -207,7 +210,7 @@ def _step_stack(members: list[tuple[Unit, torch.Tensor]], group: Group, parts: P
         d = rule.stack_direction(low, arenas, step, group, [u.param for u, _ in members])
     if d is not None:
         update = d.num if d.den is None else d.num / d.den
-        updates = matrices(update) if residual.name != "fira" else []
+        updates = matrices(update) if residual.name not in _STACKED_UPDATE else []
         ds = [d] * b if isinstance(d.lr, float) else [Direction(d.num, d.den, d.coef, lr) for lr in d.lr.unbind(0)]
     else:  # per-matrix views through the list form (bf16 / 8-bit codecs, rules without a stacked kernel)
         moments = [{s.name: store.load(st, s.name, s.signed) for s in specs} for st in states]
@@ -216,7 +219,7 @@ def _step_stack(members: list[tuple[Unit, torch.Tensor]], group: Group, parts: P
             for s in specs:
                 store.save(st, s.name, mom[s.name], s.signed)
         updates = [x.num if x.den is None else x.num / x.den for x in ds]
-        update = torch.stack(updates) if residual.name == "fira" else None
+        update = torch.stack(updates) if residual.name in _STACKED_UPDATE else None
     for st in states:
         st["step"] += 1
         st["inner_step"] += 1
@@ -226,6 +229,9 @@ def _step_stack(members: list[tuple[Unit, torch.Tensor]], group: Group, parts: P
             u.param.mul_(1 - x.lr * wd)
     if residual.name == "fira":
         _fira_stack(members, low, lows, update, backs, left, ds, group, proj, cache, key, states)
+        return key
+    if residual.name == "apollo":
+        _apollo_stack(members, low, lows, update, side, ds, group, proj, cache, key, states)
         return key
     if not low.numel():
         return key
@@ -294,6 +300,41 @@ def _fira_stack(members: list[tuple[Unit, torch.Tensor]], low: torch.Tensor, low
             u.param.addmm_(back, lf, alpha=alpha * coef)
         else:
             u.param.addmm_(lf, back, alpha=alpha * coef)
+
+
+def _apollo_stack(members: list[tuple[Unit, torch.Tensor]], low: torch.Tensor, lows: list[torch.Tensor],
+                  update: torch.Tensor, side: int, ds: list[Direction], group: Group, proj: Any, cache: StackCache,
+                  key: tuple[int, ...], states: list[dict]) -> None:
+    """APOLLO's scaled-gradient step on a stack (:func:`~lowrank_optim.rules.apollo_scaling.apollo_stack_step`);
+    per matrix through the rule itself when the stack's matrices carry different coefficients, and nothing but
+    the limiter's placeholder on a zero step size (as the per-matrix rule)."""
+    d = ds[0]
+    residual = APOLLOScaling()
+    shared = all(isinstance(x.lr, float) and isinstance(x.coef, float) and x.coef == d.coef and x.lr == d.lr
+                 for x in ds)
+    eta = adam_step_size(d.lr, states[0], group) if shared else 0.0
+    if eta == 0.0:
+        for (u, _), lw, upd, x in zip(members, lows, update.unbind(0), ds, strict=True):
+            extra = residual.step(u.grad, lw, upd, proj, u.state["projector"], u.state, group, coef=x.coef,
+                                  lr=x.lr)
+            if extra is not None:
+                u.param.sub_(extra)
+        return
+    stored = None
+    b = len(members)
+    if group["limiter_gamma"] is not None:
+        for st in states:  # -1: not measured yet (the first step stores the norm, as the per-matrix rule)
+            if LIMITER_KEY not in st:
+                st[LIMITER_KEY] = torch.full((), -1.0, dtype=torch.float32, device=low.device)
+        stored = cache.arena(key, states, LIMITER_KEY)
+    left = side == LEFT
+    if group["scale_type"] == "tensor":
+        shape = (b, 1, 1)
+    else:
+        shape = (b, 1, int(low.shape[2])) if left else (b, int(low.shape[1]), 1)
+    norms = cache.buffer(key, "grad_norm", shape, low.device)
+    apollo_stack_step([u.param for u, _ in members], [u.grad for u, _ in members], low, update, side,
+                      float(d.coef), eta, states, group, norms, stored)
 
 
 __all__ = ["BATCHED_RESIDUALS", "StackCache", "Unit", "apply_units"]

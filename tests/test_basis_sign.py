@@ -44,7 +44,11 @@ def _compose(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _first_basis(name: str, rank: int, g: torch.Tensor, side: str, sign: str = "canonical") -> torch.Tensor:
     opts = {"side": side} if name == "online_pca" else {"side": side, "sign": sign}
     if name == "coap":
-        opts["oversample"] = 0
+        # COAP's reference sketch has no oversampling: its range is then only as accurate as V^T Omega is well
+        # conditioned (up to 7.5e-4 from the SVD's basis in 400 draws here), which is not what these tests are
+        # about. With 8 extra columns it is exact to rounding (<= 1.1e-6 in 1000 draws), and the sign rule is
+        # what remains to compare.
+        opts["oversample"] = 8
     return make_projector(name, rank, **opts).init(g, seed=3)["basis"]
 
 
@@ -97,7 +101,8 @@ def test_randomized_bases_do_not_depend_on_singular_vector_signs(m, n, rank, see
                          dtype=torch.float64)
     ref = _first_basis("svd", rank, _compose(u, s, v), side)
     for g in (_compose(u, s, v), _compose(u * flips, s, v), _compose(u, s, v * flips), -_compose(u, s, v)):
-        torch.testing.assert_close(_first_basis(name, rank, g, side), ref, atol=1e-4, rtol=0)
+        # rounding: at most 1.7e-6 over 1000 draws of each projector (an opposite sign would differ by ~0.1-2)
+        torch.testing.assert_close(_first_basis(name, rank, g, side), ref, atol=1e-5, rtol=0)
 
 
 def test_head_shared_basis_does_not_depend_on_the_sign_of_the_gradient() -> None:

@@ -296,11 +296,18 @@ def test_gpu_check_cpu_part(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     # on the CPU both "devices" are the CPU: the same seeds must give bit-identical trajectories
     assert [(r["label"], r["status"], r["max_rel_diff"]) for r in result["trajectories"]] == [
         ("fira[fp32]", "ok", 0.0), ("galore_adamw[fp32]", "ok", 0.0)]
+    # the rounding sensitivity is measured (a perturbed run that moved nothing would make the bound vacuous)
+    assert all(0 < r["rounding_sensitivity"] < 1e-2 and r["bound"] >= 1e-3 for r in result["trajectories"])
     speed = {r["label"]: r for r in result["speed"]}
     assert {"torch:adamw(fused)", "galore_adamw[fp32]", "galore_adamw[8bit]", "fira[fp32]"} <= set(speed)
     assert speed["torch:adamw(fused)"]["tokens_per_s_ratio_to_adamw"] == 1.0
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in result["speed"]), result["speed"]
     assert speed["galore_adamw[fp32]"]["state_bytes"] < speed["torch:adamw(fused)"]["state_bytes"]
+    assert {r["label"] for r in result["refresh"]} >= {"linalg.svd", "eigh(G G^T) fp64", "projector svd.init"}
+    assert all(r["status"] == "ok" and r["seconds"] > 0 for r in result["refresh"]), result["refresh"]
+    assert [r["label"] for r in result["profile"]] == ["torch:adamw(fused)", "galore_adamw[fp32]",
+                                                       "galore_adamw[8bit]", "fira[fp32]", "galore_adamw[fp32] tf32"]
+    assert all(r["status"] == "ok" and r["top_ops"] for r in result["profile"]), result["profile"]
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["anchor"]["galore_8bit"] == {"tokens_per_s": 1109, "memory_GB": 7.95}
     assert "anchor, GaLore paper" in gpu_check.summary(result)

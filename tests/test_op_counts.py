@@ -5,7 +5,8 @@ included, as the issue measured) on a small LLaMA-shaped decoder: ``L`` layers o
 norms, plus a tied embedding and the final norm. The slope over ``L`` (ops per decoder layer) is what a big model
 multiplies, so it is bounded apart from the total. Bounds sit about 10% above today's counts (per layer / at one
 layer: GaLoreAdamW 65.5 / 128, Fira 71.5 / 239, Flora 164 / 473, with same-shape stacks, moment arenas and
-Fira's residual and Adafactor stacked; one fused Adam call per matrix: 82 / 107, 332 / 362, 849 / 993; the
+Fira's residual and Adafactor stacked; APOLLO 98 / 258 and APOLLO-Mini 89 / 240 with their scaling stacked; one
+fused Adam call per matrix: 82 / 107, 332 / 362, 849 / 993; the
 per-parameter engine before issue 12: 213 / 256, 729 / 772, 901 / 1064), so a change that brings back
 per-matrix dispatches fails here. At LLaMA-60M shapes: ``python -m benchmarks.op_counts``. That no steady step
 builds a per-parameter tensor from a Python number or reads a device value besides the non-finite check is
@@ -25,7 +26,8 @@ from benchmarks.op_counts import aten_ops
 from lowrank_optim.memory import llama_shapes
 
 #: name -> (ops per decoder layer, ops per step at one layer)
-BOUNDS = {"galore_adamw": (72, 140), "fira": (79, 263), "flora": (180, 520)}
+BOUNDS = {"galore_adamw": (72, 140), "fira": (79, 263), "flora": (180, 520), "apollo": (108, 284),
+          "apollo_mini": (98, 264)}
 
 
 def _ops(name: str, layers: int) -> int:

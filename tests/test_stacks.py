@@ -78,7 +78,7 @@ def test_batched_equals_per_matrix(name: str) -> None:
 
 
 @pytest.mark.parametrize("state_dtype", STATE_DTYPES[1:])
-@pytest.mark.parametrize("name", ["galore_adamw", "fira"])
+@pytest.mark.parametrize("name", ["galore_adamw", "fira", "apollo", "apollo_mini"])
 def test_batched_equals_per_matrix_low_precision_stores(name: str, state_dtype: str) -> None:
     a, b = _params(), _params()
     grads = _grads(a, 5)
@@ -99,6 +99,27 @@ def test_fira_closed_form_equals_two_lift_formula(mode: str, gamma: float | None
     oa, ob = _make("fira", a, True, **kw), _make("fira", b, False, **kw)
     _run(oa, a, grads)
     _run(ob, b, grads)
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+    _close_states(oa, ob, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale_type", ["channel", "tensor"])
+@pytest.mark.parametrize("gamma", [1.01, None])
+@pytest.mark.parametrize("scale", [0.5, 1.0])
+def test_apollo_stacked_equals_per_matrix_rule(scale_type: str, gamma: float | None, scale: float) -> None:
+    """APOLLO's stacked step (factors, closed-form limiter norm, one ``addcmul_`` per matrix) equals the
+    per-matrix rule, including a zero-lr step in the middle (the limiter's placeholder, no update)."""
+    a, b = _params(), _params()
+    grads = _grads(a, 6)
+    kw = {"scale_type": scale_type, "limiter_gamma": gamma, "scale": scale}
+    oa, ob = _make("apollo", a, True, **kw), _make("apollo", b, False, **kw)
+    for i, step in enumerate(grads):
+        for opt in (oa, ob):
+            for g in opt.param_groups:
+                g["lr"] = 0.0 if i == 2 else 1e-2
+        _run(oa, a, [step])
+        _run(ob, b, [step])
     for p, q in zip(a, b, strict=True):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
     _close_states(oa, ob, atol=1e-5)

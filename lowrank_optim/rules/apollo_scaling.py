@@ -15,7 +15,7 @@ import torch
 from .._validation import check_choice, check_number
 from ..distributed import comm
 from ..projectors.base import LEFT, Projector, ProjState
-from .base import Group, ResidualRule
+from .base import Group, ResidualRule, device_scalar
 from .fira_residual import adam_step_size, limit_norm_growth, reserve_limiter, slice_scaling
 
 SCALE_TYPES = ("channel", "tensor")
@@ -89,4 +89,59 @@ class APOLLOScaling(ResidualRule):
         return update.mul_(eta * float(group["scale"]))
 
 
-__all__ = ["SCALE_TYPES", "APOLLOScaling", "apollo_scaling"]
+def apollo_stack_step(params: list[torch.Tensor], grads: list[torch.Tensor], low: torch.Tensor, update: torch.Tensor,
+                      side: int, coef: float, eta: float, states: list[dict], group: Group,
+                      grad_norms: tuple[torch.Tensor, tuple[torch.Tensor, ...]],
+                      stored: torch.Tensor | None) -> None:
+    """:class:`APOLLOScaling`'s update for a stack of ``B`` same-shape matrices, applied to ``params`` in place.
+
+    The same math as :meth:`APOLLOScaling.step` per matrix, with the factors and the limiter as ``(B, ...)``
+    tensors: ``s = ||N slices|| / (||R slices|| + 1e-8) * coef / eta`` (one factor per channel, or per matrix for
+    ``scale_type="tensor"``), the limiter's norm ``||G diag(s)||`` in closed form from the gradient's slice norms
+    (``||G diag(s)||^2 = sum_j s_j^2 ||G_j||^2``), and per matrix one slice-norm and one ``addcmul_`` of
+    ``-eta * scale * s / f * G`` (``f`` the limiter's factor). Equals the per-matrix rule to rounding
+    (``tests/test_stacks.py``).
+
+    Args:
+        params: the ``B`` fp32 ``(m, n)`` weights (weight decay already applied).
+        grads: their fp32 ``(m, n)`` gradients.
+        low: ``(B, r, n)`` (left side) or ``(B, m, r)`` (right) projected gradients ``R``.
+        update: the inner rule's step ``N`` (``num / den``), shaped like ``low``.
+        side: ``LEFT`` or ``RIGHT``.
+        coef: the inner step's coefficient (shared by the stack).
+        eta: Adam's step size with the bias correction folded in (:func:`adam_step_size`), nonzero.
+        states: the matrices' states (the limiter's stored norm is read from ``stored``).
+        group: the param group (``scale_type``, ``limiter_gamma``, ``scale``).
+        grad_norms: a ``(B, ...)`` scratch buffer for the gradients' slice norms and its per-matrix views.
+        stored: the ``(B,)`` arena of the limiter's stored norms (``-1``: not measured yet), or ``None`` without
+            a limiter.
+    """
+    dev = low.device
+    left = side == LEFT
+    b = len(params)
+    tensor = group["scale_type"] == "tensor"
+    dims = (1, 2) if tensor else ((1,) if left else (2,))
+    s = torch.linalg.vector_norm(update, dim=dims, keepdim=True)
+    s.div_(torch.linalg.vector_norm(low, dim=dims, keepdim=True).add_(device_scalar(_TINY, dev)))
+    s.mul_(device_scalar(coef / eta, dev))
+    gamma = group["limiter_gamma"]
+    if gamma is not None and stored is not None:
+        sq, views = grad_norms
+        for g, out in zip(grads, views, strict=True):
+            if tensor:
+                torch.linalg.vector_norm(g, keepdim=True, out=out)
+            else:
+                torch.linalg.vector_norm(g, dim=0 if left else 1, keepdim=True, out=out)
+        sq = torch.mul(sq, sq).mul_(s).mul_(s)
+        norm = sq.sum(dim=(1, 2)).sqrt_()  # ||G diag(s)|| per matrix
+        factor = torch.div(norm, stored.add(device_scalar(_TINY, dev))).clamp_min_(device_scalar(float(gamma), dev))
+        factor.div_(device_scalar(float(gamma), dev))
+        factor = torch.where(stored.gt(device_scalar(0.0, dev)), factor, device_scalar(1.0, dev))  # armed
+        s.div_(factor.view(b, 1, 1))
+        torch.div(norm, factor, out=stored)
+    value = -eta * float(group["scale"])
+    for w, g, f in zip(params, grads, s.unbind(0), strict=True):
+        w.addcmul_(g, f, value=value)
+
+
+__all__ = ["SCALE_TYPES", "APOLLOScaling", "apollo_scaling", "apollo_stack_step"]
