@@ -67,9 +67,14 @@ def _matrix_shape(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor)
 
 
 def _rows_shape(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> tuple[int, ...]:
-    """The shape of this rank's rows of ``p`` seen as its matrix (its matrix shape when it is not a ``DTensor``)."""
+    """The shape of this rank's rows of ``p`` seen as its matrix (the whole matrix when the state is whole here: not
+    a ``DTensor``, or FSDP2's replicated mode)."""
+    from .fsdp import mode
+
     whole = _matrix_shape(opt, group, p)
-    return (int(p.to_local().shape[0]), *whole[1:]) if is_dtensor(p) else whole
+    if not is_dtensor(p) or mode(opt, group, p) != "sharded":
+        return whole
+    return (int(p.to_local().shape[0]), *whole[1:])
 
 
 def _widen(opt: LowRankOptimizer, group: dict[str, Any], shape: tuple[int, ...], rows: tuple[int, ...],

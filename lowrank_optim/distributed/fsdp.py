@@ -1,6 +1,6 @@
 """One optimizer step for an FSDP2 parameter (a ``DTensor`` placed ``Shard(0)``), equal to one process's step.
 
-Two modes, chosen per parameter from its group's parts (:func:`mode`):
+Three modes, chosen per parameter from its kind and its group's parts (:func:`mode`):
 
 * ``"sharded"``: basis projectors (``svd``, ``rsvd``, ``random``, ``dct``, ``online_pca``, ``coap``; fp32 basis)
   with an inner rule that is elementwise or asks :mod:`~lowrank_optim.distributed.comm` for its sums (``adam``,
@@ -8,7 +8,8 @@ Two modes, chosen per parameter from its group's parts (:func:`mode`):
   or ``match`` transfer (GaLoreAdamW, GaLoreAdafactor, Fira, Flora, APOLLO, APOLLO-Mini, DCT-AdamW, Online
   Subspace Descent, COAP), FRUGAL's blocks with a state-free residual and a
   resetting transfer (row-local: :func:`_step_elementwise`), and every plain parameter whose rule is one of
-  those. Every state tensor is sharded:
+  those. A conv weight ``(out, in, *k)`` is the matrix ``out x (in * prod(k))`` (:func:`matrix_shape`), whose
+  rows are the parameter's rows, so it takes this path on a view of its shard. Every state tensor is sharded:
 
   - right side (``m >= n`` under ``"std"``; basis ``Q``, ``n x r``): ``R_i = G_i Q`` and ``W_i -= N_i Q^T``
     are local; the moments are ``m_i x r`` row chunks; ``Q`` is kept as row chunks (``n`` split like ``m``)
@@ -27,12 +28,15 @@ Two modes, chosen per parameter from its group's parts (:func:`mode`):
   - a zero first gradient defers the subspace to the first nonzero one (``subspace_pending``), as in one
     process; stochastic rounding of the stores is keyed by the global element index (:class:`ShardStore`).
 
+* ``"experts"``: an MoE expert stack ``(E, m, n)`` (:mod:`lowrank_optim.plan`), every preset. ``Shard(0)`` splits
+  the expert axis, so each rank holds whole experts and runs the single-process step on them, each known by its
+  index in the whole stack (:mod:`.experts`): no traffic, the state divided by whole experts.
+
 * ``"replicated"`` (every other combination: GUM's Muon, whose Newton-Schulz orthogonalises the whole update;
   GaLore+'s sparse residual, a top-k over the whole matrix; a quantized basis, whose codes are blocked along the
-  row axis; MoE expert stacks and conv weights, :mod:`lowrank_optim.plan`): the whole gradient and weight are
-  all-gathered, the single-process step runs on them with replicated state, and each rank keeps its rows. Exact,
-  but the state is not divided. None of these is impossible to shard (``docs/ARCHITECTURE.md`` says what each
-  would take); they are not sharded yet.
+  row axis; for 2-D and conv weights): the whole gradient and weight are all-gathered, the single-process step
+  runs on them with replicated state, and each rank keeps its rows. Exact, but the state is not divided. None of
+  these is impossible to shard (``docs/ARCHITECTURE.md`` says what each would take); they are not sharded yet.
 """
 
 from __future__ import annotations
