@@ -8,7 +8,6 @@ same weights as the uninterrupted run.
 from __future__ import annotations
 
 import math
-
 import os
 from collections.abc import Callable
 from pathlib import Path
