@@ -74,7 +74,7 @@ def step(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, lay: Lay
 
     proj, rule, _, _, store = opt._parts(group)
     pst = state["projector"]
-    m, n = int(p.shape[0]), int(p.shape[1])
+    m, n = _matrix(opt, group, p)
     side, r = int(pst["side"]), int(pst["rank"])
     offset = lay.rows(m)[0]
     basis = pst["basis"] if side == LEFT else all_gather_rows(pst["basis"], n, lay)  # P_i, or the whole Q
@@ -113,11 +113,19 @@ def step(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, lay: Lay
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
+def _matrix(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> tuple[int, int]:
+    """``(m, n)``: the whole matrix ``p`` is stepped as (a conv weight: ``out x (in * prod(k))``)."""
+    from .fsdp import matrix_shape
+
+    m, n = matrix_shape(opt, group, p)[:2]
+    return int(m), int(n)
+
+
 def _moment_split(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, pst: dict[str, Any],
                   lay: Layout) -> tuple[tuple[int, int], int]:
     """``(global shape, split axis)`` of the moments for projector state ``pst``."""
     proj = opt._parts(group)[0]
-    m, n, r = int(p.shape[0]), int(p.shape[1]), int(pst["rank"])
+    (m, n), r = _matrix(opt, group, p), int(pst["rank"])
     if full_size(proj, pst):
         return (m, n), 0
     return ((r, n), 1) if int(pst["side"]) == LEFT else ((m, r), 0)
@@ -142,7 +150,7 @@ def whole_state(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, s
     lay = layout(p)
     pst = st["projector"]
     st = dict(st)
-    d = int(p.shape[0]) if int(pst["side"]) == LEFT else int(p.shape[1])
+    d = _matrix(opt, group, p)[0 if int(pst["side"]) == LEFT else 1]  # the basis' rows
     st["projector"] = {**pst, "basis": all_gather_rows(pst["basis"], d, lay)}
     shape, dim = _moment_split(opt, group, p, pst, lay)
     numel = math.prod(shape)
@@ -169,7 +177,7 @@ def local_state(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, s
     lay = layout(p)
     pst = st["projector"]
     st = dict(st)
-    d = int(p.shape[0]) if int(pst["side"]) == LEFT else int(p.shape[1])
+    d = _matrix(opt, group, p)[0 if int(pst["side"]) == LEFT else 1]  # the basis' rows
     if "basis" in pst and int(pst["basis"].shape[0]) == d:
         st["projector"] = {**pst, "basis": _cut(pst["basis"], d, 0, lay)}
     shape, dim = _moment_split(opt, group, p, pst, lay)
