@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -129,8 +130,8 @@ def num_experts(config: Mapping[str, Any]) -> int:
     """Routed experts per MoE layer read from an HF config (0: a dense model); see :data:`EXPERT_COUNT_KEYS`."""
     for key in EXPERT_COUNT_KEYS:
         value = config.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+            return int(value)
     return 0
 
 
@@ -159,7 +160,8 @@ def hf_config_shapes(config: Mapping[str, Any]) -> dict[str, Shape]:
     Other attention layouts (DeepSeek's MLA, GPT-OSS's sinks and expert biases) are not modeled.
     """
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-    missing = [k for k in required if not isinstance(config.get(k), int)]
+    missing = [k for k in required
+               if isinstance(config.get(k), bool) or not isinstance(config.get(k), numbers.Integral)]
     if missing:
         raise ValueError(f"Invalid config: a LLaMA-style config needs integer {missing} "
                          f"(model_type {config.get('model_type')!r})")

@@ -1,0 +1,170 @@
+"""Numbers of any numeric type, stored plain; groups re-validated when changed after construction."""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+import lowrank_optim as lro
+from lowrank_optim._validation import check_int, check_number, plain
+
+
+@pytest.mark.parametrize("value", [np.float32(0.5), np.float64(0.5), np.int64(2), Fraction(1, 2), 2, 0.5,
+                                   torch.tensor(0.5), torch.tensor([0.5]), torch.tensor(2)])
+def test_check_number_accepts_reals_as_plain_float(value: object) -> None:
+    out = check_number("x", value, low=0.0)
+    assert type(out) is float and out == float(value)
+
+
+@pytest.mark.parametrize("value", [np.int64(4), np.int32(4), np.uint8(4), 4, torch.tensor(4), torch.tensor([4])])
+def test_check_int_accepts_integrals_as_plain_int(value: object) -> None:
+    out = check_int("x", value, low=1)
+    assert type(out) is int and out == 4
+
+
+@pytest.mark.parametrize("value", [True, np.bool_(True), torch.tensor(True), "1", None, 1 + 0j])
+def test_check_number_refuses_non_reals(value: object) -> None:
+    with pytest.raises(TypeError, match="Invalid x"):
+        check_number("x", value)
+
+
+@pytest.mark.parametrize("value", [True, np.bool_(True), 4.0, np.float32(4.0), torch.tensor(4.0), "4"])
+def test_check_int_refuses_non_integrals(value: object) -> None:
+    with pytest.raises(TypeError, match="Invalid x"):
+        check_int("x", value)
+
+
+def test_plain_unwraps_numpy_inside_containers() -> None:
+    out = plain({"a": (np.float64(0.5), np.int64(3)), "b": [np.float32(0.25)], "c": "s", "d": True})
+    assert out == {"a": (0.5, 3), "b": [0.25], "c": "s", "d": True}
+    assert type(out["a"][0]) is float and type(out["a"][1]) is int and type(out["b"][0]) is float
+
+
+def _roundtrip(opt: torch.optim.Optimizer) -> dict:
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("cast", [np.float32, np.float64, torch.tensor])
+def test_numpy_and_tensor_hyperparameters_are_stored_plain(cast) -> None:
+    """``lr`` / ``eps`` / ``betas`` / ``rank`` / ``update_proj_gap`` / ``weight_decay`` of NumPy or tensor type:
+    accepted, stepped to the same weights as Python numbers, stored as Python numbers, weights_only-loadable."""
+    torch.manual_seed(0)
+    w0 = torch.randn(8, 6)
+    g = torch.randn(8, 6)
+    out = []
+    for numeric in (False, True):
+        c = cast if numeric else (lambda x: x)
+        ci = (np.int64 if cast is not torch.tensor else torch.tensor) if numeric else (lambda x: x)
+        w = torch.nn.Parameter(w0.clone())
+        opt = lro.GaLoreAdamW([{"params": [w], "rank": ci(4), "update_proj_gap": ci(2)}], lr=c(1e-2),
+                              eps=c(1e-8), betas=(c(0.9), c(0.99)), weight_decay=c(0.1))
+        for _ in range(3):
+            w.grad = g.clone()
+            opt.step()
+        out.append(w.detach().clone())
+        group = opt.param_groups[0]
+        for key in ("lr", "eps", "weight_decay"):
+            assert type(group[key]) is float, key
+        for key in ("rank", "update_proj_gap"):
+            assert type(group[key]) is int, key
+        assert all(type(b) is float for b in group["betas"])
+        _roundtrip(opt)
+    # float32 lr / betas round to nearby doubles: same trajectory to rounding
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_projector_options_and_preset_arguments_are_stored_plain() -> None:
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    opt = lro.GaLoreAdamW([w], rank=np.int64(2), projector="rsvd",
+                          projector_options={"oversample": np.int64(2), "power_iters": np.int32(1)})
+    w.grad = torch.randn_like(w)
+    opt.step()
+    opts = opt.param_groups[0]["projector_options"]
+    assert opts == {"oversample": 2, "power_iters": 1} and all(type(v) is int for v in opts.values())
+    _roundtrip(opt)
+
+
+def test_torch_accepts_tensor_lr_and_so_do_we() -> None:
+    """torch.optim.AdamW takes a 0-d tensor lr (for capturable / fused); we take it and store the float (the
+    engine computes per-step scalars on the host)."""
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    torch.optim.AdamW([w], lr=torch.tensor(1e-3))
+    opt = lro.GaLoreAdamW([w], lr=torch.tensor(1e-3))
+    assert type(opt.param_groups[0]["lr"]) is float and opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(TypeError, match="Invalid lr"):
+        lro.GaLoreAdamW([w], lr=torch.tensor([1e-3, 1e-3]))
+
+
+@pytest.mark.parametrize("where", ["default", "group"])
+def test_lr_none_refused_at_construction(where: str) -> None:
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="Invalid lr: None"):
+        if where == "default":
+            lro.GaLoreAdamW([w], lr=None)
+        else:
+            lro.GaLoreAdamW([{"params": [w]}], lr=None)
+    with pytest.raises(ValueError, match="Invalid lr: None"):
+        lro.FRUGAL([{"params": [w], "rank": 2}], lr=None, projector="columns")
+    # Adafactor's relative step computes its own lr: still allowed
+    lro.GaLoreAdafactor([w], lr=None, relative_step=True)
+
+
+CHANGED = [("scale", "abc", TypeError, "Invalid scale"), ("update_proj_gap", 0, ValueError, "Invalid update_proj_gap"),
+           ("lr", None, ValueError, "Invalid lr: None"), ("lr", -1.0, ValueError, "Invalid lr"),
+           ("lr", "1e-3", TypeError, "Invalid lr"), ("betas", (0.9, 2.0), ValueError, r"Invalid betas\[1\]"),
+           ("projector", "nope", ValueError, "Invalid projector"), ("rank", 0, ValueError, "Invalid rank"),
+           ("weight_decay", float("nan"), ValueError, "Invalid weight_decay"),
+           ("state_dtype", "fp8", ValueError, "Invalid state_dtype")]
+
+
+@pytest.mark.parametrize(("key", "value", "error", "match"), CHANGED)
+def test_group_value_changed_after_construction_fails_clearly_before_any_change(key, value, error, match) -> None:
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    b = torch.nn.Parameter(torch.randn(6))
+    opt = lro.GaLoreAdamW([{"params": [b]}, {"params": [w], "rank": 2}])
+    w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+    opt.step()
+    before = [w.detach().clone(), b.detach().clone(), opt.state[w]["exp_avg"].clone()]
+    opt.param_groups[1][key] = value  # the second group: the first must not have stepped either
+    with pytest.raises(error, match=match):
+        opt.step()
+    assert torch.equal(w, before[0]) and torch.equal(b, before[1])
+    assert torch.equal(opt.state[w]["exp_avg"], before[2]) and opt.state[b]["step"] == 1
+
+
+def test_valid_change_after_construction_is_taken_and_stored_plain() -> None:
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    opt = lro.GaLoreAdamW([w], rank=2, update_proj_gap=100)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    opt.param_groups[0]["update_proj_gap"] = np.int64(1)
+    opt.param_groups[0]["lr"] = np.float32(0.5)
+    opt.step()
+    assert type(opt.param_groups[0]["update_proj_gap"]) is int and type(opt.param_groups[0]["lr"]) is float
+
+
+def test_scheduler_lr_changes_never_revalidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float lr set every step (an LR scheduler) is checked alone: the full validation does not run again."""
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    opt = lro.GaLoreAdamW([w], rank=2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10)
+    calls = []
+    original = type(opt)._validate_group
+    monkeypatch.setattr(type(opt), "_validate_group", lambda self, g: calls.append(1) or original(self, g))
+    for _ in range(4):
+        w.grad = torch.randn_like(w)
+        opt.step()
+        sched.step()
+    assert calls == []
+    opt.param_groups[0]["scale"] = 0.5
+    w.grad = torch.randn_like(w)
+    opt.step()
+    assert calls == [1]
