@@ -117,8 +117,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             raise TypeError(f"Invalid module: expected an nn.Module, got {type(module).__name__}")
         self._module: torch.nn.Module | None = module
         defaults: dict[str, Any] = {"lr": lr, **ENGINE_DEFAULTS, **self.preset_defaults}
-        if "proj_type" in kwargs:  # galore-torch's name for the side rule
-            kwargs["proj_side"] = kwargs.pop("proj_type")
+        if "proj_type" in kwargs:  # galore-torch's name for the side rule, checked under it
+            kwargs["proj_side"] = check_choice("proj_type", kwargs.pop("proj_type"), SIDE_RULES)
         inner = kwargs.get("inner", defaults["inner"])
         residual = kwargs.get("residual", defaults["residual"])
         plain = kwargs.get("plain_inner", defaults["plain_inner"])
@@ -153,7 +153,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if isinstance(param_group, dict):
             param_group = dict(param_group)
             if "proj_type" in param_group:
-                param_group["proj_side"] = param_group.pop("proj_type")
+                param_group["proj_side"] = check_choice("proj_type", param_group.pop("proj_type"), SIDE_RULES)
             if "projector" in param_group and "projector_options" not in param_group:
                 param_group["projector_options"] = self._inherited_options(param_group["projector"])
             given = set(param_group)

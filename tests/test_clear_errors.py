@@ -168,3 +168,40 @@ def test_scheduler_lr_changes_never_revalidate(monkeypatch: pytest.MonkeyPatch) 
     w.grad = torch.randn_like(w)
     opt.step()
     assert calls == [1]
+
+
+#: (preset, argument the user writes, a bad value, error): arguments a preset renames or forwards to an engine key
+#: or a projector option of another name; the error must name the argument as written.
+RENAMED = [
+    (lro.Flora, "kappa", 0, ValueError), (lro.Flora, "kappa", 2.5, TypeError),
+    (lro.FRUGAL, "update_gap", 0, ValueError), (lro.FRUGAL, "proj_params_lr_scale", 0.0, ValueError),
+    (lro.FRUGAL, "proj_params_lr_scale", "x", TypeError), (lro.FRUGAL, "block_order", "sideways", ValueError),
+    (lro.FRUGAL, "reset_statistics", 1, TypeError), (lro.FRUGAL, "inactive_update_rule", "x", ValueError),
+    (lro.COAP, "update_interval", 0, ValueError), (lro.COAP, "restore_state", 1, TypeError),
+    (lro.OnlineSubspaceDescent, "p_lr_rule", "x", ValueError),
+    (lro.OnlineSubspaceDescent, "p_optimizer", "lion", ValueError),
+    (lro.OnlineSubspaceDescent, "p_lr_ratio", -1.0, ValueError), (lro.OnlineSubspaceDescent, "p_lr", -1.0, ValueError),
+    (lro.OnlineSubspaceDescent, "p_weight_decay", -1.0, ValueError),
+    (lro.DCTAdamW, "dct_path", "x", ValueError), (lro.DCTAdamW, "dct_score", "x", ValueError),
+    (lro.GaLoreAdamW, "proj_type", "x", ValueError),
+]
+
+
+@pytest.mark.parametrize(("cls", "arg", "value", "error"), RENAMED,
+                         ids=[f"{c.__name__}-{a}-{v!r}" for c, a, v, _ in RENAMED])
+def test_preset_errors_name_the_argument_written(cls, arg: str, value: object, error: type) -> None:
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(error, match=rf"^Invalid {arg}: "):
+        cls([{"params": [w], "rank": 2}], **{arg: value})
+
+
+def test_group_proj_type_error_names_proj_type() -> None:
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(ValueError, match=r"^Invalid proj_type: 'x'"):
+        lro.GaLoreAdamW([{"params": [w], "rank": 2, "proj_type": "x"}])
+
+
+def test_projector_option_errors_name_the_option_written() -> None:
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(ValueError, match=r"^Invalid order: 'x'"):
+        lro.FRUGAL([{"params": [w], "rank": 2}], projector_options={"order": "x"})
