@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from ._validation import check_choice, check_int, check_number, plain
-from .checkpoint import closed_form_bytes, load_state, state_bytes
+from .checkpoint import adopt_foreign_state, closed_form_bytes, load_state, state_bytes
 from .distributed import checkpoint as _checkpoint
 from .distributed import fsdp as _fsdp
 from .distributed import shards as _shards
@@ -489,7 +489,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         the parameter's dtype, which would turn 8-bit codes, int indices and fp32 moments of bf16
         parameters into something else; here tensors are copied to the parameter's device unchanged.
         """
-        load_state(self, _checkpoint.import_state(self, state_dict))
+        load_state(self, adopt_foreign_state(self, _checkpoint.import_state(self, state_dict)))
         self._parts_cache = {}
         self._stacks = StackCache()
         _checkpoint.requantize(self)

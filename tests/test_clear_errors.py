@@ -205,3 +205,82 @@ def test_projector_option_errors_name_the_option_written() -> None:
     w = torch.nn.Parameter(torch.randn(8, 6))
     with pytest.raises(ValueError, match=r"^Invalid order: 'x'"):
         lro.FRUGAL([{"params": [w], "rank": 2}], projector_options={"order": "x"})
+
+
+def _adamw_trained(params: list, steps: int = 3, **kw) -> torch.optim.AdamW:
+    opt = torch.optim.AdamW(params, **kw)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return opt
+
+
+def test_torch_adamw_state_of_plain_parameters_converts_exactly() -> None:
+    """A plain parameter's AdamW state becomes our Adam state: the next step equals AdamW's bit for bit, and the
+    group takes the saved lr / weight_decay / betas / eps."""
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(8, 6)), torch.nn.Parameter(torch.randn(6))
+    adamw = _adamw_trained([w, b], lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6)
+    ours = lro.GaLoreAdamW([w, b])
+    ours.load_state_dict(adamw.state_dict())
+    group = ours.param_groups[0]
+    assert (group["lr"], group["weight_decay"], tuple(group["betas"]), group["eps"]) == (1e-2, 0.1, (0.8, 0.99), 1e-6)
+    assert "amsgrad" not in group and group["inner"] == "adam"
+    assert ours.state[w]["step"] == 3 and ours.state[w]["inner_step"] == 3 and type(ours.state[w]["step"]) is int
+    start = [w.detach().clone(), b.detach().clone()]
+    grads = [torch.randn_like(w), torch.randn_like(b)]
+    results = []
+    for opt in (ours, adamw):
+        with torch.no_grad():
+            w.copy_(start[0])
+            b.copy_(start[1])
+        w.grad, b.grad = grads[0].clone(), grads[1].clone()
+        opt.step()
+        results.append((w.detach().clone(), b.detach().clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    _roundtrip(ours)
+
+
+def test_torch_adamw_state_of_a_projected_parameter_is_refused_by_name() -> None:
+    w, b = torch.nn.Parameter(torch.randn(8, 6)), torch.nn.Parameter(torch.randn(6))
+    adamw = _adamw_trained([{"params": [b]}, {"params": [w]}])
+    ours = lro.GaLoreAdamW([{"params": [b]}, {"params": [w], "rank": 2}])
+    with pytest.raises(ValueError, match=r"parameter 1 \(shape \(8, 6\)\).*'exp_avg', 'exp_avg_sq', 'step'.*"
+                                         r"projects it \(rank 2\)"):
+        ours.load_state_dict(adamw.state_dict())
+    assert not ours.state and ours.param_groups[1]["rank"] == 2  # nothing loaded
+
+
+@pytest.mark.parametrize("case", ["amsgrad", "sgd_state", "bf16_store", "adafactor"])
+def test_foreign_state_that_cannot_convert_is_refused_by_name(case: str) -> None:
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    if case == "amsgrad":
+        sd, ours, match = _adamw_trained([w], amsgrad=True).state_dict(), lro.GaLoreAdamW([w]), "amsgrad=True"
+    elif case == "sgd_state":
+        sgd = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+        w.grad = torch.randn_like(w)
+        sgd.step()
+        sd, ours, match = sgd.state_dict(), lro.GaLoreAdamW([w]), r"parameter 0 .*\['momentum_buffer'\].*expects"
+    elif case == "bf16_store":
+        sd, ours = _adamw_trained([w]).state_dict(), lro.GaLoreAdamW([w], state_dtype="bf16")
+        match = "state_dtype='bf16'"
+    else:
+        sd, ours = _adamw_trained([w]).state_dict(), lro.GaLoreAdafactor([w])
+        match = "inner='adafactor'"
+    with pytest.raises(ValueError, match=match):
+        ours.load_state_dict(sd)
+
+
+def test_own_state_still_loads_bit_exact_with_experts() -> None:
+    """Our own state (per-matrix ``inner_step``, MoE stacks' ``matrices``) is not taken for a foreign one."""
+    torch.manual_seed(0)
+    e, b = torch.nn.Parameter(torch.randn(3, 8, 6)), torch.nn.Parameter(torch.randn(6))
+    opt = lro.GaLoreAdamW([{"params": [b]}, {"params": [e], "rank": 2}])
+    e.grad, b.grad = torch.randn_like(e), torch.randn_like(b)
+    opt.step()
+    other = lro.GaLoreAdamW([{"params": [b]}, {"params": [e], "rank": 2}])
+    other.load_state_dict(_roundtrip(opt))
+    assert other.state[e]["step"] == 1 and len(other.state[e]["matrices"]) == 3
