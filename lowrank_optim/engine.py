@@ -198,6 +198,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
             validate_target_modules(group, self._module)
             self._planner.reset()
         check_choice("nd_layout", group["nd_layout"], ND_LAYOUTS)
+        if group["include_conv"] is True and group["target_modules"] is None and group["rank"] is not None:
+            raise ValueError("Invalid include_conv: True without target_modules (it adds convolution weights to "
+                             "what target_modules selects; without target_modules every weight of a group with "
+                             "rank, convolutions included, is projected already)")
         if not isinstance(group["refresh_stagger"], bool):
             raise TypeError(f"Invalid refresh_stagger: expected a bool, got {group['refresh_stagger']!r}")
         if group["rank"] is not None:

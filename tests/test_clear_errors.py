@@ -284,3 +284,41 @@ def test_own_state_still_loads_bit_exact_with_experts() -> None:
     other = lro.GaLoreAdamW([{"params": [b]}, {"params": [e], "rank": 2}])
     other.load_state_dict(_roundtrip(opt))
     assert other.state[e]["step"] == 1 and len(other.state[e]["matrices"]) == 3
+
+
+@pytest.mark.parametrize("options", [{"lazy_threshold": 0.5}, {"lazy_max_multiple": 4}])
+def test_lazy_schedule_settings_without_lazy_refresh_are_refused(options: dict) -> None:
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    key = next(iter(options))
+    with pytest.raises(ValueError, match=rf"^Invalid {key}: .* without lazy_refresh=True"):
+        lro.GaLoreAdamW([w], rank=2, projector_options=options)
+    lro.GaLoreAdamW([w], rank=2, projector_options={**options, "lazy_refresh": True})
+    # a group turning off an inherited lazy schedule keeps the inherited settings: accepted
+    opt = lro.GaLoreAdamW([{"params": [w], "projector_options": {"lazy_refresh": False}}], rank=2,
+                          projector_options={**options, "lazy_refresh": True})
+    assert opt._parts(opt.param_groups[0]).projector.lazy is None
+
+
+def test_include_conv_without_target_modules_is_refused() -> None:
+    w = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"^Invalid include_conv: True without target_modules"):
+        lro.GaLoreAdamW([w], rank=2, include_conv=True)
+    lro.GaLoreAdamW([w], rank=None, include_conv=False)
+
+
+def test_python_m_runs_the_planner_without_a_runpy_warning() -> None:
+    import subprocess
+    import sys
+
+    for module in ("lowrank_optim", "lowrank_optim.planner"):
+        out = subprocess.run([sys.executable, "-W", "error", "-m", module, "--help"], capture_output=True, text=True,
+                             check=False)
+        assert out.returncode == 0 and "estimate" in out.stdout and "Warning" not in out.stderr, out.stderr
+
+
+def test_all_linear_warning_says_what_all_linear_projects() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 8),
+                                torch.nn.Linear(8, 2))
+    with pytest.warns(UserWarning, match=r"^target_modules='all-linear' projects nn.Linear weights and MoE expert "
+                                         r"stacks only; .*0\.weight \(Conv2d"):
+        lro.param_groups(model, rank=2, target_modules="all-linear")
