@@ -369,20 +369,24 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return parts, kind
 
     def _step_param(self, group: dict[str, Any], p: torch.Tensor, index: int, *, param: torch.Tensor | None = None,
-                    grad: torch.Tensor | None = None) -> None:
+                    grad: torch.Tensor | None = None, first_matrix: int = 0) -> None:
         """Steps ``p`` (state ``self.state[p]``, same math as :meth:`step`); ``param`` / ``grad`` replace ``p`` /
-        ``p.grad`` as the tensors computed on (FSDP2's replicated mode passes the gathered weight and gradient)."""
+        ``p.grad`` as the tensors computed on (FSDP2's replicated mode passes the gathered weight and gradient; its
+        expert-sharded mode this rank's experts, whose first is matrix ``first_matrix`` of the whole stack)."""
         tensors = None if param is None and grad is None else {
             id(p): (p if param is None else param, p.grad if grad is None else grad)}
-        self._step_group(group, [(p, index)], tensors=tensors)
+        self._step_group(group, [(p, index)], tensors=tensors, first_matrix=first_matrix)
 
     def _step_group(self, group: dict[str, Any], items: list[tuple[torch.Tensor, int]], init_only: bool = False,
-                    tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+                    tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                    first_matrix: int = 0) -> None:
         """Steps the parameters ``items`` (``(param, index)``) of ``group``: plain ones one by one, projected
         matrices initialised / refreshed one by one, then stepped together (:func:`lowrank_optim.stacks.apply_units`)
         with the ones the batched kernels cannot take going through :func:`lowrank_optim.update.apply_step`.
         ``init_only`` allocates missing state and steps nothing (:meth:`init_param_state`); ``tensors`` maps
-        ``id(param)`` to the ``(weight, gradient)`` computed on in its place (:meth:`_step_param`)."""
+        ``id(param)`` to the ``(weight, gradient)`` computed on in its place (:meth:`_step_param`); an expert stack's
+        matrices there are matrices ``first_matrix, first_matrix + 1, ...`` of the whole stack (their seeds, layout
+        positions and refresh phases)."""
         self._revalidate(group)
         group_parts = self._parts(group)
         phases = self._phases(group) if group.get("refresh_stagger") and group_parts.projector is not None else None
@@ -402,16 +406,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if kind == "matrix":  # already (m, n): no view to dispatch
                 pm, gm = w, grad
             else:
-                shape = matrix_shape(p, kind)
+                shape = matrix_shape(w, kind)  # w: the whole parameter, or an FSDP2 rank's experts
                 pm, gm = _view_or_copy(w, shape), grad.reshape(shape)
             first = phases[id(p)] if phases is not None else 0
             if kind == "experts":
                 if not state:
                     state["step"] = 0
                     state["matrices"] = [{} for _ in range(shape[0])]
-                for e, sub in enumerate(state["matrices"]):
+                for e, sub in enumerate(state["matrices"], start=first_matrix):
                     phase = stagger_phase(first + e, phases["count"], group["update_proj_gap"]) if phases else 0
-                    unit = self._prepare(sub, group, p, pm[e], gm[e], parts, index, e, phase, init_only)
+                    unit = self._prepare(sub, group, p, pm[e - first_matrix], gm[e - first_matrix], parts, index, e,
+                                         phase, init_only)
                     if unit is not None:
                         units.append(unit)
                 if not init_only:

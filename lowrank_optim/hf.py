@@ -19,11 +19,18 @@ keyword (``int("128")``, ``float("0.25")``, ``"true"``/``"false"`` for flags), t
 ``update_proj_gap`` as ints and ``scale`` as a float; a keyword the optimizer does not take is refused when
 the optimizer is built. Names follow :func:`lowrank_optim.resolve_optimizer` (registry, class and HF
 names); HF's ``*_layerwise`` forms are refused with the layer-wise recipe (:class:`LayerwiseUpdater`).
+
+HF's names take HF's keys (:data:`HF_KEYS`): GaLore's and APOLLO's ``proj_type`` is our ``proj_side``,
+APOLLO's ``proj`` (``random`` / ``svd``) our ``projector``, and APOLLO's ``scale`` is applied as
+``sqrt(scale)`` by the authors' code and ``pytorch-optimizer`` (HF's APOLLO-Mini recipe passes ``scale=128``
+for the paper's ``sqrt(128)``), so an HF name's ``scale`` becomes our ``scale = sqrt(value)``, the multiplier
+itself. A keyword given directly (``**extra``) is ours and is passed unchanged.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +44,9 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "apollo": {"rank": 128, "update_proj_gap": 200, "scale": 1.0},
 }
 _GROUP_TYPES: dict[str, type] = {"rank": int, "update_proj_gap": int, "scale": float}
+#: HF's ``optim_args`` keys that have another name here, per HF handler (``transformers.trainer_optimizer``).
+HF_KEYS: dict[str, dict[str, str]] = {"galore": {"proj_type": "proj_side"},
+                                      "apollo": {"proj": "projector", "proj_type": "proj_side"}}
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 
@@ -76,13 +86,13 @@ def _typed(cls: type, key: str, value: str) -> Any:
             raise ValueError(value)
         if kind is int:
             return int(value)
-        if kind is float or (kind is type(None) and value.lower() != "none"):
+        if kind is float:
             return float(value)
-        if kind is type(None):
-            return None
     except ValueError:
         raise ValueError(f"Invalid optim_args: {key}={value!r} is not a {kind.__name__}") from None
-    if kind is None:  # a keyword passed through **kwargs (rule options): the value's own look decides
+    # a keyword passed through **kwargs (rule options) or one whose default is None (a number or a choice, such
+    # as APOLLO's ``scale`` and ``scale_type``): the value's own look decides
+    if kind is None or kind is type(None):
         for convert in (int, float):
             try:
                 return convert(value)
@@ -131,11 +141,22 @@ def optimizer_cls_and_kwargs(optim: str, model: torch.nn.Module, optim_args: str
                          "(e.g. ['attn', 'mlp'] or 'all-linear'), as in HF's Trainer")
     cls = OPTIMIZERS[name]
     key = optim.strip().lower().replace("-", "_")
-    if key.removesuffix(_LAYERWISE) in HF_OPTIM:  # HF's name: HF's defaults for the keys its handler sets
-        kwargs: dict[str, Any] = dict(HF_DEFAULTS["apollo" if key.startswith("apollo") else "galore"])
+    hf_name = key.removesuffix(_LAYERWISE) in HF_OPTIM
+    handler = "apollo" if key.startswith("apollo") else "galore"
+    if hf_name:  # HF's name: HF's defaults for the keys its handler sets, HF's key names and units
+        kwargs: dict[str, Any] = dict(HF_DEFAULTS[handler])
+        renames = HF_KEYS[handler]
     else:  # our name: the preset's own defaults, and HF's rank (a Trainer group has none)
         kwargs = {"rank": HF_DEFAULTS["galore"]["rank"]}
-    kwargs.update({k: _typed(cls, k, v) for k, v in parse_optim_args(optim_args).items()})
+        renames = {}
+    for k, v in parse_optim_args(optim_args).items():
+        ours = renames.get(k, k)
+        kwargs[ours] = _typed(cls, ours, v)
+    if hf_name and handler == "apollo" and isinstance(kwargs.get("scale"), int | float):
+        if kwargs["scale"] < 0:
+            raise ValueError(f"Invalid optim_args: scale={kwargs['scale']!r} (APOLLO applies sqrt(scale): it must "
+                             "be >= 0)")
+        kwargs["scale"] = math.sqrt(kwargs["scale"])
     kwargs.update(extra)
     if lr is not None:
         kwargs["lr"] = lr
@@ -154,4 +175,4 @@ def from_training_args(args: Any, model: torch.nn.Module,
                                     lr=args.learning_rate, **extra)
 
 
-__all__ = ["HF_DEFAULTS", "from_training_args", "optimizer_cls_and_kwargs", "parse_optim_args"]
+__all__ = ["HF_DEFAULTS", "HF_KEYS", "from_training_args", "optimizer_cls_and_kwargs", "parse_optim_args"]

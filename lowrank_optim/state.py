@@ -20,7 +20,11 @@ All optimizer math runs in fp32. A store only decides how a moment is *kept* bet
   as in bitsandbytes' own optimizers. Codes are chosen by the same deterministic stochastic rounding
   between the two neighbouring map entries (:func:`quantize_blockwise_sr_`; bitsandbytes' decoder reads
   them): rounding to the nearest entry held Adafactor's factored statistics of a >= 4096-wide matrix 4.6%
-  below fp32 after gradients shrank 10x.
+  below fp32 after gradients shrank 10x. A non-negative moment's positive value never takes the zero code: a
+  value below the unsigned map's smallest positive entry (3.25e-7 of its block's largest) is stored as that
+  entry. Rounded to zero, a second moment ``v`` next to an outlier in its block divides the first moment by
+  ``eps`` at the next step (a user measured steps of 44,000 x lr where fp32 takes 1 x lr); stored at the floor
+  it over-estimates ``v``, which only shortens that step.
 
 The state of a moment called ``name`` is one or two plain tensors in the parameter's state dict:
 ``state[name]`` (fp32 / bf16 / uint8 codes) and, for 8-bit, ``state[name + "_absmax"]``; the ``bf16`` and
@@ -69,6 +73,17 @@ def qmap(signed: bool, device: torch.device) -> torch.Tensor:
     if key not in _QMAPS:
         _QMAPS[key] = _bnb_functional().create_dynamic_map(signed=signed).to(device)
     return _QMAPS[key]
+
+
+_FIRST_POSITIVE: dict[bool, int] = {}
+
+
+def first_positive_code(signed: bool) -> int:
+    """Index of the smallest positive entry of the (sorted) dynamic map: the floor of a positive value of a
+    non-negative moment (module docstring). Read once from the CPU map, then cached."""
+    if signed not in _FIRST_POSITIVE:
+        _FIRST_POSITIVE[signed] = int((qmap(signed, torch.device("cpu")) <= 0).sum())
+    return _FIRST_POSITIVE[signed]
 
 
 def n_blocks(numel: int) -> int:
@@ -183,7 +198,7 @@ def stochastic_round_bf16_(out: torch.Tensor, value: torch.Tensor, key: int, *,
 
 def quantize_blockwise_sr_(codes: torch.Tensor, absmax: torch.Tensor, value: torch.Tensor, code: torch.Tensor,
                            key: int, *, origin: tuple[int, ...] | None = None,
-                           global_shape: tuple[int, ...] | None = None) -> None:
+                           global_shape: tuple[int, ...] | None = None, positive_floor: int | None = None) -> None:
     """Blockwise dynamic quantization of ``value`` into ``codes`` / ``absmax`` with stochastic rounding.
 
     The format is bitsandbytes' (``dequantize_blockwise`` decodes it): per block of :data:`BLOCKSIZE` elements
@@ -191,7 +206,9 @@ def quantize_blockwise_sr_(codes: torch.Tensor, absmax: torch.Tensor, value: tor
     (sorted ascending). A normalized value between two map entries takes the upper one with probability
     proportional to its distance from the lower one (random bits: the element hash of
     :func:`stochastic_round_bf16_`), so the decoded value is unbiased; bitsandbytes rounds to the nearest entry,
-    which holds a slowly decaying value whose neighbours in the block decay at another rate. ``origin`` /
+    which holds a slowly decaying value whose neighbours in the block decay at another rate. ``positive_floor``
+    (a code index, :func:`first_positive_code`): a positive value takes at least that code, so it never decodes to
+    zero (for non-negative moments; module docstring). ``origin`` /
     ``global_shape``: the random bits of a shard's element are those of its index in the whole tensor (as in
     :func:`stochastic_round_bf16_`); the blocks are still the shard's own.
     """
@@ -212,7 +229,10 @@ def quantize_blockwise_sr_(codes: torch.Tensor, absmax: torch.Tensor, value: tor
     rows = int(value.shape[0]) if value.dim() else 1
     idx = element_index(tuple(value.shape) if value.dim() else (1,), 0, rows, origin, global_shape, flat.device)
     u = _hash32(idx.add_(key).bitwise_and_(_MASK32)).bitwise_right_shift_(8).to(torch.float32).mul_(2.0**-24)
-    codes.view(-1).copy_(lower.add_((u < frac).to(torch.int64)))
+    chosen = lower.add_((u < frac).to(torch.int64))
+    if positive_floor is not None:  # a positive value keeps a positive code (second moments: no division by eps)
+        chosen = torch.maximum(chosen, (normalized > 0).to(torch.int64).mul_(positive_floor))
+    codes.view(-1).copy_(chosen)
 
 
 class StateStore:
@@ -306,7 +326,7 @@ class StateStore:
         if stored.dtype == torch.uint8:
             key = rounding_key(int(state.get(ROUND_SEED, 0)), int(state.get("step", 0)), name)
             quantize_blockwise_sr_(stored, state[name + ABSMAX], value.float(), qmap(signed, stored.device), key,
-                                   **where)
+                                   positive_floor=None if signed else first_positive_code(False), **where)
         elif stored.dtype == torch.bfloat16:
             key = rounding_key(int(state.get(ROUND_SEED, 0)), int(state.get("step", 0)), name)
             stochastic_round_bf16_(stored, value.float(), key, **where)

@@ -7,6 +7,7 @@ same weights as the uninterrupted run.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +120,38 @@ def test_hf_optim_args_are_typed_like_hf_parses_them() -> None:
     assert cls is lro.Fira and kw == {"rank": 128, "lr": 3e-3, "target_modules": ["mlp"], "module": model}
     opt = cls([p for p in model.parameters()], **kw)
     assert opt.param_groups[0]["rank"] == 128
+
+
+def test_hf_apollo_keys_and_scale_follow_hf_and_the_authors() -> None:
+    """HF's APOLLO-Mini recipe (``proj``, ``scale_type``, ``proj_type``, ``scale=128``) builds our APOLLO with
+    ``projector``, ``scale_type``, ``proj_side`` and ``scale = sqrt(128)``: the step equals the direct
+    construction bit for bit (the authors' code and pytorch-optimizer apply ``sqrt(scale)``)."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    cls, kw = lro.hf.optimizer_cls_and_kwargs(
+        "apollo_adamw", model, "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200,proj_type=std",
+        ["mlp"], lr=1e-3)
+    assert cls is lro.APOLLO and kw["scale"] == math.sqrt(128.0) and kw["scale_type"] == "tensor"
+    assert kw["projector"] == "random" and kw["proj_side"] == "std" and "proj" not in kw and "proj_type" not in kw
+    other = tiny_llama()
+    other.load_state_dict(model.state_dict())
+    a = cls(list(model.parameters()), **kw)
+    b = lro.APOLLO(list(other.parameters()), lr=1e-3, rank=1, scale=math.sqrt(128.0), scale_type="tensor",
+                   update_proj_gap=200, target_modules=["mlp"], module=other)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    for m, opt in ((model, a), (other, b)):
+        m(ids, labels=ids).loss.backward()
+        opt.step()
+    for (n, p), q in zip(model.named_parameters(), other.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    # HF's default APOLLO scale is 1 (sqrt(1) = 1); a keyword given directly is ours, unchanged
+    assert lro.hf.optimizer_cls_and_kwargs("apollo_adamw", model, None, ["mlp"])[1]["scale"] == 1.0
+    assert lro.hf.optimizer_cls_and_kwargs("apollo_adamw", model, None, ["mlp"], scale=2.0)[1]["scale"] == 2.0
+    # GaLore's proj_type is our proj_side; our own names keep our keys
+    assert lro.hf.optimizer_cls_and_kwargs("galore_adamw", model, "proj_type=reverse_std", ["mlp"])[1][
+        "proj_side"] == "reverse_std"
+    with pytest.raises(ValueError, match="scale"):
+        lro.hf.optimizer_cls_and_kwargs("apollo_adamw", model, "scale=-1", ["mlp"])
 
 
 @pytest.mark.parametrize(("args", "exc", "word"), [

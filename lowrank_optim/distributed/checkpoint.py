@@ -34,6 +34,7 @@ import torch
 from ..projectors.base import LEFT
 from ..state import ABSMAX, BLOCKSIZE, StateStore, n_blocks, qmap
 from .shards import is_dtensor, layout, split_axis, wrap
+from .shards import local as local_tensor
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import LowRankOptimizer
@@ -66,21 +67,29 @@ def _matrix_shape(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor)
 
 
 def _rows_shape(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> tuple[int, ...]:
-    """The shape of this rank's rows of ``p`` (its matrix shape when it is not a ``DTensor``)."""
-    return tuple(int(s) for s in p.to_local().shape) if is_dtensor(p) else _matrix_shape(opt, group, p)
+    """The shape of this rank's rows of ``p`` seen as its matrix (the whole matrix when the state is whole here: not
+    a ``DTensor``, or FSDP2's replicated mode)."""
+    from .fsdp import mode
+
+    whole = _matrix_shape(opt, group, p)
+    if not is_dtensor(p) or mode(opt, group, p) != "sharded":
+        return whole
+    return (int(p.to_local().shape[0]), *whole[1:])
 
 
-def _widen(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> dict[str, Any]:
-    """The state of an elementwise projector's parameter (FRUGAL's blocks: moments of the tensor's shape when
+def _widen(opt: LowRankOptimizer, group: dict[str, Any], shape: tuple[int, ...], rows: tuple[int, ...],
+           st: dict[str, Any]) -> dict[str, Any]:
+    """The state of an elementwise projector's matrix (FRUGAL's blocks: moments of the tensor's shape when
     active, empty when not) with every moment at the widest shape, zero when empty, so its keys and shapes do
     not depend on which blocks are active (``torch.distributed.checkpoint`` checks shapes); :func:`_narrow`
-    empties them again on load, from the loaded projector state."""
+    empties them again on load, from the loaded projector state. ``shape``: the whole matrix; ``rows``: this
+    rank's rows of it."""
     from .fsdp import local_store
 
     proj, rule, _, _, store = opt._parts(group)
-    widest = tuple(int(s) for s in proj.low_shape(_rows_shape(opt, group, p)))
+    widest = tuple(int(s) for s in proj.low_shape(rows))
     whole = 1
-    for s_ in proj.low_shape(_matrix_shape(opt, group, p)):
+    for s_ in proj.low_shape(shape):
         whole *= int(s_)
     st = dict(st)
     for spec in rule.moments(widest, group):
@@ -102,21 +111,27 @@ def _narrow(opt: LowRankOptimizer) -> None:
     for group, p in _group_of(opt):
         st = opt.state.get(p)
         proj, rule, _, _, store = opt._parts(group)
-        if not st or "projector" not in st or not elementwise(proj):
+        if not st or not elementwise(proj):
             continue
-        low = proj.low_shape(_rows_shape(opt, group, p), st["projector"])
-        for spec in rule.moments(tuple(int(s) for s in low), group):
-            t = st.get(spec.name)
-            if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(spec.shape) and not math.prod(spec.shape):
-                store.create(st, spec.name, spec.shape, t.device)
+        if isinstance(st.get("matrices"), list):  # an expert stack: each expert whole on its rank
+            subs, rows = st["matrices"], tuple(int(s) for s in p.shape[-2:])
+        else:
+            subs, rows = [st], _rows_shape(opt, group, p)
+        for sub in subs:
+            if "projector" not in sub:
+                continue
+            low = proj.low_shape(rows, sub["projector"])
+            for spec in rule.moments(tuple(int(s) for s in low), group):
+                t = sub.get(spec.name)
+                if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(spec.shape) and not math.prod(spec.shape):
+                    store.create(sub, spec.name, spec.shape, t.device)
 
 
-def _envelope(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> tuple[list[Any], int]:
+def _envelope(opt: LowRankOptimizer, group: dict[str, Any], whole: tuple[int, ...]) -> tuple[list[Any], int]:
     """``(moment specs, bytes)``: the moments of a variable-shape projector and the size of the byte buffer that
     holds each of them (with its 8-bit ``absmax``) in any of the shapes it can take (the projector's widest
-    low-rank shape, or the whole parameter)."""
+    low-rank shape, or the whole matrix ``whole``)."""
     proj, rule, _, _, store = opt._parts(group)
-    whole = _matrix_shape(opt, group, p)
     shapes = [tuple(proj.low_shape(whole)), whole]
     size = 0
     for shape in shapes:
@@ -144,12 +159,12 @@ def _pack(st: dict[str, Any], specs: list[Any], size: int) -> dict[str, Any]:
     return st
 
 
-def _unpack(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> dict[str, Any]:
+def _unpack(opt: LowRankOptimizer, group: dict[str, Any], whole: tuple[int, ...], st: dict[str, Any]) -> dict[str, Any]:
     """The inverse of :func:`_pack`: each buffer read back as the moment of the shape the loaded projector state
-    gives (bit-exact, any store)."""
+    gives for the matrix ``whole`` (bit-exact, any store)."""
     proj, rule, _, _, store = opt._parts(group)
     st = {k: v for k, v in st.items() if k != PACKED}
-    for spec in rule.moments(tuple(proj.low_shape(_matrix_shape(opt, group, p), st["projector"])), group):
+    for spec in rule.moments(tuple(proj.low_shape(whole, st["projector"])), group):
         if spec.name not in st:
             continue
         shape = tuple(int(s) for s in spec.shape)
@@ -171,27 +186,57 @@ def _pending_key() -> str:
     return PENDING
 
 
-def _with_pending(state: dict[int, Any]) -> dict[int, Any]:
-    """Every low-rank parameter's state with the int ``subspace_pending`` (0 when absent): a template built from
-    zero gradients (``get_optimizer_state_dict`` on a fresh optimizer) holds a pending subspace, a trained
-    checkpoint does not, and DCP loads only keys both have."""
-    key = _pending_key()
-    return {idx: ({**st, key: int(st.get(key, 0))} if isinstance(st, dict) and "projector" in st else st)
-            for idx, st in state.items()}
+def _export_matrix(opt: LowRankOptimizer, group: dict[str, Any], st: Any, whole: tuple[int, ...],
+                   rows: tuple[int, ...]) -> Any:
+    """One projected matrix's state (``whole``: its shape; ``rows``: this rank's rows of it) in the form whose keys
+    and shapes never depend on its history (see :func:`export_state`): ``subspace_pending`` present (0 or 1), the
+    residual rule's exported skeleton, variable-shape moments packed, an elementwise projector's moments widened.
+    Anything else (plain parameters' states) is returned as it is."""
+    from .fsdp import elementwise
 
-
-def _residual_states(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, st: Any, export: bool) -> Any:
-    """``st`` (a parameter's state; a stacked parameter's per-matrix states under ``"matrices"``) through its
-    residual rule's :meth:`~lowrank_optim.rules.base.ResidualRule.export_state` (``export``) or ``import_state``."""
-    if not isinstance(st, dict) or opt._parts(group)[0] is None:
+    if not isinstance(st, dict) or "projector" not in st or opt._parts(group)[0] is None:
         return st
-    residual = opt._parts(group)[2]
-    move = residual.export_state if export else residual.import_state
-    shape = _matrix_shape(opt, group, p)
-    if isinstance(st.get("matrices"), list):  # a stack of matrices of shape[1:]
-        return {**st, "matrices": [move(sub, group, shape[1:]) if isinstance(sub, dict) and "projector" in sub
-                                   else sub for sub in st["matrices"]]}
-    return move(st, group, shape) if "projector" in st else st
+    key = _pending_key()
+    st = {**st, key: int(st.get(key, 0))}  # a fresh template holds a pending subspace, a trained state does not
+    st = opt._parts(group)[2].export_state(st, group, whole)
+    if _variable(opt, group):
+        return _pack(st, *_envelope(opt, group, whole))
+    if elementwise(opt._parts(group)[0]):
+        return _widen(opt, group, whole, rows, st)
+    return st
+
+
+def _import_matrix(opt: LowRankOptimizer, group: dict[str, Any] | None, st: Any, whole: tuple[int, ...]) -> Any:
+    """The inverse of :func:`_export_matrix` (``group`` ``None``: a state of a parameter this optimizer does not
+    hold, only ``subspace_pending == 0`` dropped)."""
+    key = _pending_key()
+    if isinstance(st, dict) and key in st and not int(st[key]):
+        st = {n: t for n, t in st.items() if n != key}
+    if group is None or not isinstance(st, dict):
+        return st
+    if st.get(PACKED):
+        st = _unpack(opt, group, whole, st)
+    if opt._parts(group)[0] is not None and "projector" in st:
+        st = opt._parts(group)[2].import_state(st, group, whole)
+    return st
+
+
+def _expert_stack(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> bool:
+    """Whether ``p`` is projected as a stack of matrices in ``group`` (:mod:`lowrank_optim.plan`'s ``"experts"``)."""
+    return opt._parts(group)[0] is not None and opt._planner.kind(group, p) == "experts"
+
+
+def _export_experts(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, index: int,
+                    st: dict[str, Any]) -> dict[str, Any]:
+    """An expert stack's state with its per-matrix states stacked (:func:`.experts.stack`)."""
+    from . import experts
+
+    shape = tuple(int(s) for s in p.shape[-2:])
+    subs = [_export_matrix(opt, group, sub, shape, shape) for sub in st["matrices"]]
+    like = subs[0] if subs else _export_matrix(opt, group, experts.skeleton(opt, group, p, index), shape, shape)
+    lay = layout(p) if is_dtensor(p) else None
+    lead = tuple(int(s) for s in p.shape[:-2])
+    return {**st, "matrices": experts.stack(subs, like, lead, lay, local_tensor(p).device)}
 
 
 def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -204,19 +249,16 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
     empty) export empty moments as zeros of the tensor's shape, emptied again on load. A residual rule whose state
     changes keys over a run exports one skeleton in every phase (``ResidualRule.export_state``: GaLore+'s sparse
     residual)."""
-    from .fsdp import ROW_KEYS, elementwise, mode, moment_layout
+    from .fsdp import ROW_KEYS, mode, moment_layout
 
-    state_dict = {**state_dict, "state": _with_pending(state_dict["state"])}
     pairs = _group_of(opt)
     packed = {}
     for idx, st in state_dict["state"].items():
         group, p = pairs[idx]
-        st = _residual_states(opt, group, p, st, export=True)
-        if isinstance(st, dict) and "projector" in st and _variable(opt, group):
-            st = _pack(st, *_envelope(opt, group, p))
-        elif isinstance(st, dict) and "projector" in st and elementwise(opt._parts(group)[0]):
-            st = _widen(opt, group, p, st)
-        packed[idx] = st
+        if isinstance(st, dict) and isinstance(st.get("matrices"), list) and _expert_stack(opt, group, p):
+            packed[idx] = _export_experts(opt, group, p, idx, st)
+        else:
+            packed[idx] = _export_matrix(opt, group, st, _matrix_shape(opt, group, p), _rows_shape(opt, group, p))
     state_dict = {**state_dict, "state": packed}
     if not any(is_dtensor(p) for _, p in pairs):
         return state_dict
@@ -231,7 +273,8 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
         rule, low, dim = moment_layout(opt, group, p)
         pst = st.get("projector")
         if isinstance(pst, dict) and any(k in pst for k in ROW_KEYS):
-            r, d = int(pst["rank"]), int(p.shape[0] if int(pst["side"]) == LEFT else p.shape[1])
+            m, n = _matrix_shape(opt, group, p)
+            r, d = int(pst["rank"]), int(m if int(pst["side"]) == LEFT else n)
             st["projector"] = {**pst, **{k: wrap(pst[k], lay, 0, (d, r)) for k in ROW_KEYS if k in pst}}
         for spec in rule.moments(low, group):
             if spec.name not in st:
@@ -259,18 +302,23 @@ def import_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
     once DCP has resharded the chunks to this optimizer's layout); ``subspace_pending == 0`` is dropped (the
     engine's state holds the key only while a subspace is pending), packed moments are unpacked and residual
     rules drop their exported placeholders."""
-    key = _pending_key()
+    from . import experts
+
     ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     pairs = dict(zip(ids, _group_of(opt), strict=False))
     out = {}
     for k, v in state_dict["state"].items():
         v = _unwrap(v)
-        if isinstance(v, dict) and key in v and not int(v[key]):
-            v = {n: t for n, t in v.items() if n != key}
-        if isinstance(v, dict) and v.get(PACKED) and k in pairs:
-            v = _unpack(opt, *pairs[k], v)
-        if k in pairs:
-            v = _residual_states(opt, *pairs[k], v, export=False)
+        group, p = pairs.get(k, (None, None))
+        if p is not None and isinstance(v, dict) and isinstance(v.get("matrices"), (dict, list)) \
+                and _expert_stack(opt, group, p):
+            shape = tuple(int(s) for s in p.shape[-2:])
+            subs = v["matrices"]
+            if isinstance(subs, dict):  # the stacked export form (a list: a state dict of an earlier version)
+                subs = experts.unstack(subs, p.dim() - 2)
+            v = {**v, "matrices": [_import_matrix(opt, group, sub, shape) for sub in subs]}
+        else:
+            v = _import_matrix(opt, group, v, _matrix_shape(opt, group, p) if p is not None else ())
         out[k] = v
     return {**state_dict, "state": out}
 
@@ -316,7 +364,7 @@ def requantize(opt: LowRankOptimizer) -> None:
     for group, p in _group_of(opt):
         st = opt.state.get(p)
         store = opt._parts(group)[4]
-        if not st or store.dtype != "8bit":
+        if not st or store.dtype != "8bit" or "matrices" in st:  # an expert's codes and blocks are its own
             continue
         split = None
         if is_dtensor(p) and mode(opt, group, p) == "sharded":

@@ -1,6 +1,6 @@
 """One optimizer step for an FSDP2 parameter (a ``DTensor`` placed ``Shard(0)``), equal to one process's step.
 
-Two modes, chosen per parameter from its group's parts (:func:`mode`):
+Three modes, chosen per parameter from its kind and its group's parts (:func:`mode`):
 
 * ``"sharded"``: basis projectors (``svd``, ``rsvd``, ``random``, ``dct``, ``online_pca``, ``coap``; fp32 basis)
   with an inner rule that is elementwise or asks :mod:`~lowrank_optim.distributed.comm` for its sums (``adam``,
@@ -8,7 +8,8 @@ Two modes, chosen per parameter from its group's parts (:func:`mode`):
   or ``match`` transfer (GaLoreAdamW, GaLoreAdafactor, Fira, Flora, APOLLO, APOLLO-Mini, DCT-AdamW, Online
   Subspace Descent, COAP), FRUGAL's blocks with a state-free residual and a
   resetting transfer (row-local: :func:`_step_elementwise`), and every plain parameter whose rule is one of
-  those. Every state tensor is sharded:
+  those. A conv weight ``(out, in, *k)`` is the matrix ``out x (in * prod(k))`` (:func:`matrix_shape`), whose
+  rows are the parameter's rows, so it takes this path on a view of its shard. Every state tensor is sharded:
 
   - right side (``m >= n`` under ``"std"``; basis ``Q``, ``n x r``): ``R_i = G_i Q`` and ``W_i -= N_i Q^T``
     are local; the moments are ``m_i x r`` row chunks; ``Q`` is kept as row chunks (``n`` split like ``m``)
@@ -27,12 +28,15 @@ Two modes, chosen per parameter from its group's parts (:func:`mode`):
   - a zero first gradient defers the subspace to the first nonzero one (``subspace_pending``), as in one
     process; stochastic rounding of the stores is keyed by the global element index (:class:`ShardStore`).
 
+* ``"experts"``: an MoE expert stack ``(E, m, n)`` (:mod:`lowrank_optim.plan`), every preset. ``Shard(0)`` splits
+  the expert axis, so each rank holds whole experts and runs the single-process step on them, each known by its
+  index in the whole stack (:mod:`.experts`): no traffic, the state divided by whole experts.
+
 * ``"replicated"`` (every other combination: GUM's Muon, whose Newton-Schulz orthogonalises the whole update;
   GaLore+'s sparse residual, a top-k over the whole matrix; a quantized basis, whose codes are blocked along the
-  row axis; MoE expert stacks and conv weights, :mod:`lowrank_optim.plan`): the whole gradient and weight are
-  all-gathered, the single-process step runs on them with replicated state, and each rank keeps its rows. Exact,
-  but the state is not divided. None of these is impossible to shard (``docs/ARCHITECTURE.md`` says what each
-  would take); they are not sharded yet.
+  row axis; for 2-D and conv weights): the whole gradient and weight are all-gathered, the single-process step
+  runs on them with replicated state, and each rank keeps its rows. Exact, but the state is not divided. None of
+  these is impossible to shard (``docs/ARCHITECTURE.md`` says what each would take); they are not sharded yet.
 """
 
 from __future__ import annotations
@@ -80,13 +84,15 @@ REFRESH_CALLS: dict[str, int] = {"init": 0, "update": 0, "engine": 0}
 
 
 def mode(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> str:
-    """``"sharded"`` or ``"replicated"`` for an FSDP2 parameter ``p`` of ``group`` (see the module docstring)."""
+    """``"sharded"``, ``"experts"`` or ``"replicated"`` for an FSDP2 parameter ``p`` of ``group`` (see the module
+    docstring)."""
     proj = opt._parts(group)[0]
     if not _lowrank(opt, group, p):
         plain = group.get("plain_inner") or group["inner"]
         return "sharded" if plain in SHARDED_RULES else "replicated"
-    ok = (p.dim() == 2  # MoE expert stacks and conv weights (lowrank_optim.plan) run replicated
-          and type(proj) is PROJECTORS.get(proj.name)
+    if opt._planner.kind(group, p) == "experts":  # whole experts per rank, every preset (.experts)
+        return "experts"
+    ok = (type(proj) is PROJECTORS.get(proj.name)  # a conv weight is the row-sharded matrix out x (in * prod(k))
           and proj.basis_dtype == "fp32"  # a quantized basis is blocked along d: its row chunks do not decode alone
           and sharded_parts(proj.name, group["inner"], group["residual"], group["transfer"]))
     return "sharded" if ok else "replicated"
@@ -117,10 +123,10 @@ def moment_layout(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor)
     low-rank gradient (``(m, r)`` split along 0, or ``(r, n)`` along 1) or the parameter (along 0)."""
     proj, rule, _, _, _ = opt._parts(group)
     if _lowrank(opt, group, p) and elementwise(proj):  # the widest shape (an inactive block's moments are empty)
-        return rule, tuple(int(s) for s in proj.low_shape(p.shape)), 0
+        return rule, tuple(int(s) for s in proj.low_shape(matrix_shape(opt, group, p))), 0
     if _lowrank(opt, group, p):
         pst = opt.state[p]["projector"]
-        r, m, n = int(pst["rank"]), int(p.shape[0]), int(p.shape[1])
+        (m, n), r = matrix_shape(opt, group, p), int(pst["rank"])
         return (rule, (r, n), 1) if int(pst["side"]) == LEFT else (rule, (m, r), 0)
     if group.get("plain_inner") is not None:
         from ..rules import INNER_RULES
@@ -226,7 +232,12 @@ def owner(index: int, world: int) -> int:
 def step_param(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, index: int) -> None:
     """One step of the FSDP2 parameter ``p`` (every rank of its mesh calls this, in the same order)."""
     lay = layout(p)
-    if mode(opt, group, p) == "replicated":
+    how = mode(opt, group, p)
+    if how == "experts":
+        from . import experts
+
+        experts.step(opt, group, p, index, lay)
+    elif how == "replicated":
         _step_replicated(opt, group, p, index, lay)
     elif _lowrank(opt, group, p):
         _step_lowrank(opt, group, p, index, lay)
@@ -289,10 +300,11 @@ def _refreshed(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, in
     gradient; the result is broadcast and each rank keeps its rows of the basis. ``full_old`` asks for the
     old state with its whole basis too (the linear transfer needs both bases)."""
     proj = opt._parts(group)[0]
-    m = int(p.shape[0])
+    shape = matrix_shape(opt, group, p)
+    m = int(shape[0])
     seed = derive_seed(group["seed"], index)
     if proj.name in SEEDED_PROJECTORS or elementwise(proj):
-        shape_only = torch.empty(tuple(p.shape), dtype=torch.float32, device="meta")
+        shape_only = torch.empty(tuple(shape), dtype=torch.float32, device="meta")
         ctx = {"layout": opt._layout(group, p)} if getattr(proj, "wants_layout", False) else {}
         if old is None:
             REFRESH_CALLS["init"] += 1
@@ -303,10 +315,10 @@ def _refreshed(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, in
         return new, new, old
     own = owner(index, lay.world)
     with comm.phase("refresh"):
-        grad = gather_rows_to(local(p.grad).float(), m, lay, own)
+        grad = gather_rows_to(_rows(local(p.grad), shape).float(), m, lay, own)
         old_whole = None
         if old is not None:
-            d = _dim(old, p.shape)
+            d = _dim(old, shape)
             keys = [k for k in ROW_KEYS if k in old]
             if full_old:
                 old_whole = {**old, **{k: all_gather_rows(old[k], d, lay) for k in keys}}
@@ -329,7 +341,7 @@ def _refreshed(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, in
                     ctx["moments"] = moments
                 new = proj.update(grad, old_whole, **ctx)
         new = broadcast_from(new, lay, own)
-    offset, size = lay.rows(_dim(new, p.shape))
+    offset, size = lay.rows(_dim(new, shape))
     mine = {**new, **{k: new[k][offset: offset + size].clone() for k in ROW_KEYS if k in new}}
     return mine, new, (old_whole if full_old else None)
 
@@ -342,8 +354,9 @@ def _moments_to(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, l
     COAP). Factored statistics (another shape) are not passed, as the projectors read only full moments."""
     proj, rule, _, _, store = opt._parts(group)
     state = opt.state[p]
-    low = _low_shape(old, p.shape, lay, proj)
-    whole = _low_shape(old, p.shape, None, proj)
+    shape = matrix_shape(opt, group, p)
+    low = _low_shape(old, shape, lay, proj)
+    whole = _low_shape(old, shape, None, proj)
     out: dict[str, torch.Tensor] = {}
     for spec in rule.moments(low, group):
         if tuple(spec.shape) != tuple(low) or spec.name not in state:
@@ -364,15 +377,16 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
 
     proj, rule, residual, transfer, store = opt._parts(group)
     state = opt.state[p]
-    m, n = int(p.shape[0]), int(p.shape[1])
-    w = local(p)
-    grad = local(p.grad)
+    shape = matrix_shape(opt, group, p)  # a conv weight (out, in, *k): the row-sharded matrix out x (in * prod(k))
+    m, n = int(shape[0]), int(shape[1])
+    w = _rows(local(p), shape)
+    grad = _rows(local(p.grad), shape)
     grad = grad if grad.dtype == torch.float32 else grad.float()
     if not state:
         state["step"], state["inner_step"] = 0, 0
         state["projector"], _, _ = _refreshed(opt, group, p, index, lay, None, full_old=False)
-        _create(store, state, rule.moments(_low_shape(state["projector"], p.shape, lay, proj), group),
-                rule.moments(_low_shape(state["projector"], p.shape, None, proj), group), w.device,
+        _create(store, state, rule.moments(_low_shape(state["projector"], shape, lay, proj), group),
+                rule.moments(_low_shape(state["projector"], shape, None, proj), group), w.device,
                 derive_seed(group["seed"], index))
         if grad.device.type != "meta" and not _any_nonzero(grad, lay):
             state[PENDING] = 1  # as in one process: the subspace is chosen at the first nonzero gradient
@@ -381,18 +395,18 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
             del state[PENDING]
             state["projector"], _, _ = _refreshed(opt, group, p, index, lay, None, full_old=False)
             pst = state["projector"]
-            for spec, whole in zip(rule.moments(_low_shape(pst, p.shape, lay, proj), group),
-                                   rule.moments(_low_shape(pst, p.shape, None, proj), group), strict=True):
+            for spec, whole in zip(rule.moments(_low_shape(pst, shape, lay, proj), group),
+                                   rule.moments(_low_shape(pst, shape, None, proj), group), strict=True):
                 if tuple(state[spec.name].shape) != tuple(spec.shape):
                     local_store(store, _numel(whole.shape)).create(state, spec.name, spec.shape, w.device)
     elif state["step"] % group["update_proj_gap"] == 0:
         old = state["projector"]
         linear = group["transfer"] == "linear" and "basis" in old
         new, new_full, old_full = _refreshed(opt, group, p, index, lay, old, full_old=linear)
-        specs = rule.moments(_low_shape(new, p.shape, lay, proj), group)
-        whole = _numel(rule.moments(_low_shape(new, p.shape, None, proj), group)[0].shape) if specs else 0
+        specs = rule.moments(_low_shape(new, shape, lay, proj), group)
+        whole = _numel(rule.moments(_low_shape(new, shape, None, proj), group)[0].shape) if specs else 0
         transfer.apply(state, old_full if linear else old, new_full if linear else new, proj, specs,
-                       local_store(store, whole, _split(new, p.shape, lay, proj)))
+                       local_store(store, whole, _split(new, shape, lay, proj)))
         for spec in specs:
             if tuple(state[spec.name].shape) != tuple(spec.shape):
                 raise ValueError(f"Invalid transfer: {group['transfer']!r} kept moment {spec.name!r} of shape "
@@ -401,6 +415,7 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
     pst = state["projector"]
     if elementwise(proj):
         _step_elementwise(opt, group, p, lay, state, w, grad)
+        _write_back(p, w)
         return
     side, r = int(pst["side"]), int(pst["rank"])
     offset, size = lay.rows(m)
@@ -421,7 +436,7 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
         low = grad @ basis  # (m_i, r)
         spec = comm.Sharding(lay.group, 0, (m, r), m * n)
     target = w if w.dtype == torch.float32 else w.float()
-    d = _inner_step(group, rule, store, state, low, target, spec, _split(pst, p.shape, lay, proj))
+    d = _inner_step(group, rule, store, state, low, target, spec, _split(pst, shape, lay, proj))
     low_update = d.num if d.den is None else d.num / d.den
     alpha = -d.coef * group["scale"]
     view = {"side": side, "rank": r, "basis": basis}
@@ -439,6 +454,7 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
         target.sub_(extra)
     if target is not w:
         w.copy_(target)
+    _write_back(p, w)
 
 
 def _inner_step(group: dict[str, Any], rule: Any, store: StateStore, state: dict, low: torch.Tensor,
@@ -472,12 +488,13 @@ def _step_elementwise(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Ten
     the complement, all local."""
     proj, rule, residual, _, store = opt._parts(group)
     pst = state["projector"]
-    m, n = int(p.shape[0]), int(p.shape[1])
+    shape = matrix_shape(opt, group, p)
+    m, n = int(shape[0]), int(shape[1])
     low = proj.project(grad, pst)
     target = w if w.dtype == torch.float32 else w.float()
-    whole = tuple(int(s) for s in proj.low_shape(p.shape, pst))
+    whole = tuple(int(s) for s in proj.low_shape(shape, pst))
     d = _inner_step(group, rule, store, state, low, target, comm.Sharding(lay.group, 0, whole, m * n),
-                    _split(pst, p.shape, lay, proj))
+                    _split(pst, shape, lay, proj))
     low_update = d.num if d.den is None else d.num / d.den
     if low_update.numel():
         proj.add_back(target, low_update, pst, -d.coef * group["scale"])
@@ -495,6 +512,33 @@ def _split(pst: dict[str, Any], shape: torch.Size, lay: Layout, proj: Projector 
     whole = _low_shape(pst, shape, None, proj)
     dim = 0 if elementwise(proj) or int(pst["side"]) != LEFT else 1
     return Split(dim, lay.rows(whole[dim])[0], whole)
+
+
+def matrix_shape(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> tuple[int, ...]:
+    """The whole shape ``p`` is stepped as: its own, or for a conv weight ``(out, in, *k)`` the matrix
+    ``out x (in * prod(k))`` (:func:`lowrank_optim.plan.matrix_shape`), whose rows are ``p``'s rows."""
+    from ..plan import matrix_shape as shape_of
+
+    kind = opt._planner.kind(group, p) if opt._parts(group)[0] is not None else None
+    return shape_of(p, kind) if kind == "conv" else tuple(int(s) for s in p.shape)
+
+
+def _rows(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """This rank's rows ``t`` of a parameter seen as rows of the matrix ``shape`` (a view of a contiguous shard;
+    a copy otherwise, written back by :func:`_write_back`)."""
+    if t.dim() == len(shape):
+        return t
+    try:
+        return t.view(t.shape[0], *shape[1:])
+    except RuntimeError:
+        return t.reshape(t.shape[0], *shape[1:]).clone()
+
+
+def _write_back(p: torch.Tensor, w: torch.Tensor) -> None:
+    """Copies the matrix rows ``w`` into ``p``'s local shard when :func:`_rows` had to copy."""
+    mine = local(p)
+    if w.data_ptr() != mine.data_ptr():
+        mine.copy_(w.view(mine.shape))
 
 
 def _any_nonzero(grad: torch.Tensor, lay: Layout) -> bool:
