@@ -81,11 +81,11 @@ def adopt_foreign_state(optimizer: Any, state_dict: dict[str, Any]) -> dict[str,
 
     Groups saved by another optimizer (no ``inner`` key) keep this optimizer's keys and take the saved
     ``lr`` / ``betas`` / ``eps`` / ``weight_decay`` / ``initial_lr`` (torch's load semantics for the keys both
-    share); ``amsgrad`` / ``maximize`` set to True are refused. A parameter's state without ``inner_step`` is
-    converted when it is torch's Adam state (``step``, ``exp_avg``, ``exp_avg_sq`` of the parameter's shape) of a
-    parameter this optimizer steps plain with the Adam rule in fp32 storage: the same moments (cast to fp32, the
-    rule's dtype) and ``step`` / ``inner_step`` the saved step count as ints. A projected parameter's full-size
-    moments have no exact low-rank form: refused.
+    share); ``amsgrad`` / ``maximize`` set to True and ``torch.optim.Adam``'s coupled (L2) weight decay are
+    refused. A parameter's state without ``inner_step`` is converted when it is torch's Adam state (``step``,
+    ``exp_avg``, ``exp_avg_sq`` of the parameter's shape) of a parameter this optimizer steps plain with the Adam
+    rule in fp32 storage: the same moments (cast to fp32, the rule's dtype) and ``step`` / ``inner_step`` the
+    saved step count as ints. A projected parameter's full-size moments have no exact low-rank form: refused.
 
     Args:
         optimizer: a :class:`~lowrank_optim.engine.LowRankOptimizer` (its groups as constructed).
@@ -107,6 +107,10 @@ def adopt_foreign_state(optimizer: Any, state_dict: dict[str, Any]) -> dict[str,
                 raise ValueError(f"Invalid state_dict: param group {i} was saved with {flag}=True "
                                  f"({sorted(k for k in saved if k != 'params')}); {type(optimizer).__name__} "
                                  f"has no {flag}")
+        if saved.get("decoupled_weight_decay") is False and saved.get("weight_decay"):
+            raise ValueError(f"Invalid state_dict: param group {i} was saved by torch.optim.Adam with weight_decay="
+                             f"{saved['weight_decay']!r} added to the gradient (L2); {type(optimizer).__name__}'s "
+                             "weight decay is decoupled (AdamW's): load an AdamW checkpoint, or one without decay")
         merged = {k: v for k, v in own.items() if k != "params"}
         merged.update({k: v for k, v in saved.items() if k in own or k == "initial_lr"})
         merged["params"] = saved["params"]

@@ -254,7 +254,7 @@ def test_torch_adamw_state_of_a_projected_parameter_is_refused_by_name() -> None
     assert not ours.state and ours.param_groups[1]["rank"] == 2  # nothing loaded
 
 
-@pytest.mark.parametrize("case", ["amsgrad", "sgd_state", "bf16_store", "adafactor"])
+@pytest.mark.parametrize("case", ["amsgrad", "sgd_state", "bf16_store", "adafactor", "adam_l2"])
 def test_foreign_state_that_cannot_convert_is_refused_by_name(case: str) -> None:
     w = torch.nn.Parameter(torch.randn(8, 6))
     if case == "amsgrad":
@@ -264,6 +264,11 @@ def test_foreign_state_that_cannot_convert_is_refused_by_name(case: str) -> None
         w.grad = torch.randn_like(w)
         sgd.step()
         sd, ours, match = sgd.state_dict(), lro.GaLoreAdamW([w]), r"parameter 0 .*\['momentum_buffer'\].*expects"
+    elif case == "adam_l2":
+        adam = torch.optim.Adam([w], weight_decay=0.1)
+        w.grad = torch.randn_like(w)
+        adam.step()
+        sd, ours, match = adam.state_dict(), lro.GaLoreAdamW([w]), "weight_decay=0.1 added to the gradient"
     elif case == "bf16_store":
         sd, ours = _adamw_trained([w]).state_dict(), lro.GaLoreAdamW([w], state_dtype="bf16")
         match = "state_dtype='bf16'"
