@@ -238,8 +238,13 @@ def select_lowrank_params(model: nn.Module, target_modules: str | Sequence[str] 
 
 def param_groups(model: nn.Module, rank: int = 128, target_modules: str | Sequence[str] = ("attn", "mlp"), *,
                  include_conv: bool = False, on_no_match: str = "raise", plain_options: dict[str, Any] | None = None,
-                 **options: Any) -> list[dict[str, Any]]:
+                 include_frozen: bool = False, **options: Any) -> list[dict[str, Any]]:
     """Splits a model's trainable parameters into a plain group and a low-rank group.
+
+    Parameters frozen when it runs (``requires_grad=False``) are left out, as HF's Trainer does, so an optimizer
+    built from these groups never steps them, even after ``requires_grad_(True)``: pass ``include_frozen=True``
+    to keep them (they get no state and no step while frozen, and are stepped, hooked by
+    :class:`~lowrank_optim.LayerwiseUpdater` too, once unfrozen).
 
     The low-rank group (which carries ``rank`` and ``options``, e.g. ``update_proj_gap``, ``scale``,
     ``projector``) holds what :func:`select_lowrank_params` selects: the ``weight`` of every selected
@@ -264,6 +269,7 @@ def param_groups(model: nn.Module, rank: int = 128, target_modules: str | Sequen
         on_no_match: ``"raise"`` (default) or ``"warn"`` when nothing matches: a silent fallback would
             turn the method into plain Adam.
         plain_options: extra keys for the plain group (e.g. ``{"weight_decay": 0.0}``).
+        include_frozen: keep parameters with ``requires_grad=False`` (default ``False``: left out).
         **options: extra keys for the low-rank group (they override the optimizer's values for it).
 
     Returns:
@@ -275,17 +281,18 @@ def param_groups(model: nn.Module, rank: int = 128, target_modules: str | Sequen
     Raises:
         ValueError: a bad ``rank`` / ``on_no_match``, flattened parameters (FSDP1, ZeRO-3), or nothing
             selected with ``on_no_match="raise"``.
-        TypeError: a malformed ``target_modules`` or ``include_conv``.
+        TypeError: a malformed ``target_modules``, ``include_conv`` or ``include_frozen``.
     """
     check_int("rank", rank, low=1)
     check_choice("on_no_match", on_no_match, ("raise", "warn"))
-    if not isinstance(include_conv, bool):
-        raise TypeError(f"Invalid include_conv: expected a bool, got {include_conv!r}")
+    for flag, value in (("include_conv", include_conv), ("include_frozen", include_frozen)):
+        if not isinstance(value, bool):
+            raise TypeError(f"Invalid {flag}: expected a bool, got {value!r}")
     if any(is_flattened(p) for p in model.parameters()):
         raise ValueError(f"Invalid model: {type(model).__name__} holds flattened parameters; {FLATTENED_HINT}")
     selected = select_lowrank_params(model, target_modules, include_conv=include_conv)
     convs = {id(m.weight) for m in model.modules() if isinstance(m, CONV_TYPES)}
-    lowrank = [p for p in selected.values() if p.requires_grad]
+    lowrank = [p for p in selected.values() if p.requires_grad or include_frozen]
     chosen = {id(p) for p in lowrank}
     conv_params = [p for p in lowrank if id(p) in convs]
     lowrank = [p for p in lowrank if id(p) not in convs]
@@ -297,7 +304,7 @@ def param_groups(model: nn.Module, rank: int = 128, target_modules: str | Sequen
         if on_no_match == "raise":
             raise ValueError(f"Invalid target_modules: {msg}")
         warnings.warn(msg, UserWarning, stacklevel=2)
-    plain = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+    plain = [p for p in model.parameters() if (p.requires_grad or include_frozen) and id(p) not in chosen]
     groups: list[dict[str, Any]] = []
     if plain:
         groups.append({"params": plain, **(plain_options or {})})

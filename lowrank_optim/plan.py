@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .groups import FLATTENED_HINT, is_flattened
-from .targets import resolve_targets
+from .targets import resolve_target_kinds
 
 Group = dict[str, Any]
 
@@ -92,7 +92,7 @@ class Planner:
     def __init__(self, param_groups: list[Group], module: torch.nn.Module | None) -> None:
         self.param_groups = param_groups
         self.module = module
-        self._target_ids: set[int] | None = None
+        self._target_ids: dict[int, bool] | None = None  # selected parameter -> is a convolution weight
 
     def reset(self) -> None:
         """Forgets the resolved ``target_modules`` (after new groups or a state-dict load)."""
@@ -106,9 +106,13 @@ class Planner:
     def kind(self, group: Group, p: torch.Tensor) -> str | None:
         """``p``'s kind if it is projected in ``group`` (``None``: plain). The group's ``target_modules`` are
         resolved (and a selected tensor that cannot be projected, such as a 1-D shard named as a weight, refused)
-        before the shape is looked at."""
+        before the shape is looked at; a convolution weight they select is ``"conv"`` under ``nd_layout="auto"``
+        whatever its dimensions (a ``Conv1d`` weight is 3-D, a ``Conv3d`` one 5-D)."""
         if group.get("rank") is None or not self.targeted(group, p):
             return None
+        if (group.get("target_modules") is not None and p.dim() > 2 and group.get("nd_layout", "auto") == "auto"
+                and self._target_ids is not None and self._target_ids.get(id(p))):
+            return "conv"
         return nd_kind(group, p)
 
     def targeted(self, group: Group, p: torch.Tensor) -> bool:
@@ -116,7 +120,7 @@ class Planner:
         if group.get("target_modules") is None:
             return True
         if self._target_ids is None:
-            self._target_ids = resolve_targets(self.param_groups, self.module)
+            self._target_ids = resolve_target_kinds(self.param_groups, self.module)
         return id(p) in self._target_ids
 
     def projected(self, group: Group, p: torch.Tensor) -> bool:

@@ -83,7 +83,15 @@ def _named_selected(name: str, p: torch.Tensor, target: str | Sequence[str]) -> 
 
 
 def resolve_targets(param_groups: list[dict[str, Any]], module: nn.Module | None) -> set[int]:
-    """Identities of the parameters that the groups' ``target_modules`` select (at call time).
+    """Identities of the parameters that the groups' ``target_modules`` select (at call time); see
+    :func:`resolve_target_kinds`."""
+    return set(resolve_target_kinds(param_groups, module))
+
+
+def resolve_target_kinds(param_groups: list[dict[str, Any]], module: nn.Module | None) -> dict[int, bool]:
+    """The parameters that the groups' ``target_modules`` select (at call time): identity -> whether it is a
+    convolution weight (a ``Conv1d`` weight is 3-D and a ``Conv3d`` one 5-D, so only the module tells; the
+    planner reads such a weight as ``"conv"`` under ``nd_layout="auto"``).
 
     With ``module``, the selection is :func:`lowrank_optim.select_lowrank_params` (``nn.Linear`` weights,
     MoE expert stacks, and convolution weights when the group sets ``include_conv=True``); from torch's
@@ -94,7 +102,7 @@ def resolve_targets(param_groups: list[dict[str, Any]], module: nn.Module | None
         ValueError: a selected parameter has fewer than 2 dimensions (e.g. a flattened shard), or, named
             ``<module>.weight`` in ``param_names``, more than 2 without ``include_conv`` (or more than 5).
     """
-    chosen: set[int] = set()
+    chosen: dict[int, bool] = {}
     for group in param_groups:
         target = group.get("target_modules")
         if target is None:
@@ -113,18 +121,19 @@ def resolve_targets(param_groups: list[dict[str, Any]], module: nn.Module | None
         for name, p in named:
             _check_selected(name, p, include_conv)
             _check_layout(name, p, id(p) in convs, group.get("nd_layout", "auto"))
-            chosen.add(id(p))
+            chosen[id(p)] = id(p) in convs
     return chosen
 
 
 def _check_layout(name: str, p: torch.Tensor, conv: bool, layout: str) -> None:
     """Refuses a selected N-D tensor that the group's ``nd_layout`` would read as the other kind: with
-    ``"auto"`` a 3-D tensor is a stack of experts and a 4-D one a convolution (:mod:`lowrank_optim.plan`)."""
+    ``"auto"`` a selected convolution weight is a convolution whatever its dimensions (the planner knows it from
+    its module) and another 3-D tensor a stack of experts (:mod:`lowrank_optim.plan`)."""
     if p.dim() <= 2:
         return
     if conv:
-        ok = layout == "conv" or (layout == "auto" and p.dim() == 4)
-        want = "nd_layout='conv'"
+        ok = layout in ("conv", "auto")
+        want = "nd_layout='conv' or 'auto'"
     else:
         ok = layout == "experts" or (layout == "auto" and p.dim() == 3)
         want = "nd_layout='auto' or 'experts'"

@@ -92,6 +92,34 @@ def test_frozen_params_left_out_and_options_forwarded() -> None:
     assert groups[-1]["update_proj_gap"] == 50 and groups[0]["weight_decay"] == 0.0
 
 
+def test_include_frozen_keeps_them_and_they_train_once_unfrozen() -> None:
+    """A user's report: a parameter frozen when the groups were built never trained after ``requires_grad_(True)``
+    (left out silently). ``include_frozen=True`` keeps it: no state while frozen, stepped once unfrozen."""
+    model = LM()
+    frozen = model.layers[0].self_attn["q_proj"].weight
+    frozen.requires_grad_(False)
+    assert not any(p is frozen for g in lro.param_groups(model, rank=4) for p in g["params"])
+    groups = lro.param_groups(model, rank=4, include_frozen=True)
+    assert any(p is frozen for g in groups if "rank" in g for p in g["params"])
+    opt = lro.GaLoreAdamW(groups, lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+
+    def backward() -> None:  # what autograd leaves: a gradient for every parameter that requires one
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen) if p.requires_grad else None
+
+    backward()
+    opt.step()
+    assert not opt.state.get(frozen)
+    frozen.requires_grad_(True)
+    before = frozen.detach().clone()
+    backward()
+    opt.step()
+    assert not torch.equal(before, frozen.detach()) and opt.state[frozen]["step"] == 1
+    with pytest.raises(TypeError, match="include_frozen"):
+        lro.param_groups(model, include_frozen="yes")
+
+
 def test_registry_create_from_model_and_names() -> None:
     assert {"galore_adamw", "galore_adafactor"} <= set(lro.available_optimizers())
     model = LM()

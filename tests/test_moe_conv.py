@@ -157,10 +157,19 @@ def test_target_modules_resolution_follows_the_same_rules() -> None:
                                  target_modules=["conv"], module=conv, include_conv=True)
     assert resolve_targets(via_module.param_groups, conv) == {id(conv.conv1.weight), id(conv.conv2.weight),
                                                               id(conv.conv3.weight)}
-    # with the default nd_layout ("auto": 3-D = experts) the Conv1d weight would be misread: refused by name
-    auto = lro.GaLoreAdamW(conv.parameters(), rank=4, target_modules=["conv"], module=conv, include_conv=True)
-    with pytest.raises(ValueError, match=r"'conv3\.weight' \(shape \(24, 32, 3\)\) is a convolution weight"):
-        resolve_targets(auto.param_groups, conv)
+    # with the default nd_layout ("auto") a selected convolution weight is a convolution whatever its dimensions
+    # (a user's report: the 3-D Conv1d weight was refused at the first step, a Conv3d one too), from the module
+    # or from the names
+    for auto in (lro.GaLoreAdamW(conv.parameters(), rank=4, target_modules=["conv"], module=conv, include_conv=True),
+                 lro.GaLoreAdamW(list(conv.named_parameters()), rank=4, target_modules=["conv"], include_conv=True)):
+        assert resolve_targets(auto.param_groups, auto._planner.module) == {
+            id(conv.conv1.weight), id(conv.conv2.weight), id(conv.conv3.weight)}
+        assert auto._planner.kind(auto.param_groups[0], conv.conv3.weight) == "conv"
+    # a group that says its N-D tensors are experts cannot hold a selected convolution: refused by name
+    experts = lro.GaLoreAdamW([{"params": list(conv.parameters()), "nd_layout": "experts"}], rank=4,
+                              target_modules=["conv"], module=conv, include_conv=True)
+    with pytest.raises(ValueError, match=r"'conv1\.weight' \(shape .*\) is a convolution weight"):
+        resolve_targets(experts.param_groups, conv)
 
 
 # -- planner ------------------------------------------------------------------------------------------------------
@@ -305,3 +314,26 @@ def test_nd_training_improves_and_resumes_bit_exact(case: str) -> None:
     assert _train(model2, loss_fn, opt2, 7, start=12) == after
     for a, b in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("conv_type", [nn.Conv1d, nn.Conv2d, nn.Conv3d])
+def test_optimizer_side_targets_project_every_conv_like_param_groups(conv_type: type) -> None:
+    """``target_modules`` + ``include_conv=True`` given to the optimizer (HF's route) projects a Conv1d / Conv3d
+    weight as ``param_groups(include_conv=True)`` does: the same steps, bit for bit (a user's report: both were
+    refused at the first step under the default ``nd_layout``)."""
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        nets.append(nn.Sequential(conv_type(4, 8, 3)))
+    x = torch.randn((2, 4) + (6,) * (nets[0][0].weight.dim() - 2), generator=torch.Generator().manual_seed(1))
+    a = lro.GaLoreAdamW(list(nets[0].parameters()), lr=1e-2, rank=2, target_modules=["0"], include_conv=True,
+                        module=nets[0])
+    b = lro.GaLoreAdamW(lro.param_groups(nets[1], rank=2, target_modules=["0"], include_conv=True), lr=1e-2)
+    for _ in range(3):
+        for net, opt in ((nets[0], a), (nets[1], b)):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    assert a.state[nets[0][0].weight]["projector"]["basis"].shape == (8, 2)
+    for p, q in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert torch.equal(p, q)

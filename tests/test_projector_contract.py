@@ -88,3 +88,18 @@ def test_online_pca_default_lr_tracks_the_subspace_at_d_1024() -> None:
     assert default > paper  # the former default (5 x 0.01 = 0.05): 0.21
     assert float((norms - 1).abs().max()) < 0.05  # column norms stay near 1 (former default: up to 1.18 here)
     assert float((paper_norms - 1).abs().max()) > float((norms - 1).abs().max())
+
+
+@pytest.mark.parametrize("name", ["svd", "rsvd", "online_pca", "random", "coap", "rsvd_heads", "dct"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_basis_projectors_take_gradients_of_any_float_dtype(name: str, dtype: torch.dtype) -> None:
+    """A standalone projector fed a bf16 / fp16 / fp64 gradient projects and lifts in fp32, as it does the gradient
+    cast to fp32 (a user's report: ``project`` raised "expected m1 and m2 to have the same dtype")."""
+    g = torch.randn(24, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    proj = make_projector(name, 4)
+    st = proj.init(g)
+    low = proj.project(g, st)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, proj.project(g.float(), st), rtol=0, atol=0)
+    back = proj.project_back(low.to(dtype), st)
+    assert back.dtype == torch.float32 and back.shape == g.shape

@@ -301,15 +301,18 @@ class Projector:
         return state
 
     def project(self, grad: torch.Tensor, state: ProjState) -> torch.Tensor:
-        """Maps a full ``(m, n)`` tensor into the subspace."""
+        """Maps a full ``(m, n)`` tensor into the subspace, in the basis' dtype (fp32: a bf16 / fp16 / fp64
+        gradient is cast first, as the optimizers cast every gradient)."""
         basis = self.basis_of(state)
+        grad = grad if grad.dtype == basis.dtype else grad.to(basis.dtype)
         if state["side"] == LEFT:
             return basis.T @ grad
         return grad @ basis
 
     def project_back(self, low: torch.Tensor, state: ProjState) -> torch.Tensor:
-        """Maps a low-rank tensor back to the full ``(m, n)`` space."""
+        """Maps a low-rank tensor back to the full ``(m, n)`` space, in the basis' dtype (``low`` cast first)."""
         basis = self.basis_of(state)
+        low = low if low.dtype == basis.dtype else low.to(basis.dtype)
         if state["side"] == LEFT:
             return basis @ low
         return low @ basis.T

@@ -143,11 +143,14 @@ class RandomProjector(Projector):
         return out if where == torch.device(device) else out.to(device)
 
     def project(self, grad: torch.Tensor, state: ProjState) -> torch.Tensor:
+        """``P^T G`` or ``G P`` in fp32 (a gradient of another dtype is cast, as :meth:`Projector.project`)."""
         p = self.basis(state, grad.device)
+        grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
         return p.T @ grad if state["side"] == LEFT else grad @ p
 
     def project_back(self, low: torch.Tensor, state: ProjState) -> torch.Tensor:
         p = self.basis(state, low.device)
+        low = low if low.dtype == p.dtype else low.to(p.dtype)
         return p @ low if state["side"] == LEFT else low @ p.T
 
     def back_matrix(self, state: ProjState, device: torch.device) -> torch.Tensor | None:
