@@ -253,7 +253,8 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
             optimizer, not the group, so it never overrides a method's own period silently.
         include_conv: also project convolution weights (3-D to 5-D ``.weight`` tensors of matched modules,
             for a name -> shape mapping).
-        shards: FSDP2 ranks (``fully_shard``): weights, gradients and optimizer state per rank. Presets whose
+        shards: FSDP2 ranks (``fully_shard``): weights, gradients and optimizer state per rank (MoE expert stacks:
+            the fullest rank's ``ceil(E / shards)`` experts, with every preset). Presets whose
             parts run sharded (:mod:`lowrank_optim.distributed.fsdp`: svd / rsvd / random projectors with Adam,
             Adafactor or SGD and a drop, Fira or APOLLO residual; FRUGAL's blocks) divide everything by
             ``shards``; the others keep their
@@ -306,6 +307,11 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
     if shards > 1:
         divided = _runs_sharded(optimizer, rank, optimizer_kwargs)
         state = {k: (-(-v // shards) if divided or k.startswith("plain") else v) for k, v in state.items()}
+        if not divided:  # MoE expert stacks shard by whole experts with every preset (distributed/experts.py)
+            for experts, bases, moments in _expert_stacks(est, low).values():
+                share = -(-experts // shards)  # the fullest rank's experts
+                state["projector bases"] -= bases - -(-bases * share // experts)
+                state["low-rank moments"] -= moments - -(-moments * share // experts)
         weights, grads = -(-weights // shards), -(-grads // shards)
     engine = isinstance(est.optimizer, LowRankOptimizer) and est.method == "meta-step" and bool(est.optimizer.state)
     phases = state_phases(est.optimizer, est.names) if engine else None
@@ -319,6 +325,23 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
                                 "basis_dtype": basis_dtype})
 
 
+def _expert_stacks(est: Any, low: set[str]) -> dict[str, tuple[int, int, int]]:
+    """``name -> (experts, basis bytes, moment bytes)`` of each projected MoE expert stack of a meta-step estimate
+    (its state holds one state per expert, ``state["matrices"]``)."""
+    from .memory import _projector_bytes, _tensor_bytes
+
+    out: dict[str, tuple[int, int, int]] = {}
+    opt = est.optimizer
+    if opt is None:
+        return out
+    for p, st in opt.state.items():
+        name = est.names.get(id(p))
+        if name in low and isinstance(st, dict) and isinstance(st.get("matrices"), list) and st["matrices"]:
+            bases = _projector_bytes(st)
+            out[name] = (len(st["matrices"]), bases, _tensor_bytes(st, set()) - bases)
+    return out
+
+
 def _runs_sharded(optimizer: str, rank: int | None, kwargs: Mapping[str, Any]) -> bool:
     """Whether the projected matrices of ``optimizer`` run in FSDP2's sharded mode (state divided by ranks)."""
     from .distributed import fsdp
@@ -328,6 +351,8 @@ def _runs_sharded(optimizer: str, rank: int | None, kwargs: Mapping[str, Any]) -
     if rank is None:
         return True
     opts = {**ENGINE_DEFAULTS, **OPTIMIZERS[optimizer].preset_defaults, **kwargs}
+    if (opts.get("projector_options") or {}).get("basis_dtype", "fp32") != "fp32":
+        return False  # a quantized basis runs replicated (its codes are blocked along the basis rows)
     return fsdp.sharded_parts(opts["projector"], opts["inner"], opts["residual"], opts["transfer"])
 
 
