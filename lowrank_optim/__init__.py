@@ -24,12 +24,21 @@ from .optimizers import (
     OnlineSubspaceDescent,
     galore_plus_groups,
 )
-from .planner import plan_memory
 from .projectors import Projector, make_projector
 from .registry import available_optimizers, create_optimizer, register_optimizer, resolve_optimizer
 from .state import StateStore
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``plan_memory`` is imported on first use, so ``python -m lowrank_optim.planner`` runs the planner module
+    once (an eager import here made runpy warn that it was already in ``sys.modules``)."""
+    if name == "plan_memory":
+        from .planner import plan_memory
+
+        return plan_memory
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "APOLLO",

@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 
+def _scalar(name: str, value: Any) -> Any:
+    """The Python number a one-element tensor holds (``value`` itself otherwise); bool tensors are refused."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"Invalid {name}: expected a number or a one-element real tensor, got a "
+                            f"{value.dtype} tensor of shape {tuple(value.shape)}")
+        return value.item()
+    return value
+
+
 def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False) -> float:
-    """Checks that ``value`` is a real number in the given range and returns it as a float.
+    """Checks that ``value`` is a real number in the given range and returns it as a plain Python ``float``.
+
+    Accepts any :class:`numbers.Real` (Python and NumPy ints and floats, ``fractions.Fraction``) and one-element
+    real tensors (as ``torch.optim`` does for ``lr``); the returned value is a ``float`` either way, so groups that
+    store it stay plain (``torch.load(weights_only=True)``).
 
     Raises:
-        TypeError: ``value`` is not a real number (bools are rejected).
+        TypeError: ``value`` is not a real number (bools, NumPy bools and bool tensors are rejected).
         ValueError: ``value`` is NaN or outside the range.
     """
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise TypeError(f"Invalid {name}: expected a number or a one-element tensor, got shape "
-                            f"{tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    value = _scalar(name, value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"Invalid {name}: expected a number, got {value!r} ({type(value).__name__})")
     v = float(value)
     if v != v:
@@ -34,11 +45,40 @@ def check_number(name: str, value: Any, *, low: float | None = None, high: float
 
 
 def check_int(name: str, value: Any, *, low: int | None = None) -> int:
-    """Checks that ``value`` is an integer (not a bool) at least ``low`` and returns it."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Checks that ``value`` is an integer (not a bool) at least ``low`` and returns it as a plain Python ``int``.
+
+    Accepts any :class:`numbers.Integral` (Python and NumPy ints) and one-element integer tensors.
+
+    Raises:
+        TypeError: ``value`` is not an integer (bools and floats, even integral ones, are rejected).
+        ValueError: ``value`` is below ``low``.
+    """
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        raise TypeError(f"Invalid {name}: expected an int, got a {value.dtype} tensor")
+    value = _scalar(name, value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"Invalid {name}: expected an int, got {value!r} ({type(value).__name__})")
     if low is not None and value < low:
         raise ValueError(f"Invalid {name}: {value!r} (must be >= {low})")
+    return int(value)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with NumPy (and other :mod:`numbers`) scalars turned into Python ``int`` / ``float``, inside
+    tuples, lists and dicts too; everything else unchanged. Group values go through it, so a state dict holds
+    only plain numbers (``torch.load(weights_only=True)`` refuses NumPy scalars)."""
+    if value is None or type(value) in (bool, int, float, str):  # np.float64 subclasses float: type(), not isinstance
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, tuple):
+        return tuple(plain(v) for v in value)
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
     return value
 
 

@@ -66,9 +66,99 @@ def load_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> 
             optimizer.state[p] = to_device(value, p.device)
 
 
+#: Keys of one parameter's state in ``torch.optim.Adam`` / ``AdamW`` (``amsgrad=False``).
+TORCH_ADAM_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
+#: Keys that mark a parameter's state as this package's: ``inner_step`` (every parameter and matrix) or
+#: ``matrices`` (a stack of matrices, MoE experts, each with its own state).
+OWN_MARKERS = ("inner_step", "matrices")
+#: Group keys of ``torch.optim.AdamW`` with no meaning here: dropped from a loaded foreign group when off.
+TORCH_ONLY_FLAGS = ("amsgrad", "maximize", "capturable", "foreach", "fused", "decoupled_weight_decay")
+
+
+def adopt_foreign_state(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with a foreign (``torch.optim.AdamW`` / ``Adam``) checkpoint turned into this package's
+    state where that is exact, else a ``ValueError`` naming the parameter, the keys found and those expected.
+
+    Groups saved by another optimizer (no ``inner`` key) keep this optimizer's keys and take the saved
+    ``lr`` / ``betas`` / ``eps`` / ``weight_decay`` / ``initial_lr`` (torch's load semantics for the keys both
+    share); ``amsgrad`` / ``maximize`` set to True and ``torch.optim.Adam``'s coupled (L2) weight decay are
+    refused. A parameter's state without ``inner_step`` is converted when it is torch's Adam state (``step``,
+    ``exp_avg``, ``exp_avg_sq`` of the parameter's shape) of a parameter this optimizer steps plain with the Adam
+    rule in fp32 storage: the same moments (cast to fp32, the rule's dtype) and ``step`` / ``inner_step`` the
+    saved step count as ints. A projected parameter's full-size moments have no exact low-rank form: refused.
+
+    Args:
+        optimizer: a :class:`~lowrank_optim.engine.LowRankOptimizer` (its groups as constructed).
+        state_dict: the state dict to load (torch's format).
+
+    Raises:
+        ValueError: a foreign state or group that cannot be converted exactly.
+    """
+    saved_groups = state_dict.get("param_groups")
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(optimizer.param_groups):
+        return state_dict  # torch's load raises its own clear error
+    groups = []
+    for i, (saved, own) in enumerate(zip(saved_groups, optimizer.param_groups, strict=True)):
+        if "inner" in saved:
+            groups.append(saved)
+            continue
+        for flag in ("amsgrad", "maximize"):
+            if saved.get(flag):
+                raise ValueError(f"Invalid state_dict: param group {i} was saved with {flag}=True "
+                                 f"({sorted(k for k in saved if k != 'params')}); {type(optimizer).__name__} "
+                                 f"has no {flag}")
+        if saved.get("decoupled_weight_decay") is False and saved.get("weight_decay"):
+            raise ValueError(f"Invalid state_dict: param group {i} was saved by torch.optim.Adam with weight_decay="
+                             f"{saved['weight_decay']!r} added to the gradient (L2); {type(optimizer).__name__}'s "
+                             "weight decay is decoupled (AdamW's): load an AdamW checkpoint, or one without decay")
+        merged = {k: v for k, v in own.items() if k != "params"}
+        merged.update({k: v for k, v in saved.items() if k in own or k == "initial_lr"})
+        merged["params"] = saved["params"]
+        groups.append(merged)
+    params = [(g, p) for g in optimizer.param_groups for p in g["params"]]
+    ids = [k for g in saved_groups for k in g["params"]]
+    where = {k: (index, g, p) for index, (k, (g, p)) in enumerate(zip(ids, params, strict=False))}
+    state = {}
+    for key, value in state_dict["state"].items():
+        if key in where and isinstance(value, dict) and value and not any(m in value for m in OWN_MARKERS):
+            value = _adopt_adam(optimizer, *where[key], value)
+        state[key] = value
+    return {**state_dict, "param_groups": groups, "state": state}
+
+
+def _adopt_adam(optimizer: Any, index: int, group: dict[str, Any], p: torch.Tensor, value: dict) -> dict:
+    """Our plain Adam state from torch's Adam state ``value`` of parameter ``p`` (position ``index``), or a
+    ``ValueError`` saying why it cannot be."""
+    parts, kind = optimizer._route(group, p)
+    found = sorted(value)
+    what = f"parameter {index} (shape {tuple(p.shape)})"
+    if kind is not None:
+        raise ValueError(f"Invalid state_dict: {what} holds state with keys {found} (a full-size optimizer's, "
+                         f"torch.optim.AdamW's?), but {type(optimizer).__name__} projects it (rank "
+                         f"{group['rank']}): full-size moments have no exact low-rank form. Load it into a "
+                         "group without rank, or start this parameter's state fresh")
+    expected = ["step", "inner_step"] + [m.name for m in parts.inner.moments(tuple(p.shape), group)]
+    shapes_ok = all(isinstance(value.get(k), torch.Tensor) and tuple(value[k].shape) == tuple(p.shape)
+                    for k in ("exp_avg", "exp_avg_sq"))
+    step = value.get("step")
+    step_ok = isinstance(step, (int, float, torch.Tensor)) and (not isinstance(step, torch.Tensor) or step.numel() == 1)
+    if (set(value) != TORCH_ADAM_KEYS or not shapes_ok or not step_ok or parts.inner.name != "adam"
+            or group["state_dtype"] != "fp32"):
+        raise ValueError(f"Invalid state_dict: {what} holds state with keys {found}"
+                         + (f" (exp_avg / exp_avg_sq not of shape {tuple(p.shape)})" if not shapes_ok else "")
+                         + f"; {type(optimizer).__name__} expects {sorted(expected)} (inner={parts.inner.name!r}, "
+                         f"state_dtype={group['state_dtype']!r}). Only torch.optim.Adam / AdamW state of a "
+                         "plain parameter converts, into the Adam rule with state_dtype='fp32'")
+    count = float(step.item() if isinstance(step, torch.Tensor) else step)
+    if count != int(count) or count < 0:
+        raise ValueError(f"Invalid state_dict: {what} has step {count!r}, not a step count")
+    return {"step": int(count), "inner_step": int(count),
+            "exp_avg": value["exp_avg"].to(torch.float32), "exp_avg_sq": value["exp_avg_sq"].to(torch.float32)}
+
+
 def closed_form_bytes(numel: int, state_dtype: str) -> int:
     """Bytes of one moment of ``numel`` elements in a store (``8bit``: 1 byte + 4 per 256 block)."""
     return StateStore(state_dtype).bytes_for(numel)
 
 
-__all__ = ["closed_form_bytes", "load_state", "state_bytes", "to_device"]
+__all__ = ["adopt_foreign_state", "closed_form_bytes", "load_state", "state_bytes", "to_device"]

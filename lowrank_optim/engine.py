@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._validation import check_choice, check_int, check_number
-from .checkpoint import closed_form_bytes, load_state, state_bytes
+from ._validation import check_choice, check_int, check_number, plain
+from .checkpoint import adopt_foreign_state, closed_form_bytes, load_state, state_bytes
 from .distributed import checkpoint as _checkpoint
 from .distributed import fsdp as _fsdp
 from .distributed import shards as _shards
@@ -117,8 +117,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             raise TypeError(f"Invalid module: expected an nn.Module, got {type(module).__name__}")
         self._module: torch.nn.Module | None = module
         defaults: dict[str, Any] = {"lr": lr, **ENGINE_DEFAULTS, **self.preset_defaults}
-        if "proj_type" in kwargs:  # galore-torch's name for the side rule
-            kwargs["proj_side"] = kwargs.pop("proj_type")
+        if "proj_type" in kwargs:  # galore-torch's name for the side rule, checked under it
+            kwargs["proj_side"] = check_choice("proj_type", kwargs.pop("proj_type"), SIDE_RULES)
         inner = kwargs.get("inner", defaults["inner"])
         residual = kwargs.get("residual", defaults["residual"])
         plain = kwargs.get("plain_inner", defaults["plain_inner"])
@@ -153,7 +153,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if isinstance(param_group, dict):
             param_group = dict(param_group)
             if "proj_type" in param_group:
-                param_group["proj_side"] = param_group.pop("proj_type")
+                param_group["proj_side"] = check_choice("proj_type", param_group.pop("proj_type"), SIDE_RULES)
             if "projector" in param_group and "projector_options" not in param_group:
                 param_group["projector_options"] = self._inherited_options(param_group["projector"])
             given = set(param_group)
@@ -175,13 +175,16 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for rule in (inner, residual, plain_rule):
             for k, v in rule.defaults.items():
                 group.setdefault(k, v)
+        for k, v in group.items():  # plain numbers in the group (and so in the state dict), see _plain_value
+            if k != "params":
+                group[k] = _plain_value(k, v)
         if group["lr"] is not None:
-            check_number("lr", group["lr"], low=0.0)
-        check_number("weight_decay", group["weight_decay"], low=0.0)
+            group["lr"] = check_number("lr", group["lr"], low=0.0)
+        group["weight_decay"] = check_number("weight_decay", group["weight_decay"], low=0.0)
         if group["rank"] is not None:
-            check_int("rank", group["rank"], low=1)
-        check_int("update_proj_gap", group["update_proj_gap"], low=1)
-        check_number("scale", group["scale"], low=0.0, low_open=True)
+            group["rank"] = check_int("rank", group["rank"], low=1)
+        group["update_proj_gap"] = check_int("update_proj_gap", group["update_proj_gap"], low=1)
+        group["scale"] = check_number("scale", group["scale"], low=0.0, low_open=True)
         check_choice("projector", group["projector"], sorted(PROJECTORS))
         check_choice("proj_side", group["proj_side"], SIDE_RULES)
         opts = group["projector_options"]
@@ -190,11 +193,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
         check_choice("state_dtype", group["state_dtype"], STATE_DTYPES)
         check_choice("transfer", group["transfer"], sorted(TRANSFER_POLICIES))
         check_choice("nonfinite", group["nonfinite"], NONFINITE_POLICIES)
-        check_int("seed", group["seed"], low=0)
+        group["seed"] = check_int("seed", group["seed"], low=0)
         if group["target_modules"] is not None:
             validate_target_modules(group, self._module)
             self._planner.reset()
         check_choice("nd_layout", group["nd_layout"], ND_LAYOUTS)
+        if group["include_conv"] is True and group["target_modules"] is None and group["rank"] is not None:
+            raise ValueError("Invalid include_conv: True without target_modules (it adds convolution weights to "
+                             "what target_modules selects; without target_modules every weight of a group with "
+                             "rank, convolutions included, is projected already)")
         if not isinstance(group["refresh_stagger"], bool):
             raise TypeError(f"Invalid refresh_stagger: expected a bool, got {group['refresh_stagger']!r}")
         if group["rank"] is not None:
@@ -209,12 +216,32 @@ class LowRankOptimizer(torch.optim.Optimizer):
         residual.validate(group)
         if plain_rule is not inner:
             plain_rule.validate(group)
+        if group["lr"] is None:
+            for key, rule in (("inner", inner), ("plain_inner", plain_rule)):
+                if rule.requires_lr(group):
+                    raise ValueError(f"Invalid lr: None ({key}={rule.name!r} needs a learning rate; only "
+                                     "inner='adafactor' with relative_step=True computes its own)")
         if group["rank"] is not None:
             parts = self._parts(group)  # builds the projector now: bad options fail here
             # combinations that cannot work are refused by name
             parts.residual.check_projector(parts.projector, group)
             parts.transfer.check_projector(parts.projector, group)
             parts.inner.check_projector(parts.projector, group)
+        self.__dict__.setdefault("_validated", {})[id(group)] = (group, _snapshot(group))
+
+    def _revalidate(self, group: dict[str, Any]) -> None:
+        """Validates ``group`` again when a key differs from its last validation (a value set on
+        ``param_groups`` after construction, a group loaded from a state dict), raising the same
+        ``ValueError`` / ``TypeError`` as at construction instead of an error deep in the step.
+
+        Cost per call: one comparison per key, on the host (no device read); a float ``lr`` (an LR scheduler's
+        per-step change) is checked on its own, so it never triggers a full validation."""
+        entry = self.__dict__.setdefault("_validated", {}).get(id(group))
+        lr = group.get("lr")
+        if (entry is not None and entry[0] is group and type(lr) is float and lr >= 0.0
+                and all(k in group and _same(group[k], v) for k, v in entry[1].items())):
+            return
+        self._validate_group(group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -283,6 +310,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:  # values changed since construction: refused before any state changes
+            self._revalidate(group)
         work: list[tuple[dict[str, Any], torch.Tensor, int]] = []
         index = 0
         for group in self.param_groups:
@@ -358,6 +387,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         ``id(param)`` to the ``(weight, gradient)`` computed on in its place (:meth:`_step_param`); an expert stack's
         matrices there are matrices ``first_matrix, first_matrix + 1, ...`` of the whole stack (their seeds, layout
         positions and refresh phases)."""
+        self._revalidate(group)
         group_parts = self._parts(group)
         phases = self._phases(group) if group.get("refresh_stagger") and group_parts.projector is not None else None
         units: list[Unit] = []
@@ -468,11 +498,41 @@ class LowRankOptimizer(torch.optim.Optimizer):
         the parameter's dtype, which would turn 8-bit codes, int indices and fp32 moments of bf16
         parameters into something else; here tensors are copied to the parameter's device unchanged.
         """
-        load_state(self, _checkpoint.import_state(self, state_dict))
+        load_state(self, adopt_foreign_state(self, _checkpoint.import_state(self, state_dict)))
         self._parts_cache = {}
         self._stacks = StackCache()
         _checkpoint.requantize(self)
         self._planner.reset()
+
+
+#: Group keys a snapshot leaves out: the parameters, and the lr a scheduler changes every step (checked alone).
+_UNSNAPPED = ("params", "lr", "initial_lr")
+
+
+def _snapshot(group: dict[str, Any]) -> dict[str, Any]:
+    """The validated values of ``group`` (copies of its dicts and lists, so an in-place edit shows)."""
+    return {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+            for k, v in group.items() if k not in _UNSNAPPED}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether a group value equals its snapshot (same type first, so a tensor is never compared to a number)."""
+    return a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
+
+
+def _plain_value(key: str, value: Any) -> Any:
+    """A group value as stored: NumPy scalars as Python numbers (:func:`lowrank_optim._validation.plain`) and a
+    one-element tensor hyper-parameter (``lr=torch.tensor(1e-3)``, ``betas`` of tensors, which ``torch.optim``
+    accepts) as the Python number it holds. The engine computes its per-step scalars in Python, so a tensor ``lr``
+    would cost a host sync every step; stored as a number it costs one, here, and the state dict stays plain."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.requires_grad:
+            raise TypeError(f"Invalid {key}: a tensor of shape {tuple(value.shape)}"
+                            f"{' that requires grad' if value.requires_grad else ''} (expected a number)")
+        return check_int(key, value) if not value.is_floating_point() else check_number(key, value)
+    if isinstance(value, tuple):  # betas=(torch.tensor(0.9), ...), as torch.optim takes them
+        return tuple(_plain_value(f"{key}[{i}]", v) for i, v in enumerate(value))
+    return plain(value)
 
 
 def _view_or_copy(p: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -231,8 +231,10 @@ def select_lowrank_params(model: nn.Module, target_modules: str | Sequence[str] 
                 seen.add(id(p))
                 chosen[qual] = p
     if warn and left:
-        warnings.warn(f"target_modules={target_modules!r} selects modules whose weights stay plain (full optimizer "
-                      f"state): {', '.join(left)}", UserWarning, stacklevel=3)
+        what = ("'all-linear' projects nn.Linear weights and MoE expert stacks only; these weights of the modules it "
+                "covers" if all_linear else f"{target_modules!r} selects modules holding weights that")
+        warnings.warn(f"target_modules={what} stay plain (full optimizer state): {', '.join(left)}", UserWarning,
+                      stacklevel=3)
     return chosen
 
 

@@ -224,6 +224,17 @@ def estimate_state_bytes(named_shapes: Mapping[str, Sequence[int]],
     return _summarise(opt, params, method, lowrank_names)
 
 
+def _projector_bytes(st: dict[str, Any]) -> int:
+    """Bytes under ``state["projector"]`` of one parameter's engine state (an expert stack: of each expert's)."""
+    if "projector" in st:
+        return _tensor_bytes(st["projector"], set())
+    subs = st.get("matrices")
+    if isinstance(subs, list):
+        return sum(_tensor_bytes(sub["projector"], set()) for sub in subs
+                   if isinstance(sub, dict) and "projector" in sub)
+    return 0
+
+
 def _summarise(opt: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], method: str,
                lowrank_names: list[str]) -> StateEstimate:
     by_param = {id(p): n for n, p in params.items()}
@@ -233,8 +244,8 @@ def _summarise(opt: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]
     for p, st in opt.state.items():
         name = by_param.get(id(p), str(id(p)))
         per_param[name] = _tensor_bytes(st, seen)
-        if isinstance(opt, LowRankOptimizer) and isinstance(st, dict) and "projector" in st:
-            projector += _tensor_bytes(st["projector"], set())
+        if isinstance(opt, LowRankOptimizer) and isinstance(st, dict):
+            projector += _projector_bytes(st)
     total = sum(per_param.values())
     est = StateEstimate(total=total, per_param=per_param, projector=projector, moments=total - projector,
                         method=method, lowrank=lowrank_names)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -129,8 +130,8 @@ def num_experts(config: Mapping[str, Any]) -> int:
     """Routed experts per MoE layer read from an HF config (0: a dense model); see :data:`EXPERT_COUNT_KEYS`."""
     for key in EXPERT_COUNT_KEYS:
         value = config.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+            return int(value)
     return 0
 
 
@@ -159,7 +160,8 @@ def hf_config_shapes(config: Mapping[str, Any]) -> dict[str, Shape]:
     Other attention layouts (DeepSeek's MLA, GPT-OSS's sinks and expert biases) are not modeled.
     """
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-    missing = [k for k in required if not isinstance(config.get(k), int)]
+    missing = [k for k in required
+               if isinstance(config.get(k), bool) or not isinstance(config.get(k), numbers.Integral)]
     if missing:
         raise ValueError(f"Invalid config: a LLaMA-style config needs integer {missing} "
                          f"(model_type {config.get('model_type')!r})")
@@ -251,7 +253,8 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
             optimizer, not the group, so it never overrides a method's own period silently.
         include_conv: also project convolution weights (3-D to 5-D ``.weight`` tensors of matched modules,
             for a name -> shape mapping).
-        shards: FSDP2 ranks (``fully_shard``): weights, gradients and optimizer state per rank. Presets whose
+        shards: FSDP2 ranks (``fully_shard``): weights, gradients and optimizer state per rank (MoE expert stacks:
+            the fullest rank's ``ceil(E / shards)`` experts, with every preset). Presets whose
             parts run sharded (:mod:`lowrank_optim.distributed.fsdp`: svd / rsvd / random projectors with Adam,
             Adafactor, SGD or Muon and a drop, Fira or APOLLO residual; FRUGAL's blocks; GUM) divide everything by
             ``shards``; the others keep their
@@ -304,6 +307,11 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
     if shards > 1:
         divided = _runs_sharded(optimizer, rank, optimizer_kwargs)
         state = {k: (-(-v // shards) if divided or k.startswith("plain") else v) for k, v in state.items()}
+        if not divided:  # MoE expert stacks shard by whole experts with every preset (distributed/experts.py)
+            for experts, bases, moments in _expert_stacks(est, low).values():
+                share = -(-experts // shards)  # the fullest rank's experts
+                state["projector bases"] -= bases - -(-bases * share // experts)
+                state["low-rank moments"] -= moments - -(-moments * share // experts)
         weights, grads = -(-weights // shards), -(-grads // shards)
     engine = isinstance(est.optimizer, LowRankOptimizer) and est.method == "meta-step" and bool(est.optimizer.state)
     phases = state_phases(est.optimizer, est.names) if engine else None
@@ -317,6 +325,23 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
                                 "basis_dtype": basis_dtype})
 
 
+def _expert_stacks(est: Any, low: set[str]) -> dict[str, tuple[int, int, int]]:
+    """``name -> (experts, basis bytes, moment bytes)`` of each projected MoE expert stack of a meta-step estimate
+    (its state holds one state per expert, ``state["matrices"]``)."""
+    from .memory import _projector_bytes, _tensor_bytes
+
+    out: dict[str, tuple[int, int, int]] = {}
+    opt = est.optimizer
+    if opt is None:
+        return out
+    for p, st in opt.state.items():
+        name = est.names.get(id(p))
+        if name in low and isinstance(st, dict) and isinstance(st.get("matrices"), list) and st["matrices"]:
+            bases = _projector_bytes(st)
+            out[name] = (len(st["matrices"]), bases, _tensor_bytes(st, set()) - bases)
+    return out
+
+
 def _runs_sharded(optimizer: str, rank: int | None, kwargs: Mapping[str, Any]) -> bool:
     """Whether the projected matrices of ``optimizer`` run in FSDP2's sharded mode (state divided by ranks)."""
     from .distributed import fsdp
@@ -326,6 +351,8 @@ def _runs_sharded(optimizer: str, rank: int | None, kwargs: Mapping[str, Any]) -
     if rank is None:
         return True
     opts = {**ENGINE_DEFAULTS, **OPTIMIZERS[optimizer].preset_defaults, **kwargs}
+    if (opts.get("projector_options") or {}).get("basis_dtype", "fp32") != "fp32":
+        return False  # a quantized basis runs replicated (its codes are blocked along the basis rows)
     return fsdp.sharded_parts(opts["projector"], opts["inner"], opts["residual"], opts["transfer"])
 
 

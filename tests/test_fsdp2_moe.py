@@ -270,3 +270,24 @@ def test_expert_state_dict_round_trip_one_process() -> None:
     for a, b in zip(opt3.state[opt3.param_groups[1]["params"][2]]["matrices"], opt.state[model.experts]["matrices"],
                     strict=True):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and a["projector"]["rank"] == b["projector"]["rank"]
+
+
+def test_planner_divides_expert_stacks_with_every_preset() -> None:
+    """``plan_memory(shards=K)``: an expert stack's state is the fullest rank's ``ceil(E / K)`` experts even for a
+    preset whose 2-D weights run replicated (GaLore+), whose 2-D state stays whole; bases of experts are counted as
+    bases; a quantized basis keeps the 2-D state whole (replicated mode)."""
+    experts = {"layers.0.mlp.experts.gate_up_proj": (6, 64, 32)}
+    dense = {"layers.0.self_attn.q_proj.weight": (64, 48), "layers.0.norm.weight": (64,)}
+    kw: dict[str, Any] = {"rank": 8, "state_dtype": "fp32", "target_modules": ["mlp", "self_attn"]}
+    one_e = lro.plan_memory(experts, "galore_plus", **kw)
+    one_d = lro.plan_memory(dense, "galore_plus", **kw)
+    four = lro.plan_memory({**experts, **dense}, "galore_plus", shards=4, **kw)
+    assert one_e.state["projector bases"] == 6 * 32 * 8 * 4  # each expert's 32 x 8 basis, counted as a basis
+    for part in ("projector bases", "low-rank moments"):
+        assert four.state[part] == one_d.state[part] + -(-one_e.state[part] * 2 // 6), part  # 2 of 6 experts
+    adam = lro.plan_memory({**experts, **dense}, "galore_adamw", **kw)
+    adam4 = lro.plan_memory({**experts, **dense}, "galore_adamw", shards=4, **kw)
+    assert all(adam4.state[k] == -(-v // 4) for k, v in adam.state.items())
+    int8 = lro.plan_memory(dense, "galore_adamw", basis_dtype="int8", **kw)
+    int8_4 = lro.plan_memory(dense, "galore_adamw", basis_dtype="int8", shards=4, **kw)
+    assert int8_4.state["low-rank moments"] == int8.state["low-rank moments"]

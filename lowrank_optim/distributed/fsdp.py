@@ -119,7 +119,8 @@ def elementwise(proj: Projector | None) -> bool:
 
 
 def _lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> bool:
-    return opt._parts(group)[0] is not None and opt._targeted(group, p) and opt.is_lowrank(group, p)
+    # the planner's kind (a Conv1d / Conv3d weight selected by target_modules is a conv whatever its dimensions)
+    return opt._parts(group)[0] is not None and opt._planner.kind(group, p) is not None
 
 
 def moment_layout(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> tuple[Any, tuple[int, ...],

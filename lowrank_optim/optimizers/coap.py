@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from .._validation import check_int
 from ..engine import LowRankOptimizer, ParamsT
 from ..registry import register_optimizer
 from .projector_options import preset_projector_options
@@ -54,7 +55,7 @@ class COAP(LowRankOptimizer):
                  projector_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not isinstance(restore_state, bool):
             raise TypeError(f"Invalid restore_state: expected a bool, got {restore_state!r}")
-        gap = kwargs.pop("update_proj_gap", update_interval)
+        gap = kwargs.pop("update_proj_gap", check_int("update_interval", update_interval, low=1))
         transfer = kwargs.pop("transfer", "linear" if restore_state else "keep")
         options = preset_projector_options(
             kwargs.get("projector", "coap"), "coap",

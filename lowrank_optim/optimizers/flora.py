@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from .._validation import check_int
 from ..engine import LowRankOptimizer, ParamsT
 from ..registry import register_optimizer
 from .projector_options import preset_projector_options
@@ -60,7 +61,7 @@ class Flora(LowRankOptimizer):
                  kappa: int = 1000, inner: str = "adafactor", distribution: str = "gaussian", scale: float = 1.0,
                  proj_side: str = "std", state_dtype: str = "fp32", projector_options: dict[str, Any] | None = None,
                  **kwargs: Any) -> None:
-        gap = kwargs.pop("update_proj_gap", kappa)
+        gap = kwargs.pop("update_proj_gap", check_int("kappa", kappa, low=1))
         options = preset_projector_options(kwargs.get("projector", "random"), "random",
                                            {"distribution": ("distribution", distribution, "gaussian")},
                                            projector_options)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from .._validation import check_choice, check_number
+from .._validation import check_choice, check_int, check_number
 from ..engine import LowRankOptimizer, ParamsT
+from ..projectors.blocks import BLOCK_ORDERS
 from ..registry import register_optimizer
 
 #: ``inactive_update_rule`` -> residual rule of the state-free part.
@@ -74,6 +75,7 @@ class FRUGAL(LowRankOptimizer):
         rule = STATE_FREE_RULES[check_choice("inactive_update_rule", inactive_update_rule, sorted(STATE_FREE_RULES))]
         if not isinstance(reset_statistics, bool):
             raise TypeError(f"Invalid reset_statistics: expected a bool, got {reset_statistics!r}")
+        check_choice("block_order", block_order, BLOCK_ORDERS)
         if projector == "blocks":
             if not reset_statistics:
                 raise ValueError("Invalid reset_statistics: False with projector='blocks' (a block's state is "
@@ -87,8 +89,8 @@ class FRUGAL(LowRankOptimizer):
             check_number("inactive_lr_scale", inactive_lr_scale, low=0.0)
         else:
             kwargs["inactive_lr_scale"] = inactive_lr_scale
-        kwargs.setdefault("update_proj_gap", update_gap)
-        kwargs.setdefault("scale", proj_params_lr_scale)
+        kwargs.setdefault("update_proj_gap", check_int("update_gap", update_gap, low=1))
+        kwargs.setdefault("scale", check_number("proj_params_lr_scale", proj_params_lr_scale, low=0.0, low_open=True))
         kwargs.setdefault("transfer", "reset_on_change" if reset_statistics else "keep")
         super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay, projector=projector,
                          residual=rule, rank=rank, projector_options=projector_options, state_dtype=state_dtype,

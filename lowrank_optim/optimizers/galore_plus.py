@@ -48,9 +48,10 @@ def galore_plus_groups(model: nn.Module, rank: int = 128, target_modules: str | 
         num_heads = getattr(config, "num_attention_heads", None)
     if num_kv_heads is None:
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    for key, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-        if value is not None:
-            check_int(key, value, low=1)
+    if num_heads is not None:
+        num_heads = check_int("num_heads", num_heads, low=1)
+    if num_kv_heads is not None:
+        num_kv_heads = check_int("num_kv_heads", num_kv_heads, low=1)
     groups = param_groups(model, rank=rank, target_modules=target_modules, **options)
     if num_heads is None or not groups or "rank" not in groups[-1]:
         return groups

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from .._validation import check_choice, check_number
 from ..engine import LowRankOptimizer, ParamsT
+from ..projectors.online_pca import P_LR_RULES, P_OPTIMIZERS
 from ..registry import register_optimizer
 
 
@@ -59,8 +61,13 @@ class OnlineSubspaceDescent(LowRankOptimizer):
                  p_lr: float = 0.005, p_weight_decay: float = 0.0, orthonormalize: bool = False,
                  proj_side: str = "std", state_dtype: str = "fp32", projector_options: dict[str, Any] | None = None,
                  **kwargs: Any) -> None:
-        options = {"optimizer": p_optimizer, "lr_rule": p_lr_rule, "lr_ratio": p_lr_ratio, "lr": p_lr,
-                   "weight_decay": p_weight_decay, "orthonormalize": orthonormalize, **(projector_options or {})}
+        # checked under the names the user wrote before they become the projector's options
+        options = {"optimizer": check_choice("p_optimizer", p_optimizer, P_OPTIMIZERS),
+                   "lr_rule": check_choice("p_lr_rule", p_lr_rule, P_LR_RULES),
+                   "lr_ratio": check_number("p_lr_ratio", p_lr_ratio, low=0.0),
+                   "lr": check_number("p_lr", p_lr, low=0.0),
+                   "weight_decay": check_number("p_weight_decay", p_weight_decay, low=0.0),
+                   "orthonormalize": orthonormalize, **(projector_options or {})}
         super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                          update_proj_gap=update_proj_gap, scale=scale, proj_side=proj_side, state_dtype=state_dtype,
                          projector_options=options, **kwargs)

@@ -47,11 +47,18 @@ def make_projector(name: str, rank: int, **options: Any) -> Projector:
     ``lazy_refresh``, ``lazy_threshold``, ``lazy_max_multiple``; see :meth:`Projector.configure`).
 
     Raises:
-        ValueError: unknown name. TypeError: unknown option.
+        ValueError: unknown name; ``lazy_threshold`` / ``lazy_max_multiple`` without ``lazy_refresh`` (set
+            to False explicitly, they are accepted: a group turning off an inherited lazy schedule).
+        TypeError: unknown option.
     """
     if not isinstance(name, str) or name not in PROJECTORS:
         raise ValueError(f"Invalid projector: {name!r} (expected one of {sorted(PROJECTORS)})")
     common = {k: options.pop(k) for k in COMMON_OPTIONS if k in options}
+    if "lazy_refresh" not in common:  # the schedule's settings alone would silently do nothing
+        for key in ("lazy_threshold", "lazy_max_multiple"):
+            if key in common:
+                raise ValueError(f"Invalid {key}: {common[key]!r} without lazy_refresh=True (it only tunes the lazy "
+                                 "refresh schedule, which is off by default); add lazy_refresh=True or drop it")
     try:
         proj = PROJECTORS[name](rank, **options)
     except TypeError as err:

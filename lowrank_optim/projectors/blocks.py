@@ -68,7 +68,7 @@ class BlockProjector(Projector):
     def __init__(self, rank: int, side: str = "std", *, density: float = 0.25, order: str = "descending") -> None:
         super().__init__(rank, side)
         self.density = check_number("density", density, low=0.0, high=1.0)
-        self.order = check_choice("block_order", order, BLOCK_ORDERS)
+        self.order = check_choice("order", order, BLOCK_ORDERS)
 
     def __repr__(self) -> str:
         return f"BlockProjector(density={self.density}, order={self.order!r})"

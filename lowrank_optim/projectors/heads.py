@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .._validation import check_int
 from .base import RIGHT, ProjState, choose_side, cpu_generator, oriented
 from .rsvd import RandomizedSVDProjector, randomized_range
 
@@ -41,11 +42,7 @@ class HeadSharedRSVDProjector(RandomizedSVDProjector):
                  power_iters: int = 1, warm_start: bool = True, sign: str = "align") -> None:
         super().__init__(rank, side, oversample=oversample, power_iters=power_iters, warm_start=warm_start,
                          sign=sign)
-        if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int)):
-            raise TypeError(f"Invalid num_heads: expected an int or None, got {num_heads!r}")
-        if num_heads is not None and num_heads < 1:
-            raise ValueError(f"Invalid num_heads: {num_heads!r} (must be >= 1)")
-        self.num_heads = num_heads
+        self.num_heads = None if num_heads is None else check_int("num_heads", num_heads, low=1)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(rank={self.rank}, side={self.side_rule!r}, num_heads={self.num_heads}, "

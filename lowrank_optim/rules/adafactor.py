@@ -66,6 +66,10 @@ class AdafactorRule(InnerRule):
                                           "beta1": None, "scale_parameter": True, "relative_step": True,
                                           "warmup_init": False}
 
+    def requires_lr(self, group: Group) -> bool:
+        """Only without ``relative_step``: the relative step replaces ``lr``."""
+        return not group["relative_step"]
+
     def validate(self, group: Group) -> None:
         eps = group["eps"]
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:

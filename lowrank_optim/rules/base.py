@@ -81,6 +81,11 @@ class InnerRule:
     def validate(self, group: Group) -> None:
         """Raises ``ValueError``/``TypeError`` naming a bad hyper-parameter of ``group``."""
 
+    def requires_lr(self, group: Group) -> bool:
+        """Whether the rule needs the group's ``lr`` (the engine refuses ``lr=None`` at construction when it
+        does). Default: True; Adafactor with ``relative_step`` computes its own."""
+        return True
+
     def moments(self, shape: tuple[int, ...], group: Group) -> list[MomentSpec]:
         """The moments kept for a (projected) gradient of ``shape``."""
         raise NotImplementedError

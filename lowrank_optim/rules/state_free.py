@@ -36,6 +36,8 @@ class _StateFree(ResidualRule):
 
     def validate(self, group: Group) -> None:
         check_number("inactive_lr_scale", group["inactive_lr_scale"], low=0.0)
+        if group["lr"] is None:
+            raise ValueError(f"Invalid lr: None, the state-free residual {self.name!r} needs a learning rate")
 
     def _lr(self, group: Group) -> float:
         return float(group["lr"]) * float(group["scale"]) * float(group["inactive_lr_scale"])
