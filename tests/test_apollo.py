@@ -86,12 +86,16 @@ def test_projection_scale_is_absorbed_by_alpha(monkeypatch: pytest.MonkeyPatch) 
     c = 7.0
 
     def run(factor: float, alpha: float, steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        original = RandomProjector.basis
+        original, original_stack = RandomProjector.basis, RandomProjector.stack_basis
 
         def scaled(self: RandomProjector, state: dict, device: torch.device | str = "cpu") -> torch.Tensor:
             return original(self, state, device) * factor
 
+        def scaled_stack(self: RandomProjector, states: list[dict], device: torch.device) -> torch.Tensor:
+            return original_stack(self, states, device) * factor  # the batched step draws a stack's bases at once
+
         monkeypatch.setattr(RandomProjector, "basis", scaled)
+        monkeypatch.setattr(RandomProjector, "stack_basis", scaled_stack)
         torch.manual_seed(0)
         w = torch.nn.Parameter(torch.randn(12, 8))
         start = w.detach().clone()
@@ -103,6 +107,7 @@ def test_projection_scale_is_absorbed_by_alpha(monkeypatch: pytest.MonkeyPatch) 
             _step(opt, w, torch.randn(12, 8, generator=gen) + 0.1 * w.detach())
             deltas.append(w.detach() - before)
         monkeypatch.setattr(RandomProjector, "basis", original)
+        monkeypatch.setattr(RandomProjector, "stack_basis", original_stack)
         return [start, w.detach().clone()], deltas
 
     (_, end), d_ref = run(1.0, 1.0, 10)
