@@ -62,8 +62,12 @@ def build(name: str, model: nn.Module, store: str, **extra: Any) -> torch.optim.
     sys.path.insert(0, os.path.dirname(__file__))
     from helpers import CASES
 
+    stagger = name.endswith("+stagger")  # "+stagger": refresh_stagger=True (each matrix at its own phase)
+    name = name.removesuffix("+stagger")
     name, _, basis = name.partition("+basis_")  # "+basis_<dtype>": the projector keeps its basis in <dtype>
     kwargs = {**CASES.get(name.removesuffix("+relative"), {}), **extra}
+    if stagger:
+        kwargs["refresh_stagger"] = True
     if basis:
         kwargs["projector_options"] = {"basis_dtype": basis}
     if name.endswith("+relative"):  # Adafactor's relative step scaled by RMS(W): sums over the whole weight

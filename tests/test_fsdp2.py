@@ -111,7 +111,7 @@ def _cases(names: tuple[str, ...] | list[str], stores: tuple[str, ...], source: 
 
 
 PARITY_2 = (_cases([*lro.available_optimizers(), "galore_adafactor+relative", "galore_adamw+basis_bf16",
-                    "galore_adamw+basis_int8"], ("fp32",), "synthetic")
+                    "galore_adamw+basis_int8", "galore_adamw+stagger", "fira+stagger"], ("fp32",), "synthetic")
             + _cases(CORE, ("bf16", "8bit"), "synthetic")
             + _cases(CONTINUOUS, ("fp32",), "model")
             + _cases(("galore_adamw", "fira"), ("fp32",), "zerofirst"))

@@ -51,6 +51,7 @@ import torch
 
 from ..projectors import PROJECTORS
 from ..projectors.base import LEFT, Projector, derive_seed
+from ..schedule import refresh_due, stagger_phase
 from ..state import StateStore
 from . import comm
 from . import gum as _gum
@@ -407,7 +408,7 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
                                    rule.moments(_low_shape(pst, shape, None, proj), group), strict=True):
                 if tuple(state[spec.name].shape) != tuple(spec.shape):
                     local_store(store, _numel(whole.shape)).create(state, spec.name, spec.shape, w.device)
-    elif state["step"] % group["update_proj_gap"] == 0:
+    elif refresh_due(state["step"], group["update_proj_gap"], _phase(opt, group, p)):
         old = state["projector"]
         linear = group["transfer"] == "linear" and "basis" in old
         new, new_full, old_full = _refreshed(opt, group, p, index, lay, old, full_old=linear)
@@ -551,6 +552,15 @@ def _write_back(p: torch.Tensor, w: torch.Tensor) -> None:
     mine = local(p)
     if w.data_ptr() != mine.data_ptr():
         mine.copy_(w.view(mine.shape))
+
+
+def _phase(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> int:
+    """The refresh phase of a sharded matrix: 0, or with ``refresh_stagger`` its place in the group's staggered
+    schedule (:mod:`lowrank_optim.schedule`), the same as one process's (it was always 0 here)."""
+    if not group.get("refresh_stagger"):
+        return 0
+    phases = opt._phases(group)
+    return stagger_phase(phases.get(id(p), -1), phases["count"], group["update_proj_gap"])
 
 
 def _any_nonzero(grad: torch.Tensor, lay: Layout) -> bool:
