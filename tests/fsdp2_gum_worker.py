@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,19 +119,7 @@ def newton_schulz(cases: list[Any], rank: int, world: int, out_dir: str) -> dict
 
 
 def main(rank: int, world: int, init_method: str, jobs: list[tuple[str, list[Any]]], out_dir: str) -> None:
-    torch.set_num_threads(1)
-    from lowrank_optim.distributed import local
-
-    local.init_gloo(rank, world, init_method, timeout_s=120)
-    try:
-        result = {job: JOBS[job](cases, rank, world, out_dir) for job, cases in jobs}
-        if rank == 0:
-            torch.save(result, Path(out_dir) / f"result-{world}.pt")
-    except Exception:
-        Path(out_dir, f"error-{world}-{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        local.end_process_group()
+    worker.run_jobs(JOBS, rank, world, init_method, jobs, out_dir)
 
 
 JOBS: dict[str, Any] = {"parity": parity, "newton_schulz": newton_schulz}

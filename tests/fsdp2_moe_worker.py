@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -220,17 +219,4 @@ JOBS: dict[str, Any] = {"parity": parity, "checkpoint_save": checkpoint_save, "c
 
 
 def main(rank: int, world: int, init_method: str, jobs: list[tuple[str, list[Any]]], out_dir: str) -> None:
-    torch.set_num_threads(1)
-    sys.path.insert(0, os.path.dirname(__file__))
-    from lowrank_optim.distributed import local
-
-    local.init_gloo(rank, world, init_method, timeout_s=120)
-    try:
-        result = {job: JOBS[job](cases, rank, world, out_dir) for job, cases in jobs}
-        if rank == 0:
-            torch.save(result, Path(out_dir) / f"moe-result-{world}.pt")
-    except Exception:
-        Path(out_dir, f"moe-error-{world}-{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        local.end_process_group()
+    base.run_jobs(JOBS, rank, world, init_method, jobs, out_dir, prefix="moe-")

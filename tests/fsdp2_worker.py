@@ -171,21 +171,29 @@ def parity(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: st
     return out
 
 
-def main(rank: int, world: int, init_method: str, jobs: list[tuple[str, list[Any]]], out_dir: str) -> None:
+def run_jobs(table: dict[str, Any], rank: int, world: int, init_method: str, jobs: list[tuple[str, list[Any]]],
+             out_dir: str, prefix: str = "") -> None:
+    """One rank of a spawned job list: each ``(job, cases)`` runs ``table[job]``; rank 0 saves the results as
+    ``<prefix>result-<world>.pt``, a failing rank its traceback as ``<prefix>error-<world>-<rank>.txt``
+    (:func:`helpers.launch_ranks` reads both). Every worker module's ``main`` calls this with its own table."""
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(__file__))
     from lowrank_optim.distributed import local
 
     local.init_gloo(rank, world, init_method, timeout_s=120)
     try:
-        result = {job: JOBS[job](cases, rank, world, out_dir) for job, cases in jobs}
+        result = {job: table[job](cases, rank, world, out_dir) for job, cases in jobs}
         if rank == 0:
-            torch.save(result, Path(out_dir) / f"result-{world}.pt")
+            torch.save(result, Path(out_dir) / f"{prefix}result-{world}.pt")
     except Exception:
-        Path(out_dir, f"error-{world}-{rank}.txt").write_text(traceback.format_exc())
+        Path(out_dir, f"{prefix}error-{world}-{rank}.txt").write_text(traceback.format_exc())
         raise
     finally:
         local.end_process_group()
+
+
+def main(rank: int, world: int, init_method: str, jobs: list[tuple[str, list[Any]]], out_dir: str) -> None:
+    run_jobs(JOBS, rank, world, init_method, jobs, out_dir)
 
 
 JOBS: dict[str, Any] = {"parity": parity}

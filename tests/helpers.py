@@ -160,6 +160,23 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 # the gloo set-up the distributed tests share with the benchmarks (file:// rendezvous, teardown behind a barrier)
 rendezvous = local.rendezvous
+
+
+def launch_ranks(main: Any, world: int, jobs: list[tuple[str, list[Any]]], out: Any, timeout_s: float,
+                 prefix: str = "") -> dict[str, Any]:
+    """Spawns ``world`` gloo ranks of a worker's ``main`` (``fsdp2_worker.run_jobs``) on ``jobs`` and returns rank
+    0's results; a timeout or a failing rank fails the test with that rank's traceback."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    try:
+        local.spawn(main, world, (world, rendezvous(out), jobs, str(out)), timeout_s)
+    except TimeoutError as err:
+        pytest.fail(str(err))
+    except mp.ProcessRaisedException:
+        errors = sorted(out.glob(f"{prefix}error-{world}-*.txt"))
+        pytest.fail(errors[0].read_text() if errors else "worker failed")
+    return torch.load(out / f"{prefix}result-{world}.pt", weights_only=False)
 end_process_group = local.end_process_group
 
 

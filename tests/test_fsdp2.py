@@ -25,14 +25,12 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lowrank_optim as lro
-from lowrank_optim.distributed import local
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fsdp2_worker as worker
-from helpers import rendezvous
+from helpers import launch_ranks
 
 TIMEOUT_S = 300
 CORE = ("galore_adamw", "fira", "flora")
@@ -50,14 +48,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 
 def launch(world: int, jobs: list[tuple[str, list[Any]]], out: Path) -> dict[str, Any]:
-    try:
-        local.spawn(worker.main, world, (world, rendezvous(out), jobs, str(out)), TIMEOUT_S)
-    except TimeoutError as err:
-        pytest.fail(str(err))
-    except mp.ProcessRaisedException:
-        errors = sorted(out.glob(f"error-{world}-*.txt"))
-        pytest.fail(errors[0].read_text() if errors else "worker failed")
-    return torch.load(out / f"result-{world}.pt", weights_only=False)
+    return launch_ranks(worker.main, world, jobs, out, TIMEOUT_S)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

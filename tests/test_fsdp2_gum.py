@@ -27,9 +27,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from lowrank_optim.distributed import local
 from lowrank_optim.distributed.newton_schulz import gram_form, traffic_elements
 from lowrank_optim.distributed.shards import chunk
 from lowrank_optim.rules.muon import newton_schulz
@@ -37,7 +35,7 @@ from lowrank_optim.rules.muon import newton_schulz
 sys.path.insert(0, os.path.dirname(__file__))
 import fsdp2_gum_worker as gum_worker
 import fsdp2_worker as worker
-from helpers import rendezvous
+from helpers import launch_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -49,14 +47,7 @@ LOWRANK = ("attn.weight", "mlp.weight", "mlp_sq.weight", "attn_tiny.weight")
 
 
 def launch(world: int, jobs: list[tuple[str, list[Any]]], out: Path) -> dict[str, Any]:
-    try:
-        local.spawn(gum_worker.main, world, (world, rendezvous(out), jobs, str(out)), TIMEOUT_S)
-    except TimeoutError as err:
-        pytest.fail(str(err))
-    except mp.ProcessRaisedException:
-        errors = sorted(out.glob(f"error-{world}-*.txt"))
-        pytest.fail(errors[0].read_text() if errors else "worker failed")
-    return torch.load(out / f"result-{world}.pt", weights_only=False)
+    return launch_ranks(gum_worker.main, world, jobs, out, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

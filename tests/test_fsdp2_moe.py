@@ -27,16 +27,14 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lowrank_optim as lro
-from lowrank_optim.distributed import local
 from lowrank_optim.distributed.shards import chunk
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fsdp2_moe_worker as worker
 import fsdp2_worker as base
-from helpers import rendezvous
+from helpers import launch_ranks
 
 TIMEOUT_S = 300
 CORE = ("galore_adamw", "fira", "flora")
@@ -59,14 +57,7 @@ CHECKPOINT_3 = _cases(("galore_adamw", "frugal"), ("fp32",))
 
 
 def launch(world: int, jobs: list[tuple[str, list[Any]]], out: Path) -> dict[str, Any]:
-    try:
-        local.spawn(worker.main, world, (world, rendezvous(out), jobs, str(out)), TIMEOUT_S)
-    except TimeoutError as err:
-        pytest.fail(str(err))
-    except mp.ProcessRaisedException:
-        errors = sorted(out.glob(f"moe-error-{world}-*.txt"))
-        pytest.fail(errors[0].read_text() if errors else "worker failed")
-    return torch.load(out / f"moe-result-{world}.pt", weights_only=False)
+    return launch_ranks(worker.main, world, jobs, out, TIMEOUT_S, prefix="moe-")
 
 
 _REFS: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
