@@ -231,7 +231,7 @@ def _step_stack(members: list[tuple[Unit, torch.Tensor]], group: Group, parts: P
         _fira_stack(members, low, lows, update, backs, left, ds, group, proj, cache, key, states)
         return key
     if residual.name == "apollo":
-        _apollo_stack(members, low, lows, update, side, ds, group, proj, cache, key, states)
+        _apollo_stack(members, low, lows, update, side, ds, group, proj, residual, cache, key, states)
         return key
     if not low.numel():
         return key
@@ -303,13 +303,12 @@ def _fira_stack(members: list[tuple[Unit, torch.Tensor]], low: torch.Tensor, low
 
 
 def _apollo_stack(members: list[tuple[Unit, torch.Tensor]], low: torch.Tensor, lows: list[torch.Tensor],
-                  update: torch.Tensor, side: int, ds: list[Direction], group: Group, proj: Any, cache: StackCache,
-                  key: tuple[int, ...], states: list[dict]) -> None:
+                  update: torch.Tensor, side: int, ds: list[Direction], group: Group, proj: Any,
+                  residual: APOLLOScaling, cache: StackCache, key: tuple[int, ...], states: list[dict]) -> None:
     """APOLLO's scaled-gradient step on a stack (:func:`~lowrank_optim.rules.apollo_scaling.apollo_stack_step`);
     per matrix through the rule itself when the stack's matrices carry different coefficients, and nothing but
     the limiter's placeholder on a zero step size (as the per-matrix rule)."""
     d = ds[0]
-    residual = APOLLOScaling()
     shared = all(isinstance(x.lr, float) and isinstance(x.coef, float) and x.coef == d.coef and x.lr == d.lr
                  for x in ds)
     eta = adam_step_size(d.lr, states[0], group) if shared else 0.0
