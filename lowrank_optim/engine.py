@@ -458,7 +458,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _phases(self, group: dict[str, Any]) -> dict[Any, int]:
         """``{id(p): position of p's first matrix, "count": matrices}`` over the group's projected parameters
-        (the staggered schedule's identity of a matrix, :mod:`lowrank_optim.schedule`)."""
+        (the staggered schedule's identity of a matrix, :mod:`lowrank_optim.schedule`). Memoized per group and
+        keyed by its parameter list's identity and length: FSDP2 and the layer-wise updater ask once per parameter
+        per step, which recomputing made quadratic in the group's size."""
+        params = group["params"]
+        memo = self.__dict__.setdefault("_phase_memo", {})
+        hit = memo.get(id(group))
+        if hit is not None and hit[0] is params and hit[1] == len(params):
+            return hit[2]
         out: dict[Any, int] = {}
         count = 0
         for q in group["params"]:
@@ -467,6 +474,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 out[id(q)] = count
                 count += n_matrices(q, kind)
         out["count"] = count
+        memo[id(group)] = (params, len(params), out)
         return out
 
     def init_param_state(self, param: torch.Tensor) -> None:

@@ -113,8 +113,12 @@ def newton_schulz(cases: list[Any], rank: int, world: int, out_dir: str) -> dict
         comm.TRAFFIC.update(step=0.0)
         got = sharded_newton_schulz(part, comm.Sharding(group, dim, shape, x.numel()))
         moved = comm.TRAFFIC["step"]
-        whole = all_gather_rows(got, shape[0], lay) if dim == 0 else all_gather_cols(got, shape[1], lay)
-        out[f"{shape[0]}x{shape[1]}/{dim}"] = {"x": x, "ns": whole, "bytes": moved}
+        low = sharded_newton_schulz(part, comm.Sharding(group, dim, shape, x.numel()), dtype=torch.bfloat16)
+
+        def gather(t: torch.Tensor, shape: tuple[int, int] = shape, dim: int = dim) -> torch.Tensor:
+            return all_gather_rows(t, shape[0], lay) if dim == 0 else all_gather_cols(t, shape[1], lay)
+
+        out[f"{shape[0]}x{shape[1]}/{dim}"] = {"x": x, "ns": gather(got), "ns_bf16": gather(low), "bytes": moved}
     return out
 
 

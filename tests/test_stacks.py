@@ -215,6 +215,26 @@ def test_staggered_refresh_in_the_engine() -> None:
     assert len({tuple(v) for v in seen.values()}) == 3  # three phases in a period of 3
 
 
+def test_stagger_phase_table_is_built_once_per_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP2 and the layer-wise updater ask for a matrix's phase once per parameter and step: the group's table is
+    built once (it was rebuilt on every call, quadratic in the group's size) and rebuilt when the group grows."""
+    params = _params()
+    opt = _make("galore_adamw", params, True, refresh_stagger=True)
+    group = opt.param_groups[0]
+    calls = []
+    kind = opt._planner.kind
+    monkeypatch.setattr(opt._planner, "kind", lambda g, q: calls.append(id(q)) or kind(g, q))
+    first = opt._phases(group)
+    assert len(calls) == len(group["params"])
+    for _ in range(2 * len(group["params"])):
+        assert opt._phases(group) is first
+    assert len(calls) == len(group["params"])
+    extra = nn.Parameter(torch.randn(6, 5))
+    group["params"].append(extra)
+    grown = opt._phases(group)
+    assert grown["count"] == first["count"] + 1 and grown[id(extra)] == first["count"]
+
+
 @pytest.mark.parametrize("lr", [1e-2, 0.0])
 def test_fira_closed_form_floors_a_rounding_error_complement(lr: float) -> None:
     """Gradients of rank below the projection's (a complement that is rounding error, zeroed by

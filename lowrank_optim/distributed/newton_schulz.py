@@ -57,7 +57,8 @@ def traffic_elements(shape: tuple[int, ...], dim: int, steps: int, world: int) -
 
 
 def sharded_newton_schulz(x: torch.Tensor, spec: comm.Sharding, steps: int = 5, eps: float = 1e-7,
-                          coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> torch.Tensor:
+                          coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """This rank's chunk of ``newton_schulz(X)``, ``X`` the whole matrix ``x`` is the chunk of.
 
     Args:
@@ -68,6 +69,10 @@ def sharded_newton_schulz(x: torch.Tensor, spec: comm.Sharding, steps: int = 5, 
         steps: Newton-Schulz iterations (Muon's ``ns_steps``, 5).
         eps: floor of the Frobenius norm (Muon's ``ns_eps``, 1e-7).
         coefficients: ``(a, b, c)`` of the quintic (Keller Jordan's, :data:`~lowrank_optim.rules.muon.NS_COEFFICIENTS`).
+        dtype: precision of the products (Muon's ``ns_dtype``). In bf16 the Gram form sums the partial Grams of the
+            bf16 chunks in fp32 (each product exact) and rounds the sum to bf16 once, as one process's bf16 product
+            rounds its fp32 accumulation once: the two differ only where the summation order moves a value across a
+            bf16 rounding boundary.
 
     Returns:
         A new fp32 tensor shaped like ``x``.
@@ -84,7 +89,7 @@ def sharded_newton_schulz(x: torch.Tensor, spec: comm.Sharding, steps: int = 5, 
     if not gram_form((rows, cols), spec.dim, steps):
         whole = all_gather_rows(x, rows, lay) if spec.dim == 0 else all_gather_cols(x, cols, lay).contiguous()
         with comm.sharded(None):  # one process's function on the whole matrix
-            out = newton_schulz(whole, steps, eps, coefficients)
+            out = newton_schulz(whole, steps, eps, coefficients, dtype)
         offset, size = lay.rows(rows if spec.dim == 0 else cols)
         return (out[offset: offset + size] if spec.dim == 0 else out[:, offset: offset + size]).contiguous()
     a, b, c = coefficients
@@ -94,12 +99,13 @@ def sharded_newton_schulz(x: torch.Tensor, spec: comm.Sharding, steps: int = 5, 
     top = comm.all_reduce_max(top.reshape(1).clone(), group).reshape(())
     y = y / top.clamp(min=torch.finfo(y.dtype).tiny)
     total = comm.all_reduce(y.square().sum().reshape(1), group).reshape(())
-    y = y / total.sqrt().clamp(min=eps)
+    y = (y / total.sqrt().clamp(min=eps)).to(dtype)
     for _ in range(steps):
-        gram = comm.all_reduce((y @ y.T).contiguous(), group)  # A = sum_j Y_j Y_j^T, (s, s)
+        y32 = y.float()  # bf16 products are exact in fp32: the partial Grams are the unrounded sums' terms
+        gram = comm.all_reduce((y32 @ y32.T).contiguous(), group).to(dtype)  # A = sum_j Y_j Y_j^T, (s, s)
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
         y = torch.addmm(y, poly, y, beta=a)
-    return (y.T if tall else y).contiguous()
+    return (y.T if tall else y).to(torch.float32).contiguous()
 
 
 __all__ = ["gram_form", "sharded_newton_schulz", "traffic_elements"]

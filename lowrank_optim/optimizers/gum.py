@@ -43,6 +43,8 @@ class GUM(LowRankOptimizer):
         weighting: ``"paper"``, ``"after"`` or ``"none"`` (above).
         nesterov: Nesterov momentum inside Muon (False: the paper's form).
         ns_steps: Newton-Schulz iterations (5).
+        ns_dtype: precision of Newton-Schulz's products: ``"fp32"`` (default) or ``"bf16"`` (torch's Muon and
+            Keller Jordan's reference; about 1e-2 relative per step, 2-3x faster NS where bf16 matrix units exist).
         muon_lr_adjust: ``"match_rms_adamw"``, ``"original"`` (``sqrt(max(1, m/n))``) or ``"none"``.
         state_dtype: ``"fp32"``, ``"bf16"`` or ``"8bit"``.
         **kwargs: further engine options.
@@ -55,7 +57,8 @@ class GUM(LowRankOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, *,
                  rank: int | None = None, update_proj_gap: int = 200, full_rank_layers: int | None = None,
                  full_rank_prob: float | None = None, weighting: str = "paper", nesterov: bool = False,
-                 ns_steps: int = 5, muon_lr_adjust: str = "match_rms_adamw", state_dtype: str = "fp32",
+                 ns_steps: int = 5, ns_dtype: str = "fp32", muon_lr_adjust: str = "match_rms_adamw",
+                 state_dtype: str = "fp32",
                  **kwargs: Any) -> None:
         if full_rank_prob is None and full_rank_layers is None:
             full_rank_layers = 2
@@ -63,5 +66,5 @@ class GUM(LowRankOptimizer):
         if kwargs.get("projector", "gum") == "gum":
             kwargs["projector_options"] = {**options, **(kwargs.get("projector_options") or {})}
         super().__init__(params, lr, momentum=momentum, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
-                         update_proj_gap=update_proj_gap, nesterov=nesterov, ns_steps=ns_steps,
+                         update_proj_gap=update_proj_gap, nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype,
                          muon_lr_adjust=muon_lr_adjust, state_dtype=state_dtype, **kwargs)
