@@ -38,6 +38,9 @@ SCALE = 0.25
 #: Per-optimizer keyword overrides for ``create_optimizer`` (``lr`` included). One line per optimizer
 #: whose defaults do not fit the benchmark; everything else runs with its preset defaults.
 OVERRIDES: dict[str, dict[str, Any]] = {}
+#: Named option variants of a preset, run only when ``--only`` names them (``--only gum,gum+ns_bf16``): the
+#: record's ``optimizer`` is the variant's name and its ``kwargs`` the options.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"gum+ns_bf16": ("gum", {"ns_dtype": "bf16"})}
 
 STATE_DTYPES = ("fp32", "bf16", "8bit")
 
@@ -113,13 +116,14 @@ def _rename(groups: Groups, **extra: Any) -> Groups:
 
 
 def _ours(name: str, state_dtype: str) -> Spec:
-    kwargs = dict(OVERRIDES.get(name, {}))
+    preset, extra = VARIANTS.get(name, (name, {}))
+    kwargs = {**OVERRIDES.get(preset, {}), **extra}
     lr = float(kwargs.pop("lr", LOWRANK_LR))
 
     def factory(groups: Groups, lr: float) -> torch.optim.Optimizer:
-        return lro.create_optimizer(name, groups, lr=lr, state_dtype=state_dtype, **kwargs)
+        return lro.create_optimizer(preset, groups, lr=lr, state_dtype=state_dtype, **kwargs)
 
-    return Spec(name, "lowrank_optim", state_dtype, lr, True, factory, kwargs, default_lr(OPTIMIZERS[name]))
+    return Spec(name, "lowrank_optim", state_dtype, lr, True, factory, kwargs, default_lr(OPTIMIZERS[preset]))
 
 
 def _references() -> list[Spec]:
@@ -209,10 +213,11 @@ def specs(state_dtypes: Sequence[str] = STATE_DTYPES, references: bool = True,
         state_dtypes: state stores to run our optimizers with.
         references: include the reference implementations that are installed.
         only: keep only specs whose optimizer name, impl or label is listed (AdamW is always kept: it is
-            the baseline every ratio divides by).
+            the baseline every ratio divides by); names of :data:`VARIANTS` add those variants.
         controls: add :data:`CONTROLS` right after AdamW.
     """
     out = [_ours(name, sd) for name in lro.available_optimizers() for sd in state_dtypes]
+    out += [_ours(name, sd) for name in VARIANTS if only and name in only for sd in state_dtypes]
     refs = _references()
     out = refs[:1] + (CONTROLS if controls else []) + out + (refs[1:] if references else [])
     if only:

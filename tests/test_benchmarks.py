@@ -461,3 +461,15 @@ def test_stagger_period_refreshes_every_matrix_once(stagger: bool) -> None:
     count = 7  # one decoder layer: q, k, v, o, gate, up, down
     assert len(rec["step_s"]) == gap and sum(rec["refreshes_per_step"]) == count
     assert max(rec["refreshes_per_step"]) == (math.ceil(count / gap) if stagger else count)
+
+
+def test_variants_run_only_when_named() -> None:
+    """``--only gum+ns_bf16`` adds GUM with bf16 Newton-Schulz (record name and kwargs say so); no default run does."""
+    from benchmarks.registry import VARIANTS, specs
+
+    assert not {s.optimizer for s in specs(("fp32",), False)} & set(VARIANTS)
+    (spec,) = [s for s in specs(("fp32",), False, ["gum+ns_bf16"]) if s.optimizer == "gum+ns_bf16"]
+    assert spec.label == "gum+ns_bf16[fp32]" and spec.kwargs == {"ns_dtype": "bf16"}
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    opt = spec.build([{"params": [w], "rank": 2, "update_proj_gap": 5}])
+    assert type(opt).__name__ == "GUM" and opt.param_groups[0]["ns_dtype"] == "bf16"
