@@ -1,8 +1,8 @@
 """FSDP2 (``fully_shard``) on CPU with gloo: per-rank state, step time and the optimizer's own communication.
 
 ``python -m benchmarks.distributed`` runs the small LLaMA-style decoder of :mod:`benchmarks.model` on k = 1, 2
-and 4 processes (one mesh of k ranks; k = 1 is FSDP2 on one rank) with GaLoreAdamW, Fira, Flora and
-``torch.optim.AdamW``. Per optimizer and k it records rank 0's state bytes, the median ``step()`` time over
+and 4 processes (one mesh of k ranks; k = 1 is FSDP2 on one rank) with every registered preset (``--only`` picks
+some) and ``torch.optim.AdamW``. Per optimizer and k it records rank 0's state bytes, the median ``step()`` time over
 steady steps, and the bytes the optimizer's own collectives move into a rank (ring model, averaged over ranks,
 :data:`lowrank_optim.distributed.comm.TRAFFIC`) per steady step and per refresh step, beside what FSDP2 itself
 moves for the projected weights per step (one all-gather plus one reduce-scatter: ``2 (k-1)/k`` of their fp32
@@ -28,7 +28,8 @@ from . import common
 from .model import DecoderConfig, build_model
 
 NAME = "distributed"
-OPTIMIZERS = ("adamw", "galore_adamw", "fira", "flora")
+#: The baseline, then every registered preset (``--only`` keeps the baseline and the named ones).
+OPTIMIZERS = ("adamw", *lro.available_optimizers())
 RANK = 32
 GAP = 10  # refresh at step 10
 STEPS = 13
@@ -48,7 +49,7 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def _worker(rank: int, world: int, init_method: str, cfg: DecoderConfig, out: str) -> None:
+def _worker(rank: int, world: int, init_method: str, cfg: DecoderConfig, out: str, names: tuple[str, ...]) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -58,7 +59,7 @@ def _worker(rank: int, world: int, init_method: str, cfg: DecoderConfig, out: st
     local.init_gloo(rank, world, init_method, timeout_s=300)
     records = []
     try:
-        for name in OPTIMIZERS:
+        for name in names:
             model = build_model(cfg)
             mesh = init_device_mesh("cpu", (world,))
             for layer in model.layers:
@@ -101,12 +102,12 @@ def _worker(rank: int, world: int, init_method: str, cfg: DecoderConfig, out: st
         local.end_process_group()
 
 
-def run(worlds: tuple[int, ...], cfg: DecoderConfig) -> list[dict[str, Any]]:
+def run(worlds: tuple[int, ...], cfg: DecoderConfig, names: tuple[str, ...] = OPTIMIZERS) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for world in worlds:
             out = str(Path(tmp) / f"{world}.pt")
-            local.spawn(_worker, world, (world, local.rendezvous(tmp), cfg, out), timeout_s=TIMEOUT_S)
+            local.spawn(_worker, world, (world, local.rendezvous(tmp), cfg, out, names), timeout_s=TIMEOUT_S)
             records += torch.load(out, weights_only=False)
     single = {r["optimizer"]: r["state_bytes_rank0"] for r in records if r["world"] == 1}
     for r in records:
@@ -118,13 +119,13 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     plt = common.pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in OPTIMIZERS:
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name in dict.fromkeys(r["optimizer"] for r in records):
         rows = [r for r in records if r["optimizer"] == name]
         ax.plot([r["world"] for r in rows], [r["state_bytes_rank0"] / 1e6 for r in rows], marker="o", label=name)
     ax.set_xlabel("ranks (FSDP2, gloo, CPU)")
     ax.set_ylabel("optimizer state per rank (MB)")
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     common.save_figure(fig, path)
 
 
@@ -141,9 +142,15 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("LRO_BENCH_QUIET", "1")
     worlds = tuple(int(w) for w in args.worlds.split(","))
     cfg = DecoderConfig()
-    records = run(worlds, cfg)
+    only = [n.strip() for n in args.only.split(",")] if args.only else None
+    unknown = sorted(set(only or ()) - set(OPTIMIZERS))
+    if unknown:
+        raise ValueError(f"Invalid --only: {unknown} (expected names among {OPTIMIZERS})")
+    names = tuple(n for n in OPTIMIZERS if only is None or n == "adamw" or n in only)
+    records = run(worlds, cfg, names)
     common.publish(args, NAME, "cpu", {"model": cfg.asdict(), "rank": RANK, "update_proj_gap": GAP,
-                                       "batch_per_rank": BATCH, "seq": SEQ, "worlds": worlds}, records, records,
+                                       "batch_per_rank": BATCH, "seq": SEQ, "worlds": worlds,
+                                       "optimizers": names}, records, records,
                    plot, summary)
 
 
