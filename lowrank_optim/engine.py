@@ -32,7 +32,7 @@ from .distributed import shards as _shards
 from .groups import method_overrides, warn_method_overrides
 from .nonfinite import NONFINITE_POLICIES, check_grad, gradients_ok
 from .plan import ND_LAYOUTS, Planner, matrix_shape, n_matrices, nd_kind, refuse_flattened
-from .projectors import COMMON_OPTIONS, PROJECTORS, SIDE_RULES, make_projector
+from .projectors import COMMON_OPTIONS, PROJECTORS, SIDE_RULES, make_projector, refuse_misplaced_options
 from .rules import INNER_RULES, RESIDUAL_RULES, TRANSFER_POLICIES
 from .schedule import refresh_due, stagger_phase
 from .stacks import StackCache, Unit, apply_units
@@ -223,6 +223,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                                      "inner='adafactor' with relative_step=True computes its own)")
         if group["rank"] is not None:
             parts = self._parts(group)  # builds the projector now: bad options fail here
+            refuse_misplaced_options(group, parts.projector, {*self.defaults, *ENGINE_DEFAULTS, *inner.defaults,
+                                                              *residual.defaults, *plain_rule.defaults})
             # combinations that cannot work are refused by name
             parts.residual.check_projector(parts.projector, group)
             parts.transfer.check_projector(parts.projector, group)

@@ -160,7 +160,8 @@ def apply_units(units: list[Unit], group: Group, parts: Parts, cache: StackCache
         drawn = proj.stack_basis_shape(pst) if u.param.dtype == torch.float32 else None  # drawn per stack below
         basis = None if drawn is not None or u.param.dtype != torch.float32 else proj.batch_basis(pst, u.grad.device)
         if (drawn is None and (basis is None or basis.dtype != torch.float32)) or (
-                fira and not proj.orthonormal_basis(pst)):
+                fira and not proj.orthonormal_basis(pst)) or (
+                residual.name != "drop" and proj.batch_weights(pst) != (1.0, 1.0)):
             rest.append(u)
         else:
             shape = drawn if drawn is not None else tuple(basis.shape)
@@ -202,6 +203,14 @@ def _step_stack(members: list[tuple[Unit, torch.Tensor]], group: Group, parts: P
             torch.mm(flip, u.grad, out=out)
         else:
             torch.mm(u.grad, basis, out=out)
+    weights = [proj.batch_weights(st["projector"]) for st in states]  # GUM's debiasing weights, else (1, 1)
+    w_in = [w for w, _ in weights]
+    if all(w == w_in[0] for w in w_in):
+        if w_in[0] != 1.0:
+            low.mul_(w_in[0])
+    else:
+        for out, w in zip(lows, w_in, strict=True):
+            out.mul_(w)
     step = first.state["inner_step"] + 1
     specs = rule.moments(tuple(lows[0].shape), group)
     d = None
@@ -236,11 +245,11 @@ def _step_stack(members: list[tuple[Unit, torch.Tensor]], group: Group, parts: P
     if not low.numel():
         return key
     scale = group["scale"]
-    for (u, _), back, upd, x in zip(members, backs, updates, ds, strict=True):
+    for (u, _), back, upd, x, (_, w_out) in zip(members, backs, updates, ds, weights, strict=True):
         if left:
-            u.param.addmm_(back, upd, alpha=-x.coef * scale)
+            u.param.addmm_(back, upd, alpha=-x.coef * scale * w_out)
         else:
-            u.param.addmm_(upd, back, alpha=-x.coef * scale)
+            u.param.addmm_(upd, back, alpha=-x.coef * scale * w_out)
     return key
 
 

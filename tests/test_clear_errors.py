@@ -327,3 +327,23 @@ def test_all_linear_warning_says_what_all_linear_projects() -> None:
     with pytest.warns(UserWarning, match=r"^target_modules='all-linear' projects nn.Linear weights and MoE expert "
                                          r"stacks only; .*0\.weight \(Conv2d"):
         lro.param_groups(model, rank=2, target_modules="all-linear")
+
+
+@pytest.mark.parametrize(("cls", "key", "value", "projector"), [
+    (lro.GUM, "weighting", "after", "gum"), (lro.GUM, "full_rank_prob", 0.3, "gum"),
+    (lro.FRUGAL, "density", 0.5, "blocks"), (lro.GaLorePlus, "num_heads", 2, "rsvd_heads"),
+    (lro.GaLoreAdamW, "solver", "gram", "svd"), (lro.GaLoreAdamW, "basis_dtype", "int8", "svd"),
+    (lro.COAP, "reproject_factor", 2, "coap")])
+def test_projector_option_as_a_group_key_is_refused(cls: type, key: str, value: object, projector: str) -> None:
+    """A projector's option written as a plain group key was never passed to the projector (silently ignored):
+    refused, naming the key, its value, the projector and where it belongs. Group keys the engine or a rule reads
+    (Online Subspace Descent's betas: the group's Adam) and foreign keys (a user's tag) stay accepted."""
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(ValueError, match=rf"'{key}'.*{projector!r}.*projector_options"):
+        cls([{"params": [w], "rank": 2, key: value}])
+    opt = cls([{"params": [w], "rank": 2, "my_tag": "attention"}])
+    assert opt.param_groups[0]["my_tag"] == "attention"
+    lro.OnlineSubspaceDescent([{"params": [w], "rank": 2, "betas": (0.9, 0.99)}])
+    if cls is lro.GaLoreAdamW:
+        opt = cls([{"params": [w], "rank": 2, "projector_options": {key: value}}])
+        assert getattr(opt._parts(opt.param_groups[0])[0], key) == value

@@ -121,3 +121,55 @@ def test_sparse_residual_entries_not_chosen_from_zero_scores() -> None:
     k = st["residual_index"].numel()
     expected = torch.topk(e.square().flatten(), k).indices.sort().values
     assert torch.equal(st["residual_index"].long(), expected)
+
+
+def _planted(step: int, m: int = 40, n: int = 24) -> torch.Tensor:
+    """A rank-4 gradient with a fixed subspace plus small noise."""
+    g = torch.Generator().manual_seed(7)
+    u, _ = torch.linalg.qr(torch.randn(m, 4, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, 4, generator=g))
+    noise = torch.randn(m, n, generator=torch.Generator().manual_seed(step))
+    return u @ torch.diag(torch.tensor([5.0, 4.0, 3.0, 2.0])) @ v.T + 0.01 * noise
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [
+    ("galore_adamw", {}), ("galore_adamw", {"projector": "rsvd"}), ("galore_adamw", {"projector": "dct"}),
+    ("coap", {"reproject_factor": 1}), ("gum", {}), ("galore_plus", {"projector_options": {"num_heads": 4}}),
+    ("galore_adamw", {"projector_options": {"basis_dtype": "int8"}})])
+def test_zero_gradient_at_a_later_refresh_keeps_the_subspace(name: str, kwargs: dict) -> None:
+    """A refresh that sees an exactly zero gradient (an MoE expert with no tokens in the batch, a masked layer)
+    keeps the current subspace as stored; it used to take the arbitrary decomposition of 0 for a whole period
+    (a basis capturing 0.11 of the true subspace). The refresh count still advances, and the next refresh on a
+    nonzero gradient is an ordinary one."""
+    w = nn.Parameter(torch.zeros(40, 24))
+    opt = lro.create_optimizer(name, [{"params": [w], "rank": 4}], lr=1e-2, update_proj_gap=3, **kwargs)
+    kept = None
+    for step in range(7):
+        w.grad = torch.zeros(40, 24) if step == 3 else _planted(step)
+        before = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[w].get("projector", {}).items()}
+        opt.step()
+        pst = opt.state[w]["projector"]
+        if step == 3:  # the refresh at state step 3 saw the zero gradient
+            kept = pst
+            assert pst["refresh"] == before["refresh"] + 1
+            for key in ("basis", "indices", "basis_scale"):
+                if key in before:
+                    assert torch.equal(pst[key], before[key]), key
+    assert kept is not None and opt.state[w]["projector"]["refresh"] == kept["refresh"] + 1
+
+
+def test_zero_gradient_expert_keeps_its_subspace() -> None:
+    """An MoE expert stack ``(E, m, n)``: the expert that got no tokens at a refresh keeps its basis; the others
+    refresh."""
+    w = nn.Parameter(torch.zeros(3, 40, 24))
+    opt = lro.GaLoreAdamW([{"params": [w], "rank": 4}], lr=1e-2, update_proj_gap=3)
+    for step in range(4):
+        g = torch.stack([_planted(step + 10 * e) for e in range(3)])
+        if step == 3:
+            g[1] = 0
+            before = [st["projector"]["basis"].clone() for st in opt.state[w]["matrices"]]
+        w.grad = g
+        opt.step()
+    after = [st["projector"]["basis"] for st in opt.state[w]["matrices"]]
+    assert torch.equal(after[1], before[1])
+    assert not torch.equal(after[0], before[0]) and not torch.equal(after[2], before[2])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from .base import LEFT, RIGHT, SIDE_RULES, Projector, ProjState, choose_side
@@ -68,6 +69,30 @@ def make_projector(name: str, rank: int, **options: Any) -> Projector:
     return proj.configure(**common) if common else proj
 
 
+def option_names(projector: Projector) -> set[str]:
+    """Keyword options ``projector``'s class takes (its ``__init__``'s, ``rank`` and ``side`` aside) plus
+    :data:`COMMON_OPTIONS`: what goes in a group's ``projector_options``."""
+    params = inspect.signature(type(projector).__init__).parameters
+    own = {k for k, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return (own - {"self", "rank", "side"}) | set(COMMON_OPTIONS)
+
+
+def refuse_misplaced_options(group: dict[str, Any], projector: Projector, known: set[str]) -> None:
+    """Refuses a param-group key that is an option of the group's projector and not a group key (``known``): a group
+    key is never passed to the projector, so ``{"params": ..., "weighting": "after"}`` for GUM or ``"density"`` for
+    FRUGAL would be ignored without a word.
+
+    Raises:
+        ValueError: names the key, its value and where it belongs (``projector_options``).
+    """
+    misplaced = sorted(k for k in group if k not in known and k in option_names(projector))
+    if misplaced:
+        k = misplaced[0]
+        raise ValueError(f"Invalid param group key {k!r}: {group[k]!r} is an option of the {projector.name!r} "
+                         f"projector, which reads only the group's projector_options; write "
+                         f"projector_options={{{k!r}: {group[k]!r}}} in the group")
+
+
 __all__ = [
     "COMMON_OPTIONS",
     "LEFT",
@@ -85,5 +110,7 @@ __all__ = [
     "SVDProjector",
     "choose_side",
     "make_projector",
+    "option_names",
+    "refuse_misplaced_options",
     "register_projector",
 ]

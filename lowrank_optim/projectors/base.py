@@ -131,6 +131,14 @@ def cpu_generator(*parts: int) -> torch.Generator:
     return gen
 
 
+
+def no_gradient(grad: torch.Tensor) -> bool:
+    """Whether a refresh sees an all-zero gradient (an MoE expert that got no tokens, a masked or skipped layer, a
+    zeroed but not freed ``.grad``): its decomposition is arbitrary (any ``r`` orthonormal vectors are a top-``r``
+    basis of 0), so a refresh keeps the current subspace instead, as the first step defers it
+    (:data:`lowrank_optim.update.PENDING`). One host read, on refresh steps only; ``False`` on the meta device."""
+    return grad.device.type != "meta" and not bool(grad.any())
+
 class Projector:
     """Base class: subclasses implement :meth:`_basis` (and may override the rest).
 
@@ -264,10 +272,12 @@ class Projector:
         return state
 
     def refresh(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
-        """Subclass hook of :meth:`update`: a new state with a new fp32 basis (the old state untouched)."""
+        """Subclass hook of :meth:`update`: a new state with a new fp32 basis (the old state untouched). An
+        all-zero gradient (:func:`no_gradient`) keeps the current basis as stored."""
         new = dict(state)
         new["refresh"] = int(state["refresh"]) + 1
-        new["basis"] = self.fresh_basis(grad, new, self.basis_of(state))
+        if not no_gradient(grad):
+            new["basis"] = self.fresh_basis(grad, new, self.basis_of(state))
         return new
 
     def signed(self, basis: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
@@ -336,6 +346,12 @@ class Projector:
             return None
         basis = state.get("basis")
         return basis if isinstance(basis, torch.Tensor) and basis.dim() == 2 else None
+
+    def batch_weights(self, state: ProjState) -> tuple[float, float]:
+        """``(w_in, w_out)``: with :meth:`batch_basis` ``B``, ``project(G) = w_in B^T G`` (left; ``w_in G B`` right)
+        and ``project_back(X) = w_out B X`` (``w_out X B^T``). ``(1.0, 1.0)`` by default; GUM's debiasing weights
+        otherwise."""
+        return 1.0, 1.0
 
     def stack_basis_shape(self, state: ProjState) -> tuple[int, int] | None:
         """``(d, r)`` when the projector draws a whole stack's bases at once (:meth:`stack_basis`, a seeded random

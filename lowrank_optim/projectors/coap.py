@@ -15,7 +15,7 @@ import torch
 
 from .._validation import check_choice, check_int, check_number
 from ..linalg import max_abs_scale
-from .base import LEFT, SIGN_RULES, Projector, ProjState, oriented
+from .base import LEFT, SIGN_RULES, Projector, ProjState, no_gradient, oriented
 from .rsvd import randomized_range
 
 #: Moment names (in order of preference) read as "the previous first moment".
@@ -134,7 +134,8 @@ class COAPProjector(Projector):
         new = dict(state)
         new["refresh"] = int(state["refresh"]) + 1
         if new["refresh"] % self.reproject_factor == 0:
-            new["basis"] = self.fresh_basis(grad, new, self.basis_of(state))
+            if not no_gradient(grad):  # a zero gradient's SVD is arbitrary: keep the basis
+                new["basis"] = self.fresh_basis(grad, new, self.basis_of(state))
         else:
             new["basis"] = self.correct(grad, state, context.get("moments"))
         return new

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .._validation import check_choice
-from .base import LEFT, Projector, ProjState, choose_side
+from .base import LEFT, Projector, ProjState, choose_side, no_gradient
 
 DCT_PATHS = ("auto", "dense", "fft")
 DCT_SCORES = ("l2", "l1")
@@ -206,7 +206,8 @@ class DCTProjector(Projector):
     def refresh(self, grad: torch.Tensor, state: ProjState, **context: Any) -> ProjState:
         new = dict(state)
         new["refresh"] = int(state["refresh"]) + 1
-        new["indices"] = self.select(grad, int(state["side"]), int(state["rank"]))
+        if not no_gradient(grad):  # a zero gradient ranks every column alike: keep the selection
+            new["indices"] = self.select(grad, int(state["side"]), int(state["rank"]))
         return new
 
     def overlap(self, old: ProjState, new: ProjState) -> float:

@@ -150,6 +150,20 @@ class GUMProjector(Projector):
             out = out * self.weight(state)
         return out
 
+    def batch_basis(self, state: ProjState, device: torch.device) -> torch.Tensor | None:
+        """The low-rank branch's basis ``P`` (the batched step's products, with :meth:`batch_weights`); ``None`` for
+        the full branch, which works at full size."""
+        if state["full"]:
+            return None
+        basis = state.get("basis")
+        return basis if isinstance(basis, torch.Tensor) and basis.dim() == 2 else None
+
+    def batch_weights(self, state: ProjState) -> tuple[float, float]:
+        """The low-rank branch's ``1/(1-q)`` on ``project`` (``weighting="paper"``) or ``project_back``
+        (``"after"``); ``(1, 1)`` with ``"none"``."""
+        w = self.weight(state)
+        return {"paper": (w, 1.0), "after": (1.0, w)}.get(self.weighting, (1.0, 1.0))
+
     def low_shape(self, shape: tuple[int, ...] | torch.Size, state: ProjState | None = None) -> tuple[int, ...]:
         if state is not None and state["full"]:
             return (int(shape[0]), int(shape[1]))

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .._validation import check_int
-from .base import RIGHT, ProjState, choose_side, cpu_generator, oriented
+from .base import RIGHT, ProjState, choose_side, cpu_generator, no_gradient, oriented
 from .rsvd import RandomizedSVDProjector, randomized_range
 
 
@@ -78,6 +78,8 @@ class HeadSharedRSVDProjector(RandomizedSVDProjector):
         state["head"] = head
         d_head = grad.shape[0] // h
         block = grad[head * d_head:(head + 1) * d_head]
+        if previous is not None and no_gradient(block):  # the drawn head got no gradient: keep the basis
+            return previous
         return randomized_range(oriented(block, RIGHT), state["rank"], oversample=self.oversample,
                                 power_iters=self.power_iters, seed=(state["seed"], state["refresh"]),
                                 warm=previous if self.warm_start else None)

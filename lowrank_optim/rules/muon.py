@@ -50,16 +50,41 @@ def newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7,
         from ..distributed.newton_schulz import sharded_newton_schulz
 
         return sharded_newton_schulz(x, spec, steps, eps, coefficients, dtype)
+    return _iterate(x, steps, eps, coefficients, dtype)
+
+
+def batched_newton_schulz(x: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                          coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`newton_schulz` of each matrix of a ``(B, m, n)`` stack, as batched products (``baddbmm``): each
+    matrix normalised by its own largest magnitude and Frobenius norm. Equal to :func:`newton_schulz` per matrix
+    up to the batched kernels' rounding. Returns a new fp32 ``(B, m, n)`` tensor.
+
+    Raises:
+        ValueError: ``x`` is not 3-D.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"Invalid x: a stack of matrices is 3-D, got shape {tuple(x.shape)}")
+    return _iterate(x, steps, eps, coefficients, dtype)
+
+
+def _iterate(x: torch.Tensor, steps: int, eps: float, coefficients: tuple[float, float, float],
+             dtype: torch.dtype) -> torch.Tensor:
+    """The normalisation and iteration of :func:`newton_schulz` on a matrix or a ``(B, m, n)`` stack."""
     a, b, c = coefficients
-    tall = x.shape[0] > x.shape[1]
-    y = x.T if tall else x
-    y = y / y.abs().amax().clamp(min=torch.finfo(y.dtype).tiny)  # no device sync, no overflow of squares
-    y = (y / y.norm().clamp(min=eps)).to(dtype)
+    tall = x.shape[-2] > x.shape[-1]
+    y = x.mT if tall else x
+    dims = (-2, -1)
+    top = y.abs().amax(dim=dims, keepdim=True) if y.dim() == 3 else y.abs().amax()
+    y = y / top.clamp(min=torch.finfo(y.dtype).tiny)  # no device sync, no overflow of squares
+    size = torch.linalg.vector_norm(y, dim=dims, keepdim=True) if y.dim() == 3 else y.norm()
+    y = (y / size.clamp(min=eps)).to(dtype)
+    mm, add = (torch.bmm, torch.baddbmm) if y.dim() == 3 else (torch.mm, torch.addmm)
     for _ in range(steps):
-        gram = y @ y.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-        y = torch.addmm(y, poly, y, beta=a)
-    return (y.T if tall else y).to(torch.float32).contiguous()
+        gram = mm(y, y.mT)
+        poly = add(gram, gram, gram, beta=b, alpha=c)
+        y = add(y, poly, y, beta=a)
+    return (y.mT if tall else y).to(torch.float32).contiguous()
 
 
 def whole_shape(param: torch.Tensor) -> tuple[int, ...]:
@@ -138,5 +163,21 @@ class MuonRule(InnerRule):
         shape = whole_shape(param) if param.dim() == 2 else tuple(grad.shape)
         return Direction(ortho, None, lr * lr_factor(group["muon_lr_adjust"], shape), lr)
 
+    def stack_direction(self, grads: torch.Tensor, moments: dict[str, torch.Tensor], step: int, group: Group,
+                        params: list[torch.Tensor]) -> Direction | None:
+        """:meth:`direction` on a ``(B, ...)`` stack of same-shape low-rank gradients: the momentum arena updated
+        in place and one :func:`batched_newton_schulz`; the lr factor of the stack's (same-shape) weights."""
+        if grads.dim() != 3 or comm.current() is not None:
+            return None
+        lr = float(group["lr"])
+        mu = group["momentum"]
+        buf = moments["momentum_buffer"]
+        buf.mul_(mu).add_(grads)
+        update = grads.add(buf, alpha=mu) if group["nesterov"] else buf
+        ortho = batched_newton_schulz(update, group["ns_steps"], group["ns_eps"], dtype=NS_DTYPES[group["ns_dtype"]])
+        shape = tuple(params[0].shape) if params[0].dim() == 2 else tuple(grads.shape[1:])
+        return Direction(ortho, None, lr * lr_factor(group["muon_lr_adjust"], shape), lr)
 
-__all__ = ["LR_ADJUST", "NS_COEFFICIENTS", "NS_DTYPES", "MuonRule", "lr_factor", "newton_schulz", "whole_shape"]
+
+__all__ = ["LR_ADJUST", "NS_COEFFICIENTS", "NS_DTYPES", "MuonRule", "batched_newton_schulz", "lr_factor",
+           "newton_schulz", "whole_shape"]

@@ -1,0 +1,69 @@
+"""The complement at a few entries without forming it (lowrank_optim.projectors.entries): equal to the formed
+complement's entries, its rounding floor included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowrank_optim.projectors import entries, make_projector
+from lowrank_optim.projectors.entries import closed_form, residual_entries
+
+SETTINGS = settings(max_examples=30, deadline=None)
+
+
+def _setup(m: int, n: int, r: int, side: str, name: str, seed: int, **opts: object):
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.randn(m, n, generator=gen)
+    proj = make_projector(name, r, side=side, **opts)
+    state = proj.init(grad, seed=seed)
+    g = torch.randn(m, n, generator=gen)  # a later gradient in the same subspace's period
+    return proj, state, g, proj.project(g, state)
+
+
+@SETTINGS
+@given(m=st.integers(2, 40), n=st.integers(2, 40), r=st.integers(1, 8), side=st.sampled_from(["left", "right", "std"]),
+       name=st.sampled_from(["svd", "rsvd"]), seed=st.integers(0, 2**16), data=st.data())
+def test_entries_equal_the_formed_complement(m: int, n: int, r: int, side: str, name: str, seed: int, data) -> None:
+    proj, state, g, low = _setup(m, n, r, side, name, seed)
+    k = data.draw(st.integers(1, m * n))
+    idx = torch.randperm(m * n, generator=torch.Generator().manual_seed(seed))[:k].sort().values.to(torch.int32)
+    assert closed_form(proj, state, g) is not None  # orthonormal fp32 bases take the closed form
+    want = proj.residual(g, low, state).view(-1)[idx.long()]
+    got = residual_entries(proj, g, low, state, idx)
+    assert got.shape == (k,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5 * float(g.norm()), rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_rank_deficient_gradient_gives_zero_entries(side: str) -> None:
+    """A gradient of rank <= r has no complement: the formed one is rounding noise and zeroed by the floor; the
+    closed form zeroes it too (``||G||^2 - ||R||^2`` within cancellation of 0)."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(30, 3, generator=gen) @ torch.randn(3, 20, generator=gen)
+    proj = make_projector("svd", 4, side=side)
+    state = proj.init(g)
+    low = proj.project(g, state)
+    idx = torch.arange(0, 600, 7)
+    assert torch.count_nonzero(proj.residual(g, low, state)) == 0
+    assert torch.count_nonzero(residual_entries(proj, g, low, state, idx)) == 0
+
+
+def test_chunks_give_the_same_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    proj, state, g, low = _setup(50, 40, 6, "right", "svd", 3)
+    idx = torch.arange(0, 2000, 3)
+    whole = residual_entries(proj, g, low, state, idx)
+    monkeypatch.setattr(entries, "CHUNK_ELEMENTS", 40)  # 3 entries per chunk
+    torch.testing.assert_close(residual_entries(proj, g, low, state, idx), whole, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("opts", [{"basis_dtype": "int8"}, {"basis_dtype": "bf16"}])
+def test_other_bases_form_the_complement(opts: dict) -> None:
+    """A quantized basis is not orthonormal: the complement is formed and read, exactly the formed entries."""
+    proj, state, g, low = _setup(24, 36, 5, "left", "svd", 1, **opts)
+    assert closed_form(proj, state, g) is None
+    idx = torch.arange(0, 24 * 36, 5)
+    want = proj.residual(g, low, state).view(-1)[idx]
+    assert torch.equal(residual_entries(proj, g, low, state, idx), want)
