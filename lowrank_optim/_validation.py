@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable
 from typing import Any
@@ -27,9 +28,12 @@ def check_number(name: str, value: Any, *, low: float | None = None, high: float
     real tensors (as ``torch.optim`` does for ``lr``); the returned value is a ``float`` either way, so groups that
     store it stay plain (``torch.load(weights_only=True)``).
 
+    Infinite values are refused too: no hyper-parameter of this package means anything at infinity (``lr``,
+    ``scale`` or ``weight_decay`` of ``inf`` made every weight non-finite on the first step).
+
     Raises:
         TypeError: ``value`` is not a real number (bools, NumPy bools and bool tensors are rejected).
-        ValueError: ``value`` is NaN or outside the range.
+        ValueError: ``value`` is NaN, infinite or outside the range.
     """
     value = _scalar(name, value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -37,6 +41,8 @@ def check_number(name: str, value: Any, *, low: float | None = None, high: float
     v = float(value)
     if v != v:
         raise ValueError(f"Invalid {name}: {value!r} (NaN)")
+    if v in (math.inf, -math.inf):
+        raise ValueError(f"Invalid {name}: {value!r} (must be finite)")
     if low is not None and (v < low or (low_open and v == low)):
         raise ValueError(f"Invalid {name}: {value!r} (must be {'>' if low_open else '>='} {low})")
     if high is not None and (v > high or (high_open and v == high)):

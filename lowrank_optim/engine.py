@@ -132,13 +132,29 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 check_choice(key, name, sorted(table))
         unknown = sorted(set(kwargs) - set(defaults))
         if unknown:
-            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {unknown}")
+            owners = sorted(n for n, rule in {**INNER_RULES, **RESIDUAL_RULES}.items()
+                            if set(unknown) <= set(rule.defaults))
+            hint = ""
+            if owners and type(self) is not LowRankOptimizer:
+                # a preset passes its own rule's settings (GaLoreAdamW: Adam's betas and eps), which the rules chosen
+                # instead do not read
+                hint = (f": they are settings of {owners} (this preset passes its own), which inner={inner!r}, "
+                        f"plain_inner={kwargs.get('plain_inner', defaults['plain_inner'])!r} and "
+                        f"residual={residual!r} do not read; keep the preset's rule for the plain parameters with "
+                        f"plain_inner={owners[0]!r}, or build LowRankOptimizer(inner={inner!r}, ...)")
+            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {unknown}{hint}")
         defaults.update(kwargs)
         self._parts_cache: dict[tuple, Parts] = {}
         self._stacks = StackCache()  # arenas and transposed bases kept between steps (lowrank_optim.stacks)
         self._planner = Planner([], module)
         super().__init__(params, defaults)
         self._planner.param_groups = self.param_groups
+        if (any(g["target_modules"] is not None for g in self.param_groups)
+                and all(g["rank"] is None for g in self.param_groups)):
+            raise ValueError(f"Invalid target_modules: {self.param_groups[0]['target_modules']!r} without rank: only "
+                             f"a group with rank is projected, so every weight would keep full {inner!r} state; give "
+                             "rank= (GaLore's paper: 128 at 60M, 512 at 1B) or groups from lro.param_groups(model, "
+                             "rank=...)")
 
     # -- groups ---------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -223,6 +239,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
                                      "inner='adafactor' with relative_step=True computes its own)")
         if group["rank"] is not None:
             parts = self._parts(group)  # builds the projector now: bad options fail here
+            if group["refresh_stagger"] and parts.projector.stagger_refusal is not None:
+                raise ValueError(f"Invalid refresh_stagger: True for projector {parts.projector.name!r}: "
+                                 f"{parts.projector.stagger_refusal}")
             refuse_misplaced_options(group, parts.projector, {*self.defaults, *ENGINE_DEFAULTS, *inner.defaults,
                                                               *residual.defaults, *plain_rule.defaults})
             # combinations that cannot work are refused by name
@@ -508,11 +527,39 @@ class LowRankOptimizer(torch.optim.Optimizer):
         the parameter's dtype, which would turn 8-bit codes, int indices and fp32 moments of bf16
         parameters into something else; here tensors are copied to the parameter's device unchanged.
         """
+        warn_method_changes(type(self).__name__, self.param_groups, state_dict)
         load_state(self, adopt_foreign_state(self, _checkpoint.import_state(self, state_dict)))
         self._parts_cache = {}
         self._stacks = StackCache()
         _checkpoint.requantize(self)
         self._planner.reset()
+
+
+#: Group keys that define the method: a state dict whose groups carry other values turns this optimizer into
+#: another method on load (torch semantics: the saved hyper-parameters win), which :func:`warn_method_changes` says.
+METHOD_KEYS = ("inner", "plain_inner", "residual", "transfer", "projector", "rank", "state_dtype", "projector_options")
+
+
+def warn_method_changes(name: str, groups: list[dict[str, Any]], state_dict: Any) -> None:
+    """Warns (:class:`lowrank_optim.groups.MethodDefaultWarning`) for each :data:`METHOD_KEYS` value a state dict's
+    groups would replace in ``groups`` on load (``GaLoreAdamW`` loading a GUM checkpoint runs GUM afterwards; an
+    8-bit optimizer loading an fp32 checkpoint stores fp32). The load goes on, as ``torch.optim`` loads the saved
+    hyper-parameters; build the optimizer as it was saved to silence it."""
+    import warnings
+
+    from .groups import MethodDefaultWarning
+
+    saved = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    if not isinstance(saved, list) or len(saved) != len(groups):
+        return
+    changes = [f"group {i} {k}={old[k]!r} -> {new[k]!r}" for i, (old, new) in enumerate(zip(groups, saved, strict=True))
+               if isinstance(new, dict) for k in METHOD_KEYS if k in new and k in old and not _same(old[k], new[k])
+               and not (k == "projector_options" and (old[k] or None) == (new[k] or None))]
+    if changes:
+        warnings.warn(f"{name}.load_state_dict: the state dict's groups replace this optimizer's method keys ("
+                      f"{'; '.join(changes)}); the loaded optimizer runs the saved method (torch semantics: saved "
+                      "hyper-parameters win). Build the optimizer with the saved settings to silence this.",
+                      MethodDefaultWarning, stacklevel=3)
 
 
 #: Group keys a snapshot leaves out: the parameters, and the lr a scheduler changes every step (checked alone).

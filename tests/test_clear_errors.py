@@ -347,3 +347,87 @@ def test_projector_option_as_a_group_key_is_refused(cls: type, key: str, value: 
     if cls is lro.GaLoreAdamW:
         opt = cls([{"params": [w], "rank": 2, "projector_options": {key: value}}])
         assert getattr(opt._parts(opt.param_groups[0])[0], key) == value
+
+
+@pytest.mark.parametrize(("cls", "projector"), [(lro.GUM, "gum"), (lro.FRUGAL, "blocks")])
+def test_refresh_stagger_refused_for_group_wide_draws(cls: type, projector: str) -> None:
+    """GUM's full-rank draw and FRUGAL's active blocks are chosen for the whole group at once: staggered phases
+    would overlap two periods' choices (3 full-rank matrices with gamma = 1; twice FRUGAL's state), so the
+    combination is refused by name, at construction and when set on a group later."""
+    ws = [torch.nn.Parameter(torch.randn(12, 8)) for _ in range(4)]
+    with pytest.raises(ValueError, match=rf"refresh_stagger.*{projector!r}"):
+        cls([{"params": ws, "rank": 2}], refresh_stagger=True)
+    opt = cls([{"params": ws, "rank": 2}])
+    opt.param_groups[0]["refresh_stagger"] = True
+    for w in ws:
+        w.grad = torch.randn(12, 8)
+    with pytest.raises(ValueError, match="refresh_stagger"):
+        opt.step()
+    lro.GaLoreAdamW([{"params": ws, "rank": 2}], refresh_stagger=True)  # a per-matrix refresh staggers
+
+
+@pytest.mark.parametrize("key", ["lr", "scale", "weight_decay", "eps"])
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), np.float32("inf")])
+def test_infinite_hyperparameters_refused(key: str, value: float) -> None:
+    """NaN was refused by name and infinity accepted: ``lr``, ``scale`` or ``weight_decay`` of inf made every weight
+    non-finite on the first step. Refused at construction, naming the key."""
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(ValueError, match=rf"Invalid {key}: .*(finite|>)"):
+        lro.GaLoreAdamW([{"params": [w], "rank": 2}], **{key: value})
+    with pytest.raises(ValueError, match="finite"):
+        check_number(key, value)
+
+
+def test_target_modules_without_rank_refused() -> None:
+    """``target_modules`` names the weights to project, but only a group with ``rank`` is projected: without any
+    rank every weight kept full Adam state without a word (the registry route defaults to rank 128)."""
+    model = torch.nn.Sequential()
+    model.add_module("attn", torch.nn.Linear(8, 6))
+    with pytest.raises(ValueError, match="target_modules.*without rank"):
+        lro.GaLoreAdamW(model.parameters(), target_modules=["attn"], module=model)
+    opt = lro.GaLoreAdamW(model.parameters(), target_modules=["attn"], module=model, rank=2)
+    assert opt.param_groups[0]["rank"] == 2
+
+
+def test_preset_rule_settings_with_another_inner_rule_explained() -> None:
+    """GaLoreAdamW passes Adam's betas and eps: with ``inner="muon"`` nothing reads them, and the error says so and
+    how to keep Adam for the plain parameters (which then works)."""
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(TypeError, match=r"\['betas', 'eps'\].*plain_inner='adam'"):
+        lro.GaLoreAdamW([{"params": [w], "rank": 2}], inner="muon")
+    lro.GaLoreAdamW([{"params": [w], "rank": 2}], inner="muon", plain_inner="adam")
+
+
+@pytest.mark.parametrize(("cls", "projector", "kwargs", "name"), [
+    (lro.GUM, "svd", {"full_rank_layers": 2}, "full_rank_layers"), (lro.GUM, "svd", {"weighting": "after"}, "weighting"),
+    (lro.GaLorePlus, "svd", {"oversample": 4}, "oversample"), (lro.GaLorePlus, "rsvd", {"num_heads": 2}, "num_heads"),
+    (lro.OnlineSubspaceDescent, "rsvd", {"p_lr": 0.1}, "p_lr")])
+def test_preset_options_for_another_projector_refused(cls: type, projector: str, kwargs: dict, name: str) -> None:
+    """A preset's options of its own projector were dropped silently (GUM's branch options with projector="svd")
+    or crashed inside the other projector (GaLore+'s oversample into "svd"); now: at their defaults they are not
+    passed, set they are refused by name, as APOLLO's, COAP's and DCT-AdamW's are."""
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    cls([{"params": [w], "rank": 2}], projector=projector)
+    with pytest.raises(ValueError, match=rf"Invalid {name}: .* applies to projector="):
+        cls([{"params": [w], "rank": 2}], projector=projector, **kwargs)
+
+
+def test_loading_another_methods_state_dict_warns() -> None:
+    """torch semantics: a state dict's hyper-parameters win on load. A GaLoreAdamW loading a GUM checkpoint then
+    ran GUM (an 8-bit optimizer loading an fp32 one stored fp32) without a word; now a MethodDefaultWarning names
+    each method key that changes. Loading the optimizer's own kind of checkpoint says nothing."""
+    import warnings
+
+    from lowrank_optim.groups import MethodDefaultWarning
+
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    src = lro.GUM([{"params": [w], "rank": 2}])
+    w.grad = torch.randn(8, 6)
+    src.step()
+    dst = lro.GaLoreAdamW([{"params": [w], "rank": 2}], state_dtype="8bit")
+    with pytest.warns(MethodDefaultWarning, match=r"inner='adam' -> 'muon'.*state_dtype='8bit' -> 'fp32'"):
+        dst.load_state_dict(src.state_dict())
+    same = lro.GUM([{"params": [w], "rank": 2}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MethodDefaultWarning)
+        same.load_state_dict(src.state_dict())

@@ -17,6 +17,7 @@ from .._validation import check_int
 from ..engine import LowRankOptimizer, ParamsT
 from ..groups import param_groups, select_lowrank_modules
 from ..registry import register_optimizer
+from .projector_options import preset_projector_options
 
 #: Name fragments of the attention projections whose output rows are head blocks.
 QUERY_MODULES = ("q_proj", "query")
@@ -116,9 +117,18 @@ class GaLorePlus(LowRankOptimizer):
                  residual_density: float = 0.01, residual_warmup: int = 10, oversample: int = 8,
                  power_iters: int = 1, proj_side: str = "std", state_dtype: str = "fp32",
                  projector_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        options = {"oversample": oversample, "power_iters": power_iters, **(projector_options or {})}
-        if num_heads is not None:
-            options.setdefault("num_heads", num_heads)
+        # the randomized SVD's options reach "rsvd_heads" and "rsvd", num_heads only "rsvd_heads"; with another
+        # projector they are refused when set (preset_projector_options)
+        projector = kwargs.get("projector", "rsvd_heads")
+        sketch = {"oversample": ("oversample", oversample, 8), "power_iters": ("power_iters", power_iters, 1)}
+        heads = {"num_heads": ("num_heads", num_heads, None)}
+        if projector == "rsvd":
+            preset_projector_options(projector, "rsvd_heads", heads, None)
+            options = preset_projector_options(projector, "rsvd", sketch, projector_options)
+        else:
+            options = preset_projector_options(projector, "rsvd_heads", {**sketch, **heads}, projector_options)
+            if options.get("num_heads", 0) is None:
+                del options["num_heads"]  # the group's projector_options decide (galore_plus_groups)
         super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                          update_proj_gap=update_proj_gap, scale=scale, residual_density=residual_density,
                          residual_warmup=residual_warmup, proj_side=proj_side, state_dtype=state_dtype,

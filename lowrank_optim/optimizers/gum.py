@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 from ..engine import LowRankOptimizer, ParamsT
 from ..registry import register_optimizer
+from .projector_options import preset_projector_options
 
 
 @register_optimizer("gum")
@@ -60,11 +61,14 @@ class GUM(LowRankOptimizer):
                  ns_steps: int = 5, ns_dtype: str = "fp32", muon_lr_adjust: str = "match_rms_adamw",
                  state_dtype: str = "fp32",
                  **kwargs: Any) -> None:
-        if full_rank_prob is None and full_rank_layers is None:
-            full_rank_layers = 2
-        options = {"full_rank_prob": full_rank_prob, "full_rank_layers": full_rank_layers, "weighting": weighting}
-        if kwargs.get("projector", "gum") == "gum":
-            kwargs["projector_options"] = {**options, **(kwargs.get("projector_options") or {})}
+        if full_rank_prob is None and full_rank_layers is None and kwargs.get("projector", "gum") == "gum":
+            full_rank_layers = 2  # the paper's fine-tuning setting
+        # GUM's branch options apply to the "gum" projector only; with another they are refused when set
+        own = {"full_rank_prob": ("full_rank_prob", full_rank_prob, None),
+               "full_rank_layers": ("full_rank_layers", full_rank_layers, None),
+               "weighting": ("weighting", weighting, "paper")}
+        kwargs["projector_options"] = preset_projector_options(kwargs.get("projector", "gum"), "gum", own,
+                                                               kwargs.get("projector_options")) or None
         super().__init__(params, lr, momentum=momentum, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                          update_proj_gap=update_proj_gap, nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype,
                          muon_lr_adjust=muon_lr_adjust, state_dtype=state_dtype, **kwargs)

@@ -9,6 +9,7 @@ from .._validation import check_choice, check_number
 from ..engine import LowRankOptimizer, ParamsT
 from ..projectors.online_pca import P_LR_RULES, P_OPTIMIZERS
 from ..registry import register_optimizer
+from .projector_options import preset_projector_options
 
 
 @register_optimizer("online_subspace_descent")
@@ -62,12 +63,16 @@ class OnlineSubspaceDescent(LowRankOptimizer):
                  proj_side: str = "std", state_dtype: str = "fp32", projector_options: dict[str, Any] | None = None,
                  **kwargs: Any) -> None:
         # checked under the names the user wrote before they become the projector's options
-        options = {"optimizer": check_choice("p_optimizer", p_optimizer, P_OPTIMIZERS),
-                   "lr_rule": check_choice("p_lr_rule", p_lr_rule, P_LR_RULES),
-                   "lr_ratio": check_number("p_lr_ratio", p_lr_ratio, low=0.0),
-                   "lr": check_number("p_lr", p_lr, low=0.0),
-                   "weight_decay": check_number("p_weight_decay", p_weight_decay, low=0.0),
-                   "orthonormalize": orthonormalize, **(projector_options or {})}
+        # the basis optimizer's options reach the "online_pca" projector only; with another they are refused when
+        # set (preset_projector_options)
+        own = {"optimizer": ("p_optimizer", check_choice("p_optimizer", p_optimizer, P_OPTIMIZERS), "adam"),
+               "lr_rule": ("p_lr_rule", check_choice("p_lr_rule", p_lr_rule, P_LR_RULES), "reference"),
+               "lr_ratio": ("p_lr_ratio", check_number("p_lr_ratio", p_lr_ratio, low=0.0), 5.0),
+               "lr": ("p_lr", check_number("p_lr", p_lr, low=0.0), 0.005),
+               "weight_decay": ("p_weight_decay", check_number("p_weight_decay", p_weight_decay, low=0.0), 0.0),
+               "orthonormalize": ("orthonormalize", orthonormalize, False)}
+        options = preset_projector_options(kwargs.get("projector", "online_pca"), "online_pca", own,
+                                           projector_options)
         super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                          update_proj_gap=update_proj_gap, scale=scale, proj_side=proj_side, state_dtype=state_dtype,
                          projector_options=options, **kwargs)

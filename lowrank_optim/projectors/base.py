@@ -192,6 +192,9 @@ class Projector:
     #: ``None`` when :meth:`configure` accepts ``lazy_refresh``; otherwise why not, for the error message (a
     #: refresh that is a draw rather than a recomputation from the gradient, or that other matrices depend on).
     lazy_refusal: ClassVar[str | None] = None
+    #: ``None`` when the group key ``refresh_stagger`` works with this projector; otherwise why not (a refresh that
+    #: draws across the group's matrices at once, which per-matrix phases would split over two periods).
+    stagger_refusal: ClassVar[str | None] = None
 
     def __init__(self, rank: int, side: str = "std") -> None:
         self.rank = check_int("rank", rank, low=1)

@@ -59,6 +59,9 @@ class BlockProjector(Projector):
     basis_dtypes = ("fp32",)
     lazy_refusal = ("which tensors are active follows a schedule across the group's tensors every period; a "
                     "tensor that skipped a switch would break the active fraction (density)")
+    stagger_refusal = ("which tensors are active is chosen for the whole group at each switch; with staggered "
+                       "phases each tensor would switch at its own step, so tensors of two periods' choices would be "
+                       "active together (measured: 3 of 4 at density 0.25, twice the state)")
     wants_layout = True
     orthonormal = True  # the subspace is all of the tensor or nothing: its complement is exact
     exact_complement = True

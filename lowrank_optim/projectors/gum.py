@@ -65,6 +65,9 @@ class GUMProjector(Projector):
     lazy_refusal = ("every period redraws which matrices take the full-rank branch (exactly gamma of them, or each "
                     "with probability q); a matrix that skipped the draw would break it and the 1/q, 1/(1-q) "
                     "weights that make GUM's estimate unbiased")
+    stagger_refusal = ("the full-rank branch is drawn for the whole group each period (exactly gamma matrices, or "
+                       "each with probability q); with staggered phases each matrix would switch at its own step and "
+                       "two periods' draws would overlap (measured: up to 3 full-rank matrices with gamma = 1)")
     wants_layout = True
     orthonormal = True
     dominant = True
