@@ -154,14 +154,8 @@ class MuonRule(InnerRule):
         if grad.dim() != 2:
             raise ValueError(f"Invalid inner: 'muon' needs 2-D tensors, got shape {tuple(grad.shape)}; give "
                              "embeddings, norms and biases another rule with plain_inner='adam'")
-        lr = float(group["lr"])
-        mu = group["momentum"]
-        buf = moments["momentum_buffer"]
-        buf.mul_(mu).add_(grad)
-        update = grad.add(buf, alpha=mu) if group["nesterov"] else buf
-        ortho = newton_schulz(update, group["ns_steps"], group["ns_eps"], dtype=NS_DTYPES[group["ns_dtype"]])
         shape = whole_shape(param) if param.dim() == 2 else tuple(grad.shape)
-        return Direction(ortho, None, lr * lr_factor(group["muon_lr_adjust"], shape), lr)
+        return self._step(grad, moments["momentum_buffer"], group, shape)
 
     def stack_direction(self, grads: torch.Tensor, moments: dict[str, torch.Tensor], step: int, group: Group,
                         params: list[torch.Tensor]) -> Direction | None:
@@ -169,13 +163,18 @@ class MuonRule(InnerRule):
         in place and one :func:`batched_newton_schulz`; the lr factor of the stack's (same-shape) weights."""
         if grads.dim() != 3 or comm.current() is not None:
             return None
-        lr = float(group["lr"])
-        mu = group["momentum"]
-        buf = moments["momentum_buffer"]
-        buf.mul_(mu).add_(grads)
-        update = grads.add(buf, alpha=mu) if group["nesterov"] else buf
-        ortho = batched_newton_schulz(update, group["ns_steps"], group["ns_eps"], dtype=NS_DTYPES[group["ns_dtype"]])
         shape = tuple(params[0].shape) if params[0].dim() == 2 else tuple(grads.shape[1:])
+        return self._step(grads, moments["momentum_buffer"], group, shape)
+
+    @staticmethod
+    def _step(grad: torch.Tensor, buf: torch.Tensor, group: Group, shape: tuple[int, ...]) -> Direction:
+        """The momentum update of ``buf`` in place and the orthogonalised step of a matrix ``(m, n)`` or a stack
+        ``(B, m, n)`` (batched Newton-Schulz), with Muon's lr factor of the weights' ``shape``."""
+        lr, mu = float(group["lr"]), group["momentum"]
+        buf.mul_(mu).add_(grad)
+        update = grad.add(buf, alpha=mu) if group["nesterov"] else buf
+        ns = batched_newton_schulz if grad.dim() == 3 else newton_schulz
+        ortho = ns(update, group["ns_steps"], group["ns_eps"], dtype=NS_DTYPES[group["ns_dtype"]])
         return Direction(ortho, None, lr * lr_factor(group["muon_lr_adjust"], shape), lr)
 
 
