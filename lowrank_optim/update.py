@@ -150,8 +150,11 @@ def apply_step(state: dict, group: Group, p: torch.Tensor, grad: torch.Tensor, p
         # (APOLLO) returns the whole update itself
         if low_update.numel() and not getattr(residual, "replaces_lift", False):
             proj.add_back(target, low_update, pst, -d.coef * group["scale"])
-        # a residual rule with ``wants_coef`` also gets the inner step's coefficient and lr (Fira)
+        # a residual rule with ``wants_coef`` also gets the inner step's coefficient and lr (Fira); one with
+        # ``wants_target`` the fp32 weight, to apply a sparse step in place (GaLore+'s residual)
         ctx = {"coef": d.coef, "lr": d.lr} if getattr(residual, "wants_coef", False) else {}
+        if getattr(residual, "wants_target", False):
+            ctx["target"] = target
         extra = residual.step(grad, low, low_update, proj, pst, state, group, **ctx)
         if extra is not None:
             target.sub_(extra)

@@ -132,6 +132,9 @@ class ResidualRule:
     #: Whether the rule works on the complement ``G - project_back(project(G))`` (every residual rule but
     #: ``drop``): with a basis that is not orthonormal that difference is not a complement but noise.
     takes_complement: ClassVar[bool] = True
+    #: Whether :meth:`step` takes ``target=``, the fp32 weight, to apply its step in place and return ``None`` (a
+    #: sparse step: GaLore+'s residual touches 1% of the entries, a full-size tensor to subtract would be waste).
+    wants_target: ClassVar[bool] = False
 
     def check_projector(self, projector: Projector, group: Group) -> None:
         """Raises ``ValueError`` (naming ``projector`` and ``residual``) for a projector this rule cannot use:
@@ -154,7 +157,8 @@ class ResidualRule:
 
     def step(self, grad: torch.Tensor, low_grad: torch.Tensor, low_update: torch.Tensor, projector: Projector,
              proj_state: ProjState, state: dict, group: Group) -> torch.Tensor | None:
-        """The full-shape tensor to subtract from the parameter, or ``None``."""
+        """The full-shape tensor to subtract from the parameter, or ``None`` (nothing, or applied to ``target``
+        itself by a rule with :attr:`wants_target`)."""
         raise NotImplementedError
 
     def export_state(self, state: dict, group: Group, shape: tuple[int, ...]) -> dict:
