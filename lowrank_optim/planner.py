@@ -262,7 +262,8 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
             or DDP (every rank holds everything). Not counted: FSDP2's all-gathered unit of weights.
         basis_dtype: how projector bases are stored, ``fp32`` (default), ``bf16``, ``int8`` or ``int4``
             (:mod:`lowrank_optim.projectors.quantized_basis`); given to the optimizer as
-            ``projector_options={"basis_dtype": ...}``.
+            ``projector_options={"basis_dtype": ...}``. Under ``shards`` a quantized basis is divided like an fp32
+            one (its codes and scales are chunked, :mod:`lowrank_optim.distributed.bases`).
         **optimizer_kwargs: further optimizer keyword arguments.
 
     Raises:
@@ -351,8 +352,6 @@ def _runs_sharded(optimizer: str, rank: int | None, kwargs: Mapping[str, Any]) -
     if rank is None:
         return True
     opts = {**ENGINE_DEFAULTS, **OPTIMIZERS[optimizer].preset_defaults, **kwargs}
-    if (opts.get("projector_options") or {}).get("basis_dtype", "fp32") != "fp32":
-        return False  # a quantized basis runs replicated (its codes are blocked along the basis rows)
     return fsdp.sharded_parts(opts["projector"], opts["inner"], opts["residual"], opts["transfer"])
 
 

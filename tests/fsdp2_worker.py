@@ -64,10 +64,14 @@ def build(name: str, model: nn.Module, store: str, **extra: Any) -> torch.optim.
 
     stagger = name.endswith("+stagger")  # "+stagger": refresh_stagger=True (each matrix at its own phase)
     name = name.removesuffix("+stagger")
+    reverse = "+reverse" in name  # "+reverse": proj_side="reverse_std", bases of 520 rows (3 int8 blocks of 256)
+    name = name.replace("+reverse", "")
     name, _, basis = name.partition("+basis_")  # "+basis_<dtype>": the projector keeps its basis in <dtype>
     kwargs = {**CASES.get(name.removesuffix("+relative"), {}), **extra}
     if stagger:
         kwargs["refresh_stagger"] = True
+    if reverse:
+        kwargs["proj_side"] = "reverse_std"
     if basis:
         kwargs["projector_options"] = {"basis_dtype": basis}
     if name.endswith("+relative"):  # Adafactor's relative step scaled by RMS(W): sums over the whole weight
@@ -165,9 +169,29 @@ def parity(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: st
         model = sharded_model(world)
         opt = build(name, model, store)
         before = _calls()
-        train(model, opt, range(STEPS), rank, world, source)
+        train(model, opt, range(1), rank, world, source)
+        first = whole_bases(model, opt) if "+basis_" in name else None  # the first refresh's codes, gathered
+        train(model, opt, range(1, STEPS), rank, world, source)
         out[f"{name}/{store}/{source}"] = {"params": whole(model), "bytes": opt.state_bytes(),
-                                           "global_bytes": opt.global_state_bytes(), "calls": _sum_calls(before)}
+                                           "global_bytes": opt.global_state_bytes(), "calls": _sum_calls(before),
+                                           "bases": first}
+    return out
+
+
+def whole_bases(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """Each projected matrix's projector-state tensors (stored basis, scales), whole: gathered from the ranks'
+    chunks of a sharded parameter (collective), as they are in one process."""
+    from lowrank_optim.distributed import bases
+    from lowrank_optim.distributed.shards import layout
+
+    out = {}
+    for n, p in model.named_parameters():
+        pst = opt.state.get(p, {}).get("projector")
+        if not isinstance(pst, dict) or "basis" not in pst:
+            continue
+        if hasattr(p, "full_tensor"):
+            pst = bases.gather(pst, int(p.shape[0] if int(pst["side"]) == 0 else p.shape[1]), layout(p))
+        out[n] = {k: v.clone() for k, v in pst.items() if isinstance(v, torch.Tensor)}
     return out
 
 

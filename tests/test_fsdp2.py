@@ -9,14 +9,17 @@ in time; the single-process references run here. What is checked:
   block of a rank's own chunk) within the difference that store makes in one process;
 * uneven shards and a rank holding no rows (3 and 4 ranks);
 * state bytes per rank divide by the world size; refreshes are computed once per job;
+* quantized projector bases (bf16, int8, int4) run sharded: each stored tensor (codes, scales, int4 bytes) as chunks
+  of its own first axis, the first refresh's codes bit-identical to one process's, rank 0's bytes a closed form;
 * a first gradient of zeros (the subspace is chosen at the first nonzero one, as in one process);
-* DCP: same-size resume bit-exact (every store, 8-bit included; FRUGAL, GUM, APOLLO), 2 -> 4 and 2 -> 1 within
-  1e-6 (bf16: 1e-4, 8-bit requantized: 1e-2), a gathered full optimizer state dict loads into a single-process
-  optimizer and continues like the uninterrupted run.
+* DCP: same-size resume bit-exact (every store, 8-bit included; FRUGAL, GUM, APOLLO; quantized bases), 2 -> 4 and
+  2 -> 1 within 1e-6 (bf16: 1e-4, 8-bit requantized: 1e-2), a gathered full optimizer state dict loads into a
+  single-process optimizer and continues like the uninterrupted run.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -81,10 +84,10 @@ def check_parity(result: dict[str, Any], world: int) -> list[str]:
         name, store, source = key.split("/")
         ref = reference(name, store, source)
         rel, pname = worst(got["params"], ref)
+        # quantized bases (sharded): the codes are one process's bit for bit on the same gradient
+        # (test_quantized_bases_sharded); a later refresh sees a W that differs in the last bits (sums in another
+        # order), which can flip a code at a rounding boundary: 2 of 4160 int8 codes at step 20, measured 4.6e-6
         bound = 1e-5
-        if "+basis_int8" in name:  # replicated mode, exact but for the one-process batched step's last bits, which
-            # an int8 basis (codes rounded from the refreshed basis) turns into code flips: measured 9e-5
-            bound = 1e-3
         if store == "bf16":  # stochastic rounding keyed by the element's index in the whole moment: k ranks round
             # as one process does, up to flips by the last-bit differences of the reductions (measured <= 3.3e-5,
             # where bf16 itself moves the run 4.3e-3)
@@ -101,18 +104,26 @@ def _cases(names: tuple[str, ...] | list[str], stores: tuple[str, ...], source: 
     return [(n, s, source) for n in names for s in stores]
 
 
-PARITY_2 = (_cases([*lro.available_optimizers(), "galore_adafactor+relative", "galore_adamw+basis_bf16",
-                    "galore_adamw+basis_int8", "galore_adamw+stagger", "fira+stagger"], ("fp32",), "synthetic")
+#: Quantized projector bases, sharded: ``+reverse`` projects the larger side (bases of 520 rows: three int8 blocks of
+#: 256 rows, the first straddling the 2-rank split; int4 bytes of two rows), the plain names the smaller one (24 and 2
+#: rows, one block: its scales on rank 0 only).
+QUANTIZED = ("galore_adamw+basis_bf16", "galore_adamw+basis_int8", "galore_adamw+reverse+basis_int8",
+             "galore_adamw+reverse+basis_int4", "fira+basis_int8", "gum+basis_int8", "coap+basis_int8")
+PARITY_2 = (_cases([*lro.available_optimizers(), "galore_adafactor+relative", *QUANTIZED, "galore_adamw+stagger",
+                    "fira+stagger"], ("fp32",), "synthetic")
             + _cases(CORE, ("bf16", "8bit"), "synthetic")
             + _cases(CONTINUOUS, ("fp32",), "model")
             + _cases(("galore_adamw", "fira"), ("fp32",), "zerofirst"))
 #: Sharded presets in every store; presets whose state changes shape (FRUGAL's blocks, GUM's full-rank draw) or
-#: gains a key after the first step (APOLLO's limiter norm).
+#: gains a key after the first step (APOLLO's limiter norm); quantized bases (int8 blocks straddling the ranks' chunks,
+#: int4 bytes; GUM's int8 basis through its whole-state form).
 CHECKPOINT = (_cases(CORE, ("fp32",), "synthetic") + _cases(("galore_adamw",), ("bf16", "8bit"), "synthetic")
               + _cases(("frugal",), ("fp32", "8bit"), "synthetic")
               + [("gum", "bf16", "synthetic"), ("apollo", "fp32", "synthetic"),
                  ("online_subspace_descent", "fp32", "synthetic"), ("dct_adamw", "8bit", "synthetic"),
-                 ("coap", "fp32", "synthetic")])
+                 ("coap", "fp32", "synthetic")]
+              + _cases(("galore_adamw+reverse+basis_int8", "galore_adamw+reverse+basis_int4", "gum+basis_int8"),
+                       ("fp32",), "synthetic"))
 
 
 #: Every preset checkpointed late (after every warm-up, draw and the second refresh); GaLore+, whose state swaps
@@ -167,14 +178,86 @@ def test_state_bytes_divide(two_ranks: tuple[dict[str, Any], Path]) -> None:
         assert got["bytes"] <= 0.52 * single, (name, got, single)
 
 
+def _galore_bytes(name: str, world: int, rank: int = 0) -> int:
+    """Closed form of the state bytes rank ``rank`` of ``world`` holds for a ``galore_adamw+[reverse+]basis_<dtype>``
+    case (fp32 store) of ``worker.Net``: every tensor is this rank's chunk (torch's chunk rule) of its own first
+    axis (moments ``(m, r)`` / ``(r, n)`` by the split axis of the low-rank gradient; int8 codes ``(d, r)``, int4
+    bytes ``(ceil(d / 2), r)``, scales ``(ceil(d / 256), r)``; plain Adam moments ``(rows, ...)``)."""
+    from lowrank_optim.distributed.shards import chunk
+    from lowrank_optim.projectors.base import LEFT, choose_side
+
+    form = name.rpartition("+basis_")[2]
+    rule = "reverse_std" if "+reverse" in name else "std"
+    total = 0
+    for pname, p in worker.make_model().named_parameters():
+        shape = tuple(int(s) for s in p.shape)
+        if p.dim() != 2 or not any(t in pname.split(".")[0] for t in ("attn", "mlp")):
+            total += 2 * 4 * chunk(shape[0], world, rank)[1] * math.prod(shape[1:])  # Adam's two moments
+            continue
+        (m, n), r = shape, min(worker.RANK, *shape)
+        left = choose_side(shape, rule) == LEFT
+        total += 2 * 4 * r * (chunk(n, world, rank)[1] if left else chunk(m, world, rank)[1])
+        d = m if left else n
+        if form == "bf16":
+            total += 2 * r * chunk(d, world, rank)[1]
+            continue
+        codes = d if form == "int8" else -(-d // 2)
+        total += r * chunk(codes, world, rank)[1] + 4 * r * chunk(-(-d // 256), world, rank)[1]
+    return total
+
+
+def test_quantized_bases_sharded(two_ranks: tuple[dict[str, Any], Path]) -> None:
+    """Quantized projector bases (bf16, int8, int4) run in the sharded mode: every projected matrix's ``mode`` is
+    ``"sharded"``; the codes and scales of the first refresh, gathered from the ranks' chunks, are one process's bit
+    for bit (same dtypes); rank 0's state bytes are the closed form of its chunks (:func:`_galore_bytes`, which
+    gives one process's ``state_bytes()`` at one rank), at most 0.52 of one process's, and the memory planner
+    (``basis_dtype``, ``shards=2``) is within 10% of them."""
+    from lowrank_optim.distributed.fsdp import mode
+
+    result = two_ranks[0]["parity"]
+    shapes = {n: tuple(p.shape) for n, p in worker.make_model().named_parameters()}
+    for name in QUANTIZED:
+        got = result[f"{name}/fp32/synthetic"]
+        model = worker.make_model()
+        opt = worker.build(name, model, "fp32")
+        lowrank = [(g, p) for g in opt.param_groups if g.get("rank") for p in g["params"]]
+        assert len(lowrank) == N_LOWRANK and all(mode(opt, g, p) == "sharded" for g, p in lowrank), name
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the ranks run (and reference()): the SVD's sums in the same order
+        try:
+            worker.train(model, opt, range(1), source="synthetic")
+        finally:
+            torch.set_num_threads(threads)
+        one = worker.whole_bases(model, opt)
+        assert sorted(got["bases"]) == sorted(one) and len(one) == N_LOWRANK, name
+        for pname, ref in one.items():
+            assert ref["basis"].dtype != torch.float32, (name, pname)
+            for key, t in ref.items():
+                assert got["bases"][pname][key].dtype == t.dtype, (name, pname, key)
+                assert torch.equal(got["bases"][pname][key], t), (name, pname, key)
+        if not name.startswith("galore_adamw"):
+            continue
+        single = opt.state_bytes()
+        assert single == _galore_bytes(name, 1), (name, single)
+        assert got["bytes"] == _galore_bytes(name, 2), (name, got["bytes"])
+        assert got["global_bytes"] == _galore_bytes(name, 2, 0) + _galore_bytes(name, 2, 1), name
+        assert got["bytes"] <= 0.52 * single, (name, got["bytes"], single)
+        extra = {"proj_side": "reverse_std"} if "+reverse" in name else {}
+        plan = lro.plan_memory(shapes, "galore_adamw", rank=worker.RANK, state_dtype="fp32", weight_dtype="fp32",
+                               target_modules=["attn", "mlp"], shards=2, basis_dtype=name.rpartition("_")[2],
+                               **extra)
+        assert abs(plan.state_total - got["bytes"]) <= 0.1 * got["bytes"], (name, plan.state, got["bytes"])
+
+
 def _exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(a[n], b[n]) for n in b)
 
 
 def test_checkpoint_same_size_resume(two_ranks: tuple[dict[str, Any], Path]) -> None:
     """DCP save at step 15 and load into a fresh model and optimizer on 2 ranks: bit-exact for every store, 8-bit
-    included (codes saved as they are, with their block scales), and for the replicated presets whose state
-    changes shape or keys (FRUGAL, GUM, APOLLO)."""
+    included (codes saved as they are, with their block scales), for the replicated presets whose state
+    changes shape or keys (FRUGAL, GUM, APOLLO), and for quantized projector bases (int8 and int4 codes and their
+    scales, each ``Shard(0)`` of its own shape)."""
     result = two_ranks[0]["checkpoint_save"]
     assert sorted(result) == sorted("/".join(c) for c in CHECKPOINT)
     for key, got in result.items():
@@ -244,7 +327,8 @@ def _single_resume(name: str, store: str, source: str, load: Any) -> dict[str, t
 def test_checkpoint_two_ranks_to_one_process(two_ranks: tuple[dict[str, Any], Path]) -> None:
     """The 2-rank DCP checkpoint (strict load: the template's keys and shapes match the checkpoint's), and the
     gathered full state dicts, load into one plain process and continue within 1e-6 of the uninterrupted 2-rank
-    run (bf16: 1e-4, rounding keyed by the global element index; 8-bit: requantized in one process's blocks, 1e-2).
+    run (quantized bases too: codes and scales arrive as saved; measured <= 4.0e-7) (bf16: 1e-4, rounding keyed by
+    the global element index; 8-bit: requantized in one process's blocks, 1e-2).
     A sharded 8-bit checkpoint (one scale per code) goes into a plain template (one ``absmax`` per block) through
     ``lro.distributed.LoadPlanner``; torch's default planner refuses the pair by size."""
     from torch.distributed.checkpoint.api import CheckpointException
@@ -277,17 +361,19 @@ def test_checkpoint_two_ranks_to_one_process(two_ranks: tuple[dict[str, Any], Pa
 @pytest.mark.slow
 def test_four_ranks(two_ranks: tuple[dict[str, Any], Path]) -> None:
     """4 ranks (two of them hold no row of the 2-row matrix): the 2-rank checkpoint resharded to 4 continues
-    within 1e-6; parity with one process; per-rank state <= 0.30 of one process's for GaLore, Fira, Flora, APOLLO,
-    FRUGAL, DCT-AdamW, Online Subspace Descent and COAP."""
+    within 1e-6 (quantized bases too); parity with one process; per-rank state <= 0.30 of one process's for GaLore,
+    Fira, Flora, APOLLO, FRUGAL, DCT-AdamW, Online Subspace Descent, COAP and GaLore with int8 bases (the closed
+    form of rank 0's chunks, and the planner within 10%)."""
     saved, out = two_ranks
-    cases = _cases((*CORE, "apollo", "frugal", "dct_adamw", "online_subspace_descent", "coap"), ("fp32",),
-                   "synthetic")
+    cases = _cases((*CORE, "apollo", "frugal", "dct_adamw", "online_subspace_descent", "coap",
+                    "galore_adamw+reverse+basis_int8"), ("fp32",), "synthetic")
     result = launch(4, [("checkpoint_load", CHECKPOINT), ("parity", cases)], out)
     for key, got in result["checkpoint_load"].items():
-        # fp32: the issue's 1e-6. bf16's stochastic rounding is keyed by each element's index in the whole
-        # moment, so 4 ranks round as 2 do: only the last-bit differences of the reductions (sums in another
-        # order) can flip a rounding (measured 8e-6). 8-bit codes are requantized in the 4 ranks' own blocks:
-        # within what the 8-bit store itself changes in one process (DCT-AdamW: 1.9e-2; resumed 1.2e-2).
+        # fp32: the issue's 1e-6, quantized bases included (their codes and scales move as bytes: measured 4.0e-7
+        # for GUM's int8, 5.2e-8 for GaLore's int8 and int4). bf16's stochastic rounding is keyed by each element's
+        # index in the whole moment, so 4 ranks round as 2 do: only the last-bit differences of the reductions
+        # (sums in another order) can flip a rounding (measured 8e-6). 8-bit codes are requantized in the 4 ranks'
+        # own blocks: within what the 8-bit store itself changes in one process (DCT-AdamW: 1.9e-2; resumed 1.2e-2).
         name, store, source = key.split("/")
         bound = {"bf16": 1e-4}.get(store, 1e-6)
         if store == "8bit":
@@ -301,8 +387,14 @@ def test_four_ranks(two_ranks: tuple[dict[str, Any], Path]) -> None:
         got = result["parity"][f"{name}/fp32/synthetic"]
         single = saved["parity"][f"{name}/fp32/synthetic"]["global_bytes"]
         assert got["bytes"] <= 0.30 * single, (name, got["bytes"], single)
-        if name not in CORE:
-            continue
+    name = "galore_adamw+reverse+basis_int8"  # int8 bases of 520 rows: codes 130 rows per rank, scales 1 / 1 / 1 / 0
+    got = result["parity"][f"{name}/fp32/synthetic"]["bytes"]
+    assert got == _galore_bytes(name, 4) <= 0.30 * saved["parity"][f"{name}/fp32/synthetic"]["global_bytes"]
+    plan = lro.plan_memory(shapes, "galore_adamw", rank=worker.RANK, state_dtype="fp32", weight_dtype="fp32",
+                           target_modules=["attn", "mlp"], shards=4, basis_dtype="int8", proj_side="reverse_std")
+    assert abs(plan.state_total - got) <= 0.1 * got, (plan.state, got)
+    for name in CORE:
+        got = result["parity"][f"{name}/fp32/synthetic"]
         # the planner's closed form per rank agrees with rank 0's measured bytes (chunks here are nearly even)
         plan = lro.plan_memory(shapes, name, rank=worker.RANK, state_dtype="fp32", weight_dtype="fp32",
                                target_modules=["attn", "mlp"], shards=4)
@@ -311,17 +403,24 @@ def test_four_ranks(two_ranks: tuple[dict[str, Any], Path]) -> None:
 
 @pytest.mark.slow
 def test_three_ranks_uneven_shards(tmp_path: Path) -> None:
-    """3 ranks: 520, 24 and 2 rows split unevenly (the 2-row matrix leaves rank 2 empty), every preset."""
-    cases = _cases(tuple(lro.available_optimizers()), ("fp32",), "synthetic") + _cases(("galore_adamw",), ("fp32",),
-                                                                                        "model")
+    """3 ranks: 520, 24 and 2 rows split unevenly (the 2-row matrix leaves rank 2 empty), every preset; quantized
+    bases (bf16, int8 and int4 with 520-row bases: 174 / 174 / 172 rows, int4 bytes 87 / 87 / 86, int8 scales
+    1 / 1 / 1 rows) with rank 0's bytes the closed form of its chunks."""
+    quantized = ("galore_adamw+basis_bf16", "galore_adamw+reverse+basis_int8", "galore_adamw+reverse+basis_int4")
+    cases = (_cases(tuple(lro.available_optimizers()), ("fp32",), "synthetic")
+             + _cases(("galore_adamw",), ("fp32",), "model") + _cases(quantized, ("fp32",), "synthetic"))
     result = launch(3, [("parity", cases)], tmp_path)
     failures = check_parity(result["parity"], 3)
     assert not failures, "\n".join(failures)
+    for name in quantized:
+        assert result["parity"][f"{name}/fp32/synthetic"]["bytes"] == _galore_bytes(name, 3), name
 
 
 def test_planner_shards() -> None:
-    """``shards=K`` divides weights, gradients and the state of sharded presets by K; a replicated-mode preset
-    (GaLore+) divides only its plain moments; layer-wise updates are refused under FSDP2."""
+    """``shards=K`` divides weights, gradients and the state of sharded presets by K (quantized bases too); a
+    replicated-mode preset (GaLore+) divides only its plain moments; layer-wise updates are refused under FSDP2."""
+    from lowrank_optim.projectors.quantized_basis import basis_bytes
+
     one = lro.plan_memory("llama-60m", "galore_adamw", rank=128, state_dtype="8bit")
     eight = lro.plan_memory("llama-60m", "galore_adamw", rank=128, state_dtype="8bit", shards=8)
     assert eight.weights == -(-one.weights // 8) and eight.gradients == -(-one.gradients // 8)
@@ -330,6 +429,13 @@ def test_planner_shards() -> None:
         one = lro.plan_memory("llama-60m", name, rank=128, state_dtype="8bit")
         eight = lro.plan_memory("llama-60m", name, rank=128, state_dtype="8bit", shards=8)
         assert all(eight.state[k] == -(-v // 8) for k, v in one.state.items()), name
+    shapes = {"layers.0.self_attn.q_proj.weight": (640, 600), "layers.0.mlp.down_proj.weight": (600, 1000),
+              "layers.0.norm.weight": (600,)}
+    for basis in ("int8", "int4"):  # quantized bases (d = 600: three blocks): codes and scales chunked like fp32
+        one = lro.plan_memory(shapes, "galore_adamw", rank=128, state_dtype="8bit", basis_dtype=basis)
+        eight = lro.plan_memory(shapes, "galore_adamw", rank=128, state_dtype="8bit", basis_dtype=basis, shards=8)
+        assert one.state["projector bases"] == 2 * basis_bytes(600, 128, basis), basis
+        assert all(eight.state[k] == -(-v // 8) for k, v in one.state.items()), basis
     gum1 = lro.plan_memory("llama-60m", "galore_plus", rank=128, state_dtype="8bit")  # replicated mode
     gum8 = lro.plan_memory("llama-60m", "galore_plus", rank=128, state_dtype="8bit", shards=8)
     assert gum8.state["low-rank moments"] == gum1.state["low-rank moments"]

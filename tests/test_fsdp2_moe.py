@@ -289,7 +289,7 @@ def test_expert_state_dict_round_trip_one_process() -> None:
 def test_planner_divides_expert_stacks_with_every_preset() -> None:
     """``plan_memory(shards=K)``: an expert stack's state is the fullest rank's ``ceil(E / K)`` experts even for a
     preset whose 2-D weights run replicated (GaLore+), whose 2-D state stays whole; bases of experts are counted as
-    bases; a quantized basis keeps the 2-D state whole (replicated mode)."""
+    bases; a quantized basis is divided like an fp32 one (sharded mode: codes and scales chunked)."""
     experts = {"layers.0.mlp.experts.gate_up_proj": (6, 64, 32)}
     dense = {"layers.0.self_attn.q_proj.weight": (64, 48), "layers.0.norm.weight": (64,)}
     kw: dict[str, Any] = {"rank": 8, "state_dtype": "fp32", "target_modules": ["mlp", "self_attn"]}
@@ -304,4 +304,5 @@ def test_planner_divides_expert_stacks_with_every_preset() -> None:
     assert all(adam4.state[k] == -(-v // 4) for k, v in adam.state.items())
     int8 = lro.plan_memory(dense, "galore_adamw", basis_dtype="int8", **kw)
     int8_4 = lro.plan_memory(dense, "galore_adamw", basis_dtype="int8", shards=4, **kw)
-    assert int8_4.state["low-rank moments"] == int8.state["low-rank moments"]
+    assert all(int8_4.state[k] == -(-v // 4) for k, v in int8.state.items())
+    assert int8.state["projector bases"] == 48 * 8 + 4 * 8  # q_proj (64, 48): right side, int8 codes + one scale row

@@ -7,8 +7,10 @@ with the placement that says how the whole tensor is split:
 * moments shaped like the rank's part of the low-rank gradient: ``Shard(0)`` of ``(m, r)`` (right side, and
   plain parameters: ``Shard(0)`` of the parameter's shape) or ``Shard(1)`` of ``(r, n)`` (left side);
 * Adafactor's factored statistics: the one along the split axis is ``Shard(0)``, the other is replicated;
-* the basis: ``Shard(0)`` of ``(n, r)`` (right) or ``(m, r)`` (left); ints stay ints; other tensors (Fira's
-  limiter norm) are whole on every rank (replicated).
+* the basis: ``Shard(0)`` of ``(n, r)`` (right) or ``(m, r)`` (left); a quantized basis: each stored tensor
+  ``Shard(0)`` of its own shape (int8 codes ``(d, r)``, int4 bytes ``(ceil(d / 2), r)``, scales
+  ``(ceil(d / 256), r)``: :mod:`.bases`), so DCP moves the codes themselves at any world size and they are never
+  requantized; ints stay ints; other tensors (Fira's limiter norm) are whole on every rank (replicated).
 
 So DCP saves each element once, reshards on load at any world size, and ``get_optimizer_state_dict(...,
 options=StateDictOptions(full_state_dict=True))`` yields exactly a single-process state dict.
@@ -260,7 +262,8 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
     empty) export empty moments as zeros of the tensor's shape, emptied again on load. A residual rule whose state
     changes keys over a run exports one skeleton in every phase (``ResidualRule.export_state``: GaLore+'s sparse
     residual)."""
-    from .fsdp import ROW_KEYS, mode, moment_layout
+    from .bases import BASIS_KEYS, export
+    from .fsdp import mode, moment_layout
 
     pairs = _group_of(opt)
     packed = {}
@@ -285,10 +288,9 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
         st = dict(st)
         rule, low, dim = moment_layout(opt, group, p)
         pst = st.get("projector")
-        if isinstance(pst, dict) and any(k in pst for k in ROW_KEYS):
+        if isinstance(pst, dict) and any(k in pst for k in BASIS_KEYS):  # Shard(0) of each tensor's own shape
             m, n = _matrix_shape(opt, group, p)
-            r, d = int(pst["rank"]), int(m if int(pst["side"]) == LEFT else n)
-            st["projector"] = {**pst, **{k: wrap(pst[k], lay, 0, (d, r)) for k in ROW_KEYS if k in pst}}
+            st["projector"] = export(pst, int(m if int(pst["side"]) == LEFT else n), lay)
         for spec in rule.moments(low, group):
             if spec.name not in st:
                 continue

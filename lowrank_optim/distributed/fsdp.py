@@ -2,31 +2,38 @@
 
 Three modes, chosen per parameter from its kind and its group's parts (:func:`mode`):
 
-* ``"sharded"``: basis projectors (``svd``, ``rsvd``, ``random``, ``dct``, ``online_pca``, ``coap``; fp32 basis)
-  with an inner rule that is elementwise or asks :mod:`~lowrank_optim.distributed.comm` for its sums (``adam``,
-  ``adafactor``, ``sgd``; ``muon``, whose Newton-Schulz is :mod:`~lowrank_optim.distributed.newton_schulz`), the
-  ``drop``, ``fira`` or ``apollo`` residual and the ``keep``, ``reset``, ``linear`` or ``match`` transfer
-  (GaLoreAdamW, GaLoreAdafactor, Fira, Flora, APOLLO, APOLLO-Mini, DCT-AdamW, Online Subspace Descent, COAP),
-  FRUGAL's blocks with a state-free residual and a resetting transfer (row-local: :func:`_step_elementwise`), and
-  every plain parameter whose rule is one of those; GUM (the ``gum`` projector, fp32 basis, ``drop`` residual,
-  ``reset`` transfer: its weighted projection and full-size branch, :mod:`~lowrank_optim.distributed.gum`). A conv
-  weight ``(out, in, *k)`` is the matrix ``out x (in * prod(k))`` (:func:`matrix_shape`), whose rows are the
-  parameter's rows, so it takes this path on a view of its shard. Every state tensor is sharded:
+* ``"sharded"``: basis projectors (``svd``, ``rsvd``, ``random``, ``dct``, ``online_pca``, ``coap``; any
+  ``basis_dtype`` they accept) with an inner rule that is elementwise or asks :mod:`~lowrank_optim.distributed.comm`
+  for its sums (``adam``, ``adafactor``, ``sgd``; ``muon``, whose Newton-Schulz is
+  :mod:`~lowrank_optim.distributed.newton_schulz`), the ``drop``, ``fira`` or ``apollo`` residual and the ``keep``,
+  ``reset``, ``linear`` or ``match`` transfer (GaLoreAdamW, GaLoreAdafactor, Fira, Flora, APOLLO, APOLLO-Mini,
+  DCT-AdamW, Online Subspace Descent, COAP), FRUGAL's blocks with a state-free residual and a resetting transfer
+  (row-local: :func:`_step_elementwise`), and every plain parameter whose rule is one of those; GUM (the ``gum``
+  projector, fp32, bf16 or int8 basis, ``drop`` residual, ``reset`` transfer: its weighted projection and full-size
+  branch, :mod:`~lowrank_optim.distributed.gum`). A conv weight ``(out, in, *k)`` is the matrix
+  ``out x (in * prod(k))`` (:func:`matrix_shape`), whose rows are the parameter's rows, so it takes this path on a
+  view of its shard. Every state tensor is sharded:
 
   - right side (``m >= n`` under ``"std"``; basis ``Q``, ``n x r``): ``R_i = G_i Q`` and ``W_i -= N_i Q^T``
     are local; the moments are ``m_i x r`` row chunks; ``Q`` is kept as row chunks (``n`` split like ``m``)
-    and all-gathered just in time, ``n r`` per step (``r / m`` of FSDP2's own all-gather of ``W``);
+    and all-gathered just in time, ``n r`` per step (``r / m`` of FSDP2's own all-gather of ``W``); a quantized
+    ``Q`` (``basis_dtype`` bf16 / int8 / int4) is kept as chunks of each stored tensor's own first axis (codes,
+    block scales, packed int4 bytes) and its codes and scales are all-gathered and decoded (:mod:`.bases`:
+    ``2 n r``, ``n r`` or ``n r / 2`` bytes plus ``4 ceil(n / 256) r`` of scales);
   - left side (basis ``P``, ``m x r``, row chunks aligned with ``W_i``): ``R = sum_i P_i^T G_i`` is one
     all-reduce of ``r x n``; each rank runs the rule on its column chunk of ``R`` (moments ``r x n_j``),
-    then one all-gather of the ``r x n`` step and ``W_i -= P_i N`` (the residual, if any, needs ``R`` and
-    ``N`` whole, which this gives; on the right side it sees their row chunks and completes its sums through
-    :mod:`~lowrank_optim.distributed.comm`);
+    then one all-gather of the ``r x n`` step and ``W_i -= P_i N`` (a quantized ``P`` decodes its rows from
+    local codes, int8 with the all-gathered block scales; int4 gathers its packed codes: :mod:`.bases`; the
+    residual, if any, needs ``R`` and ``N`` whole, which this gives; on the right side it sees their row chunks
+    and completes its sums through :mod:`~lowrank_optim.distributed.comm`; a complement's rounding floor, by the
+    basis's stored form, is tested on the whole matrix: :class:`~.bases.StepBasis`);
   - refresh (SVD, rSVD, DCT selection, OSD's basis step, COAP's correction): computed once per period on an
     owner rank (the parameter's index modulo the world size): one gather of the whole gradient (and of the
-    row-chunked projector state, :data:`ROW_KEYS`; COAP: of the first moment) to the owner, the projector's own
-    ``init`` / ``update`` on it (so the basis is bit-identical to one process's, signs included), one
-    broadcast; each rank keeps its rows. Random bases (Flora, APOLLO) are drawn from the same seed on every rank
-    and need no traffic; DCT's basis is built on every rank from its replicated indices;
+    chunked projector state, :data:`~.bases.BASIS_KEYS`; COAP: of the first moment) to the owner, the projector's
+    own ``init`` / ``update`` on it (so the basis, and its codes, are bit-identical to one process's, signs
+    included), one broadcast; each rank keeps its chunk of each stored tensor. Random bases (Flora, APOLLO) are
+    drawn from the same seed on every rank and need no traffic; DCT's basis is built on every rank from its
+    replicated indices;
   - a zero first gradient defers the subspace to the first nonzero one (``subspace_pending``), as in one
     process; stochastic rounding of the stores is keyed by the global element index (:class:`ShardStore`).
 
@@ -34,11 +41,10 @@ Three modes, chosen per parameter from its kind and its group's parts (:func:`mo
   the expert axis, so each rank holds whole experts and runs the single-process step on them, each known by its
   index in the whole stack (:mod:`.experts`): no traffic, the state divided by whole experts.
 
-* ``"replicated"`` (every other combination: GaLore+'s sparse residual, a top-k over the whole matrix; a quantized
-  basis, whose codes are blocked along the row axis; for 2-D and conv weights): the whole gradient and weight are
-  all-gathered, the single-process step runs on them with replicated state, and each rank keeps its rows. Exact, but
-  the state is not divided. None of these is impossible to shard (``docs/ARCHITECTURE.md`` says what each would
-  take); they are not sharded yet.
+* ``"replicated"`` (every other combination: GaLore+'s sparse residual, a top-k over the whole matrix, for 2-D and
+  conv weights): the whole gradient and weight are all-gathered, the single-process step runs on them with
+  replicated state, and each rank keeps its rows. Exact, but the state is not divided. None of these is impossible to
+  shard (``docs/ARCHITECTURE.md`` says what each would take); they are not sharded yet.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from ..projectors import PROJECTORS
 from ..projectors.base import LEFT, Projector, derive_seed
 from ..schedule import refresh_due, stagger_phase
 from ..state import StateStore
+from . import bases as _bases
 from . import comm
 from . import gum as _gum
 from .shards import Layout, Split, all_gather_cols, all_gather_rows, broadcast_from, gather_rows_to, layout, local
@@ -71,9 +78,9 @@ SEEDED_PROJECTORS = ("random",)
 #: Projectors whose ``(d, r)`` basis is computed from their small replicated state (``back_matrix``): seeded draws
 #: and DCT's column indices; each rank builds it (its rows on the left side), no traffic.
 STATE_BASIS_PROJECTORS = ("random", "dct")
-#: Projector-state tensors of shape ``(d, r)`` (``d`` the projected axis), kept as row chunks like ``W``: the basis
-#: and Online Subspace Descent's Adam moments of the basis.
-ROW_KEYS = ("basis", "p_exp_avg", "p_exp_avg_sq")
+#: Projector-state tensors whose first axis runs along the projected axis ``d``, kept as chunks of that axis: the
+#: basis in its stored form, its block scales, Online Subspace Descent's Adam moments of the basis (:mod:`.bases`).
+ROW_KEYS = _bases.BASIS_KEYS
 #: Projectors whose subspace is all of a tensor or nothing (FRUGAL's blocks): ``project``, the lift and the
 #: complement act on a rank's rows alone, and their state is ints (from the shape and the group's layout), so
 #: they run on every rank; with a state-free residual and a resetting transfer the whole step is row-local.
@@ -97,7 +104,6 @@ def mode(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor) -> str:
     if opt._planner.kind(group, p) == "experts":  # whole experts per rank, every preset (.experts)
         return "experts"
     ok = (type(proj) is PROJECTORS.get(proj.name)  # a conv weight is the row-sharded matrix out x (in * prod(k))
-          and proj.basis_dtype == "fp32"  # a quantized basis is blocked along d: its row chunks do not decode alone
           and sharded_parts(proj.name, group["inner"], group["residual"], group["transfer"]))
     return "sharded" if ok else "replicated"
 
@@ -326,14 +332,9 @@ def _refreshed(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, in
     with comm.phase("refresh"):
         grad = gather_rows_to(_rows(local(p.grad), shape).float(), m, lay, own)
         old_whole = None
-        if old is not None:
+        if old is not None:  # every basis tensor (codes, scales, OSD's moments) whole: bases.gather(_to)
             d = _dim(old, shape)
-            keys = [k for k in ROW_KEYS if k in old]
-            if full_old:
-                old_whole = {**old, **{k: all_gather_rows(old[k], d, lay) for k in keys}}
-            else:
-                rows = {k: gather_rows_to(old[k], d, lay, own) for k in keys}
-                old_whole = {**old, **rows} if lay.rank == own else None
+            old_whole = _bases.gather(old, d, lay) if full_old else _bases.gather_to(old, d, lay, own)
         moments = _moments_to(opt, group, p, lay, own, old) if old is not None and proj.wants_moments else None
         new = None
         if lay.rank == own:
@@ -350,9 +351,7 @@ def _refreshed(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, in
                     ctx["moments"] = moments
                 new = proj.update(grad, old_whole, **ctx)
         new = broadcast_from(new, lay, own)
-    offset, size = lay.rows(_dim(new, shape))
-    mine = {**new, **{k: new[k][offset: offset + size].clone() for k in ROW_KEYS if k in new}}
-    return mine, new, (old_whole if full_old else None)
+    return _bases.cut(new, lay), new, (old_whole if full_old else None)  # each tensor's chunk of its own axis 0
 
 
 def _moments_to(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, lay: Layout, own: int,
@@ -435,10 +434,8 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
     if proj.name in STATE_BASIS_PROJECTORS:
         basis = proj.back_matrix(pst, w.device)
         basis = basis[offset: offset + size] if side == LEFT else basis
-    elif side == LEFT:
-        basis = pst["basis"]
-    else:
-        basis = all_gather_rows(pst["basis"], n, lay)
+    else:  # P_i (left) or the whole Q (right), fp32, decoded from any stored form (bases.step_basis)
+        basis = _bases.step_basis(pst, m if side == LEFT else n, lay, side == LEFT)
     if side == LEFT:
         whole = comm.all_reduce(basis.T @ grad, lay.group)  # R = sum_i P_i^T G_i, (r, n)
         c0, cn = lay.rows(n)
@@ -456,13 +453,14 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
     if side == LEFT:
         low_update = all_gather_cols(low_update, n, lay)  # N, (r, n)
         low = whole
+    step_proj = _bases.step_projector(pst)  # the view's maps, with the stored form's complement floor
     if low_update.numel() and not getattr(residual, "replaces_lift", False):  # APOLLO applies its own update
-        _BASIS.add_back(target, low_update, view, alpha)
+        step_proj.add_back(target, low_update, view, alpha)
     ctx = {"coef": d.coef, "lr": d.lr} if getattr(residual, "wants_coef", False) else {}
     # the residual sees R and N whole on the left side, as row chunks on the right
     with comm.sharded(comm.Sharding(lay.group, None if side == LEFT else 0, (r, n) if side == LEFT else (m, r),
                                     m * n)):
-        extra = residual.step(grad, low, low_update, _BASIS, view, state, group, **ctx)
+        extra = residual.step(grad, low, low_update, step_proj, view, state, group, **ctx)
     if extra is not None:
         target.sub_(extra)
     if target is not w:

@@ -6,7 +6,8 @@ the complement at full size (the period's layer draw, ``full = 1``). Rank ``i`` 
 
 * the basis and the draw come from :func:`~.fsdp._refreshed`: the owner rank runs the projector's own ``init`` /
   ``update`` on the whole gradient with the parameter's group layout (position, count, group seed), so the SVD and
-  the draw are one process's, then broadcasts; each rank keeps its rows of the basis;
+  the draw are one process's, then broadcasts; each rank keeps its chunk of each stored basis tensor (:mod:`.bases`:
+  a bf16 / int8 basis is decoded just in time);
 * low-rank branch: the right and left strategies of :mod:`.fsdp` (``R_i = w G_i Q``, moments ``m_i x r``; or
   ``R = w sum_i P_i^T G_i`` all-reduced, moments ``r x n_j``, the step all-gathered and lifted as ``P_i N``);
 * full branch: the complement ``G_i - G_i Q Q^T`` (right, local) or ``G_i - P_i R`` (left, ``R`` all-reduced), its
@@ -31,6 +32,7 @@ import torch
 
 from ..projectors.base import LEFT
 from ..state import ABSMAX, StateStore
+from . import bases as _bases
 from . import comm
 from .shards import Layout, Split, all_gather_cols, all_gather_rows, layout
 
@@ -77,7 +79,7 @@ def step(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, lay: Lay
     m, n = _matrix(opt, group, p)
     side, r = int(pst["side"]), int(pst["rank"])
     offset = lay.rows(m)[0]
-    basis = pst["basis"] if side == LEFT else all_gather_rows(pst["basis"], n, lay)  # P_i, or the whole Q
+    basis = _bases.step_basis(pst, m if side == LEFT else n, lay, side == LEFT)  # P_i, or the whole Q (fp32)
     view = {"side": side, "rank": r, "basis": basis}
     tau = proj.complement_floor(pst)
     whole, full = proj.whole(pst), bool(pst["full"])
@@ -151,7 +153,7 @@ def whole_state(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, s
     pst = st["projector"]
     st = dict(st)
     d = _matrix(opt, group, p)[0 if int(pst["side"]) == LEFT else 1]  # the basis' rows
-    st["projector"] = {**pst, "basis": all_gather_rows(pst["basis"], d, lay)}
+    st["projector"] = _bases.gather(pst, d, lay)  # every stored basis tensor whole (codes, scales: exact)
     shape, dim = _moment_split(opt, group, p, pst, lay)
     numel = math.prod(shape)
     for spec in rule.moments(shape, group):
@@ -178,8 +180,8 @@ def local_state(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor, s
     pst = st["projector"]
     st = dict(st)
     d = _matrix(opt, group, p)[0 if int(pst["side"]) == LEFT else 1]  # the basis' rows
-    if "basis" in pst and int(pst["basis"].shape[0]) == d:
-        st["projector"] = {**pst, "basis": _cut(pst["basis"], d, 0, lay)}
+    if "basis" in pst and int(pst["basis"].shape[0]) == _bases.lengths(pst, d)["basis"]:  # whole: cut
+        st["projector"] = _bases.cut(pst, lay)
     shape, dim = _moment_split(opt, group, p, pst, lay)
     for spec in rule.moments(shape, group):
         t = st.get(spec.name)
