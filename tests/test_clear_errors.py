@@ -383,7 +383,7 @@ def test_target_modules_without_rank_refused() -> None:
     rank every weight kept full Adam state without a word (the registry route defaults to rank 128)."""
     model = torch.nn.Sequential()
     model.add_module("attn", torch.nn.Linear(8, 6))
-    with pytest.raises(ValueError, match="target_modules.*without rank"):
+    with pytest.raises(ValueError, match=r"target_modules.*without rank"):
         lro.GaLoreAdamW(model.parameters(), target_modules=["attn"], module=model)
     opt = lro.GaLoreAdamW(model.parameters(), target_modules=["attn"], module=model, rank=2)
     assert opt.param_groups[0]["rank"] == 2
@@ -399,7 +399,8 @@ def test_preset_rule_settings_with_another_inner_rule_explained() -> None:
 
 
 @pytest.mark.parametrize(("cls", "projector", "kwargs", "name"), [
-    (lro.GUM, "svd", {"full_rank_layers": 2}, "full_rank_layers"), (lro.GUM, "svd", {"weighting": "after"}, "weighting"),
+    (lro.GUM, "svd", {"full_rank_layers": 2}, "full_rank_layers"),
+    (lro.GUM, "svd", {"weighting": "after"}, "weighting"),
     (lro.GaLorePlus, "svd", {"oversample": 4}, "oversample"), (lro.GaLorePlus, "rsvd", {"num_heads": 2}, "num_heads"),
     (lro.OnlineSubspaceDescent, "rsvd", {"p_lr": 0.1}, "p_lr")])
 def test_preset_options_for_another_projector_refused(cls: type, projector: str, kwargs: dict, name: str) -> None:
