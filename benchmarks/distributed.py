@@ -48,7 +48,8 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def _worker(rank: int, world: int, init_method: str, cfg: DecoderConfig, out: str) -> None:
+def _worker(rank: int, world: int, init_method: str, cfg: DecoderConfig, out: str,
+            names: tuple[str, ...] = OPTIMIZERS) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -58,7 +59,7 @@ def _worker(rank: int, world: int, init_method: str, cfg: DecoderConfig, out: st
     local.init_gloo(rank, world, init_method, timeout_s=300)
     records = []
     try:
-        for name in OPTIMIZERS:
+        for name in names:
             model = build_model(cfg)
             mesh = init_device_mesh("cpu", (world,))
             for layer in model.layers:
@@ -101,12 +102,12 @@ def _worker(rank: int, world: int, init_method: str, cfg: DecoderConfig, out: st
         local.end_process_group()
 
 
-def run(worlds: tuple[int, ...], cfg: DecoderConfig) -> list[dict[str, Any]]:
+def run(worlds: tuple[int, ...], cfg: DecoderConfig, names: tuple[str, ...] = OPTIMIZERS) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for world in worlds:
             out = str(Path(tmp) / f"{world}.pt")
-            local.spawn(_worker, world, (world, local.rendezvous(tmp), cfg, out), timeout_s=TIMEOUT_S)
+            local.spawn(_worker, world, (world, local.rendezvous(tmp), cfg, out, names), timeout_s=TIMEOUT_S)
             records += torch.load(out, weights_only=False)
     single = {r["optimizer"]: r["state_bytes_rank0"] for r in records if r["world"] == 1}
     for r in records:
@@ -119,7 +120,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in OPTIMIZERS:
+    for name in dict.fromkeys(r["optimizer"] for r in records):
         rows = [r for r in records if r["optimizer"] == name]
         ax.plot([r["world"] for r in rows], [r["state_bytes_rank0"] / 1e6 for r in rows], marker="o", label=name)
     ax.set_xlabel("ranks (FSDP2, gloo, CPU)")
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("LRO_BENCH_QUIET", "1")
     worlds = tuple(int(w) for w in args.worlds.split(","))
     cfg = DecoderConfig()
-    records = run(worlds, cfg)
+    names = tuple(args.only.split(",")) if args.only else OPTIMIZERS  # "adamw" or any registered preset
+    records = run(worlds, cfg, names)
     common.publish(args, NAME, "cpu", {"model": cfg.asdict(), "rank": RANK, "update_proj_gap": GAP,
                                        "batch_per_rank": BATCH, "seq": SEQ, "worlds": worlds}, records, records,
                    plot, summary)
