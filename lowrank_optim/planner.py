@@ -255,9 +255,9 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
             for a name -> shape mapping).
         shards: FSDP2 ranks (``fully_shard``): weights, gradients and optimizer state per rank (MoE expert stacks:
             the fullest rank's ``ceil(E / shards)`` experts, with every preset). Presets whose
-            parts run sharded (:mod:`lowrank_optim.distributed.fsdp`: svd / rsvd / random projectors with Adam,
-            Adafactor, SGD or Muon and a drop, Fira or APOLLO residual; FRUGAL's blocks; GUM) divide everything by
-            ``shards``; the others keep their
+            parts run sharded (:mod:`lowrank_optim.distributed.fsdp`: svd / rsvd / rsvd_heads / random / dct /
+            online PCA / COAP projectors with Adam, Adafactor, SGD or Muon and a drop, Fira, APOLLO or sparse
+            (GaLore+) residual; FRUGAL's blocks; GUM) divide everything by ``shards``; the others keep their
             low-rank state (moments and bases) replicated and divide only the plain moments. 1: one process
             or DDP (every rank holds everything). Not counted: FSDP2's all-gathered unit of weights.
         basis_dtype: how projector bases are stored, ``fp32`` (default), ``bf16``, ``int8`` or ``int4``
@@ -316,11 +316,14 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
         weights, grads = -(-weights // shards), -(-grads // shards)
     engine = isinstance(est.optimizer, LowRankOptimizer) and est.method == "meta-step" and bool(est.optimizer.state)
     phases = state_phases(est.optimizer, est.names) if engine else None
+    if phases is not None and shards > 1:  # a sharded preset's warm-up buffers (GaLore+'s score) are row chunks too
+        phases = type(phases)(**{**vars(phases), "peak": -(-phases.peak // shards),
+                                 "steady": -(-phases.steady // shards)}) if divided else None
     return MemoryPlan(model=str(model) if not isinstance(model, Mapping) else "model", optimizer=optimizer,
                       n_params=sum(numels.values()), weights=weights, gradients=grads,
                       state=state, budget=budget, n_lowrank=sum(n_matrices(n, shapes[n]) for n in low),
-                      state_peak=None if phases is None or shards > 1 else phases.peak,
-                      state_steady=None if phases is None or shards > 1 else phases.steady,
+                      state_peak=None if phases is None else phases.peak,
+                      state_steady=None if phases is None else phases.steady,
                       settings={"rank": rank, "state_dtype": state_dtype, "weight_dtype": weight_dtype,
                                 "layerwise": layerwise, "shards": shards,
                                 "basis_dtype": basis_dtype})

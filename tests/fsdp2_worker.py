@@ -26,6 +26,12 @@ RANK = 8
 SAVE_AT = 15
 #: A late checkpoint: after the second refresh (20), every warm-up (GaLore+'s residual: 2 steps) and every draw.
 LATE_AT = 25
+#: GaLore+'s ``residual_density`` of the ``+dense`` cases: 4992 entries of the (520, 24) and (24, 520) matrices, over
+#: the 8-bit store's 4096-element threshold, so their residual moments are 8-bit codes.
+DENSE = 0.4
+#: GaLore+'s ``num_heads`` of the ``+heads`` cases: (520, 24), (24, 520) and (24, 24) split into 4 head blocks (one
+#: right-side basis from one drawn head's block, rank min(8, m / 4)); the (2, 24) matrix is not split.
+HEADS = 4
 
 
 class Net(nn.Module):
@@ -66,12 +72,20 @@ def build(name: str, model: nn.Module, store: str, **extra: Any) -> torch.optim.
     name = name.removesuffix("+stagger")
     reverse = "+reverse" in name  # "+reverse": proj_side="reverse_std", bases of 520 rows (3 int8 blocks of 256)
     name = name.replace("+reverse", "")
+    dense = name.endswith("+dense")  # "+dense": GaLore+ with residual_density=DENSE (8-bit residual moments)
+    name = name.removesuffix("+dense")
+    heads = name.endswith("+heads")  # "+heads": GaLore+ with num_heads=HEADS (a basis shared by head blocks)
+    name = name.removesuffix("+heads")
     name, _, basis = name.partition("+basis_")  # "+basis_<dtype>": the projector keeps its basis in <dtype>
     kwargs = {**CASES.get(name.removesuffix("+relative"), {}), **extra}
     if stagger:
         kwargs["refresh_stagger"] = True
     if reverse:
         kwargs["proj_side"] = "reverse_std"
+    if dense:
+        kwargs["residual_density"] = DENSE
+    if heads:
+        kwargs["num_heads"] = HEADS
     if basis:
         kwargs["projector_options"] = {"basis_dtype": basis}
     if name.endswith("+relative"):  # Adafactor's relative step scaled by RMS(W): sums over the whole weight
@@ -163,6 +177,27 @@ def _sum_calls(before: dict[str, int]) -> dict[str, int]:
     return dict(zip(sorted(now), t.tolist(), strict=True))
 
 
+def modes(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, str]:
+    """The FSDP2 mode (:func:`lowrank_optim.distributed.fsdp.mode`) of each parameter, by name."""
+    from lowrank_optim.distributed import fsdp
+
+    where = {id(p): g for g in opt.param_groups for p in g["params"]}
+    return {n: fsdp.mode(opt, where[id(p)], p) for n, p in model.named_parameters()}
+
+
+def entries(model: nn.Module, opt: torch.optim.Optimizer, world: int) -> dict[str, list[int]]:
+    """GaLore+'s sparse-residual entries held by each rank, by parameter name (parameters without them left out)."""
+    out: dict[str, list[int]] = {}
+    for n, p in model.named_parameters():
+        idx = opt.state.get(p, {}).get("residual_index")
+        t = torch.tensor([-1 if idx is None else idx.numel()], dtype=torch.int64)
+        got = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(got, t)
+        if int(got[0]) >= 0:
+            out[n] = [int(c) for c in got]
+    return out
+
+
 def parity(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, store, source in cases:
@@ -174,7 +209,8 @@ def parity(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: st
         train(model, opt, range(1, STEPS), rank, world, source)
         out[f"{name}/{store}/{source}"] = {"params": whole(model), "bytes": opt.state_bytes(),
                                            "global_bytes": opt.global_state_bytes(), "calls": _sum_calls(before),
-                                           "bases": first}
+                                           "bases": first, "modes": modes(model, opt),
+                                           "entries": entries(model, opt, world)}
     return out
 
 
@@ -220,7 +256,27 @@ def main(rank: int, world: int, init_method: str, jobs: list[tuple[str, list[Any
     run_jobs(JOBS, rank, world, init_method, jobs, out_dir)
 
 
-JOBS: dict[str, Any] = {"parity": parity}
+def select(cases: list[tuple[int, int, int, int, int]], rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """GaLore+'s entry choice through the real collectives: per case ``(m, n, k, levels, seed)`` a score drawn from
+    ``levels`` values (many ties), this rank's rows of it (torch's chunk rule) to
+    :func:`lowrank_optim.distributed.sparse.select_entries`; returns every rank's global flat indices (rank order)
+    and ``first``."""
+    from lowrank_optim.distributed.shards import chunk
+    from lowrank_optim.distributed.sparse import RowBlock, select_entries
+
+    out: dict[str, Any] = {}
+    for m, n, k, levels, seed in cases:
+        score = torch.randint(levels, (m, n), generator=torch.Generator().manual_seed(seed)).float()
+        offset, size = chunk(m, world, rank)
+        idx, first = select_entries(score[offset: offset + size], k, RowBlock(dist.group.WORLD, offset, size, (m, n)))
+        got: list[Any] = [None] * world
+        dist.all_gather_object(got, ((idx + offset * n).tolist(), first))
+        out[f"{m}/{n}/{k}/{levels}/{seed}"] = {"idx": [i for part, _ in got for i in part],
+                                               "first": [f for _, f in got]}
+    return out
+
+
+JOBS: dict[str, Any] = {"parity": parity, "select": select}
 
 
 # -- checkpoints (torch.distributed.checkpoint) ------------------------------------------------------------

@@ -12,9 +12,12 @@ in time; the single-process references run here. What is checked:
 * quantized projector bases (bf16, int8, int4) run sharded: each stored tensor (codes, scales, int4 bytes) as chunks
   of its own first axis, the first refresh's codes bit-identical to one process's, rank 0's bytes a closed form;
 * a first gradient of zeros (the subspace is chosen at the first nonzero one, as in one process);
-* DCP: same-size resume bit-exact (every store, 8-bit included; FRUGAL, GUM, APOLLO; quantized bases), 2 -> 4 and
-  2 -> 1 within 1e-6 (bf16: 1e-4, 8-bit requantized: 1e-2), a gathered full optimizer state dict loads into a
-  single-process optimizer and continues like the uninterrupted run.
+* GaLore+ (``rsvd_heads`` and the sparse residual) in the sharded mode: parity in every store, with head-shared
+  bases and with 8-bit residual moments (``+dense``); its entries split by rows (closed-form bytes per rank, the
+  job's total one process's); the entry choice through the collectives equals one process's on tied scores;
+* DCP: same-size resume bit-exact (every store, 8-bit included; FRUGAL, GUM, APOLLO, GaLore+; quantized bases),
+  2 -> 4 and 2 -> 1 within 1e-6 (bf16: 1e-4, 8-bit requantized: 1e-2), a gathered full optimizer state dict loads
+  into a single-process optimizer and continues like the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 import lowrank_optim as lro
+from lowrank_optim.distributed.shards import chunk
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fsdp2_worker as worker
@@ -97,6 +101,8 @@ def check_parity(result: dict[str, Any], world: int) -> list[str]:
             bound = max(bound, 3 * worst(ref, reference(name, "fp32", source))[0])
         if not rel <= bound:
             failures.append(f"{world} ranks {key} {pname}: relative difference {rel:.2e} > {bound:.2e}")
+        if name.startswith("galore_plus") and set(got["modes"].values()) != {"sharded"}:  # GaLore+ is sharded now
+            failures.append(f"{world} ranks {key}: modes {got['modes']}")
     return failures
 
 
@@ -112,6 +118,9 @@ QUANTIZED = ("galore_adamw+basis_bf16", "galore_adamw+basis_int8", "galore_adamw
 PARITY_2 = (_cases([*lro.available_optimizers(), "galore_adafactor+relative", *QUANTIZED, "galore_adamw+stagger",
                     "fira+stagger"], ("fp32",), "synthetic")
             + _cases(CORE, ("bf16", "8bit"), "synthetic")
+            + _cases(("galore_plus",), ("bf16", "8bit"), "synthetic") + _cases(("galore_plus+dense",), ("8bit",),
+                                                                                 "synthetic")
+            + _cases(("galore_plus+heads",), ("fp32",), "synthetic")
             + _cases(CONTINUOUS, ("fp32",), "model")
             + _cases(("galore_adamw", "fira"), ("fp32",), "zerofirst"))
 #: Sharded presets in every store; presets whose state changes shape (FRUGAL's blocks, GUM's full-rank draw) or
@@ -121,21 +130,27 @@ CHECKPOINT = (_cases(CORE, ("fp32",), "synthetic") + _cases(("galore_adamw",), (
               + _cases(("frugal",), ("fp32", "8bit"), "synthetic")
               + [("gum", "bf16", "synthetic"), ("apollo", "fp32", "synthetic"),
                  ("online_subspace_descent", "fp32", "synthetic"), ("dct_adamw", "8bit", "synthetic"),
-                 ("coap", "fp32", "synthetic")]
+                 ("coap", "fp32", "synthetic"), ("galore_plus", "fp32", "synthetic"),
+                 ("galore_plus+dense", "8bit", "synthetic")]
               + _cases(("galore_adamw+reverse+basis_int8", "galore_adamw+reverse+basis_int4", "gum+basis_int8"),
                        ("fp32",), "synthetic"))
 
 
 #: Every preset checkpointed late (after every warm-up, draw and the second refresh); GaLore+, whose state swaps
 #: its warm-up score for indices and moments, in every store.
-LATE = _cases(lro.available_optimizers(), ("fp32",), "synthetic") + _cases(("galore_plus",), ("bf16", "8bit"),
-                                                                            "synthetic")
+LATE = (_cases(lro.available_optimizers(), ("fp32",), "synthetic") + _cases(("galore_plus",), ("bf16", "8bit"),
+                                                                             "synthetic")
+        + _cases(("galore_plus+dense",), ("8bit",), "synthetic"))
+#: GaLore+'s entry choice through the collectives, ``(m, n, k, levels, seed)``: all scores tied (k of 10, a 2-row
+#: matrix: an empty rank from 3 ranks on), few levels, every entry, and the worker's (520, 24) at density 0.01.
+SELECT = [(2, 5, 3, 1, 0), (9, 7, 20, 3, 1), (3, 4, 12, 2, 3), (520, 24, 124, 4, 2)]
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("fsdp2")
-    jobs = [("parity", PARITY_2), ("checkpoint_save", CHECKPOINT), ("checkpoint_late", LATE), ("accelerate", [])]
+    jobs = [("parity", PARITY_2), ("checkpoint_save", CHECKPOINT), ("checkpoint_late", LATE), ("accelerate", []),
+            ("select", SELECT)]
     return launch(2, jobs, out), out
 
 
@@ -150,12 +165,10 @@ def test_sharded_refresh_runs_once_per_job(two_ranks: tuple[dict[str, Any], Path
     """Each matrix's SVD (init + 2 refreshes) is computed once across both ranks, for the sharded presets
     (owner rank) and for the replicated ones (engine refreshes run on the owner and are broadcast)."""
     result = two_ranks[0]["parity"]
-    for name in ("galore_adamw", "fira", "galore_adafactor", "dct_adamw", "online_subspace_descent", "coap", "gum"):
+    for name in ("galore_adamw", "fira", "galore_adafactor", "dct_adamw", "online_subspace_descent", "coap", "gum",
+                 "galore_plus", "galore_plus+heads"):
         calls = result[f"{name}/fp32/synthetic"]["calls"]
         assert (calls["init"], calls["update"], calls["engine"]) == (N_LOWRANK, 2 * N_LOWRANK, 0), (name, calls)
-    for name in ("galore_plus",):
-        calls = result[f"{name}/fp32/synthetic"]["calls"]
-        assert calls["engine"] == 3 * N_LOWRANK and calls["init"] == 0, (name, calls)
     # every preset: 3 refreshes per matrix in the job; the projectors whose state is ints or a seeded draw (Flora's
     # and APOLLO's random bases, FRUGAL's blocks) compute them on every rank, without traffic
     seeded = ("flora", "apollo", "apollo_mini", "frugal")
@@ -247,6 +260,65 @@ def test_quantized_bases_sharded(two_ranks: tuple[dict[str, Any], Path]) -> None
                                target_modules=["attn", "mlp"], shards=2, basis_dtype=name.rpartition("_")[2],
                                **extra)
         assert abs(plan.state_total - got["bytes"]) <= 0.1 * got["bytes"], (name, plan.state, got["bytes"])
+
+
+def galore_plus_bytes(entries: dict[str, list[int]], world: int, rank: int) -> int:
+    """Closed-form fp32 state bytes of GaLore+ on ``rank`` of ``world`` for ``worker.Net`` (rank ``r = min(8, m,
+    n)``): a right-side matrix (``m >= n``) holds ``2 m_i r`` moments and ``n_i r`` of its basis, a left-side one
+    ``2 r n_i`` and ``m_i r``, both 12 bytes per residual entry in its rows (int32 index, two fp32 moments:
+    ``entries[name][rank]``); a plain parameter its rows' two Adam moments (``x_i``: this rank's chunk of ``x``)."""
+    def part(length: int) -> int:
+        return chunk(length, world, rank)[1]
+
+    total = 0
+    for name, p in worker.make_model().named_parameters():
+        if name in ("attn.weight", "mlp.weight", "mlp_sq.weight", "attn_tiny.weight"):
+            m, n = p.shape
+            r = min(worker.RANK, m, n)
+            low = 2 * part(m) * r + part(n) * r if m >= n else 2 * r * part(n) + part(m) * r
+            total += 4 * low + 12 * entries.get(name, [0] * world)[rank]
+        else:
+            total += 2 * 4 * part(p.shape[0]) * (p.numel() // p.shape[0])
+    return total
+
+
+def test_galore_plus_state_bytes_closed_form(two_ranks: tuple[dict[str, Any], Path]) -> None:
+    """GaLore+ (fp32, 30 steps, entries chosen at step 2): every matrix's ``floor(0.01 m n)`` entries are split over
+    the ranks by rows (sum = one process's count); rank 0 holds exactly the closed form, and the job's total is one
+    process's state bytes exactly (same moments, bases and entries, only divided)."""
+    from lowrank_optim.rules.sparse_residual import residual_count
+
+    got = two_ranks[0]["parity"]["galore_plus/fp32/synthetic"]
+    shapes = {n: tuple(p.shape) for n, p in worker.make_model().named_parameters()}
+    assert sorted(got["entries"]) == ["attn.weight", "mlp.weight", "mlp_sq.weight"]  # attn_tiny: 0.01 * 48 < 1
+    for name, counts in got["entries"].items():
+        assert sum(counts) == residual_count(0.01, shapes[name]), (name, counts)
+    assert got["bytes"] == galore_plus_bytes(got["entries"], 2, 0)
+    model = worker.make_model()
+    opt = worker.build("galore_plus", model, "fp32")
+    worker.train(model, opt, range(worker.STEPS), source="synthetic")
+    assert got["global_bytes"] == opt.state_bytes()
+    assert got["bytes"] <= 0.52 * opt.state_bytes()
+
+
+def test_select_entries_collective(two_ranks: tuple[dict[str, Any], Path]) -> None:
+    """GaLore+'s entry choice through gloo at 2 ranks equals one process's on scores full of ties (module
+    ``tests/test_sparse_select.py``: the rule), each rank's ``first`` its place in the whole sorted list."""
+    check_select(two_ranks[0]["select"], 2)
+
+
+def check_select(result: dict[str, Any], world: int) -> None:
+    from lowrank_optim.distributed.sparse import select_entries
+
+    assert sorted(result) == sorted("/".join(map(str, c)) for c in SELECT)
+    for key, got in result.items():
+        m, n, k, levels, seed = (int(v) for v in key.split("/"))
+        score = torch.randint(levels, (m, n), generator=torch.Generator().manual_seed(seed)).float()
+        want = select_entries(score, k)[0].tolist()
+        assert got["idx"] == want, (world, key)
+        sizes = [sum(1 for i in want if chunk(m, world, r)[0] * n <= i < sum(chunk(m, world, r)) * n)
+                 for r in range(world)]
+        assert got["first"] == [sum(sizes[:r]) for r in range(world)], (world, key, got["first"])
 
 
 def _exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -362,10 +434,11 @@ def test_checkpoint_two_ranks_to_one_process(two_ranks: tuple[dict[str, Any], Pa
 def test_four_ranks(two_ranks: tuple[dict[str, Any], Path]) -> None:
     """4 ranks (two of them hold no row of the 2-row matrix): the 2-rank checkpoint resharded to 4 continues
     within 1e-6 (quantized bases too); parity with one process; per-rank state <= 0.30 of one process's for GaLore,
-    Fira, Flora, APOLLO, FRUGAL, DCT-AdamW, Online Subspace Descent, COAP and GaLore with int8 bases (the closed
-    form of rank 0's chunks, and the planner within 10%)."""
+    Fira, Flora, APOLLO, FRUGAL, DCT-AdamW, Online Subspace Descent, COAP, GaLore with int8 bases (the closed form of
+    rank 0's chunks) and GaLore+ (rank 0 holds its closed form); the memory planner's ``shards=4`` agrees within 10%
+    for GaLore, Fira, Flora, GaLore+ and the int8 bases."""
     saved, out = two_ranks
-    cases = _cases((*CORE, "apollo", "frugal", "dct_adamw", "online_subspace_descent", "coap",
+    cases = _cases((*CORE, "apollo", "frugal", "dct_adamw", "online_subspace_descent", "coap", "galore_plus",
                     "galore_adamw+reverse+basis_int8"), ("fp32",), "synthetic")
     result = launch(4, [("checkpoint_load", CHECKPOINT), ("parity", cases)], out)
     for key, got in result["checkpoint_load"].items():
@@ -383,49 +456,56 @@ def test_four_ranks(two_ranks: tuple[dict[str, Any], Path]) -> None:
     failures = check_parity(result["parity"], 4)
     assert not failures, "\n".join(failures)
     shapes = {n: tuple(p.shape) for n, p in worker.make_model().named_parameters()}
-    for name in (*CORE, "apollo", "frugal", "dct_adamw", "online_subspace_descent", "coap"):
+    for name in (*CORE, "apollo", "frugal", "dct_adamw", "online_subspace_descent", "coap", "galore_plus"):
         got = result["parity"][f"{name}/fp32/synthetic"]
         single = saved["parity"][f"{name}/fp32/synthetic"]["global_bytes"]
         assert got["bytes"] <= 0.30 * single, (name, got["bytes"], single)
+        if name == "galore_plus":  # rank 0's closed form; the job's total is one process's (as at 2 ranks)
+            assert got["bytes"] == galore_plus_bytes(got["entries"], 4, 0) and got["global_bytes"] == single
+        if name not in (*CORE, "galore_plus"):
+            continue
+        # the planner's closed form per rank agrees with rank 0's measured bytes (chunks here are nearly even; GaLore+:
+        # its steady state, after the warm-up score is freed)
+        plan = lro.plan_memory(shapes, name, rank=worker.RANK, state_dtype="fp32", weight_dtype="fp32",
+                               target_modules=["attn", "mlp"], shards=4)
+        planned = plan.state_total if plan.state_steady is None else plan.state_steady
+        assert abs(planned - got["bytes"]) <= 0.1 * got["bytes"], (name, plan.state, planned, got["bytes"])
     name = "galore_adamw+reverse+basis_int8"  # int8 bases of 520 rows: codes 130 rows per rank, scales 1 / 1 / 1 / 0
     got = result["parity"][f"{name}/fp32/synthetic"]["bytes"]
     assert got == _galore_bytes(name, 4) <= 0.30 * saved["parity"][f"{name}/fp32/synthetic"]["global_bytes"]
     plan = lro.plan_memory(shapes, "galore_adamw", rank=worker.RANK, state_dtype="fp32", weight_dtype="fp32",
                            target_modules=["attn", "mlp"], shards=4, basis_dtype="int8", proj_side="reverse_std")
     assert abs(plan.state_total - got) <= 0.1 * got, (plan.state, got)
-    for name in CORE:
-        got = result["parity"][f"{name}/fp32/synthetic"]
-        # the planner's closed form per rank agrees with rank 0's measured bytes (chunks here are nearly even)
-        plan = lro.plan_memory(shapes, name, rank=worker.RANK, state_dtype="fp32", weight_dtype="fp32",
-                               target_modules=["attn", "mlp"], shards=4)
-        assert abs(plan.state_total - got["bytes"]) <= 0.1 * got["bytes"], (name, plan.state, got["bytes"])
 
 
 @pytest.mark.slow
 def test_three_ranks_uneven_shards(tmp_path: Path) -> None:
-    """3 ranks: 520, 24 and 2 rows split unevenly (the 2-row matrix leaves rank 2 empty), every preset; quantized
-    bases (bf16, int8 and int4 with 520-row bases: 174 / 174 / 172 rows, int4 bytes 87 / 87 / 86, int8 scales
-    1 / 1 / 1 rows) with rank 0's bytes the closed form of its chunks."""
+    """3 ranks: 520, 24 and 2 rows split unevenly (the 2-row matrix leaves rank 2 empty), every preset (GaLore+
+    sharded, also with head-shared bases); quantized bases (bf16, int8 and int4 with 520-row bases: 174 / 174 / 172
+    rows, int4 bytes 87 / 87 / 86, int8 scales 1 / 1 / 1 rows) with rank 0's bytes the closed form of its chunks;
+    GaLore+'s entry choice through the collectives with an empty rank."""
     quantized = ("galore_adamw+basis_bf16", "galore_adamw+reverse+basis_int8", "galore_adamw+reverse+basis_int4")
     cases = (_cases(tuple(lro.available_optimizers()), ("fp32",), "synthetic")
-             + _cases(("galore_adamw",), ("fp32",), "model") + _cases(quantized, ("fp32",), "synthetic"))
-    result = launch(3, [("parity", cases)], tmp_path)
+             + _cases(("galore_adamw",), ("fp32",), "model") + _cases(("galore_plus+heads",), ("fp32",), "synthetic")
+             + _cases(quantized, ("fp32",), "synthetic"))
+    result = launch(3, [("parity", cases), ("select", SELECT)], tmp_path)
     failures = check_parity(result["parity"], 3)
     assert not failures, "\n".join(failures)
+    check_select(result["select"], 3)
     for name in quantized:
         assert result["parity"][f"{name}/fp32/synthetic"]["bytes"] == _galore_bytes(name, 3), name
 
 
 def test_planner_shards() -> None:
-    """``shards=K`` divides weights, gradients and the state of sharded presets by K (quantized bases too); a
-    replicated-mode preset (GaLore+) divides only its plain moments; layer-wise updates are refused under FSDP2."""
+    """``shards=K`` divides weights, gradients and the state of sharded presets by K (GaLore+ and quantized bases
+    included); layer-wise updates are refused under FSDP2."""
     from lowrank_optim.projectors.quantized_basis import basis_bytes
 
     one = lro.plan_memory("llama-60m", "galore_adamw", rank=128, state_dtype="8bit")
     eight = lro.plan_memory("llama-60m", "galore_adamw", rank=128, state_dtype="8bit", shards=8)
     assert eight.weights == -(-one.weights // 8) and eight.gradients == -(-one.gradients // 8)
     assert all(eight.state[k] == -(-v // 8) for k, v in one.state.items())
-    for name in ("apollo", "frugal", "dct_adamw", "online_subspace_descent", "coap"):  # sharded too
+    for name in ("apollo", "frugal", "dct_adamw", "online_subspace_descent", "coap", "galore_plus"):  # sharded too
         one = lro.plan_memory("llama-60m", name, rank=128, state_dtype="8bit")
         eight = lro.plan_memory("llama-60m", name, rank=128, state_dtype="8bit", shards=8)
         assert all(eight.state[k] == -(-v // 8) for k, v in one.state.items()), name
@@ -436,9 +516,10 @@ def test_planner_shards() -> None:
         eight = lro.plan_memory(shapes, "galore_adamw", rank=128, state_dtype="8bit", basis_dtype=basis, shards=8)
         assert one.state["projector bases"] == 2 * basis_bytes(600, 128, basis), basis
         assert all(eight.state[k] == -(-v // 8) for k, v in one.state.items()), basis
-    gum1 = lro.plan_memory("llama-60m", "galore_plus", rank=128, state_dtype="8bit")  # replicated mode
-    gum8 = lro.plan_memory("llama-60m", "galore_plus", rank=128, state_dtype="8bit", shards=8)
-    assert gum8.state["low-rank moments"] == gum1.state["low-rank moments"]
+    one = lro.plan_memory("llama-60m", "galore_plus", rank=128, state_dtype="8bit")  # the warm-up score: row chunks
+    eight = lro.plan_memory("llama-60m", "galore_plus", rank=128, state_dtype="8bit", shards=8)
+    assert one.state_peak > one.state_steady and eight.state_peak == -(-one.state_peak // 8)
+    assert eight.state_steady == -(-one.state_steady // 8)
     with pytest.raises(ValueError, match="shards"):
         lro.plan_memory("llama-60m", "galore_adamw", rank=128, layerwise=True, shards=2)
     with pytest.raises(ValueError, match="shards"):

@@ -15,6 +15,9 @@ with the placement that says how the whole tensor is split:
 So DCP saves each element once, reshards on load at any world size, and ``get_optimizer_state_dict(...,
 options=StateDictOptions(full_state_dict=True))`` yields exactly a single-process state dict.
 
+GaLore+'s sparse residual keeps a varying number of entries per rank: they are exported in one process's form,
+replicated (:mod:`.sparse`).
+
 8-bit moments: the codes are exported as they are (``uint8``, placed like the moment) and ``<name>_absmax``
 as one fp32 scale per code (its block's ``absmax``, placed like the moment too), so DCP can move every code with
 the scale that decodes it to any world size. :func:`requantize` restores the block ``absmax`` on load: when this
@@ -36,6 +39,7 @@ import torch
 from ..projectors.base import LEFT
 from ..state import ABSMAX, BLOCKSIZE, StateStore, n_blocks, qmap
 from . import gum as _gum
+from . import sparse as _sparse
 from .shards import is_dtensor, layout, split_axis, wrap
 from .shards import local as local_tensor
 
@@ -275,6 +279,7 @@ def export_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
             if _gum_sharded(opt, group, p, st):  # one process's form (collective), packed below like it
                 st = _gum.whole_state(opt, group, p, st)
             packed[idx] = _export_matrix(opt, group, st, _matrix_shape(opt, group, p), _rows_shape(opt, group, p))
+            packed[idx] = _sparse.whole_state(opt, group, p, packed[idx])  # GaLore+'s entries: one process's form
     state_dict = {**state_dict, "state": packed}
     if not any(is_dtensor(p) for _, p in pairs):
         return state_dict
@@ -336,6 +341,8 @@ def import_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
             v = _import_matrix(opt, group, v, _matrix_shape(opt, group, p) if p is not None else ())
             if p is not None and _gum_sharded(opt, group, p, v):
                 v = _gum.local_state(opt, group, p, v)
+            if p is not None:
+                v = _sparse.local_state(opt, group, p, v)  # GaLore+'s entries of this rank's rows
         out[k] = v
     return {**state_dict, "state": out}
 
@@ -383,6 +390,7 @@ def requantize(opt: LowRankOptimizer) -> None:
         store = opt._parts(group)[4]
         if not st or store.dtype != "8bit" or "matrices" in st:  # an expert's codes and blocks are its own
             continue
+        _sparse.requantize(opt, group, p, st)  # GaLore+'s residual moments, exported with per-code scales
         split = None
         if is_dtensor(p) and mode(opt, group, p) == "sharded":
             rule, low, _ = moment_layout(opt, group, p)

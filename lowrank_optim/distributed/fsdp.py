@@ -2,17 +2,17 @@
 
 Three modes, chosen per parameter from its kind and its group's parts (:func:`mode`):
 
-* ``"sharded"``: basis projectors (``svd``, ``rsvd``, ``random``, ``dct``, ``online_pca``, ``coap``; any
-  ``basis_dtype`` they accept) with an inner rule that is elementwise or asks :mod:`~lowrank_optim.distributed.comm`
-  for its sums (``adam``, ``adafactor``, ``sgd``; ``muon``, whose Newton-Schulz is
-  :mod:`~lowrank_optim.distributed.newton_schulz`), the ``drop``, ``fira`` or ``apollo`` residual and the ``keep``,
-  ``reset``, ``linear`` or ``match`` transfer (GaLoreAdamW, GaLoreAdafactor, Fira, Flora, APOLLO, APOLLO-Mini,
-  DCT-AdamW, Online Subspace Descent, COAP), FRUGAL's blocks with a state-free residual and a resetting transfer
-  (row-local: :func:`_step_elementwise`), and every plain parameter whose rule is one of those; GUM (the ``gum``
-  projector, fp32, bf16 or int8 basis, ``drop`` residual, ``reset`` transfer: its weighted projection and full-size
-  branch, :mod:`~lowrank_optim.distributed.gum`). A conv weight ``(out, in, *k)`` is the matrix
-  ``out x (in * prod(k))`` (:func:`matrix_shape`), whose rows are the parameter's rows, so it takes this path on a
-  view of its shard. Every state tensor is sharded:
+* ``"sharded"``: basis projectors (``svd``, ``rsvd``, ``rsvd_heads``, ``random``, ``dct``, ``online_pca``, ``coap``;
+  any ``basis_dtype`` they accept) with an inner rule that is elementwise or asks
+  :mod:`~lowrank_optim.distributed.comm` for its sums (``adam``, ``adafactor``, ``sgd``; ``muon``, whose Newton-Schulz
+  is :mod:`~lowrank_optim.distributed.newton_schulz`), the ``drop``, ``fira``, ``apollo`` or ``sparse`` residual and
+  the ``keep``, ``reset``, ``linear`` or ``match`` transfer (GaLoreAdamW, GaLoreAdafactor, GaLore+, Fira, Flora,
+  APOLLO, APOLLO-Mini, DCT-AdamW, Online Subspace Descent, COAP), FRUGAL's blocks with a state-free residual and a
+  resetting transfer (row-local: :func:`_step_elementwise`), and every plain parameter whose rule is one of those;
+  GUM (the ``gum`` projector, fp32, bf16 or int8 basis, ``drop`` residual, ``reset`` transfer: its weighted
+  projection and full-size branch, :mod:`~lowrank_optim.distributed.gum`). A conv weight ``(out, in, *k)`` is the
+  matrix ``out x (in * prod(k))`` (:func:`matrix_shape`), whose rows are the parameter's rows, so it takes this path
+  on a view of its shard. Every state tensor is sharded:
 
   - right side (``m >= n`` under ``"std"``; basis ``Q``, ``n x r``): ``R_i = G_i Q`` and ``W_i -= N_i Q^T``
     are local; the moments are ``m_i x r`` row chunks; ``Q`` is kept as row chunks (``n`` split like ``m``)
@@ -31,20 +31,24 @@ Three modes, chosen per parameter from its kind and its group's parts (:func:`mo
     owner rank (the parameter's index modulo the world size): one gather of the whole gradient (and of the
     chunked projector state, :data:`~.bases.BASIS_KEYS`; COAP: of the first moment) to the owner, the projector's
     own ``init`` / ``update`` on it (so the basis, and its codes, are bit-identical to one process's, signs
-    included), one broadcast; each rank keeps its chunk of each stored tensor. Random bases (Flora, APOLLO) are
-    drawn from the same seed on every rank and need no traffic; DCT's basis is built on every rank from its
-    replicated indices;
+    included), one broadcast; each rank keeps its chunk of each stored tensor (GaLore+'s ``rsvd_heads``: its drawn
+    ``head`` travels with the basis). Random bases (Flora, APOLLO) are drawn from the same seed on every rank and
+    need no traffic; DCT's basis is built on every rank from its replicated indices;
   - a zero first gradient defers the subspace to the first nonzero one (``subspace_pending``), as in one
     process; stochastic rounding of the stores is keyed by the global element index (:class:`ShardStore`).
+  - GaLore+'s sparse residual (:mod:`.sparse`): ``E_i`` and its warm-up score are this rank's rows; the choice of
+    the ``k`` entries of the whole score is one all-gather of candidates and one of tie counts, once per matrix;
+    each rank keeps the entries of its rows and their moments.
 
 * ``"experts"``: an MoE expert stack ``(E, m, n)`` (:mod:`lowrank_optim.plan`), every preset. ``Shard(0)`` splits
   the expert axis, so each rank holds whole experts and runs the single-process step on them, each known by its
   index in the whole stack (:mod:`.experts`): no traffic, the state divided by whole experts.
 
-* ``"replicated"`` (every other combination: GaLore+'s sparse residual, a top-k over the whole matrix, for 2-D and
-  conv weights): the whole gradient and weight are all-gathered, the single-process step runs on them with
-  replicated state, and each rank keeps its rows. Exact, but the state is not divided. None of these is impossible to
-  shard (``docs/ARCHITECTURE.md`` says what each would take); they are not sharded yet.
+* ``"replicated"`` (every other combination: the coordinate selections ``columns`` / ``rows`` / ``entries``, and
+  residuals or transfers outside the sharded sets; for 2-D and conv weights): the whole gradient and weight are
+  all-gathered, the single-process step runs on them with replicated state, and each rank keeps its rows. Exact, but
+  the state is not divided. None of these is impossible to shard (``docs/ARCHITECTURE.md`` says what each would
+  take); they are not sharded yet.
 """
 
 from __future__ import annotations
@@ -62,15 +66,16 @@ from ..state import StateStore
 from . import bases as _bases
 from . import comm
 from . import gum as _gum
+from . import sparse as _sparse
 from .shards import Layout, Split, all_gather_cols, all_gather_rows, broadcast_from, gather_rows_to, layout, local
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import LowRankOptimizer
 
 #: Parts the sharded mode implements; anything else runs replicated.
-SHARDED_PROJECTORS = ("svd", "rsvd", "random", "dct", "online_pca", "coap")
+SHARDED_PROJECTORS = ("svd", "rsvd", "rsvd_heads", "random", "dct", "online_pca", "coap")
 SHARDED_RULES = ("adam", "adafactor", "sgd", "muon")
-SHARDED_RESIDUALS = ("drop", "fira", "apollo")
+SHARDED_RESIDUALS = ("drop", "fira", "apollo", "sparse")
 SHARDED_TRANSFERS = ("keep", "reset", "linear", "match")
 
 #: Projectors whose state has no tensor and whose ``init`` / ``update`` read only the gradient's shape.
@@ -457,9 +462,10 @@ def _step_lowrank(opt: LowRankOptimizer, group: dict[str, Any], p: torch.Tensor,
     if low_update.numel() and not getattr(residual, "replaces_lift", False):  # APOLLO applies its own update
         step_proj.add_back(target, low_update, view, alpha)
     ctx = {"coef": d.coef, "lr": d.lr} if getattr(residual, "wants_coef", False) else {}
-    # the residual sees R and N whole on the left side, as row chunks on the right
+    # the residual sees R and N whole on the left side, as row chunks on the right; GaLore+'s sparse residual
+    # learns this rank's rows of the matrix (.sparse)
     with comm.sharded(comm.Sharding(lay.group, None if side == LEFT else 0, (r, n) if side == LEFT else (m, r),
-                                    m * n)):
+                                    m * n)), _sparse.rows(_sparse.RowBlock(lay.group, offset, size, (m, n))):
         extra = residual.step(grad, low, low_update, step_proj, view, state, group, **ctx)
     if extra is not None:
         target.sub_(extra)

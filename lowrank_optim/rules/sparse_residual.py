@@ -6,13 +6,19 @@ phase. No public code exists, so every concrete choice below is ours:
 * the residual is the part of the gradient the projection drops, ``E = G - project_back(project(G))``;
 * during the first ``residual_warmup`` steps of a parameter, ``E^2`` is accumulated (a transient
   full-size fp32 buffer, freed at the end of the warm-up; while it is all zero, e.g. for a layer feeding
-  a zero-initialised one, the warm-up goes on); then the ``residual_density * m * n``
+  a zero-initialised one, the warm-up goes on); then the ``k = floor(residual_density * m * n)``
   entries with the largest accumulated energy are chosen once and for all (indices kept sorted, as
-  int32 when they fit); the set is not re-chosen when the basis is refreshed;
+  int32 when they fit); the set is not re-chosen when the basis is refreshed. Ties are broken by position:
+  with ``t`` the ``k``-th largest score, every entry scoring ``> t`` and, of those scoring ``== t``, the lowest
+  flat (row-major) indices (:func:`lowrank_optim.distributed.sparse.select_entries`, the one definition that one
+  process and FSDP2's k ranks share; before, ties went wherever ``torch.topk`` put them);
 * afterwards each step runs Adam (torch's order, own ``residual_betas`` / ``residual_eps``) on ``E`` at
   those entries only, through the group's state store, and adds the step at those entries, scaled by
   ``lr * scale`` like the low-rank step;
 * ``residual_density = 0`` keeps no state and is exactly the ``drop`` rule.
+
+Under FSDP2's sharded mode the rule sees this rank's rows of ``G`` and keeps the entries of its rows
+(:mod:`lowrank_optim.distributed.sparse`, which also gives checkpoints one process's form of the entries).
 
 Checkpoints (:meth:`SparseResidual.export_state`): the state swaps the warm-up score for indices and moments, and
 ``torch.distributed.checkpoint`` loads by the keys and shapes of a fresh optimizer's state, which is in the
@@ -32,6 +38,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._validation import check_betas, check_int, check_number
+from ..distributed import sparse as _rows
 from ..projectors.base import Projector, ProjState
 from ..state import ABSMAX, StateStore
 from .base import Group, ResidualRule
@@ -56,6 +63,19 @@ def residual_count(density: float, shape: tuple[int, ...] | torch.Size) -> int:
     return int(density * numel)
 
 
+def _store(group: Group, state: dict, k: int, block: _rows.RowBlock | None) -> StateStore:
+    """The store of the residual's moments: the group's ``state_dtype``; under FSDP2 (``block``) a rank's part of
+    the length-``k`` moments, quantized when the whole would be and rounded as the whole's entries from
+    ``residual_first`` on (:class:`lowrank_optim.distributed.fsdp.ShardStore`)."""
+    store = StateStore(group["state_dtype"])
+    if block is None:
+        return store
+    from ..distributed.fsdp import local_store
+    from ..distributed.shards import Split
+
+    return local_store(store, k, Split(0, int(state.get(_rows.FIRST, 0)), (k,)))
+
+
 class SparseResidual(ResidualRule):
     """Small Adam moments on the largest entries of the dropped gradient (see the module docstring)."""
 
@@ -73,27 +93,32 @@ class SparseResidual(ResidualRule):
 
     def step(self, grad: torch.Tensor, low_grad: torch.Tensor, low_update: torch.Tensor, projector: Projector,
              proj_state: ProjState, state: dict, group: Group) -> torch.Tensor | None:
-        k = residual_count(group["residual_density"], grad.shape)
+        block = _rows.current()  # FSDP2's sharded mode: grad is this rank's rows of the (m, n) matrix
+        shape = tuple(grad.shape) if block is None else block.shape
+        k = residual_count(group["residual_density"], shape)
         if k == 0:
             return None
         resid = projector.residual(grad, low_grad, proj_state)  # E = G - lift(R), a new contiguous buffer
         seen = int(state.get(_SEEN, 0)) + 1
         state[_SEEN] = seen
         warmup = int(group["residual_warmup"])
-        store = StateStore(group["state_dtype"])
+        store = _store(group, state, k, block)
         if _INDEX not in state:
             score = state.get(_SCORE)
             score = resid.square() if score is None else score.addcmul_(resid, resid)
             # an all-zero score (only zero gradients so far) ranks nothing: the warm-up lasts until one is nonzero
-            if seen < max(warmup, 1) or (score.device.type != "meta" and not bool(score.any())):
+            if seen < max(warmup, 1) or (score.device.type != "meta" and not _rows.any_nonzero(score, block)):
                 state[_SCORE] = score
                 return None
             state.pop(_SCORE, None)
-            idx = torch.topk(score.flatten(), k, sorted=False).indices.sort().values
-            small = grad.numel() < 2**31
+            idx, first = _rows.select_entries(score, k, block)
+            small = residual_count(1.0, shape) < 2**31
             state[_INDEX] = idx.to(torch.int32) if small else idx
+            if block is not None:
+                state[_rows.FIRST] = first
+                store = _store(group, state, k, block)
             for name in (_M, _V):
-                store.create(state, name, (k,), grad.device)
+                store.create(state, name, (idx.numel(),), grad.device)
             state[_STEP] = 0
             if seen <= warmup:
                 return None
