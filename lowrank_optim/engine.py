@@ -243,7 +243,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"Invalid refresh_stagger: True for projector {parts.projector.name!r}: "
                                  f"{parts.projector.stagger_refusal}")
             refuse_misplaced_options(group, parts.projector, {*self.defaults, *ENGINE_DEFAULTS, *inner.defaults,
-                                                              *residual.defaults, *plain_rule.defaults})
+                                                              *residual.defaults, *plain_rule.defaults},
+                                     {**self._inherited_options(group["projector"]),
+                                      **(group["projector_options"] or {})})
             # combinations that cannot work are refused by name
             parts.residual.check_projector(parts.projector, group)
             parts.transfer.check_projector(parts.projector, group)

@@ -23,7 +23,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gum_two_after": {"full_rank_layers": 2, "weighting": "after"},
     "gum_all": {"full_rank_layers": 4},
     "gum_prob": {"full_rank_prob": 0.5, "full_rank_layers": None, "weighting": "none"},
-    "galore_muon": {"projector": "svd"},
+    "galore_muon": {"projector": "svd", "full_rank_layers": None},  # GUM's branch options are refused with "svd"
 }
 #: ``(global shape, split axis)`` of the direct Newton-Schulz calls: both forms, both axes, tall and wide, a chunk
 #: empty on the third rank (2 rows).

@@ -343,6 +343,9 @@ def test_projector_option_as_a_group_key_is_refused(cls: type, key: str, value: 
         cls([{"params": [w], "rank": 2, key: value}])
     opt = cls([{"params": [w], "rank": 2, "my_tag": "attention"}])
     assert opt.param_groups[0]["my_tag"] == "attention"
+    # the value the projector got is harmless (ZeroRedundancyOptimizer copies the optimizer's kwargs into groups)
+    opts = {key: value, **({"full_rank_layers": None} if key == "full_rank_prob" else {})}  # GUM: exactly one
+    cls([{"params": [w], "rank": 2, key: value, "projector_options": opts}])
     lro.OnlineSubspaceDescent([{"params": [w], "rank": 2, "betas": (0.9, 0.99)}])
     if cls is lro.GaLoreAdamW:
         opt = cls([{"params": [w], "rank": 2, "projector_options": {key: value}}])

@@ -119,7 +119,7 @@ def decode_rows(codes: torch.Tensor, scale: torch.Tensor, offset: int) -> torch.
     """Rows ``[offset, offset + len(codes))`` of a decoded int8 basis from their codes alone: ``codes`` int8
     ``(s, r)``, ``scale`` the whole fp32 ``(ceil(d / 256), r)``; each entry is ``code x scale[row // 256]``, the one
     product :func:`~lowrank_optim.projectors.quantized_basis.decode_basis` takes, so bit-identical to its rows."""
-    rows = torch.arange(offset, offset + int(codes.shape[0]), device=codes.device) // BLOCK
+    rows = torch.arange(offset, offset + int(codes.shape[0]), dtype=torch.int64, device=codes.device) // BLOCK
     return codes.float() * scale[rows]
 
 

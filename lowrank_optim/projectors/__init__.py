@@ -77,15 +77,30 @@ def option_names(projector: Projector) -> set[str]:
     return (own - {"self", "rank", "side"}) | set(COMMON_OPTIONS)
 
 
-def refuse_misplaced_options(group: dict[str, Any], projector: Projector, known: set[str]) -> None:
-    """Refuses a param-group key that is an option of the group's projector and not a group key (``known``): a group
-    key is never passed to the projector, so ``{"params": ..., "weighting": "after"}`` for GUM or ``"density"`` for
-    FRUGAL would be ignored without a word.
+def refuse_misplaced_options(group: dict[str, Any], projector: Projector, known: set[str],
+                             options: dict[str, Any]) -> None:
+    """Refuses a param-group key that is an option of the group's projector and not a group key (``known``) when
+    its value is not the one the projector got: a group key is never passed to the projector, so ``{"params": ...,
+    "weighting": "after"}`` for GUM or ``"density"`` for FRUGAL would be ignored without a word. A key equal to the
+    projector's value is harmless and kept (``ZeroRedundancyOptimizer`` copies the optimizer's keyword arguments into
+    every group it hands its local optimizer).
+
+    Args:
+        group: the param group.
+        projector: the group's projector.
+        known: keys the engine and the group's rules read.
+        options: the options the projector was built with (``projector_options``, inherited ones included).
 
     Raises:
         ValueError: names the key, its value and where it belongs (``projector_options``).
     """
-    misplaced = sorted(k for k in group if k not in known and k in option_names(projector))
+    params = inspect.signature(type(projector).__init__).parameters
+
+    def built_with(k: str) -> Any:
+        return options[k] if k in options else (params[k].default if k in params else None)
+
+    misplaced = sorted(k for k in group if k not in known and k in option_names(projector)
+                       and group[k] != built_with(k))
     if misplaced:
         k = misplaced[0]
         raise ValueError(f"Invalid param group key {k!r}: {group[k]!r} is an option of the {projector.name!r} "
