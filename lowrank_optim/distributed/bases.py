@@ -147,6 +147,11 @@ class StepBasis(Projector):
     def complement_floor(self, state: ProjState) -> float:
         return self.floor
 
+    def orthonormal_basis(self, state: ProjState) -> bool:
+        """An fp32 view is the projector's own orthonormal basis (the sharded mode takes only orthonormal projectors
+        with complement-taking residuals); a decoded quantized one is orthonormal only to its rounding."""
+        return self.form == "fp32"
+
     def residual(self, grad: torch.Tensor, low: torch.Tensor, state: ProjState, alpha: float = 1.0) -> torch.Tensor:
         out = grad.clone(memory_format=torch.contiguous_format)
         self.add_back(out, low, state, -alpha)

@@ -16,13 +16,16 @@ the same test needs no lift either; as in Fira's closed form (:mod:`lowrank_opti
 difference of squared norms resolves ``||E||^2 / ||G||^2`` down to :data:`~.fira_closed_form.CANCELLATION`, so the
 test is ``||E||^2 <= max(tau^2, CANCELLATION) ||G||^2`` (a device-side mask, no host read). Any other projector
 (no dense fp32 basis, a basis that is not orthonormal, weighted maps) forms ``E`` and reads the entries: the same
-values, as before.
+values, as before. Under FSDP2's sharded mode (:func:`lowrank_optim.distributed.comm.sharded`) ``grad`` is this rank's
+rows and the two squared norms are completed over the ranks (two fp64 scalars), so k ranks decide the floor as one
+process does.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..distributed import comm
 from .base import LEFT, Projector, ProjState
 
 #: Largest number of gathered basis / low-rank elements one chunk of entries holds (16 Mi fp32: 64 MiB).
@@ -71,6 +74,10 @@ def residual_entries(projector: Projector, grad: torch.Tensor, low: torch.Tensor
         out[start: start + step].sub_(dots)
     g2 = torch.linalg.vector_norm(grad, dtype=torch.float64).square()
     r2 = torch.linalg.vector_norm(low, dtype=torch.float64).square()
+    spec = comm.current()
+    if spec is not None:  # FSDP2: grad is this rank's rows; low its rows (right side) or the whole R (left side)
+        g2 = comm.all_reduce(g2.reshape(1), spec.group).reshape(())
+        r2 = comm.reduce_total(r2)
     from ..rules.fira_closed_form import CANCELLATION
 
     tau = projector.complement_floor(state)

@@ -14,7 +14,10 @@ phase. No public code exists, so every concrete choice below is ours:
   process and FSDP2's k ranks share; before, ties went wherever ``torch.topk`` put them);
 * afterwards each step runs Adam (torch's order, own ``residual_betas`` / ``residual_eps``) on ``E`` at
   those entries only, through the group's state store, and adds the step at those entries, scaled by
-  ``lr * scale`` like the low-rank step;
+  ``lr * scale`` like the low-rank step. ``E`` is then read at the ``k`` entries only
+  (:func:`lowrank_optim.projectors.entries.residual_entries`: ``2 k r`` flops, no lift and no ``m x n`` buffer, for
+  an orthonormal fp32 basis; its rounding floor from ``||G||^2 - ||R||^2``, which resolves it down to Fira's
+  closed form's ``CANCELLATION``), and the step is added to the weight in place at those entries;
 * ``residual_density = 0`` keeps no state and is exactly the ``drop`` rule.
 
 Under FSDP2's sharded mode the rule sees this rank's rows of ``G`` and keeps the entries of its rows
@@ -40,6 +43,7 @@ import torch
 from .._validation import check_betas, check_int, check_number
 from ..distributed import sparse as _rows
 from ..projectors.base import Projector, ProjState
+from ..projectors.entries import residual_entries
 from ..state import ABSMAX, StateStore
 from .base import Group, ResidualRule
 
@@ -79,6 +83,8 @@ def _store(group: Group, state: dict, k: int, block: _rows.RowBlock | None) -> S
 class SparseResidual(ResidualRule):
     """Small Adam moments on the largest entries of the dropped gradient (see the module docstring)."""
 
+    wants_target = True  # its step touches k entries: applied in place, no full-size tensor to subtract
+
     name = "sparse"
     defaults: ClassVar[dict[str, Any]] = {"residual_density": 0.01, "residual_warmup": 10,
                                           "residual_betas": (0.9, 0.999), "residual_eps": 1e-8}
@@ -92,13 +98,15 @@ class SparseResidual(ResidualRule):
             raise ValueError("Invalid lr: None, the sparse residual needs a learning rate")
 
     def step(self, grad: torch.Tensor, low_grad: torch.Tensor, low_update: torch.Tensor, projector: Projector,
-             proj_state: ProjState, state: dict, group: Group) -> torch.Tensor | None:
+             proj_state: ProjState, state: dict, group: Group, target: torch.Tensor | None = None
+             ) -> torch.Tensor | None:
         block = _rows.current()  # FSDP2's sharded mode: grad is this rank's rows of the (m, n) matrix
         shape = tuple(grad.shape) if block is None else block.shape
         k = residual_count(group["residual_density"], shape)
         if k == 0:
             return None
-        resid = projector.residual(grad, low_grad, proj_state)  # E = G - lift(R), a new contiguous buffer
+        # E = G - lift(R): formed (a new contiguous buffer) during the warm-up, which scores every entry
+        resid = projector.residual(grad, low_grad, proj_state) if _INDEX not in state else None
         seen = int(state.get(_SEEN, 0)) + 1
         state[_SEEN] = seen
         warmup = int(group["residual_warmup"])
@@ -123,7 +131,10 @@ class SparseResidual(ResidualRule):
             if seen <= warmup:
                 return None
         idx = state[_INDEX].long()
-        e = resid.flatten().index_select(0, idx)
+        if resid is not None:
+            e = resid.flatten().index_select(0, idx)
+        else:  # only the chosen entries of E (projectors.entries: no lift, no full-size buffer; FSDP2: this rank's)
+            e = residual_entries(projector, grad, low_grad, proj_state, idx)
         beta1, beta2 = group["residual_betas"]
         t = int(state[_STEP]) + 1
         m, v = store.load(state, _M, True), store.load(state, _V, False)
@@ -134,9 +145,12 @@ class SparseResidual(ResidualRule):
         store.save(state, _M, m, True)
         store.save(state, _V, v, False)
         state[_STEP] = t
-        out = resid.view(-1).zero_()  # E's buffer is free once its entries are gathered
-        out.index_copy_(0, idx, upd)
-        return resid
+        if target is not None and target.is_contiguous():  # the step at the k entries, in place
+            target.view(-1).index_add_(0, idx, upd, alpha=-1.0)
+            return None
+        out = grad.new_zeros(grad.shape) if resid is None else resid.view(-1).zero_().view(grad.shape)
+        out.view(-1).index_copy_(0, idx, upd)
+        return out
 
     def export_state(self, state: dict, group: Group, shape: tuple[int, ...]) -> dict:
         """The same keys in every phase (see the module docstring): after the warm-up the state plus
