@@ -76,7 +76,6 @@ def build(name: str, model: nn.Module, store: str, **extra: Any) -> torch.optim.
     name = name.removesuffix("+dense")
     heads = name.endswith("+heads")  # "+heads": GaLore+ with num_heads=HEADS (a basis shared by head blocks)
     name = name.removesuffix("+heads")
-    name, _, projector = name.partition("+proj_")  # "+proj_<name>": another projector (FRUGAL's SVD subspace)
     name, _, basis = name.partition("+basis_")  # "+basis_<dtype>": the projector keeps its basis in <dtype>
     kwargs = {**CASES.get(name.removesuffix("+relative"), {}), **extra}
     if stagger:
@@ -89,8 +88,6 @@ def build(name: str, model: nn.Module, store: str, **extra: Any) -> torch.optim.
         kwargs["num_heads"] = HEADS
     if basis:
         kwargs["projector_options"] = {"basis_dtype": basis}
-    if projector:
-        kwargs["projector"] = projector
     if name.endswith("+relative"):  # Adafactor's relative step scaled by RMS(W): sums over the whole weight
         name = name.removesuffix("+relative")
         kwargs.update(lr=None, relative_step=True, scale_parameter=True)

@@ -101,8 +101,7 @@ def check_parity(result: dict[str, Any], world: int) -> list[str]:
             bound = max(bound, 3 * worst(ref, reference(name, "fp32", source))[0])
         if not rel <= bound:
             failures.append(f"{world} ranks {key} {pname}: relative difference {rel:.2e} > {bound:.2e}")
-        if (name.startswith("galore_plus") or "+proj_" in name) and set(got["modes"].values()) != {"sharded"}:
-            # GaLore+ and FRUGAL's SVD subspace (sign residual, reset_on_change) are sharded now
+        if name.startswith("galore_plus") and set(got["modes"].values()) != {"sharded"}:  # GaLore+ is sharded now
             failures.append(f"{world} ranks {key}: modes {got['modes']}")
     return failures
 
@@ -121,7 +120,7 @@ PARITY_2 = (_cases([*lro.available_optimizers(), "galore_adafactor+relative", *Q
             + _cases(CORE, ("bf16", "8bit"), "synthetic")
             + _cases(("galore_plus",), ("bf16", "8bit"), "synthetic") + _cases(("galore_plus+dense",), ("8bit",),
                                                                                  "synthetic")
-            + _cases(("galore_plus+heads", "frugal+proj_svd"), ("fp32",), "synthetic")
+            + _cases(("galore_plus+heads",), ("fp32",), "synthetic")
             + _cases(CONTINUOUS, ("fp32",), "model")
             + _cases(("galore_adamw", "fira"), ("fp32",), "zerofirst"))
 #: Sharded presets in every store; presets whose state changes shape (FRUGAL's blocks, GUM's full-rank draw) or

@@ -5,10 +5,9 @@ Three modes, chosen per parameter from its kind and its group's parts (:func:`mo
 * ``"sharded"``: basis projectors (``svd``, ``rsvd``, ``rsvd_heads``, ``random``, ``dct``, ``online_pca``, ``coap``;
   any ``basis_dtype`` they accept) with an inner rule that is elementwise or asks
   :mod:`~lowrank_optim.distributed.comm` for its sums (``adam``, ``adafactor``, ``sgd``; ``muon``, whose Newton-Schulz
-  is :mod:`~lowrank_optim.distributed.newton_schulz`), the ``drop``, ``fira``, ``apollo``, ``sparse``, ``sign`` or
-  ``sgd`` residual and the ``keep``, ``reset``, ``linear``, ``match`` or ``reset_on_change`` transfer (GaLoreAdamW,
-  GaLoreAdafactor, GaLore+, Fira, Flora, APOLLO, APOLLO-Mini, DCT-AdamW, Online Subspace Descent, COAP, FRUGAL with
-  a basis projector), FRUGAL's blocks with a state-free residual and a
+  is :mod:`~lowrank_optim.distributed.newton_schulz`), the ``drop``, ``fira``, ``apollo`` or ``sparse`` residual and
+  the ``keep``, ``reset``, ``linear`` or ``match`` transfer (GaLoreAdamW, GaLoreAdafactor, GaLore+, Fira, Flora,
+  APOLLO, APOLLO-Mini, DCT-AdamW, Online Subspace Descent, COAP), FRUGAL's blocks with a state-free residual and a
   resetting transfer (row-local: :func:`_step_elementwise`), and every plain parameter whose rule is one of those;
   GUM (the ``gum`` projector, fp32, bf16 or int8 basis, ``drop`` residual, ``reset`` transfer: its weighted
   projection and full-size branch, :mod:`~lowrank_optim.distributed.gum`). A conv weight ``(out, in, *k)`` is the
@@ -45,11 +44,11 @@ Three modes, chosen per parameter from its kind and its group's parts (:func:`mo
   the expert axis, so each rank holds whole experts and runs the single-process step on them, each known by its
   index in the whole stack (:mod:`.experts`): no traffic, the state divided by whole experts.
 
-* ``"replicated"`` (every other combination: the coordinate selections ``columns`` / ``rows`` / ``entries``, for
-  2-D and conv weights): the whole gradient and weight are
-  all-gathered, the single-process step runs on them with replicated state, and each rank keeps its rows. Exact, but
-  the state is not divided. None of these is impossible to shard (``docs/ARCHITECTURE.md`` says what each would
-  take); they are not sharded yet.
+* ``"replicated"`` (every other combination: the coordinate selections ``columns`` / ``rows`` / ``entries``, and
+  a state-free residual on a basis projector, ``FRUGAL(projector="svd")``; for 2-D and conv weights): the whole
+  gradient and weight are all-gathered, the single-process step runs on them with replicated state, and each rank
+  keeps its rows. Exact, but the state is not divided. None of these is impossible to shard (``docs/ARCHITECTURE.md``
+  says what each would take); they are not sharded yet.
 """
 
 from __future__ import annotations
@@ -76,11 +75,8 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Parts the sharded mode implements; anything else runs replicated.
 SHARDED_PROJECTORS = ("svd", "rsvd", "rsvd_heads", "random", "dct", "online_pca", "coap")
 SHARDED_RULES = ("adam", "adafactor", "sgd", "muon")
-#: ``sign`` / ``sgd``: FRUGAL's state-free residuals on a basis projector (``FRUGAL(projector="svd")``): the
-#: complement's rows are local and the step elementwise.
-SHARDED_RESIDUALS = ("drop", "fira", "apollo", "sparse", "sign", "sgd")
-#: ``reset_on_change`` on a basis projector resets like ``reset`` (only selections can say "same subspace").
-SHARDED_TRANSFERS = ("keep", "reset", "linear", "match", "reset_on_change")
+SHARDED_RESIDUALS = ("drop", "fira", "apollo", "sparse")
+SHARDED_TRANSFERS = ("keep", "reset", "linear", "match")
 
 #: Projectors whose state has no tensor and whose ``init`` / ``update`` read only the gradient's shape.
 SEEDED_PROJECTORS = ("random",)
