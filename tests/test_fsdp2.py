@@ -115,9 +115,12 @@ def _cases(names: tuple[str, ...] | list[str], stores: tuple[str, ...], source: 
 #: rows, one block: its scales on rank 0 only).
 QUANTIZED = ("galore_adamw+basis_bf16", "galore_adamw+basis_int8", "galore_adamw+reverse+basis_int8",
              "galore_adamw+reverse+basis_int4", "fira+basis_int8", "gum+basis_int8", "coap+basis_int8")
+#: The other presets in the low-precision stores (GUM's are in ``tests/test_fsdp2_gum.py``): every preset x store.
+OTHER_STORES = ("apollo", "apollo_mini", "coap", "dct_adamw", "frugal", "galore_adafactor", "online_subspace_descent")
 PARITY_2 = (_cases([*lro.available_optimizers(), "galore_adafactor+relative", *QUANTIZED, "galore_adamw+stagger",
                     "fira+stagger"], ("fp32",), "synthetic")
             + _cases(CORE, ("bf16", "8bit"), "synthetic")
+            + _cases(OTHER_STORES, ("bf16", "8bit"), "synthetic")
             + _cases(("galore_plus",), ("bf16", "8bit"), "synthetic") + _cases(("galore_plus+dense",), ("8bit",),
                                                                                  "synthetic")
             + _cases(("galore_plus+heads",), ("fp32",), "synthetic")
