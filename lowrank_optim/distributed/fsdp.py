@@ -83,9 +83,6 @@ SEEDED_PROJECTORS = ("random",)
 #: Projectors whose ``(d, r)`` basis is computed from their small replicated state (``back_matrix``): seeded draws
 #: and DCT's column indices; each rank builds it (its rows on the left side), no traffic.
 STATE_BASIS_PROJECTORS = ("random", "dct")
-#: Projector-state tensors whose first axis runs along the projected axis ``d``, kept as chunks of that axis: the
-#: basis in its stored form, its block scales, Online Subspace Descent's Adam moments of the basis (:mod:`.bases`).
-ROW_KEYS = _bases.BASIS_KEYS
 #: Projectors whose subspace is all of a tensor or nothing (FRUGAL's blocks): ``project``, the lift and the
 #: complement act on a rank's rows alone, and their state is ints (from the shape and the group's layout), so
 #: they run on every rank; with a state-free residual and a resetting transfer the whole step is row-local.
