@@ -173,46 +173,19 @@ def _gather(obj: Any) -> list[Any]:
 def checkpoint_save(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: str) -> dict[str, Any]:
     """Per case: :data:`SAVE_AT` steps, DCP save, the rest (the uninterrupted run); a fresh model and optimizer at
     this world size load the checkpoint and continue; the full (gathered) state dicts are kept."""
-    import copy
-
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    out: dict[str, Any] = {}
-    for name, store, source in cases:
-        key = f"{name}/{store}/{source}"
-        path = str(Path(out_dir) / f"moe-{world}-{key.replace('/', '-')}")
-        model = sharded_model(world)
-        opt = build(name, model, store)
-        train(model, opt, range(SAVE_AT), rank, world, source)
-        base._dcp_save(model, opt, path)
-        full = StateDictOptions(full_state_dict=True)
-        full_model = get_model_state_dict(model, options=full)
-        full_optim = copy.deepcopy(get_optimizer_state_dict(model, opt, options=full))
-        train(model, opt, range(SAVE_AT, STEPS), rank, world, source)
-        model2 = sharded_model(world)
-        opt2 = build(name, model2, store)
-        base.dcp_load(model2, opt2, path)
-        train(model2, opt2, range(SAVE_AT, STEPS), rank, world, source)
-        out[key] = {"path": path, "uninterrupted": base.whole(model), "resumed": base.whole(model2),
-                    "full_model": full_model, "full_optim": full_optim}
-    return out
+    return base.save_resume(RUN, cases, rank, world, out_dir)
 
 
 def checkpoint_load(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: str) -> dict[str, Any]:
     """Per case: the 2-rank checkpoint loaded at this world size, continued."""
-    out: dict[str, Any] = {}
-    for name, store, source in cases:
-        key = f"{name}/{store}/{source}"
-        model = sharded_model(world)
-        opt = build(name, model, store)
-        base.dcp_load(model, opt, str(Path(out_dir) / f"moe-2-{key.replace('/', '-')}"))
-        train(model, opt, range(SAVE_AT, STEPS), rank, world, source)
-        out[key] = {"resumed": base.whole(model)}
-    return out
+    return base.load_resume(RUN, cases, rank, world, out_dir)
+
+
+def _path(out_dir: str, world: int, key: str) -> str:
+    return str(Path(out_dir) / f"moe-{world}-{key.replace('/', '-')}")
+
+
+RUN = base.Run(sharded_model, build, train, SAVE_AT, STEPS, _path)
 
 
 JOBS: dict[str, Any] = {"parity": parity, "checkpoint_save": checkpoint_save, "checkpoint_load": checkpoint_load}

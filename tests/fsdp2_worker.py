@@ -10,6 +10,8 @@ import copy
 import os
 import sys
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -304,9 +306,22 @@ def dcp_load(model: nn.Module, opt: torch.optim.Optimizer, path: str, planner: A
     set_optimizer_state_dict(model, opt, sd["optim"])
 
 
-def checkpoint_save(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: str) -> dict[str, Any]:
-    """Per case: 15 steps, DCP save, 15 more (the uninterrupted run); a fresh model and optimizer loaded from
-    the checkpoint continue 15 steps (same world size); the full (gathered) state dicts are kept."""
+@dataclass(frozen=True)
+class Run:
+    """What a worker module's DCP jobs vary: its sharded model, optimizer factory, training loop, step counts and
+    checkpoint paths (``path(out_dir, world, key)``: where the checkpoint of ``key`` saved at ``world`` ranks lives)."""
+
+    make: Callable[[int], nn.Module]
+    build: Callable[[str, nn.Module, str], torch.optim.Optimizer]
+    train: Callable[..., None]
+    save_at: int
+    steps: int
+    path: Callable[[str, int, str], str]
+
+
+def save_resume(run: Run, cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """Per case: ``run.save_at`` steps, DCP save, the rest (the uninterrupted run); a fresh model and optimizer at this
+    world size load the checkpoint and continue; the full (gathered) state dicts are kept."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -316,36 +331,56 @@ def checkpoint_save(cases: list[tuple[str, str, str]], rank: int, world: int, ou
     out: dict[str, Any] = {}
     for name, store, source in cases:
         key = f"{name}/{store}/{source}"
-        path = str(Path(out_dir) / key.replace("/", "-"))
-        model = sharded_model(world)
-        opt = build(name, model, store)
-        train(model, opt, range(SAVE_AT), rank, world, source)
+        path = run.path(out_dir, world, key)
+        model = run.make(world)
+        opt = run.build(name, model, store)
+        run.train(model, opt, range(run.save_at), rank, world, source)
         _dcp_save(model, opt, path)
         full = StateDictOptions(full_state_dict=True)
         full_model = get_model_state_dict(model, options=full)
         full_optim = copy.deepcopy(get_optimizer_state_dict(model, opt, options=full))  # replicated entries
         # are the live tensors (training goes on below)
-        train(model, opt, range(SAVE_AT, STEPS), rank, world, source)
-        model2 = sharded_model(world)
-        opt2 = build(name, model2, store)
+        run.train(model, opt, range(run.save_at, run.steps), rank, world, source)
+        model2 = run.make(world)
+        opt2 = run.build(name, model2, store)
         dcp_load(model2, opt2, path)
-        train(model2, opt2, range(SAVE_AT, STEPS), rank, world, source)
+        run.train(model2, opt2, range(run.save_at, run.steps), rank, world, source)
         out[key] = {"path": path, "uninterrupted": whole(model), "resumed": whole(model2),
                     "full_model": full_model, "full_optim": full_optim}
     return out
 
 
-def checkpoint_load(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: str) -> dict[str, Any]:
-    """Per case: a fresh model and optimizer at this world size load the checkpoint and continue 15 steps."""
+def load_resume(run: Run, cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: str,
+                saved_world: int = 2) -> dict[str, Any]:
+    """Per case: a fresh model and optimizer at this world size load the checkpoint saved at ``saved_world`` ranks
+    and continue to ``run.steps``."""
     out: dict[str, Any] = {}
     for name, store, source in cases:
         key = f"{name}/{store}/{source}"
-        model = sharded_model(world)
-        opt = build(name, model, store)
-        dcp_load(model, opt, str(Path(out_dir) / key.replace("/", "-")))
-        train(model, opt, range(SAVE_AT, STEPS), rank, world, source)
+        model = run.make(world)
+        opt = run.build(name, model, store)
+        dcp_load(model, opt, run.path(out_dir, saved_world, key))
+        run.train(model, opt, range(run.save_at, run.steps), rank, world, source)
         out[key] = {"resumed": whole(model)}
     return out
+
+
+def _path(out_dir: str, world: int, key: str) -> str:
+    return str(Path(out_dir) / key.replace("/", "-"))  # one launch saves (2 ranks): no world in the name
+
+
+RUN = Run(sharded_model, build, train, SAVE_AT, STEPS, _path)
+
+
+def checkpoint_save(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """Per case: 15 steps, DCP save, 15 more (the uninterrupted run); a fresh model and optimizer loaded from
+    the checkpoint continue 15 steps (same world size); the full (gathered) state dicts are kept."""
+    return save_resume(RUN, cases, rank, world, out_dir)
+
+
+def checkpoint_load(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """Per case: a fresh model and optimizer at this world size load the checkpoint and continue 15 steps."""
+    return load_resume(RUN, cases, rank, world, out_dir)
 
 
 def checkpoint_late(cases: list[tuple[str, str, str]], rank: int, world: int, out_dir: str) -> dict[str, Any]:
