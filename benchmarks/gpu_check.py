@@ -16,8 +16,11 @@
    decoder at LLaMA-1B shapes (24 layers, width 2048, SwiGLU 5461, vocabulary 32000, fp32 master weights):
    step time, ``opt.step()`` time alone, first-step time (the initial subspace), tokens/s and peak memory
    (``torch.cuda.max_memory_allocated``) for torch ``AdamW(fused=True)``, bitsandbytes ``AdamW8bit`` (when
-   installed), ``GaLoreAdamW`` in ``fp32`` and ``8bit`` stores and every other preset in ``fp32``, rank 512
-   (GaLore's 1B setting), each preset at its own default refresh period.
+   installed), ``GaLoreAdamW`` in ``fp32`` and ``8bit`` stores, ``GaLoreAdamW`` with TF32 matmuls
+   (``torch.set_float32_matmul_precision("high")`` for that case: the projection and lift follow torch's global
+   fp32 matmul precision) and every other preset in ``fp32``, rank 512 (GaLore's 1B setting), each preset at its
+   own default refresh period. GaLore+'s one-off residual warm-up (its first ``residual_warmup`` steps) is timed
+   apart (``warmup_median_step_s``) before the timed steps.
 
 All parts share one wall-clock budget (``--budget-s``, default 420 s): a case that would start after it is spent
 is recorded as ``"skipped: time budget"``, and the JSON is rewritten after every case, so a run stopped from
@@ -61,7 +64,7 @@ import torch
 from lowrank_optim.memory import count_state_bytes, llama_shapes
 from lowrank_optim.projectors.random import RandomProjector
 
-from . import common
+from . import common, throughput
 from .model import LLAMA_DECODERS, DecoderConfig, build_model
 from .registry import STATE_DTYPES, Spec, specs
 
@@ -287,6 +290,9 @@ def _speed_specs(stores_8bit: bool) -> list[tuple[str, Spec | None, dict[str, An
     rank = {name: i for i, name in enumerate(SPEED_ORDER)}
     ours.sort(key=lambda s: (rank.get(s.optimizer, len(rank)), s.optimizer, s.state_dtype != "fp32"))
     out.extend((s.label, s, {}) for s in ours)
+    galore = next((i for i, t in enumerate(out) if t[0] == "galore_adamw[fp32]"), None)
+    if galore is not None:  # TF32 projection and lift: torch's global fp32 matmul precision, which the step follows
+        out.insert(galore + 1, ("galore_adamw[fp32,tf32]", out[galore][1], {"matmul_precision": "high"}))
     return out
 
 
@@ -309,7 +315,7 @@ def check_speed(device: torch.device, cfg: DecoderConfig, rank: int, steps: int,
         budget.done(records, {"label": "bitsandbytes:adamw8bit", "status": "skipped: bitsandbytes is not installed"})
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
-    for label, spec, _ in todo:
+    for label, spec, extra in todo:
         rec: dict[str, Any] = {"label": label, "rank": rank if spec is not None and spec.lowrank else None}
         if budget.spent():
             rec["status"] = "skipped: time budget"
@@ -317,6 +323,8 @@ def check_speed(device: torch.device, cfg: DecoderConfig, rank: int, steps: int,
             continue
         model = opt = groups = loss = None
         started = time.perf_counter()
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(extra.get("matmul_precision", precision))
         try:
             gc.collect()
             if device.type == "cuda":
@@ -332,7 +340,8 @@ def check_speed(device: torch.device, cfg: DecoderConfig, rank: int, steps: int,
             else:
                 opt = spec.build(groups)
             times, step_times = [], []
-            for _ in range(steps + 1):
+            warm = throughput.warmup_steps(opt)  # GaLore+'s one-off residual warm-up: timed apart
+            for _ in range(steps + 1 + warm):
                 common.sync(device)
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
@@ -345,9 +354,12 @@ def check_speed(device: torch.device, cfg: DecoderConfig, rank: int, steps: int,
                 common.sync(device)
                 times.append(time.perf_counter() - t0)
                 step_times.append(time.perf_counter() - t1)
-            med = common.median(times[1:])
+            med = common.median(times[1 + warm:])
             rec.update({"status": "ok", "first_step_s": times[0], "median_step_s": med,
-                        "median_optimizer_step_s": common.median(step_times[1:]),
+                        "median_optimizer_step_s": common.median(step_times[1 + warm:]),
+                        "warmup_steps": warm,
+                        "warmup_median_step_s": common.median(times[1:1 + warm]) if warm else None,
+                        "matmul_precision": torch.get_float32_matmul_precision(),
                         "tokens_per_s": tokens.numel() / med, "state_bytes": count_state_bytes(opt),
                         "final_loss": float(loss.detach())})
             if device.type == "cuda":
@@ -355,6 +367,8 @@ def check_speed(device: torch.device, cfg: DecoderConfig, rank: int, steps: int,
         except Exception as err:
             rec["status"] = "error"
             rec["error"] = f"{type(err).__name__}: {err}"[:400]
+        finally:
+            torch.set_float32_matmul_precision(precision)
         del model, opt, groups, loss  # nothing of this case may count in the next one's peak
         rec["case_s"] = time.perf_counter() - started
         budget.done(records, rec)
@@ -437,7 +451,7 @@ def _op_time(event: Any, cuda: bool) -> float:
 #: Presets whose steady step the profile part breaks down by kernel (GaLore in both stores: the paper's anchor).
 PROFILE_CASES = (("galore_adamw", "fp32"), ("galore_adamw", "8bit"), ("fira", "fp32"), ("flora", "fp32"),
                  ("apollo_mini", "fp32"), ("dct_adamw", "fp32"), ("online_subspace_descent", "fp32"),
-                 ("gum", "fp32"))
+                 ("gum", "fp32"), ("galore_plus", "fp32"))
 
 
 def check_profile(device: torch.device, shapes: dict[str, tuple[int, ...]], rank: int, top: int = 12,

@@ -5,7 +5,9 @@ Two modes (``--mode step|e2e|all``, default ``all``):
 **step**: only the optimizer is timed: parameters and seeded gradients of the model's shapes are set once
 (no forward or backward pass). For each optimizer, in one process beside ``torch.optim.AdamW``:
 
-* steady steps (no subspace refresh): median and p95 over ``steps`` timed steps after a warm-up step;
+* steady steps (no subspace refresh): median and p95 over ``steps`` timed steps after a warm-up step and a
+  method's own one-off start (GaLore+'s residual warm-up: :func:`warmup_steps`, timed apart as
+  ``warmup_median_step_s``);
 * the refresh step, timed separately: a fresh optimizer with ``update_proj_gap=1`` refreshes every step,
   its median step time is the cost of a step that includes the refresh (quick mode, ``refresh_steps=0``:
   the first step, which computes the initial subspace, stands in for it);
@@ -93,6 +95,16 @@ def _timed_steps(opt: torch.optim.Optimizer, n: int, device: torch.device,
     return out, base
 
 
+def warmup_steps(opt: torch.optim.Optimizer) -> int:
+    """Steps a method takes once at the start of training before its steady steps: GaLore+'s sparse residual
+    scores every entry of the complement for its first ``residual_warmup`` steps (a full-size buffer and a formed
+    complement each step) and then chooses its entries once for the whole run. The step-time benchmark times these
+    apart (``warmup_median_step_s``) and starts the steady steps after them, since a period's amortized cost does not
+    include them (10 of a run's thousands of steps)."""
+    return max((int(g.get("residual_warmup", 0)) for g in opt.param_groups
+                if g.get("residual") == "sparse" and g.get("residual_density", 0) > 0), default=0)
+
+
 def time_spec(spec: Spec, params: dict[str, torch.nn.Parameter], rank: int, steps: int, refresh_steps: int,
               device: torch.device, period: int = T_REFRESH,
               baseline: torch.optim.Optimizer | None = None) -> dict[str, Any]:
@@ -106,6 +118,7 @@ def time_spec(spec: Spec, params: dict[str, torch.nn.Parameter], rank: int, step
             torch.cuda.reset_peak_memory_stats()
         opt = spec.build(common.split_groups(params, rank, 10**9))
         first = _timed_step(opt, device)  # state allocation + initial subspace
+        warmup = [_timed_step(opt, device) for _ in range(warmup_steps(opt))]  # once per run, not per period
         faults: list[int] = []
         steady, paired = _timed_steps(opt, steps, device, baseline, faults)
         if device.type == "cuda":
@@ -126,7 +139,8 @@ def time_spec(spec: Spec, params: dict[str, torch.nn.Parameter], rank: int, step
     gc.collect()
     med = common.median(steady)
     rec.update({"first_step_s": first, "median_step_s": med, "p95_step_s": common.quantile(steady, 0.95),
-                "refresh_step_s": refresh,
+                "refresh_step_s": refresh, "warmup_steps": len(warmup),
+                "warmup_median_step_s": common.median(warmup) if warmup else None,
                 "amortized_step_s": med if refresh is None else (med * (period - 1) + refresh) / period,
                 "steps": steps, "refresh_steps": refresh_steps if refresh is not None else 0,
                 "minor_faults_per_step": common.median(faults),
@@ -204,6 +218,7 @@ def time_e2e(spec: Spec, cfg: DecoderConfig, rank: int, steps: int, batch: tuple
             torch.cuda.reset_peak_memory_stats()
         trainer = _Trainer(spec, cfg, rank, period, batch, device)
         first = trainer.step()
+        warmup = [trainer.step() for _ in range(warmup_steps(trainer.opt))]  # once per run (GaLore+'s residual)
         steady, paired, faults = [], [], []
         for _ in range(steps):
             f0 = _minor_faults()
@@ -223,7 +238,8 @@ def time_e2e(spec: Spec, cfg: DecoderConfig, rank: int, steps: int, batch: tuple
     rec.update({"tokens_per_step": tokens, "first_step_s": first, "median_step_s": med,
                 "p95_step_s": common.quantile(steady, 0.95), "amortized_step_s": amortized,
                 "tokens_per_s": tokens / med, "amortized_tokens_per_s": tokens / amortized, "steps": steps,
-                "minor_faults_per_step": common.median(faults),
+                "minor_faults_per_step": common.median(faults), "warmup_steps": len(warmup),
+                "warmup_median_step_s": common.median(warmup) if warmup else None,
                 "refresh_source": "first_step" if spec.lowrank else None})
     if paired:
         rec["paired_adamw_median_step_s"] = common.median(paired)

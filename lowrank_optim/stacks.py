@@ -10,8 +10,9 @@ A matrix is batched when:
 * its projector gives a dense basis (:meth:`~lowrank_optim.projectors.base.Projector.batch_basis`: exact,
   randomized, online-PCA, COAP and seeded random bases; not selections, blocks or DCT columns);
 * its weight is fp32 (bf16 weights are stepped through fp32 copies on the per-matrix path);
-* the group's residual is ``"drop"`` or Fira's with an orthonormal basis (closed form,
-  :mod:`lowrank_optim.rules.fira_closed_form`).
+* the group's residual is ``"drop"``, Fira's with an orthonormal basis (closed form,
+  :mod:`lowrank_optim.rules.fira_closed_form`), APOLLO's scaling, or GaLore+'s sparse residual (run per matrix
+  after the stack's lifts, with unit weights only).
 
 The batched matrices are cut into *stacks*: matrices of the same shape, side, device and inner step count, in
 group order. Per stack:
@@ -50,7 +51,10 @@ from .update import Parts
 Group = dict[str, Any]
 
 #: Residual rules the batched step applies itself (``"fira"`` only with an orthonormal basis).
-BATCHED_RESIDUALS = ("drop", "fira", "apollo")
+BATCHED_RESIDUALS = ("drop", "fira", "apollo", "sparse")
+#: Residual rules the batched step runs per matrix after the stack's lifts (GaLore+'s sparse residual: its ``k``
+#: entries and moments are each matrix's own; it adds its step to the weight in place, ``wants_target``).
+_PER_MATRIX_RESIDUALS = ("sparse",)
 #: Residual rules whose stacked form reads the inner step as one ``(B, ...)`` tensor.
 _STACKED_UPDATE = ("fira", "apollo")
 
@@ -242,14 +246,19 @@ def _step_stack(members: list[tuple[Unit, torch.Tensor]], group: Group, parts: P
     if residual.name == "apollo":
         _apollo_stack(members, low, lows, update, side, ds, group, proj, residual, cache, key, states)
         return key
-    if not low.numel():
-        return key
     scale = group["scale"]
     for (u, _), back, upd, x, (_, w_out) in zip(members, backs, updates, ds, weights, strict=True):
+        if not low.numel():  # an empty subspace (FRUGAL's inactive block) adds nothing
+            break
         if left:
             u.param.addmm_(back, upd, alpha=-x.coef * scale * w_out)
         else:
             u.param.addmm_(upd, back, alpha=-x.coef * scale * w_out)
+    if residual.name in _PER_MATRIX_RESIDUALS:  # after the lift, as the per-matrix path (update.apply_step)
+        for (u, _), out, upd in zip(members, lows, updates, strict=True):
+            extra = residual.step(u.grad, out, upd, proj, u.state["projector"], u.state, group, target=u.param)
+            if extra is not None:
+                u.param.sub_(extra)
     return key
 
 

@@ -130,6 +130,16 @@ def test_throughput_run_schema(tmp_path) -> None:
                                                                   / r["paired_adamw_median_step_s"])
     throughput.plot(recs, tmp_path / "t.png", "t")
     assert "amortized" in throughput.summary(recs) and "paired AdamW ms" in throughput.summary(recs)
+    # GaLore+'s one-off residual warm-up is timed apart and the steady steps start after it
+    warm = {r["label"]: r["warmup_steps"] for r in recs}
+    assert warm["galore_plus[fp32]"] == 10 and warm["galore_adamw[fp32]"] == 0, warm
+
+
+def test_warmup_steps_are_galore_plus_residual_warmup() -> None:
+    p = [torch.nn.Parameter(torch.zeros(8, 8))]
+    assert throughput.warmup_steps(lro.GaLorePlus([{"params": p, "rank": 2}], residual_warmup=4)) == 4
+    assert throughput.warmup_steps(lro.GaLorePlus([{"params": p, "rank": 2}], residual_density=0.0)) == 0
+    assert throughput.warmup_steps(lro.GaLoreAdamW([{"params": p, "rank": 2}])) == 0
 
 
 def test_convergence_run_schema(tmp_path) -> None:
@@ -299,7 +309,10 @@ def test_gpu_check_cpu_part(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     # the rounding sensitivity is measured (a perturbed run that moved nothing would make the bound vacuous)
     assert all(0 < r["rounding_sensitivity"] < 1e-2 and r["bound"] >= 1e-3 for r in result["trajectories"])
     speed = {r["label"]: r for r in result["speed"]}
-    assert {"torch:adamw(fused)", "galore_adamw[fp32]", "galore_adamw[8bit]", "fira[fp32]"} <= set(speed)
+    assert {"torch:adamw(fused)", "galore_adamw[fp32]", "galore_adamw[8bit]", "fira[fp32]",
+            "galore_adamw[fp32,tf32]"} <= set(speed)
+    assert speed["galore_adamw[fp32,tf32]"]["matmul_precision"] == "high"  # the case's own setting, then restored
+    assert speed["galore_adamw[fp32]"]["matmul_precision"] == "highest" == torch.get_float32_matmul_precision()
     assert speed["torch:adamw(fused)"]["tokens_per_s_ratio_to_adamw"] == 1.0
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in result["speed"]), result["speed"]
     assert speed["galore_adamw[fp32]"]["state_bytes"] < speed["torch:adamw(fused)"]["state_bytes"]
@@ -339,8 +352,8 @@ def test_gpu_check_budget_and_cpu_draws(tmp_path) -> None:
     assert drawn and all(p.generator == "cpu" for p in drawn)
     # the speed part runs GaLore first after the baselines, SVD-heavy presets last
     order = [label for label, _, _ in gpu_check._speed_specs(False)]
-    assert order[:3] == ["torch:adamw(fused)", "galore_adamw[fp32]", "flora[fp32]"] and order[-1] == (
-        "galore_plus[fp32]")
+    assert order[:4] == ["torch:adamw(fused)", "galore_adamw[fp32]", "galore_adamw[fp32,tf32]", "flora[fp32]"]
+    assert order[-1] == "galore_plus[fp32]"
 
 
 # -- tuned comparison (benchmarks.sweep) and the frontier ----------------------------------------------------

@@ -51,12 +51,15 @@ def test_rank_deficient_gradient_gives_zero_entries(side: str) -> None:
     assert torch.count_nonzero(residual_entries(proj, g, low, state, idx)) == 0
 
 
-def test_chunks_give_the_same_entries(monkeypatch: pytest.MonkeyPatch) -> None:
-    proj, state, g, low = _setup(50, 40, 6, "right", "svd", 3)
-    idx = torch.arange(0, 2000, 3)
-    whole = residual_entries(proj, g, low, state, idx)
-    monkeypatch.setattr(entries, "CHUNK_ELEMENTS", 40)  # 3 entries per chunk
-    torch.testing.assert_close(residual_entries(proj, g, low, state, idx), whole, atol=0, rtol=0)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_sampled_product_equals_the_dense_lift(index_dtype: torch.dtype) -> None:
+    """The SDDMM form reads exactly ``(G - a @ b)`` at the entries, for any strides of ``b`` and empty / full rows."""
+    gen = torch.Generator().manual_seed(3)
+    g, a, b = torch.randn(9, 7, generator=gen), torch.randn(9, 3, generator=gen), torch.randn(7, 3, generator=gen).T
+    idx = torch.tensor([0, 1, 2, 3, 4, 5, 6, 20, 21, 40, 62], dtype=index_dtype)  # row 0 full, rows 1, 4-7 empty
+    want = (g - a @ b).view(-1)[idx.long()]
+    torch.testing.assert_close(entries.sampled_lift_residual(g, a, b, idx), want, atol=1e-6, rtol=0)
+    assert entries.sampled_lift_residual(g, a, b, idx[:0]).shape == (0,)
 
 
 @pytest.mark.parametrize("opts", [{"basis_dtype": "int8"}, {"basis_dtype": "bf16"}])

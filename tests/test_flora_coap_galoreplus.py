@@ -335,3 +335,27 @@ def test_head_shared_projector_drives_galore_adamw_with_resume(state_dtype) -> N
     assert all("head" in opt.state[p]["projector"] for p in _lowrank(opt))
     model2, opt2 = resume_copy(model, opt, make)
     assert_same_continuation(model, opt, model2, opt2, 4)
+
+
+def test_stack_draws_equal_serial_draws_on_any_thread_count(monkeypatch) -> None:
+    """A Gaussian stack's bases are each generator's own draw whether the CPU draws run on one thread or several
+    (``parallel_draws``), and equal :meth:`RandomProjector.basis` matrix by matrix; a pool made before a fork is
+    not reused in the child (its threads do not exist there)."""
+    import os
+
+    from lowrank_optim.projectors import random as rnd
+
+    proj = rnd.RandomProjector(3)
+    states = [proj.init(torch.zeros(7, 11), seed=s) for s in range(5)]
+    serial = proj.stack_basis(states, torch.device("cpu"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    threaded = proj.stack_basis(states, torch.device("cpu"))
+    assert torch.equal(serial, threaded)
+    for st, b in zip(states, threaded, strict=True):
+        proj._cache.clear()
+        assert torch.equal(proj.basis(st, "cpu"), b)
+    pool = rnd._POOL
+    assert pool is not None
+    monkeypatch.setattr(os, "getpid", lambda: -1)  # as in a forked child
+    assert torch.equal(proj.stack_basis(states, torch.device("cpu")), serial)
+    assert rnd._POOL is not pool

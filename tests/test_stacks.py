@@ -12,6 +12,7 @@ from helpers import CASES, STATE_DTYPES, assert_same_state, feed, roundtrip
 from torch import nn
 
 import lowrank_optim as lro
+from lowrank_optim.projectors import entries
 from lowrank_optim.rules.base import _STEP_TENSORS
 from lowrank_optim.schedule import refresh_due, stagger_phase
 
@@ -174,9 +175,13 @@ def test_steady_step_builds_no_tensor_from_python_scalars(name: str, extra: dict
             monkeypatch.setattr(torch, fn, _spy(getattr(torch, fn), fn, built))
         for meth in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy"):
             monkeypatch.setattr(torch.Tensor, meth, _spy(getattr(torch.Tensor, meth), meth, reads))
+        floor_tests: list[str] = []  # GaLore+'s CPU-only choice of the closed-form entries: one read per matrix
+        monkeypatch.setattr(entries, "clearly_above_floor",
+                            _spy(entries.clearly_above_floor, "__bool__", floor_tests))
         _run(opt, params, grads[2:])
         monkeypatch.undo()
-        assert reads == ["__bool__"], reads
+        assert reads == ["__bool__"] * (1 + len(floor_tests)), reads
+        assert not floor_tests or name == "galore_plus", floor_tests
         counts[n_extra] = len(built)
     assert counts[0] == counts[6] and counts[0] <= 16, counts  # per device and value, not per parameter
 
@@ -295,4 +300,29 @@ def test_gum_stacked_equals_per_matrix(weighting: str, ns_dtype: str, extra: dic
     tol = 1e-5 if ns_dtype == "fp32" else 2e-3  # bf16 products: a batched kernel may round a product differently
     for p, q in zip(a, b, strict=True):
         torch.testing.assert_close(p, q, atol=tol, rtol=1e-4 if ns_dtype == "fp32" else 1e-2)
+    _close_states(oa, ob, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_heads", [None, 4])
+def test_galore_plus_sparse_residual_is_stacked(num_heads: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GaLore+'s matrices take the batched step (its sparse residual runs per matrix after the stack's lifts) and
+    equal the per-matrix path across the residual's warm-up, its entry choice and refreshes."""
+    from lowrank_optim import stacks
+
+    left: list[int] = []
+    real = stacks.apply_units
+    monkeypatch.setattr(stacks, "apply_units", lambda units, *a, **k: left.append(len(rest := real(units, *a, **k)))
+                        or rest)
+    import lowrank_optim.engine as engine
+
+    monkeypatch.setattr(engine, "apply_units", stacks.apply_units)
+    a, b = _params(), _params()
+    grads = _grads(a, 8)
+    extra = {} if num_heads is None else {"projector_options": {"num_heads": num_heads}}
+    oa, ob = _make("galore_plus", a, True, **extra), _make("galore_plus", b, False, **extra)
+    _run(oa, a, grads)
+    assert left and set(left) == {0}  # no projected matrix fell back to the per-matrix path
+    _run(ob, b, grads)
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
     _close_states(oa, ob, atol=1e-5)

@@ -8,7 +8,10 @@ as the projection) and an ``m x n`` buffer; one entry of the lift is a dot produ
 * right side (basis ``Q``, ``(n, r)``; ``R = G Q``, ``(m, r)``): ``lift(R)_ij = R_i . Q_j``.
 
 So ``E`` at ``k`` entries costs ``2 k r`` flops (``2 density m n r``: 1/100 of the lift at the default density),
-computed in chunks of at most :data:`CHUNK_ELEMENTS` gathered elements so the transient stays bounded at any size.
+computed as one sampled dense-dense product (``torch.sparse.sampled_addmm`` over ``G``'s entries as a CSR matrix,
+:func:`sampled_lift_residual`): no gathered ``(k, r)`` operands, whose copies cost more than the lift they replace
+(LLaMA-60M shapes on two CPU cores: 0.39 ms for a 1376 x 512 matrix, against 2.5 ms gathering rows and 1.0 ms
+forming ``E``).
 
 :meth:`~lowrank_optim.projectors.base.Projector.residual` zeroes a complement at the basis's rounding floor
 (``||E|| <= tau ||G||``, ``tau = 64 eps`` for an fp32 basis). For an orthonormal basis ``||E||^2 = ||G||^2 -
@@ -26,14 +29,13 @@ completed over the ranks (two fp64 scalars), so every rank takes the same path.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..distributed import comm
 from ..rules.fira_closed_form import CANCELLATION
 from .base import LEFT, Projector, ProjState
-
-#: Largest number of gathered basis / low-rank elements one chunk of entries holds (16 Mi fp32: 64 MiB).
-CHUNK_ELEMENTS = 1 << 24
 
 
 def closed_form(projector: Projector, state: ProjState, grad: torch.Tensor) -> torch.Tensor | None:
@@ -56,29 +58,48 @@ def residual_entries(projector: Projector, grad: torch.Tensor, low: torch.Tensor
         grad: ``(m, n)`` gradient.
         low: ``project(grad)``: ``(r, n)`` on the left side, ``(m, r)`` on the right.
         state: the projector state (``side``, ``basis``).
-        index: ``(k,)`` int32 / int64 flat (row-major) indices into ``(m, n)``.
+        index: ``(k,)`` int32 / int64 flat (row-major) indices into ``(m, n)``, sorted ascending without repeats
+            (the sparse residual keeps them so).
 
     Returns:
         A new ``(k,)`` fp32 tensor: ``E`` at ``index``, zeros when ``E`` is at the rounding floor.
     """
     basis = closed_form(projector, state, grad)
-    idx = index.long()
     if basis is not None and not clearly_above_floor(projector, grad, low, state):
         basis = None  # at or near the rounding floor: the formed complement's exact test decides
     if basis is None:
-        return projector.residual(grad, low, state).view(-1).index_select(0, idx)
-    n = int(grad.shape[1])
-    rows, cols = torch.div(idx, n, rounding_mode="floor"), torch.remainder(idx, n)
+        return projector.residual(grad, low, state).view(-1).index_select(0, index)
     left = int(state["side"]) == LEFT
-    a, b = (basis, low.T) if left else (low, basis)  # lift(R) = a @ b^T: (m, r) and (n, r)
-    out = grad.view(-1).index_select(0, idx) if grad.is_contiguous() else grad.reshape(-1).index_select(0, idx)
-    r = int(a.shape[1])
-    step = max(1, CHUNK_ELEMENTS // max(2 * r, 1))
-    for start in range(0, int(idx.numel()), step):
-        i, j = rows[start: start + step], cols[start: start + step]
-        dots = (a.index_select(0, i) * b.index_select(0, j)).sum(dim=1)
-        out[start: start + step].sub_(dots)
-    return out
+    a, b = (basis, low) if left else (low, basis.T)  # lift(R) = a @ b: (m, r) @ (r, n)
+    return sampled_lift_residual(grad, a, b, index)
+
+
+def sampled_lift_residual(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``(grad - a @ b).flatten()[index]`` as one sampled product (SDDMM): ``G`` at the entries as a CSR matrix and
+    ``torch.sparse.sampled_addmm(G_csr, a, b, beta=1, alpha=-1)``, which takes one length-``r`` dot product per entry
+    (``2 k r`` flops) and no gathered ``(k, r)`` operands.
+
+    Args:
+        grad: ``(m, n)`` fp32.
+        a: ``(m, r)`` fp32.
+        b: ``(r, n)`` fp32 (any strides).
+        index: ``(k,)`` sorted, distinct flat row-major indices into ``(m, n)`` (int32 or int64).
+
+    Returns:
+        A new ``(k,)`` fp32 tensor.
+    """
+    m, n = (int(s) for s in grad.shape)
+    rows = torch.div(index, n, rounding_mode="floor")
+    cols = torch.remainder(index, n)
+    # row pointers of the sorted entries: searchsorted, not bincount (which reads its input's max on a GPU)
+    crow = torch.searchsorted(rows, torch.arange(m + 1, dtype=rows.dtype, device=rows.device),
+                              out_int32=index.dtype == torch.int32)
+    values = grad.reshape(-1).index_select(0, index)
+    with warnings.catch_warnings():  # torch flags its CSR layout as beta once per process
+        warnings.simplefilter("ignore", UserWarning)
+        sampled = torch.sparse_csr_tensor(crow, cols, values, (m, n), check_invariants=False)
+        out = torch.sparse.sampled_addmm(sampled, a, b, beta=1.0, alpha=-1.0)
+    return out.values()
 
 
 def clearly_above_floor(projector: Projector, grad: torch.Tensor, low: torch.Tensor, state: ProjState) -> bool:
@@ -89,8 +110,10 @@ def clearly_above_floor(projector: Projector, grad: torch.Tensor, low: torch.Ten
     completed over the ranks, so every rank decides alike."""
     if grad.device.type != "cpu":
         return False
-    g2 = torch.linalg.vector_norm(grad, dtype=torch.float64).square()
-    r2 = torch.linalg.vector_norm(low, dtype=torch.float64).square()
+    # fp32 norms (relative error ~1e-7, 1/50 of the CANCELLATION margin compared below), squared in fp64: an fp64
+    # norm would first copy the whole gradient to fp64
+    g2 = torch.linalg.vector_norm(grad).double().square()
+    r2 = torch.linalg.vector_norm(low).double().square()
     spec = comm.current()
     if spec is not None:  # FSDP2: grad is this rank's rows; low its rows (right side) or the whole R (left side)
         g2 = comm.all_reduce(g2.reshape(1), spec.group).reshape(())
@@ -99,4 +122,4 @@ def clearly_above_floor(projector: Projector, grad: torch.Tensor, low: torch.Ten
     return bool((g2 - r2) > g2 * max(tau * tau, CANCELLATION))
 
 
-__all__ = ["CHUNK_ELEMENTS", "clearly_above_floor", "closed_form", "residual_entries"]
+__all__ = ["clearly_above_floor", "closed_form", "residual_entries", "sampled_lift_residual"]

@@ -84,6 +84,11 @@ class HeadSharedRSVDProjector(RandomizedSVDProjector):
                                 power_iters=self.power_iters, seed=(state["seed"], state["refresh"]),
                                 warm=previous if self.warm_start else None)
 
+    def orthonormal_basis(self, state: ProjState) -> bool:
+        """The range finder's ``Q`` of one head's block (or of the whole matrix when it is not split), kept as is by
+        a refresh that finds no gradient: orthonormal, so Fira's and the sparse residual's closed forms apply."""
+        return True
+
     def low_shape(self, shape: tuple[int, ...] | torch.Size, state: ProjState | None = None) -> tuple[int, ...]:
         side, r = self._side_rank(shape)
         return (r, int(shape[1])) if side != RIGHT else (int(shape[0]), r)

@@ -11,7 +11,9 @@ copy per matrix and step.
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -22,6 +24,37 @@ from .base import LEFT, Projector, ProjState, choose_side, derive_seed
 
 DISTRIBUTIONS = ("gaussian", "orthonormal")
 GENERATORS = ("device", "cpu")
+
+
+def _draw(view: torch.Tensor, seed: int, device: torch.device) -> None:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    view.normal_(generator=gen)  # torch.randn's draw (randn is empty + normal_), in place
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_OWNER: tuple[int, int] = (0, 0)
+
+
+def parallel_draws(draws: list[tuple[torch.Tensor, int]], device: torch.device) -> None:
+    """Fills each ``view`` with the standard normal draw of a generator seeded with ``seed`` on ``device``.
+
+    On the CPU a generator's draw runs on one core (its Mersenne Twister stream is sequential), so a stack's draws
+    of independent generators are spread over :func:`torch.get_num_threads` Python threads (``normal_`` releases
+    the GIL): the values are each generator's own, whatever the threads. On other devices, and while
+    ``torch.profiler`` records (it sees the calling thread's ops only), the draws are queued one after another."""
+    global _POOL, _POOL_OWNER
+    workers = torch.get_num_threads()
+    # under torch.profiler the draws stay on the calling thread, whose ops it records (op counts see every draw)
+    if device.type != "cpu" or workers < 2 or len(draws) < 2 or torch._C._autograd._profiler_enabled():
+        for view, seed in draws:
+            _draw(view, seed, device)
+        return
+    if _POOL is None or (os.getpid(), workers) != _POOL_OWNER:  # a forked child has the pool but not its threads
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowrank_optim-draws")
+        _POOL_OWNER = (os.getpid(), workers)
+    for f in [_POOL.submit(_draw, view, seed, device) for view, seed in draws]:
+        f.result()
 
 
 class RandomProjector(Projector):
@@ -135,10 +168,9 @@ class RandomProjector(Projector):
         where = torch.device("cpu") if self.generator == "cpu" else torch.device(device)
         out = torch.empty(len(states) * d, r, dtype=torch.float32, device=where)
         views = [out] if len(states) == 1 else out.split_with_sizes([d] * len(states))
-        for st, view in zip(states, views, strict=True):
-            gen = torch.Generator(device=where)
-            gen.manual_seed(derive_seed(int(st["seed"]), int(st["refresh"])))
-            view.normal_(generator=gen)  # torch.randn's draw (randn is empty + normal_), in place
+        draws = [(view, derive_seed(int(st["seed"]), int(st["refresh"])))
+                 for st, view in zip(states, views, strict=True)]
+        parallel_draws(draws, where)
         out = out.view(len(states), d, r).div_(device_scalar(math.sqrt(r), where))
         return out if where == torch.device(device) else out.to(device)
 
