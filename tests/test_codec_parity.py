@@ -129,13 +129,18 @@ CASES = [
 
 
 def _values(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Gaussian values of three magnitudes, with NaN, +-inf, -0.0, subnormals and exact zeros sprinkled in."""
+    """Gaussian values of magnitudes 1e-8 to 1e2 (a block's small ones fall below the unsigned map's smallest
+    positive entry), with -0.0, zeros and subnormals throughout and, past one block, NaN, +-inf and 3.4e38 in the
+    first block (a block holding one decodes degenerately: its absmax is NaN or inf)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen) * torch.tensor(10.0).pow(torch.randint(-8, 3, shape, generator=gen))
     flat = x.view(-1)
-    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -3e-42, 3.4e38])
-    for i, pos in enumerate(range(3, flat.numel(), 37)):
-        flat[pos] = specials[i % len(specials)]
+    finite = torch.tensor([-0.0, 0.0, 1e-40, -3e-42])
+    for i, pos in enumerate(range(5, flat.numel(), 29)):
+        flat[pos] = finite[i % len(finite)]
+    for pos, special in zip(range(3, 256 if flat.numel() > 256 else 0, 61), [float("nan"), float("inf"), -float("inf"),
+                                                                    3.4e38], strict=False):
+        flat[pos] = special
     return x
 
 
