@@ -43,6 +43,7 @@ import zlib
 
 import torch
 
+from . import fused_codecs
 from ._validation import check_choice
 from .projectors.base import derive_seed
 
@@ -279,8 +280,11 @@ def stochastic_round_bf16_(out: torch.Tensor, value: torch.Tensor, key: int, *,
     shape = tuple(out.shape)
     for start in range(0, rows, per_chunk):
         stop = min(start + per_chunk, rows)
+        index = _keyed_index(shape, start, stop, key, origin, global_shape, out.device)
+        if fused_codecs.bf16_tail(index, bits_in[start:stop], bits_out[start:stop]):
+            continue
         # u = hash >>> 16: the hash's last xorshift only touches the lower half, so it is skipped
-        noise = _hash32_(_keyed_index(shape, start, stop, key, origin, global_shape, out.device), final=False)
+        noise = _hash32_(index, final=False)
         noise = noise.bitwise_right_shift_(16).bitwise_and_(0xFFFF).view(stop - start, *shape[1:])
         bits_out[start:stop].copy_(_upper16(noise.add_(bits_in[start:stop])))
     return out
@@ -366,11 +370,14 @@ def quantize_blockwise_sr_(codes: torch.Tensor, absmax: torch.Tensor, value: tor
     if value.dim() == 0:
         origin = global_shape = None
     rows = int(value.shape[0]) if value.dim() else 1
-    bits = _hash32_(_keyed_index(tuple(value.shape) if value.dim() else (1,), 0, rows, key, origin, global_shape,
-                                 flat.device))
-    bits = bits.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF)
+    index = _keyed_index(tuple(value.shape) if value.dim() else (1,), 0, rows, key, origin, global_shape,
+                         flat.device)
+    simple = positive_floor is None or folded or positive_floor == 0
+    if simple and fused_codecs.q8_tail(index, lower, scaled, codes):
+        return
+    bits = _hash32_(index).bitwise_right_shift_(8).bitwise_and_(0xFFFFFF)
     up = torch.lt(bits, scaled)
-    if positive_floor is None or folded or positive_floor == 0:
+    if simple:
         torch.add(lower, up, out=codes.view(-1))
         return
     chosen = lower.add_(up)
