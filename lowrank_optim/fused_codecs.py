@@ -8,10 +8,13 @@ only is one compiled kernel:
 * 8-bit: ``hash(index) >>> 8 < frac * 2^24`` and ``lower + that`` into the uint8 codes.
 
 The index (with the key) still comes from :func:`state._keyed_index` (one ``arange``) and the float part of the
-8-bit codec (``absmax``, the division, ``searchsorted``, the fraction) stays eager: a compiled fp32 division is not
-guaranteed to round as the eager one does, and its bits decide the codes. The compiled tails compute the hash
-exactly as the original int64 formulation (values below ``2^32``, products below ``2^63``), so they give the
-same bits as the eager int32 path; :func:`check_against_eager` asserts it on a device.
+8-bit codec (``absmax``, the division, ``searchsorted``, the fraction) stays eager: inductor lowers an fp32 ``/`` to
+triton's approximate ``div.full`` (``div_rn`` only under ``TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING=1``), and those
+bits decide the codes. The compiled tails compute the hash exactly as the original int64 formulation (values below
+``2^32``, products below ``2^63``), so they give the same bits as the eager int32 path; the one float operation,
+``float(hash >>> 8) < frac * 2^24``, compares an exact integer with a value that is 0 or at least ``2^-126`` in
+magnitude (``|x - low| >= 2^-149`` over a width ``<= 2^-6`` scaled by ``2^-24``), so flushing subnormals to zero
+cannot change it. :func:`check_against_eager` asserts the bits on a device.
 
 Used only when :data:`ENABLED`, the tensors are on a device of :data:`DEVICES` (CUDA) with triton importable, the
 operands are contiguous and no ``torch.compile`` trace is running; any error while compiling or running turns the
