@@ -130,7 +130,8 @@ def element_index(shape: tuple[int, ...], start: int, stop: int, origin: tuple[i
 
     With ``origin`` and ``global_shape``, the tensor is the block of a larger ``global_shape`` tensor that starts
     at ``origin`` (a shard of a moment under FSDP2), and the indices are those of its elements in the larger
-    tensor: stochastic rounding keyed by them gives every element the same bits whatever the split.
+    tensor: stochastic rounding keyed by them gives every element the same bits whatever the split. (The codecs
+    compute ``(index + key) mod 2^32`` directly in int32, :func:`_keyed_index`.)
     """
     rest = tuple(int(s) for s in shape[1:])
     row_numel = 1
