@@ -14,8 +14,7 @@ bits decide the codes. The compiled tails compute the hash exactly as the origin
 ``2^32``, products below ``2^63``), so they give the same bits as the eager int32 path; the one float operation,
 ``float(hash >>> 8) < frac * 2^24``, compares an exact integer with a value that is 0 or at least ``2^-126`` in
 magnitude (``|x - low| >= 2^-149`` over a width ``<= 2``, the map lying in ``[-1, 1]``, scaled by ``2^-24``), so
-flushing subnormals to zero
-cannot change it. :func:`check_against_eager` asserts the bits on a device.
+flushing subnormals to zero cannot change it. :func:`check_against_eager` asserts the bits on a device.
 
 Used only when :data:`ENABLED`, the tensors are on a device of :data:`DEVICES` (CUDA) with triton importable, the
 operands are contiguous and no ``torch.compile`` trace is running; any error while compiling or running turns the
