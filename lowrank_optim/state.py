@@ -38,10 +38,12 @@ codes do not depend on the layout), and ``load`` returns a row-major fp32 tensor
 
 from __future__ import annotations
 
+import sys
 import zlib
 
 import torch
 
+from . import fused_codecs
 from ._validation import check_choice
 from .projectors.base import derive_seed
 
@@ -50,11 +52,12 @@ BLOCKSIZE = 256
 MIN_8BIT_SIZE = 4096
 ABSMAX = "_absmax"
 ROUND_SEED = "round_seed"
-#: Elements hashed at once by the stochastic rounding (bounds its int64 temporaries to 64 MB).
+#: Elements hashed at once by the stochastic rounding of a bf16 moment (bounds its int32 temporary to 16 MB).
 ROUND_CHUNK = 1 << 22
 _MASK32 = 0xFFFFFFFF
-#: Odd multipliers of the element hash, below 2**31 so that int64 products of 32-bit values never overflow.
+#: Odd multipliers of the element hash (a 32-bit xorshift-multiply hash, computed in wrapping int32).
 _HASH_MULTIPLIERS = (0x7FEB352D, 0x2C1B3C6D, 0x297A2D39)
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 _QMAPS: dict[tuple[bool, str], torch.Tensor] = {}
 
@@ -116,13 +119,6 @@ def in_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(like, dtype=t.dtype, memory_format=torch.preserve_format).copy_(t)
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """In-place integer hash of int64 values in ``[0, 2^32)`` (xorshift-multiply rounds, all in int64)."""
-    for mult in _HASH_MULTIPLIERS:
-        x.bitwise_xor_(x >> 16).mul_(mult).bitwise_and_(_MASK32)
-    return x.bitwise_xor_(x >> 16)
-
-
 def rounding_key(seed: int, step: int, name: str) -> int:
     """The 32-bit key of one stochastic rounding: a hash of the parameter's seed, its step and the moment."""
     return derive_seed(seed, step, zlib.crc32(name.encode())) & _MASK32
@@ -134,7 +130,8 @@ def element_index(shape: tuple[int, ...], start: int, stop: int, origin: tuple[i
 
     With ``origin`` and ``global_shape``, the tensor is the block of a larger ``global_shape`` tensor that starts
     at ``origin`` (a shard of a moment under FSDP2), and the indices are those of its elements in the larger
-    tensor: stochastic rounding keyed by them gives every element the same bits whatever the split.
+    tensor: stochastic rounding keyed by them gives every element the same bits whatever the split. (The codecs
+    compute ``(index + key) mod 2^32`` directly in int32, :func:`_keyed_index`.)
     """
     rest = tuple(int(s) for s in shape[1:])
     row_numel = 1
@@ -152,6 +149,100 @@ def element_index(shape: tuple[int, ...], start: int, stop: int, origin: tuple[i
     return idx.reshape(-1)
 
 
+def _i32(v: int) -> int:
+    """``v mod 2^32`` as the signed int32 value with the same 32 bits."""
+    v &= _MASK32
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _affine32(first: int, step: int, n: int, device: torch.device | str) -> torch.Tensor:
+    """int32 tensor of the 32-bit patterns of ``first + step * i`` (mod ``2^32``), ``i`` in ``range(n)``.
+
+    One ``arange`` when the values stay inside int32's range, else ``arange(n) * step + first`` in int32, whose
+    additions and multiplications wrap modulo ``2^32`` (two's complement: the low 32 bits of a sum or product do
+    not depend on signedness).
+    """
+    lo, stride = _i32(first), _i32(step)
+    if n <= 0:
+        return torch.empty(0, dtype=torch.int32, device=device)
+    if stride > 0 and lo + stride * (n - 1) <= (1 << 31) - 2:
+        return torch.arange(lo, lo + stride * (n - 1) + 1, stride, dtype=torch.int32, device=device)
+    out = torch.arange(n, dtype=torch.int32, device=device)
+    if stride != 1:
+        out.mul_(stride)
+    return out.add_(lo)
+
+
+def _keyed_index(shape: tuple[int, ...], start: int, stop: int, key: int, origin: tuple[int, ...] | None,
+                 global_shape: tuple[int, ...] | None, device: torch.device | str) -> torch.Tensor:
+    """``(element_index(shape, start, stop, origin, global_shape) + key) mod 2^32`` as a flat int32 tensor.
+
+    The index is an affine function of the element's multi-index, ``sum_d (i_d + origin_d) * stride_d`` with the
+    row-major strides of ``global_shape`` (of ``shape`` without ``origin``), so it is computed modulo ``2^32`` in
+    int32 (the reduction mod ``2^32`` commutes with sums and products). Dimensions that run through the whole
+    global dimension (``shape[d] == global_shape[d]``) merge with the one before: an unsharded tensor, or a shard
+    of rows, is one ``arange``.
+    """
+    rows = stop - start
+    rest = tuple(int(s) for s in shape[1:])
+    if origin is None or global_shape is None:
+        row_numel = 1
+        for s in rest:
+            row_numel *= s
+        return _affine32(start * row_numel + key, 1, rows * row_numel, device)
+    glob = tuple(int(s) for s in global_shape)
+    strides = [1] * len(glob)
+    for d in range(len(glob) - 2, -1, -1):
+        strides[d] = strides[d + 1] * glob[d + 1]
+    base = key + (int(origin[0]) + start) * strides[0]
+    base += sum(int(o) * s for o, s in zip(origin[1:], strides[1:], strict=True))
+    dims: list[tuple[int, int]] = []  # (size, stride), outermost first
+    for size, stride in zip((rows, *rest), strides, strict=True):
+        if dims and dims[-1][1] == size * stride:  # contiguous with the dimension before: merge
+            dims[-1] = (dims[-1][0] * size, stride)
+        elif size != 1 or not dims:
+            dims.append((size, stride))
+    numel = 1
+    for size, _ in dims:
+        numel *= size
+    if numel == 0:
+        return torch.empty(0, dtype=torch.int32, device=device)
+    idx = _affine32(base, dims[0][1], dims[0][0], device)
+    for size, stride in dims[1:]:
+        idx = idx.unsqueeze(-1) + _affine32(0, stride, size, device)
+    return idx.reshape(-1)
+
+
+def _hash32_(x: torch.Tensor, final: bool = True) -> torch.Tensor:
+    """In-place integer hash of a flat contiguous int32 tensor of 32-bit patterns; returns ``x``.
+
+    Three rounds of ``x ^= x >>> 16; x *= mult`` (a logical shift; wrapping int32 multiplication: the low 32 bits
+    of the product, those of the unsigned product), then ``x ^= x >>> 16`` unless ``final`` is false (that last
+    step changes only the lower 16 bits, which a caller that reads the upper 16 does not need). Bit for bit the
+    xorshift-multiply hash of the values as unsigned 32-bit integers. ``x ^= x >>> 16`` moves the upper half onto
+    the lower one and leaves the upper half: on a little-endian machine (CPUs, CUDA) one XOR of int16 halves,
+    ``low ^= high``.
+    """
+    if _LITTLE_ENDIAN:
+        halves = x.view(torch.int16).view(-1, 2)
+        low, high = halves[:, 0], halves[:, 1]
+    for step in range(len(_HASH_MULTIPLIERS) + final):
+        if _LITTLE_ENDIAN:
+            low.bitwise_xor_(high)
+        else:  # pragma: no cover - no big-endian test machine
+            x.bitwise_xor_(torch.bitwise_right_shift(x, 16).bitwise_and_(0xFFFF))
+        if step < len(_HASH_MULTIPLIERS):
+            x.mul_(_HASH_MULTIPLIERS[step])
+    return x
+
+
+def _upper16(x: torch.Tensor) -> torch.Tensor:
+    """The upper 16 bits of each int32 of a contiguous ``x``, as int16 (a view on little-endian machines)."""
+    if _LITTLE_ENDIAN:
+        return x.view(torch.int16)[..., 1::2]
+    return torch.bitwise_right_shift(x, 16)  # pragma: no cover - no big-endian test machine
+
+
 def stochastic_round_bf16_(out: torch.Tensor, value: torch.Tensor, key: int, *,
                            origin: tuple[int, ...] | None = None,
                            global_shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -161,7 +252,8 @@ def stochastic_round_bf16_(out: torch.Tensor, value: torch.Tensor, key: int, *,
     and truncating the lower half rounds the magnitude up with probability ``(low 16 bits) / 2^16``, i.e.
     ``E[out] = value`` (sign-magnitude: the same holds for negative values; 0 stays 0). ``u`` is the upper
     half of ``hash(key + i)`` for the element's row-major index ``i``, computed with integer tensor ops, so
-    it is identical on every device and for every memory layout of ``value`` and ``out``.
+    it is identical on every device and for every memory layout of ``value`` and ``out``. The sum is formed in
+    wrapping int32: its upper 16 bits are those of the exact sum (a NaN pattern near ``2^31`` wraps alike).
 
     Args:
         out: bf16 tensor of ``value``'s shape (any layout).
@@ -186,14 +278,51 @@ def stochastic_round_bf16_(out: torch.Tensor, value: torch.Tensor, key: int, *,
     per_chunk = max(1, ROUND_CHUNK // max(row_numel, 1))
     bits_out = out.view(torch.int16)
     bits_in = value.view(torch.int32)
+    shape = tuple(out.shape)
     for start in range(0, rows, per_chunk):
         stop = min(start + per_chunk, rows)
-        idx = element_index(tuple(out.shape), start, stop, origin, global_shape, out.device)
-        noise = _hash32(idx.add_(key).bitwise_and_(_MASK32)).bitwise_right_shift_(16)
-        # fp32 bits + u, then the upper 16 bits (arithmetic shift keeps the sign half as int16)
-        rounded = noise.view(stop - start, *out.shape[1:]).add_(bits_in[start:stop]).bitwise_right_shift_(16)
-        bits_out[start:stop].copy_(rounded)
+        index = _keyed_index(shape, start, stop, key, origin, global_shape, out.device)
+        if fused_codecs.bf16_tail(index, bits_in[start:stop], bits_out[start:stop]):
+            continue
+        # u = hash >>> 16: the hash's last xorshift only touches the lower half, so it is skipped
+        noise = _hash32_(index, final=False)
+        noise = noise.bitwise_right_shift_(16).bitwise_and_(0xFFFF).view(stop - start, *shape[1:])
+        bits_out[start:stop].copy_(_upper16(noise.add_(bits_in[start:stop])))
     return out
+
+
+_TABLES: dict[tuple[int, int | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
+
+
+def _rounding_tables(code: torch.Tensor,
+                     positive_floor: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(bounds, low_gap, floor_folded)`` of the stochastic rounding between the entries of the sorted ``code``.
+
+    ``bounds = code[1:-1]``: ``searchsorted(bounds, x)`` is ``clamp(searchsorted(code, x), 1, n - 1) - 1``, the
+    lower neighbour's index (both count the entries ``e`` with ``not e >= x``, NaN counting all). ``low_gap`` is
+    ``(n - 1, 2)``: each interval's lower entry and its width ``code[j + 1] - code[j]`` times ``2^-24`` (exact), so
+    that ``(x - low) / gap`` is the fraction scaled by ``2^24``, compared with 24 random bits as integers.
+    ``floor_folded``: the positive floor is built in (its interval's lower entry is 0: a width of 0 makes the
+    fraction ``+inf`` for a positive value, which then takes the floor, and NaN or ``-inf`` for zero or a negative
+    one, which stay; no other interval changes). The dynamic maps of :func:`qmap` are read once on the host and
+    cached; another ``code`` is handled on its device, unfolded, without a host read.
+    """
+    cacheable = any(code is m for m in _QMAPS.values())
+    if cacheable:
+        hit = _TABLES.get((id(code), positive_floor))
+        if hit is not None and hit[0] is code:
+            return hit[1], hit[2], hit[3]
+    host = code.detach().cpu() if cacheable else code.detach()
+    fold = cacheable and positive_floor is not None and 1 <= positive_floor <= host.numel() - 1 \
+        and float(host[positive_floor - 1]) == 0.0
+    gap = (host[1:] - host[:-1]).mul_(2.0**-24)
+    if fold:
+        gap[positive_floor - 1] = 0.0
+    bounds = host[1:-1].contiguous().to(code.device)
+    low_gap = torch.stack((host[:-1], gap), dim=1).to(code.device)
+    if cacheable:
+        _TABLES[(id(code), positive_floor)] = (code, bounds, low_gap, fold)
+    return bounds, low_gap, fold
 
 
 def quantize_blockwise_sr_(codes: torch.Tensor, absmax: torch.Tensor, value: torch.Tensor, code: torch.Tensor,
@@ -211,29 +340,49 @@ def quantize_blockwise_sr_(codes: torch.Tensor, absmax: torch.Tensor, value: tor
     zero (for non-negative moments; module docstring). ``origin`` /
     ``global_shape``: the random bits of a shard's element are those of its index in the whole tensor (as in
     :func:`stochastic_round_bf16_`); the blocks are still the shard's own.
+
+    The upper entry is taken when ``u < clamp(frac, 0, 1)`` for ``u = (hash >>> 8) / 2^24`` and
+    ``frac = (x - low) / (high - low)``; the clamp never changes that comparison (``0 <= u < 1``) and it is made
+    as ``hash >>> 8 < frac * 2^24`` on integers below ``2^24`` (exact in fp32).
+
+    Raises:
+        ValueError: a ``positive_floor`` outside ``[0, len(code))``.
     """
+    if positive_floor is not None and not 0 <= positive_floor < code.numel():
+        raise ValueError(f"Invalid positive_floor: {positive_floor!r} (a code index in [0, {code.numel()}))")
     flat = value.reshape(-1)
     numel = flat.numel()
     blocks = n_blocks(numel)
-    padded = torch.zeros(blocks * BLOCKSIZE, dtype=torch.float32, device=flat.device)
-    padded[:numel] = flat
-    padded = padded.view(blocks, BLOCKSIZE)
-    torch.amax(padded.abs(), dim=1, out=absmax)
-    normalized = padded.div_(absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)).view(-1)[:numel]
-    upper = torch.searchsorted(code, normalized).clamp_(1, code.numel() - 1)
-    lower = upper - 1
-    low, high = code[lower], code[upper]
-    frac = (normalized - low).div_(high - low).clamp_(0.0, 1.0)
+    if numel == blocks * BLOCKSIZE:
+        padded = flat.view(blocks, BLOCKSIZE)
+        torch.amax(padded.abs(), dim=1, out=absmax)
+        normalized = torch.div(padded, absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)).view(-1)
+    else:  # the ragged last block is padded with zeros (they leave its largest magnitude alone)
+        padded = torch.empty(blocks * BLOCKSIZE, dtype=torch.float32, device=flat.device)
+        padded[numel:].zero_()
+        padded[:numel].copy_(flat)
+        padded = padded.view(blocks, BLOCKSIZE)
+        torch.amax(padded.abs(), dim=1, out=absmax)
+        normalized = padded.div_(absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)).view(-1)[:numel]
+    bounds, low_gap, folded = _rounding_tables(code, positive_floor)
+    lower = torch.searchsorted(bounds, normalized, out_int32=True)
+    entries = low_gap.index_select(0, lower)
+    scaled = torch.sub(normalized, entries[:, 0]).div_(entries[:, 1])  # frac * 2^24
     if value.dim() == 0:
         origin = global_shape = None
     rows = int(value.shape[0]) if value.dim() else 1
-    idx = element_index(tuple(value.shape) if value.dim() else (1,), 0, rows, origin, global_shape, flat.device)
-    u = _hash32(idx.add_(key).bitwise_and_(_MASK32)).bitwise_right_shift_(8).to(torch.float32).mul_(2.0**-24)
-    chosen = lower.add_((u < frac).to(torch.int64))
-    if positive_floor is not None:  # a positive value keeps a positive code (second moments: no division by eps)
-        chosen = torch.maximum(chosen, (normalized > 0).to(torch.int64).mul_(positive_floor))
-    codes.view(-1).copy_(chosen)
-
+    index = _keyed_index(tuple(value.shape) if value.dim() else (1,), 0, rows, key, origin, global_shape,
+                         flat.device)
+    simple = positive_floor is None or folded or positive_floor == 0
+    if simple and fused_codecs.q8_tail(index, lower, scaled, codes):
+        return
+    bits = _hash32_(index).bitwise_right_shift_(8).bitwise_and_(0xFFFFFF)
+    up = torch.lt(bits, scaled)
+    if simple:
+        torch.add(lower, up, out=codes.view(-1))
+        return
+    chosen = lower.add_(up)
+    codes.view(-1).copy_(torch.maximum(chosen, torch.gt(normalized, 0).to(torch.int32).mul_(positive_floor)))
 
 class StateStore:
     """Allocates, loads and saves moment tensors in one storage format.
