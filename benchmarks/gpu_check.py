@@ -1,8 +1,12 @@
 """GPU check: every preset x state store on CUDA, no host sync in steady steps, CPU vs CUDA, LLaMA-1B speed.
 
-``python -m benchmarks.gpu_check`` (one GPU, under 8 minutes on one H200) runs three parts and writes
-``benchmarks/results/cuda/gpu_check.json`` (or ``--out DIR``):
+``python -m benchmarks.gpu_check`` (one GPU, under 8 minutes on one H200) runs its parts (``--parts``; ``refresh``
+times each refresh decomposition at 1B shapes and ``profile`` breaks one steady step per preset down by kernel, as
+their functions say) and writes ``benchmarks/results/cuda/gpu_check.json`` (or ``--out DIR``):
 
+0. **codecs**: the fused (``torch.compile``d) stochastic-rounding codecs of the bf16 / 8-bit stores write the eager
+   codecs' bits on CUDA (:func:`check_codecs`); after every part the JSON records whether they are still on
+   (``fused_codecs``: a compile or run error turns them off for the process) and how many calls they served.
 1. **matrix**: every registered optimizer x state store (``fp32``, ``bf16``, ``8bit``) for a few steps on small
    LLaMA-style shapes. The first step (state allocation, initial subspace) runs normally; then ``steady_steps``
    steps without a refresh run under ``torch.cuda.set_sync_debug_mode("error")`` with ``nonfinite="ignore"``
@@ -524,6 +528,41 @@ def check_profile(device: torch.device, shapes: dict[str, tuple[int, ...]], rank
     return records
 
 
+def check_codecs(device: torch.device, budget: Budget | None = None,
+                 records: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The fused (``torch.compile``d) stochastic-rounding codecs write the eager path's bits on ``device``
+    (:func:`lowrank_optim.fused_codecs.check_against_eager`: every 8-bit code, ``absmax`` and bf16 bit against the
+    eager codec on the device and on the CPU). Off CUDA the fused tails do not run: recorded as skipped."""
+    from lowrank_optim import fused_codecs
+
+    budget = budget or Budget()
+    records = [] if records is None else records
+    rec: dict[str, Any] = {"label": "fused codecs == eager"}
+    if budget.spent():
+        rec["status"] = "skipped: time budget"
+    elif device.type not in fused_codecs.DEVICES:
+        rec["status"] = f"skipped: the fused codecs run on {sorted(fused_codecs.DEVICES)} only"
+    else:
+        started = time.perf_counter()
+        try:
+            rec.update(fused_codecs.check_against_eager(device))
+            rec["status"] = "ok"
+        except Exception as err:
+            rec["status"] = "error"
+            rec["error"] = f"{type(err).__name__}: {err}"[:400]
+        rec["seconds"] = time.perf_counter() - started
+    budget.done(records, rec)
+    return records
+
+
+def _codec_state() -> dict[str, Any]:
+    """Whether the fused codecs are still on (a compile or run error turns them off for the process) and how many
+    codec calls they served so far."""
+    from lowrank_optim import fused_codecs
+
+    return {"enabled": fused_codecs.ENABLED, "broken": fused_codecs.BROKEN, "calls": fused_codecs.CALLS}
+
+
 #: Shapes of each part: ``full`` for the GPU (under 8 minutes on one H200), ``tiny`` for the CPU test.
 SETTINGS: dict[str, dict[str, Any]] = {
     "full": {"matrix_shapes": llama_shapes(n_layers=2, d_model=256, d_ffn=688, vocab=1024), "rank": 64,
@@ -540,7 +579,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 
 def run(device: str = "cuda", tiny: bool = False, only: list[str] | None = None,
-        parts: tuple[str, ...] = ("matrix", "trajectories", "refresh", "profile", "speed"),
+        parts: tuple[str, ...] = ("codecs", "matrix", "trajectories", "refresh", "profile", "speed"),
         budget_s: float = float("inf"),
         out_path: Path | None = None) -> dict[str, Any]:
     """Runs the requested parts (``only``: these optimizers' names or labels; the AdamW baselines always run);
@@ -569,14 +608,20 @@ def run(device: str = "cuda", tiny: bool = False, only: list[str] | None = None,
             tmp.replace(out_path)
 
     budget = Budget(budget_s, save)
+    if "codecs" in parts:
+        print("codecs:", flush=True)
+        check_codecs(dev, budget=budget, records=out.setdefault("codecs", []))
+        out.setdefault("fused_codecs", {})["after_codecs"] = _codec_state()
     if "matrix" in parts:
         print("matrix:", flush=True)
         check_matrix(dev, cfg["matrix_shapes"], cfg["rank"], cfg["steady_steps"], only=only, budget=budget,
                      records=out.setdefault("matrix", []))
+        out.setdefault("fused_codecs", {})["after_matrix"] = _codec_state()
     if "trajectories" in parts:
         print("trajectories:", flush=True)
         check_trajectories(dev, cfg["matrix_shapes"], cfg["rank"], cfg["trajectory_steps"], cfg["period"],
                            cfg["tolerance"], only, budget=budget, records=out.setdefault("trajectories", []))
+        out.setdefault("fused_codecs", {})["after_trajectories"] = _codec_state()
     if "refresh" in parts:
         print("refresh:", flush=True)
         check_refresh(dev, cfg["refresh_shapes"], cfg["speed_rank"], cfg["refresh_reps"], budget=budget,
@@ -585,12 +630,14 @@ def run(device: str = "cuda", tiny: bool = False, only: list[str] | None = None,
         print("profile:", flush=True)
         check_profile(dev, cfg["profile_shapes"], cfg["speed_rank"], only=only, budget=budget,
                       records=out.setdefault("profile", []))
+        out.setdefault("fused_codecs", {})["after_profile"] = _codec_state()
     if "speed" in parts:
         decoder = LLAMA_DECODERS[cfg["speed_decoder"]]
         out["config"]["speed_decoder_config"] = decoder.asdict()
         print("speed:", flush=True)
         check_speed(dev, decoder, cfg["speed_rank"], cfg["speed_steps"], cfg["batch_size"], cfg["seq_len"], only,
                     budget=budget, records=out.setdefault("speed", []))
+        out.setdefault("fused_codecs", {})["after_speed"] = _codec_state()
     save()
     return out
 
@@ -628,7 +675,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (seconds; the CPU test)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (gpu_check.json)")
     ap.add_argument("--only", default=None, help="comma-separated optimizers (default: all; AdamW always runs)")
-    ap.add_argument("--parts", default="matrix,trajectories,refresh,profile,speed",
+    ap.add_argument("--parts", default="codecs,matrix,trajectories,refresh,profile,speed",
                     help="comma-separated parts to run")
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="wall-clock seconds for all parts (default 420, inside the issue's 8 minutes); cases that "

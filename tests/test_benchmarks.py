@@ -321,6 +321,9 @@ def test_gpu_check_cpu_part(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert [r["label"] for r in result["profile"]] == ["torch:adamw(fused)", "galore_adamw[fp32]",
                                                        "galore_adamw[8bit]", "fira[fp32]", "galore_adamw[fp32] tf32"]
     assert all(r["status"] == "ok" and r["top_ops"] for r in result["profile"]), result["profile"]
+    # the fused codecs run on CUDA only: skipped by name on the CPU, their state recorded after every part
+    assert [r["status"][:8] for r in result["codecs"]] == ["skipped:"], result["codecs"]
+    assert result["fused_codecs"]["after_speed"]["broken"] is None
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["anchor"]["galore_8bit"] == {"tokens_per_s": 1109, "memory_GB": 7.95}
     assert "anchor, GaLore paper" in gpu_check.summary(result)
