@@ -185,8 +185,11 @@ def check_matrix(device: torch.device, shapes: dict[str, tuple[int, ...]], rank:
                         _set_grads(params, g)
                         opt.step()
                 common.sync(device)
-                syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
-                rec[f"syncs_per_step_nonfinite_{nonfinite}"] = syncs / steady_steps
+                said = [f"{w.category.__name__} {w.filename}:{w.lineno}: {w.message}"[:300] for w in caught
+                        if "synchroniz" in str(w.message).lower()]
+                rec[f"syncs_per_step_nonfinite_{nonfinite}"] = len(said) / steady_steps
+                if said and nonfinite == "ignore":  # what raised no error but spoke of a synchronization
+                    rec["sync_messages_nonfinite_ignore"] = sorted(set(said))
                 if not all(torch.isfinite(p).all() for p in params.values()):
                     raise FloatingPointError("non-finite weights after the steady steps")
                 rec["state_bytes"] = count_state_bytes(opt)

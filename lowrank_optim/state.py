@@ -281,6 +281,10 @@ def stochastic_round_bf16_(out: torch.Tensor, value: torch.Tensor, key: int, *,
     shape = tuple(out.shape)
     for start in range(0, rows, per_chunk):
         stop = min(start + per_chunk, rows)
+        if origin is None or global_shape is None:  # consecutive indices: the fused tail makes them itself
+            first = (start * row_numel + key) & _MASK32
+            if fused_codecs.bf16_tail(first, bits_in[start:stop], bits_out[start:stop]):
+                continue
         index = _keyed_index(shape, start, stop, key, origin, global_shape, out.device)
         if fused_codecs.bf16_tail(index, bits_in[start:stop], bits_out[start:stop]):
             continue
@@ -355,14 +359,14 @@ def quantize_blockwise_sr_(codes: torch.Tensor, absmax: torch.Tensor, value: tor
     blocks = n_blocks(numel)
     if numel == blocks * BLOCKSIZE:
         padded = flat.view(blocks, BLOCKSIZE)
-        torch.amax(padded.abs(), dim=1, out=absmax)
+        torch.linalg.vector_norm(padded, ord=float("inf"), dim=1, out=absmax)  # max |x|: no |x| tensor
         normalized = torch.div(padded, absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)).view(-1)
     else:  # the ragged last block is padded with zeros (they leave its largest magnitude alone)
         padded = torch.empty(blocks * BLOCKSIZE, dtype=torch.float32, device=flat.device)
         padded[numel:].zero_()
         padded[:numel].copy_(flat)
         padded = padded.view(blocks, BLOCKSIZE)
-        torch.amax(padded.abs(), dim=1, out=absmax)
+        torch.linalg.vector_norm(padded, ord=float("inf"), dim=1, out=absmax)  # max |x|: no |x| tensor
         normalized = padded.div_(absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)).view(-1)[:numel]
     bounds, low_gap, folded = _rounding_tables(code, positive_floor)
     lower = torch.searchsorted(bounds, normalized, out_int32=True)
@@ -371,9 +375,12 @@ def quantize_blockwise_sr_(codes: torch.Tensor, absmax: torch.Tensor, value: tor
     if value.dim() == 0:
         origin = global_shape = None
     rows = int(value.shape[0]) if value.dim() else 1
+    simple = positive_floor is None or folded or positive_floor == 0
+    if simple and (origin is None or global_shape is None) and fused_codecs.q8_tail(key & _MASK32, lower, scaled,
+                                                                                      codes):
+        return  # consecutive indices from the key: the fused tail makes them itself
     index = _keyed_index(tuple(value.shape) if value.dim() else (1,), 0, rows, key, origin, global_shape,
                          flat.device)
-    simple = positive_floor is None or folded or positive_floor == 0
     if simple and fused_codecs.q8_tail(index, lower, scaled, codes):
         return
     bits = _hash32_(index).bitwise_right_shift_(8).bitwise_and_(0xFFFFFF)

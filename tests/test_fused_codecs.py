@@ -43,7 +43,7 @@ def test_a_failing_compile_falls_back_to_the_eager_bits_and_stays_off(fused_stat
     def broken(*args: torch.Tensor) -> None:
         raise RuntimeError("no compiler")
 
-    F._COMPILED.update({"8bit": broken, "bf16": broken})
+    F._COMPILED.update({name: broken for name in ("8bit", "bf16", "8bit-range", "bf16-range")})
     x = _values((40, 300), seed=2)
     want_codes, want_absmax = _pair((40, 300), x.numel())
     _ref_quantize_(want_codes, want_absmax, x, S.qmap(True, CPU), 77)
@@ -85,3 +85,11 @@ def test_compiled_tails_give_the_eager_bits_on_the_cpu(fused_state) -> None:
             served += 3
     assert F.BROKEN is None
     assert F.CALLS - before == served
+
+
+def test_absmax_comparison_takes_any_nan_as_equal_and_nothing_else() -> None:
+    a = torch.tensor([1.0, float("nan"), -0.0])
+    other_nan = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)[0]
+    assert F._same_bits(a, torch.tensor([1.0, float(other_nan), -0.0]))
+    assert not F._same_bits(a, torch.tensor([1.0, float("nan"), 0.0]))  # -0.0 and 0.0: other bits
+    assert not F._same_bits(a, torch.tensor([1.0, 2.0, -0.0]))
