@@ -174,9 +174,12 @@ def check_against_eager(device: str | torch.device = "cuda") -> dict[str, int]:
     was = ENABLED
     try:
         for shape, origin, global_shape in cases:
-            x = torch.randn(shape, generator=gen) * torch.tensor(10.0).pow(torch.randint(-8, 3, shape, generator=gen))
+            scale = torch.tensor(10.0, dtype=torch.float32, device="cpu").pow(
+                torch.randint(-8, 3, shape, generator=gen, dtype=torch.int64, device="cpu"))
+            x = torch.randn(shape, generator=gen, dtype=torch.float32, device="cpu") * scale
             if x.numel() > 256:
-                x.view(-1)[3:200:61] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+                x.view(-1)[3:200:61] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0],
+                                                    dtype=torch.float32, device="cpu")
             where = {"origin": origin, "global_shape": global_shape}
             for key in keys:
                 for signed, floor in ((True, None), (False, None), (False, state.first_positive_code(False)),
@@ -186,7 +189,7 @@ def check_against_eager(device: str | torch.device = "cuda") -> dict[str, int]:
                     for dev, fused in ((device, True), (device, False), (torch.device("cpu"), False)):
                         ENABLED = fused
                         codes = torch.zeros(shape, dtype=torch.uint8, device=dev)
-                        absmax = torch.zeros(state.n_blocks(value.numel()), device=dev)
+                        absmax = torch.zeros(state.n_blocks(value.numel()), dtype=torch.float32, device=dev)
                         state.quantize_blockwise_sr_(codes, absmax, value.to(dev), state.qmap(signed, dev), key,
                                                      positive_floor=floor, **where)
                         runs.append((codes.cpu(), absmax.cpu()))

@@ -270,6 +270,8 @@ def stochastic_round_bf16_(out: torch.Tensor, value: torch.Tensor, key: int, *,
     if out.dtype != torch.bfloat16 or value.dtype != torch.float32:
         raise TypeError(f"Invalid value: stochastic rounding maps float32 to bfloat16, got {value.dtype} -> "
                         f"{out.dtype}")
+    if out.device.type == "meta":  # shapes only (memory estimates): no values to round
+        return out
     if out.dim() == 0:
         out, value = out.view(1), value.view(1)
         origin = global_shape = None
@@ -354,6 +356,8 @@ def quantize_blockwise_sr_(codes: torch.Tensor, absmax: torch.Tensor, value: tor
     """
     if positive_floor is not None and not 0 <= positive_floor < code.numel():
         raise ValueError(f"Invalid positive_floor: {positive_floor!r} (a code index in [0, {code.numel()}))")
+    if value.device.type == "meta":  # shapes only (memory estimates): no values to round
+        return
     flat = value.reshape(-1)
     numel = flat.numel()
     blocks = n_blocks(numel)
