@@ -72,9 +72,35 @@ def warn_method_overrides(optimizer_name: str, index: int, found: list[tuple[str
                   MethodDefaultWarning, stacklevel=4)
 
 
+#: Last name components of output heads anywhere in a model: causal LMs (``lm_head``, ``output``), HF sequence
+#: classifiers (``score``, ``classifier``).
+HEAD_NAMES = ("lm_head", "output", "classifier", "score")
+#: Names of heads only as a direct child of the model (``fc`` of torchvision's ResNets, ``head`` of timm's ViTs): inside
+#: blocks the same names are hidden layers (an MLP's ``fc``, an attention ``head``).
+TOP_HEAD_NAMES = ("fc", "head")
+
+
 def _output_head_names(model: nn.Module) -> set[str]:
-    """Qualified names of the output head(s): ``get_output_embeddings()`` or modules named ``lm_head``."""
-    names = {n for n, _ in model.named_modules() if n.split(".")[-1] in ("lm_head", "output", "classifier")}
+    """Qualified names of the output head(s), which ``"all-linear"`` leaves plain (as PEFT's ``"all-linear"`` does
+    and GaLore's paper, which keeps the output layer full-rank):
+
+    * ``model.get_output_embeddings()`` (HF models);
+    * modules whose last name component is in :data:`HEAD_NAMES`, and direct children of the model named in
+      :data:`TOP_HEAD_NAMES`;
+    * of such a head that is a container (torchvision VGG's ``classifier = Sequential(Linear, ..., Linear)``), its
+      last ``nn.Linear`` only: the ones before it are hidden layers (VGG's 4096 x 25088 and 4096 x 4096), which
+      gain the most from a low rank.
+    """
+    modules = dict(model.named_modules())
+    heads = {n for n in modules if n and (n.split(".")[-1] in HEAD_NAMES or n in TOP_HEAD_NAMES)}
+    names = set()
+    for n in heads:
+        if isinstance(modules[n], nn.Linear) or not any(True for _ in modules[n].children()):
+            names.add(n)
+            continue
+        linear = [f"{n}.{c}" for c, m in modules[n].named_modules() if c and isinstance(m, nn.Linear)]
+        if linear:
+            names.add(linear[-1])
     getter = getattr(model, "get_output_embeddings", None)
     if callable(getter):
         try:
@@ -82,7 +108,7 @@ def _output_head_names(model: nn.Module) -> set[str]:
         except (NotImplementedError, AttributeError):
             head = None
         if head is not None:
-            names |= {n for n, m in model.named_modules() if m is head}
+            names |= {n for n, m in modules.items() if m is head}
     return names
 
 

@@ -228,3 +228,43 @@ def test_planner_cli_accepts_every_spelling(capsys: pytest.CaptureFixture[str]) 
     layerwise = plan_memory("llama-60m", "galore_adamw_layerwise", rank=128)
     assert layerwise.settings["layerwise"] and layerwise == plan_memory("llama-60m", "galore_adamw", rank=128,
                                                                         layerwise=True)
+
+
+class _VGGLike(nn.Module):
+    """torchvision VGG's layout: features, then ``classifier = Sequential(Linear, ReLU, Linear, ReLU, Linear)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Linear(36, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+class _ResNetLike(nn.Module):
+    """torchvision ResNet's ``fc`` and timm ViT's ``head`` as direct children; an MLP's ``fc`` inside a block."""
+
+    def __init__(self, head: str) -> None:
+        super().__init__()
+        self.block = nn.Module()
+        self.block.fc = nn.Linear(16, 16)
+        self.block.head = nn.Linear(16, 16)
+        setattr(self, head, nn.Linear(16, 10))
+
+
+class _SeqCls(nn.Module):
+    """HF ``*ForSequenceClassification``: the head is ``score``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Block()])
+        self.score = nn.Linear(16, 3, bias=False)
+
+
+def test_all_linear_leaves_every_kind_of_output_head_plain() -> None:
+    def chosen(model: nn.Module) -> set[str]:
+        return _names(model, _lowrank(lro.param_groups(model, target_modules="all-linear", warn=False)))
+
+    # a container head: only its last Linear is the output layer, the hidden ones are projected
+    assert chosen(_VGGLike()) == {"classifier.0.weight", "classifier.2.weight"}
+    for head in ("fc", "head"):  # a top-level head; the same names inside a block are hidden layers
+        assert chosen(_ResNetLike(head)) == {"block.fc.weight", "block.head.weight"}, head
+    assert "score.weight" not in chosen(_SeqCls()) and len(chosen(_SeqCls())) == 4

@@ -59,7 +59,7 @@ def test_target_modules_equal_param_groups_route_and_resume() -> None:
                           module=model)
     run(ref, ref_opt)
     run(model, opt)
-    assert projected(model, opt) == ["attn.weight", "head.weight", "mlp.weight"]  # TinyNet's head is no lm_head
+    assert projected(model, opt) == ["attn.weight", "mlp.weight"]  # TinyNet's top-level head is its output layer
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters(), strict=True))
     fresh = make_model()
     fresh.load_state_dict(model.state_dict())

@@ -45,13 +45,14 @@ class SmallCNN(nn.Module):
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
         self.conv3 = nn.Conv1d(32, 24, 3, padding=1)
+        self.hidden = nn.Linear(24, 24)
         self.fc = nn.Linear(24, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.conv1(x))
         x = torch.relu(self.conv2(x))
         x = torch.relu(self.conv3(x.flatten(2)))
-        return self.fc(x.mean(-1))
+        return self.fc(torch.relu(self.hidden(x.mean(-1))))
 
 
 def cnn(seed: int = 0) -> SmallCNN:
@@ -109,12 +110,12 @@ def test_conv_needs_the_opt_in_and_is_named_when_left_plain() -> None:
     model = cnn()
     with pytest.warns(UserWarning, match=r"conv1\.weight \(Conv2d, shape \(16, 3, 3, 3\); pass include_conv=True\)"):
         groups = lro.param_groups(model, rank=4, target_modules="all-linear")
-    assert groups[1]["params"] == [model.fc.weight]
+    assert groups[1]["params"] == [model.hidden.weight]  # the top-level fc is the output layer: plain
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         groups = lro.param_groups(model, rank=4, target_modules="all-linear", include_conv=True, scale=0.5)
     # convolutions get their own group: nd_layout="conv" makes the engine read the 3-D Conv1d weight as a conv
-    assert groups[1]["params"] == [model.fc.weight] and "nd_layout" not in groups[1]
+    assert groups[1]["params"] == [model.hidden.weight] and "nd_layout" not in groups[1]
     assert groups[2] == {"params": [model.conv1.weight, model.conv2.weight, model.conv3.weight], "rank": 4,
                          "scale": 0.5, "nd_layout": "conv"}
     assert lro.param_groups(model, rank=4, target_modules=["conv2"], include_conv=True)[1:] == [
