@@ -247,9 +247,9 @@ def _step_stack(members: list[tuple[Unit, torch.Tensor]], group: Group, parts: P
         _apollo_stack(members, low, lows, update, side, ds, group, proj, residual, cache, key, states)
         return key
     scale = group["scale"]
-    for (u, _), back, upd, x, (_, w_out) in zip(members, backs, updates, ds, weights, strict=True):
-        if not low.numel():  # an empty subspace (FRUGAL's inactive block) adds nothing
-            break
+    # an empty subspace (FRUGAL's inactive block) adds nothing
+    lifts = zip(members, backs, updates, ds, weights, strict=True) if low.numel() else ()
+    for (u, _), back, upd, x, (_, w_out) in lifts:
         if left:
             u.param.addmm_(back, upd, alpha=-x.coef * scale * w_out)
         else:

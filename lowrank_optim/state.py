@@ -124,31 +124,6 @@ def rounding_key(seed: int, step: int, name: str) -> int:
     return derive_seed(seed, step, zlib.crc32(name.encode())) & _MASK32
 
 
-def element_index(shape: tuple[int, ...], start: int, stop: int, origin: tuple[int, ...] | None = None,
-                  global_shape: tuple[int, ...] | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Row-major indices (int64, flat) of rows ``start:stop`` of a tensor of ``shape``.
-
-    With ``origin`` and ``global_shape``, the tensor is the block of a larger ``global_shape`` tensor that starts
-    at ``origin`` (a shard of a moment under FSDP2), and the indices are those of its elements in the larger
-    tensor: stochastic rounding keyed by them gives every element the same bits whatever the split. (The codecs
-    compute ``(index + key) mod 2^32`` directly in int32, :func:`_keyed_index`.)
-    """
-    rest = tuple(int(s) for s in shape[1:])
-    row_numel = 1
-    for s in rest:
-        row_numel *= s
-    if origin is None or global_shape is None:
-        return torch.arange(start * row_numel, stop * row_numel, dtype=torch.int64, device=device)
-    strides = [1] * len(global_shape)
-    for d in range(len(global_shape) - 2, -1, -1):
-        strides[d] = strides[d + 1] * int(global_shape[d + 1])
-    idx = (torch.arange(start, stop, dtype=torch.int64, device=device) + int(origin[0])) * strides[0]
-    for d, size in enumerate(rest, start=1):
-        axis = (torch.arange(size, dtype=torch.int64, device=device) + int(origin[d])) * strides[d]
-        idx = idx.unsqueeze(-1) + axis
-    return idx.reshape(-1)
-
-
 def _i32(v: int) -> int:
     """``v mod 2^32`` as the signed int32 value with the same 32 bits."""
     v &= _MASK32
@@ -175,7 +150,11 @@ def _affine32(first: int, step: int, n: int, device: torch.device | str) -> torc
 
 def _keyed_index(shape: tuple[int, ...], start: int, stop: int, key: int, origin: tuple[int, ...] | None,
                  global_shape: tuple[int, ...] | None, device: torch.device | str) -> torch.Tensor:
-    """``(element_index(shape, start, stop, origin, global_shape) + key) mod 2^32`` as a flat int32 tensor.
+    """``(i + key) mod 2^32`` as a flat int32 tensor, for the row-major index ``i`` of each element of rows
+    ``start:stop`` of a tensor of ``shape``; with ``origin`` and ``global_shape``, the tensor is the block of a larger
+    ``global_shape`` tensor that starts at ``origin`` (a shard of a moment under FSDP2) and ``i`` is the element's
+    index in the larger tensor, so stochastic rounding keyed by it gives every element the same bits whatever the
+    split.
 
     The index is an affine function of the element's multi-index, ``sum_d (i_d + origin_d) * stride_d`` with the
     row-major strides of ``global_shape`` (of ``shape`` without ``origin``), so it is computed modulo ``2^32`` in
@@ -260,7 +239,7 @@ def stochastic_round_bf16_(out: torch.Tensor, value: torch.Tensor, key: int, *,
         value: fp32 tensor (any layout); non-finite values stay non-finite.
         key: 32-bit key (:func:`rounding_key`).
         origin: where ``out`` starts in a larger tensor of ``global_shape`` it is a block of (FSDP2's shard of a
-            moment): ``i`` is then the element's row-major index in the larger tensor (:func:`element_index`),
+            moment): ``i`` is then the element's row-major index in the larger tensor (:func:`_keyed_index`),
             so a shard rounds exactly as the whole tensor would. ``None``: ``out`` is the whole tensor.
         global_shape: the larger tensor's shape (with ``origin``).
 
@@ -479,7 +458,7 @@ class StateStore:
         ``name``; 8-bit: blockwise quantization in row-major order with the same stochastic rounding between
         map entries (``value`` may have any layout). ``origin`` / ``global_shape``: the moment is a shard
         starting at ``origin`` of a ``global_shape`` moment (FSDP2), whose rounding bits follow the elements'
-        indices in the whole moment (:func:`element_index`).
+        indices in the whole moment (:func:`_keyed_index`).
         """
         stored = state[name]
         where = {"origin": origin, "global_shape": global_shape}

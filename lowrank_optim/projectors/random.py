@@ -132,9 +132,8 @@ class RandomProjector(Projector):
         if device.type == "meta":  # shapes only (memory estimates): no generator lives there
             return torch.empty(d, r, dtype=torch.float32, device=device)
         where = torch.device("cpu") if self.generator == "cpu" else device
-        gen = torch.Generator(device=where)
-        gen.manual_seed(derive_seed(key[0], key[1]))
-        z = torch.randn(d, r, generator=gen, dtype=torch.float32, device=where)
+        z = torch.empty(d, r, dtype=torch.float32, device=where)
+        _draw(z, derive_seed(key[0], key[1]), where)  # torch.randn's values (randn is empty + normal_)
         if self.distribution == "gaussian":
             from ..rules.base import device_scalar  # here: the rules package imports the projectors
 
