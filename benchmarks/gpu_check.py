@@ -611,20 +611,24 @@ def run(device: str = "cuda", tiny: bool = False, only: list[str] | None = None,
             tmp.replace(out_path)
 
     budget = Budget(budget_s, save)
+
+    def codecs_after(part: str) -> None:
+        out.setdefault("fused_codecs", {})[f"after_{part}"] = _codec_state()
+
     if "codecs" in parts:
         print("codecs:", flush=True)
         check_codecs(dev, budget=budget, records=out.setdefault("codecs", []))
-        out.setdefault("fused_codecs", {})["after_codecs"] = _codec_state()
+        codecs_after("codecs")
     if "matrix" in parts:
         print("matrix:", flush=True)
         check_matrix(dev, cfg["matrix_shapes"], cfg["rank"], cfg["steady_steps"], only=only, budget=budget,
                      records=out.setdefault("matrix", []))
-        out.setdefault("fused_codecs", {})["after_matrix"] = _codec_state()
+        codecs_after("matrix")
     if "trajectories" in parts:
         print("trajectories:", flush=True)
         check_trajectories(dev, cfg["matrix_shapes"], cfg["rank"], cfg["trajectory_steps"], cfg["period"],
                            cfg["tolerance"], only, budget=budget, records=out.setdefault("trajectories", []))
-        out.setdefault("fused_codecs", {})["after_trajectories"] = _codec_state()
+        codecs_after("trajectories")
     if "refresh" in parts:
         print("refresh:", flush=True)
         check_refresh(dev, cfg["refresh_shapes"], cfg["speed_rank"], cfg["refresh_reps"], budget=budget,
@@ -633,14 +637,14 @@ def run(device: str = "cuda", tiny: bool = False, only: list[str] | None = None,
         print("profile:", flush=True)
         check_profile(dev, cfg["profile_shapes"], cfg["speed_rank"], only=only, budget=budget,
                       records=out.setdefault("profile", []))
-        out.setdefault("fused_codecs", {})["after_profile"] = _codec_state()
+        codecs_after("profile")
     if "speed" in parts:
         decoder = LLAMA_DECODERS[cfg["speed_decoder"]]
         out["config"]["speed_decoder_config"] = decoder.asdict()
         print("speed:", flush=True)
         check_speed(dev, decoder, cfg["speed_rank"], cfg["speed_steps"], cfg["batch_size"], cfg["seq_len"], only,
                     budget=budget, records=out.setdefault("speed", []))
-        out.setdefault("fused_codecs", {})["after_speed"] = _codec_state()
+        codecs_after("speed")
     save()
     return out
 
