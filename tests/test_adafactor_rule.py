@@ -64,12 +64,15 @@ def test_plain_trajectory_matches_transformers(config, block, monkeypatch) -> No
             assert (x - y).abs().max() <= 1e-5 * (y - s).abs().max() + 2 * ulp
 
 
-def test_blocked_plain_step_equals_low_rank_direction(monkeypatch) -> None:
+@pytest.mark.parametrize("beta1", [None, 0.9])
+def test_blocked_plain_step_equals_low_rank_direction(beta1: float | None, monkeypatch) -> None:
     """``apply_plain`` (blocks, fused into the parameter) and ``direction`` + the engine's update are the
-    same operations in the same order: bit-identical parameter and moments."""
+    same operations in the same order: bit-identical parameter and moments. With ``beta1`` the plain path's
+    momentum and parameter update is one pass of torch's fused SGD kernel (HF's ``mul_`` / ``add_`` form of the
+    average, see the next test) and the low-rank path's a ``lerp_``: equal to 2 ulps."""
     monkeypatch.setattr(adafactor, "CPU_BLOCK_ELEMENTS", 64)
     rule = adafactor.AdafactorRule()
-    group = {**rule.defaults, "lr": 1e-2, "relative_step": False, "beta1": 0.9, "weight_decay": 0.05}
+    group = {**rule.defaults, "lr": 1e-2, "relative_step": False, "beta1": beta1, "weight_decay": 0.05}
     gen = torch.Generator().manual_seed(3)
     grad = torch.randn(29, 17, generator=gen)
     p_a = torch.randn(29, 17, generator=gen)
@@ -80,9 +83,24 @@ def test_blocked_plain_step_equals_low_rank_direction(monkeypatch) -> None:
         assert rule.apply_plain(p_a, grad * step, mom_a, step, group)
         d = rule.direction(grad * step, mom_b, step, group, p_b)
         p_b.mul_(1 - d.lr * group["weight_decay"]).add_(d.num, alpha=-d.coef)
-        assert torch.equal(p_a, p_b)
-        for k in mom_a:
-            assert torch.equal(mom_a[k], mom_b[k]), k
+        for a, b in [(p_a, p_b), *((mom_a[k], mom_b[k]) for k in mom_a)]:
+            if beta1 is None:
+                assert torch.equal(a, b)
+            else:
+                assert ((a - b).abs() <= 2 * torch.finfo(torch.float32).eps * b.abs()).all()
+
+
+def test_plain_momentum_is_torch_fused_sgd_and_hf_average() -> None:
+    """The plain path's fused momentum (``_fused_sgd_`` with momentum = dampening = beta1, lr 1) is HF's
+    ``exp_avg.mul_(beta1).add_(u, alpha=1 - beta1)`` then ``p -= exp_avg``: bit for bit here (64 x 512 entries;
+    the kernel's scalar tail, the last few entries of an odd length, may round one ulp apart)."""
+    gen = torch.Generator().manual_seed(5)
+    u, avg, p = (torch.randn(64, 512, generator=gen) for _ in range(3))
+    avg_ref, p_ref = avg.clone(), p.clone()
+    torch._fused_sgd_([p], [u], [avg], weight_decay=0.0, momentum=0.9, lr=1.0, dampening=0.9, nesterov=False,
+                      maximize=False, is_first_step=False)
+    p_ref.sub_(adafactor._average(avg_ref, u, 0.9))
+    assert torch.equal(avg, avg_ref) and torch.equal(p, p_ref)
 
 
 def test_blocks_cover_every_row_once() -> None:
