@@ -288,7 +288,9 @@ def state_phases(opt: LowRankOptimizer, names: Mapping[int, str] | None = None) 
       ``gamma`` matrices with the largest increase (``full_rank_prob > 0``: every matrix).
 
     The peak adds each parameter's own largest phase (exact for every preset, where warm-up and draws never
-    meet; an upper bound for a custom mix of both).
+    meet; an upper bound for a custom mix of both). Under FSDP2, before GaLore+'s entries are chosen, a rank's
+    share of the ``k`` entries depends on where the largest scores fall, so its after-warm-up bytes are bounded by
+    the whole matrix's ``k`` (what this counts); once chosen, each rank's state holds its own entries exactly.
 
     Args:
         opt: an engine optimizer after at least one step.
