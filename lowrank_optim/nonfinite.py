@@ -31,11 +31,19 @@ NONFINITE_POLICIES = ("skip", "raise", "ignore")
 
 
 def check_grad(owner: str, p: torch.Tensor, index: int) -> None:
-    """Raises ``TypeError`` for a gradient the engine cannot step (sparse or complex), naming parameter ``index``."""
+    """Raises ``TypeError`` for a parameter the engine cannot step (sparse or complex gradient, float64 weight),
+    naming parameter ``index``.
+
+    The engine computes every step in fp32 (bf16 / fp16 weights get an fp32 working copy, rounded back): a float64
+    weight would be rounded to fp32 at every step, losing its precision silently, so it is refused."""
     if p.grad.is_sparse:
         raise TypeError(f"{owner} does not support sparse gradients (parameter {index}, shape {tuple(p.shape)})")
     if torch.is_complex(p.grad):
         raise TypeError(f"{owner} does not support complex parameters (parameter {index}, dtype {p.grad.dtype})")
+    if p.dtype == torch.float64:
+        raise TypeError(f"{owner} does not support float64 parameters (parameter {index}, shape {tuple(p.shape)}): "
+                        "it steps in fp32 and would round the weight to fp32 every step; cast the model to float32 "
+                        "(or bf16), or give float64 parameters to another optimizer")
 
 
 def gradients_ok(owner: str, work: Sequence[tuple[dict[str, Any], torch.Tensor]]) -> bool:

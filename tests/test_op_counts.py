@@ -88,7 +88,7 @@ def test_fira_and_flora_steady_steps_dispatch_per_stack() -> None:
     assert fira["aten::mm"] == 14 and fira["aten::addmm_"] == 14 and fira["aten::addcmul_"] == 14 + 3, fira
     assert fira["aten::linalg_vector_norm"] == 14 + 2 * 3, fira  # G's slices per matrix; R's and N's per stack
     assert fira["aten::where"] == 3 and fira["aten::sqrt_"] == 3, fira  # the limiter, per stack
-    # addmm_: the lifts, and the plain embedding's one block of Adafactor statistics ([1; 1/R] S, rules.adafactor)
+    # addmm_: the lifts, and the plain embedding's one block of Adafactor statistics ([R; 1] (S / R), rules.adafactor)
     assert flora["aten::mm"] == 14 and flora["aten::addmm_"] == 14 + 1 and flora["aten::normal_"] == 14, flora
     vectors = sum(1 for p in params.values() if p.dim() == 1)
     # Adafactor's row / column statistics and momentum: 3 per stack, 2 for the plain embedding (its momentum and

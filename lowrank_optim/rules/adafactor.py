@@ -137,8 +137,12 @@ class AdafactorRule(InnerRule):
         One read of the gradient and no pass over the update: with ``S = g o g``, new row statistics ``R``
         (known block by block, once a block's row sums are) and new column statistics ``C``, the update is
         ``u = r c^T o g`` with ``r_i^2 = mean(R) / R_i`` and ``c_j^2 = 1 / C_j``, so
-        ``sum(u^2) = mean(R) * sum_j h_j / C_j`` where ``h = S^T (1 / R)``; ``h`` and the column sums ``S^T 1``
-        are one ``(2, k) x (k, n)`` product per row block of ``k`` rows.
+        ``sum(u^2) = sum_j h_j q_j^2`` with ``h = (S / R)^T 1`` (``S`` divided row by row, in the scratch block) and
+        ``q = sqrt(mean(R)) c``; the column sums are ``(S / R)^T R``, so both are one ``(2, rows) x (rows, n)``
+        product per block. Every intermediate is a ratio of statistics of one scale (``S_ij / R_i <= n / (1 -
+        beta2_t)``; ``c`` and ``q`` as HF's ``(R / mean(R))^(-1/2)``), so tiny or wildly scaled gradients stay in
+        fp32's range (a reciprocal ``1 / R`` would overflow below ``R ~ 3e-39``, and ``S^T (1 / R)`` with an
+        all-zero row next to large ones would be ``0 * inf``).
         """
         # under FSDP2 ``grad`` may be a shard of a bigger matrix: sums over a split axis are completed by ``comm``
         m, n = comm.length(0, int(grad.shape[0])), comm.length(1, int(grad.shape[1]))
@@ -148,31 +152,31 @@ class AdafactorRule(InnerRule):
         spec = comm.current()
         split_rows = spec is not None and spec.dim == 1  # a row's sum needs every rank: all rows first
         row_sum = torch.empty(int(grad.shape[0]), dtype=grad.dtype, device=grad.device)
-        weights = torch.ones(2, int(grad.shape[0]), dtype=grad.dtype, device=grad.device)  # [1; 1 / R]
+        weights = torch.ones(2, int(grad.shape[0]), dtype=grad.dtype, device=grad.device)  # [R; 1]
         sums = torch.zeros(2, int(grad.shape[1]), dtype=grad.dtype, device=grad.device)  # [S^T 1; h]
         # row means of g^2 + eps1 (= mean(g^2) + eps1: eps1 is added to the small vectors only)
         if split_rows:
             torch.linalg.vector_norm(grad, dim=1, out=row_sum).square_()
             row.lerp_(comm.reduce_split(row_sum, 1).div_(n).add_(eps1), 1.0 - beta2t)
-            torch.reciprocal(row, out=weights[1])
         parts = zip(_rows(grad, blocks), _scratch(buf, blocks), _rows(row_sum, blocks), _rows(row, blocks),
-                    _cols(weights, blocks), strict=True)
-        for g, bf, rsum, r_block, w in parts:
+                    _rows(weights[0], blocks), _cols(weights, blocks), strict=True)
+        for g, bf, rsum, r_block, w_row, w in parts:
             sq = torch.mul(g, g, out=bf)
             if not split_rows:
                 r_block.lerp_(torch.sum(sq, dim=1, out=rsum).div_(n).add_(eps1), 1.0 - beta2t)
-                torch.reciprocal(r_block, out=w[1])
-            sums.addmm_(w, sq)
+            w_row.copy_(r_block)
+            sums.addmm_(w, sq.div_(r_block.unsqueeze(1)))
         comm.reduce_split(sums, 0)
         col.lerp_(sums[0].div_(m).add_(eps1), 1.0 - beta2t)
         row_mean = comm.mean(row, 0)
         r = torch.div(row, row_mean).rsqrt_()
         c = col.rsqrt()
+        q = c.mul(row_mean.sqrt())
         # RMS of the update (a sum over this rank's columns: completed when the columns are split)
-        total = torch.dot(sums[1], c.square())
-        if spec is not None:
+        total = torch.dot(sums[1].mul_(q), q)
+        if split_rows:
             total = comm.reduce_split(total.reshape(1), 1).reshape(())
-        rms = total.mul_(row_mean).div_(max(m * n, 1)).sqrt_()
+        rms = total.div_(max(m * n, 1)).sqrt_()
         # RMS clipping and the learning rate in the row factor (device-side: no host read)
         return c, r.mul_(lr).div_(rms.div_(group["clip_threshold"]).clamp_min_(1.0)).unsqueeze(1)
 
