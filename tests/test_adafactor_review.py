@@ -35,14 +35,18 @@ def _one_step(cls: type, shape: tuple[int, ...], scale: float, **config: object)
     return p.detach() - start
 
 
+@pytest.mark.parametrize("block", [1000, 1 << 22])
 @pytest.mark.parametrize(("eps1", "scale"), [(0.0, 1e-20), (0.0, 1e-17), (1e-36, 1e-18)])
-def test_tiny_gradients_with_small_eps1_match_transformers(eps1: float, scale: float) -> None:
+def test_tiny_gradients_with_small_eps1_match_transformers(eps1: float, scale: float, block: int,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A 64 x 64 (or 256 x 256) gradient of entries ~1e-17..1e-20 with a small ``eps[0]`` (0 and 1e-36 pass
     validation): the scale-free update ``g / sqrt(v_hat)`` of HF, entries of ~2e-2 at ``lr=1e-2``, to 1 ulp.
 
     Round 9's first closed form formed ``1 / R`` (~1e40: inf in fp32) and ``h_j / C_j`` (~1e38): an infinite RMS
-    gave a zero step, or ``0 * inf`` NaN weights from finite gradients. It now forms ratios of comparable numbers only.
+    gave a zero step, or ``0 * inf`` NaN weights from finite gradients. Below ``(1 - beta2_t) eps[0] = 2^-126`` it
+    now divides the squares by ``R`` first (ratios only), in one block and in many.
     """
+    monkeypatch.setattr(adafactor, "CPU_BLOCK_ELEMENTS", block)
     shape = (256, 256) if scale == 1e-17 else (64, 64)
     config = {"lr": 1e-2, "relative_step": False, "scale_parameter": False, "eps": (eps1, 1e-3)}
     ours = _one_step(lro.GaLoreAdafactor, shape, scale, **config)

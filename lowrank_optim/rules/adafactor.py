@@ -137,12 +137,13 @@ class AdafactorRule(InnerRule):
         One read of the gradient and no pass over the update: with ``S = g o g``, new row statistics ``R``
         (known block by block, once a block's row sums are) and new column statistics ``C``, the update is
         ``u = r c^T o g`` with ``r_i^2 = mean(R) / R_i`` and ``c_j^2 = 1 / C_j``, so
-        ``sum(u^2) = sum_j h_j q_j^2`` with ``h = (S / R)^T 1`` (``S`` divided row by row, in the scratch block) and
-        ``q = sqrt(mean(R)) c``; the column sums are ``(S / R)^T R``, so both are one ``(2, rows) x (rows, n)``
-        product per block. Every intermediate is a ratio of statistics of one scale (``S_ij / R_i <= n / (1 -
-        beta2_t)``; ``c`` and ``q`` as HF's ``(R / mean(R))^(-1/2)``), so tiny or wildly scaled gradients stay in
-        fp32's range (a reciprocal ``1 / R`` would overflow below ``R ~ 3e-39``, and ``S^T (1 / R)`` with an
-        all-zero row next to large ones would be ``0 * inf``).
+        ``sum(u^2) = sum_j h_j q_j^2`` with ``h = S^T (1 / R)`` and ``q = sqrt(mean(R)) c``; ``h`` and the column
+        sums ``S^T 1`` are one ``(2, rows) x (rows, n)`` product per row block. Every intermediate stays in fp32's
+        range (``S_ij / R_i <= n / (1 - beta2_t)``; ``c`` and ``q`` as HF's ``(R / mean(R))^(-1/2)``) as long as
+        ``1 / R`` does: ``R >= (1 - beta2_t) eps[0]``, so while ``(1 - beta2_t) eps[0]`` is at least fp32's
+        smallest normal (with the default ``eps[0] = 1e-30``: the first 8e9 steps). Otherwise (a smaller ``eps[0]``,
+        0 included, where a tiny gradient's ``1 / R`` would be inf and ``0 * inf`` NaN) the scratch block is divided
+        row by row first, ``h = (S / R)^T 1`` and ``S^T 1 = (S / R)^T R``: one more pass over the block in cache.
         """
         # under FSDP2 ``grad`` may be a shard of a bigger matrix: sums over a split axis are completed by ``comm``
         m, n = comm.length(0, int(grad.shape[0])), comm.length(1, int(grad.shape[1]))
@@ -152,20 +153,26 @@ class AdafactorRule(InnerRule):
         spec = comm.current()
         split_rows = spec is not None and spec.dim == 1  # a row's sum needs every rank: all rows first
         row_sum = torch.empty(int(grad.shape[0]), dtype=grad.dtype, device=grad.device)
-        weights = torch.ones(2, int(grad.shape[0]), dtype=grad.dtype, device=grad.device)  # [R; 1]
-        sums = torch.zeros(2, int(grad.shape[1]), dtype=grad.dtype, device=grad.device)  # [S^T 1; h]
+        # [1; 1 / R] for S, or [R; 1] for S / R (the docstring): either way the product is [S^T 1; h]
+        reciprocal = (1.0 - beta2t) * eps1 >= torch.finfo(torch.float32).tiny
+        weights = torch.ones(2, int(grad.shape[0]), dtype=grad.dtype, device=grad.device)
+        sums = torch.zeros(2, int(grad.shape[1]), dtype=grad.dtype, device=grad.device)
         # row means of g^2 + eps1 (= mean(g^2) + eps1: eps1 is added to the small vectors only)
         if split_rows:
             torch.linalg.vector_norm(grad, dim=1, out=row_sum).square_()
             row.lerp_(comm.reduce_split(row_sum, 1).div_(n).add_(eps1), 1.0 - beta2t)
         parts = zip(_rows(grad, blocks), _scratch(buf, blocks), _rows(row_sum, blocks), _rows(row, blocks),
-                    _rows(weights[0], blocks), _cols(weights, blocks), strict=True)
+                    _rows(weights[1 if reciprocal else 0], blocks), _cols(weights, blocks), strict=True)
         for g, bf, rsum, r_block, w_row, w in parts:
             sq = torch.mul(g, g, out=bf)
             if not split_rows:
                 r_block.lerp_(torch.sum(sq, dim=1, out=rsum).div_(n).add_(eps1), 1.0 - beta2t)
-            w_row.copy_(r_block)
-            sums.addmm_(w, sq.div_(r_block.unsqueeze(1)))
+            if reciprocal:
+                torch.reciprocal(r_block, out=w_row)
+            else:
+                w_row.copy_(r_block)
+                sq = sq.div_(r_block.unsqueeze(1))
+            sums.addmm_(w, sq)
         comm.reduce_split(sums, 0)
         col.lerp_(sums[0].div_(m).add_(eps1), 1.0 - beta2t)
         row_mean = comm.mean(row, 0)
