@@ -37,14 +37,10 @@ def _row_blocks(grad: torch.Tensor) -> list[int]:
     return [min(rows, m - i) for i in range(0, m, rows)] or [0]
 
 
-def _rows(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """``t`` cut into row blocks of ``sizes`` (views; ``[t]`` for one block: no dispatch)."""
-    return [t] if len(sizes) == 1 else list(t.split(sizes))
-
-
-def _cols(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """``t`` cut into column blocks of ``sizes`` (views; ``[t]`` for one block)."""
-    return [t] if len(sizes) == 1 else list(t.split(sizes, dim=1))
+def _rows(t: torch.Tensor, sizes: list[int], dim: int = 0) -> list[torch.Tensor]:
+    """``t`` cut into blocks of ``sizes`` along ``dim`` (the row blocks of a matrix, or with ``dim=1`` the matching
+    columns of a ``(2, m)`` weight matrix; views; ``[t]`` for one block: no dispatch)."""
+    return [t] if len(sizes) == 1 else list(t.split(sizes, dim=dim))
 
 
 def _scratch(buf: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
@@ -162,7 +158,7 @@ class AdafactorRule(InnerRule):
             torch.linalg.vector_norm(grad, dim=1, out=row_sum).square_()
             row.lerp_(comm.reduce_split(row_sum, 1).div_(n).add_(eps1), 1.0 - beta2t)
         parts = zip(_rows(grad, blocks), _scratch(buf, blocks), _rows(row_sum, blocks), _rows(row, blocks),
-                    _rows(weights[1 if reciprocal else 0], blocks), _cols(weights, blocks), strict=True)
+                    _rows(weights[1 if reciprocal else 0], blocks), _rows(weights, blocks, dim=1), strict=True)
         for g, bf, rsum, r_block, w_row, w in parts:
             sq = torch.mul(g, g, out=bf)
             if not split_rows:
