@@ -132,7 +132,7 @@ def _fira_pair(scale: float, gap: int, eps: float) -> tuple:
     model = make_model()
     ref_model = copy.deepcopy(model)
     opt = lro.Fira(lro.param_groups(model, rank=8, target_modules=["attn", "mlp"], update_proj_gap=gap,
-                                    scale=scale), lr=1e-2, eps=eps, projector_options={"sign": "raw"})
+                                    scale=scale), lr=1e-2, eps=eps, projector_options={"sign": "raw", "solver": "svd"})
     projected = [ref_model.attn.weight, ref_model.mlp.weight]
     rest = [p for p in ref_model.parameters() if all(p is not q for q in projected)]
     ref = FiraAdamW([{"params": rest}, {"params": projected, "rank": 8, "update_proj_gap": gap, "alpha": scale,
@@ -154,6 +154,8 @@ def test_matches_fira_package(scale: float, gap: int, steps: int) -> None:
     * Singular-vector signs: the fira package keeps LAPACK's raw signs; ours are canonical and aligned with the
       previous basis by default, which changes the trajectory under kept moments: ``projector_options={"sign":
       "raw"}``.
+    * Solver: the fira package calls ``torch.linalg.svd``; ours by default takes the fp64 Gram eigenvectors (same
+      subspace, other rounding and raw signs): ``"solver": "svd"`` too.
 
     The refresh case (gap 10) is sensitive in general: when two singular values at the rank cut-off almost
     tie, rounding-level differences rotate the new basis and the kept moments amplify it (GaLore's keep

@@ -124,14 +124,16 @@ def test_trajectory_matches_galore_torch_adamw(side: str) -> None:
     is folded into the step size; we follow torch AdamW): with O(1) gradients and eps=1e-8 this is < 1e-6
     relative; (2) sign convention: galore-torch keeps LAPACK's raw singular-vector signs, ours by default
     makes them canonical and aligned with the previous basis (``sign="align"``); with the kept moments a flipped
-    column changes the trajectory, so this test runs ours with ``projector_options={"sign": "raw"}``.
+    column changes the trajectory, so this test runs ours with ``projector_options={"sign": "raw"}``; (3) the
+    solver: galore-torch's ``torch.linalg.svd``, ours by default the fp64 Gram eigenvectors (same subspace, other
+    rounding and raw signs), so ours runs with ``"solver": "svd"`` too.
     """
     galore_torch = _galore_torch()
     ours, ref = _params(), _params()
     plain_ours, plain_ref = _params([(7,)], seed=5), _params([(7,)], seed=5)
     kw = {"rank": 6, "update_proj_gap": 5, "scale": 0.25}
     opt = lro.GaLoreAdamW([{"params": ours, **kw, "proj_side": side}, {"params": plain_ours}], lr=1e-2, eps=1e-8,
-                          projector_options={"sign": "raw"})
+                          projector_options={"sign": "raw", "solver": "svd"})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref_opt = galore_torch.GaLoreAdamW([{"params": ref, **kw, "proj_type": side}, {"params": plain_ref}],
@@ -152,13 +154,13 @@ def test_trajectory_matches_galore_torch_adafactor() -> None:
 
     Intended differences: galore-torch's Adafactor restarts ``step`` when its state is first created and
     counts refreshes from that counter, which coincides with ours here; LAPACK's raw singular-vector signs
-    (``projector_options={"sign": "raw"}``, see the AdamW parity test).
+    and its SVD solver (``projector_options={"sign": "raw", "solver": "svd"}``, see the AdamW parity test).
     """
     galore_torch = _galore_torch()
     ours, ref = _params(), _params()
     kw = {"rank": 6, "update_proj_gap": 5, "scale": 0.25}
     hyper = {"lr": 1e-2, "relative_step": False, "scale_parameter": False, "beta1": 0.9, "clip_threshold": 1.0}
-    opt = lro.GaLoreAdafactor([{"params": ours, **kw}], projector_options={"sign": "raw"}, **hyper)
+    opt = lro.GaLoreAdafactor([{"params": ours, **kw}], projector_options={"sign": "raw", "solver": "svd"}, **hyper)
     ref_opt = galore_torch.GaLoreAdafactor([{"params": ref, **kw, "proj_type": "std"}], **hyper)
     start = [p.detach().clone() for p in ours]
     for t in range(20):

@@ -40,14 +40,21 @@ class SVDProjector(Projector):
     """Top-``r`` singular vectors of the gradient: ``torch.linalg.svd`` in fp32, or the fp64 Gram eigenvectors.
 
     ``G`` itself is decomposed on both sides (left: ``U[:, :r]``, right: ``Vh[:r]^T``), as galore-torch does.
-    On CUDA the default (``solver="auto"``) takes the top eigenvectors of the ``d x d`` Gram matrix (``G G^T`` on
-    the left, ``G^T G`` on the right) in float64 instead (:func:`gram_top`): the same subspace, at least as
-    accurate, and 8x faster on an H200 at LLaMA-1B shapes (2048 x 5461: 0.22 s per matrix with cuSOLVER's
-    default ``gesvdj`` SVD, 0.027 s for the Gram and its ``eigh``; ``python -m benchmarks.gpu_check --parts
-    refresh``, ``benchmarks/results/cuda/``), which turns a 168-matrix GaLore refresh at 1B from 37 s into
-    4.6 s. GPUs with slow fp64 (consumer cards: 1/64 of fp32) gain less; ``solver="svd"`` keeps the SVD.
-    The CPU keeps the SVD (LAPACK's is not the bottleneck there, and the reference-oracle tests compare
-    against it).
+    By default (``solver="auto"``) the top eigenvectors of the smaller ``d x d`` Gram matrix (``G G^T`` on the left,
+    ``G^T G`` on the right) are taken in float64 instead (:func:`gram_top`): the same subspace, at least as
+    accurate, and faster on both devices:
+
+    * H200, LLaMA-1B shapes (2048 x 5461): 0.22 s per matrix with cuSOLVER's default ``gesvdj`` SVD, 0.027 s for
+      the Gram and its ``eigh`` (``python -m benchmarks.gpu_check --parts refresh``, ``benchmarks/results/cuda/``):
+      a 168-matrix GaLore refresh at 1B from 37 s to 4.6 s. GPUs with slow fp64 (consumer cards: 1/64 of fp32)
+      gain less.
+    * CPU (2 cores, MKL), LLaMA-60M shapes: 106 ms against 35 ms for 512 x 1376, 46 against 32 ms for 512 x 512;
+      the 56-matrix refresh step of GaLoreAdamW and Fira from 3.3 s to 1.7-2.1 s (LAPACK's ``gesdd`` of a wide
+      matrix is the slow part; the refresh column of ``python -m benchmarks.throughput --mode step``).
+
+    ``solver="svd"`` keeps ``torch.linalg.svd`` (the reference implementations' call: the oracle tests against
+    galore-torch and fira run with it and ``sign="raw"``, since the two solvers round differently and return
+    different raw signs).
     When the SVD fails (ill-conditioned gradients, galore issue #58; entries near ``1e19``) it is retried on
     the gradient rescaled by its largest entry, in float64 and on the CPU (:func:`lowrank_optim.linalg.robust`),
     then by randomized subspace iteration; if every path fails the previous basis is kept, with a warning.
@@ -59,8 +66,8 @@ class SVDProjector(Projector):
             ``"align"`` (default: canonical, then each refreshed column agrees with its predecessor, which is
             what GaLore's kept moments assume), ``"canonical"`` (a function of the basis alone) or ``"raw"``
             (LAPACK's signs, galore-torch's convention; the column of a rank-1 basis may flip between refreshes).
-        solver: ``"auto"`` (default: ``"gram"`` on CUDA when the Gram matrix is the smaller one, ``d = min(m,
-            n)``, which GaLore's ``"std"`` side rule always gives; ``"svd"`` otherwise), ``"svd"``
+        solver: ``"auto"`` (default: ``"gram"`` when the Gram matrix is the smaller one, ``d = min(m, n)``,
+            which GaLore's ``"std"`` side rule always gives; ``"svd"`` otherwise), ``"svd"``
             (``torch.linalg.svd``, as galore-torch) or ``"gram"`` (:func:`gram_top`, on any device). Under
             ``sign="raw"`` the two return different signs.
 
@@ -82,7 +89,7 @@ class SVDProjector(Projector):
         if self.solver != "auto":
             return self.solver
         d = int(shape[0]) if left else int(shape[1])
-        return "gram" if device_type == "cuda" and d <= min(int(shape[0]), int(shape[1])) else "svd"
+        return "gram" if d <= min(int(shape[0]), int(shape[1])) else "svd"
 
     def orthonormal_basis(self, state: ProjState) -> bool:
         """Singular vectors are orthonormal (the fallback that keeps a previous basis keeps an orthonormal one)."""
