@@ -122,14 +122,22 @@ def test_throughput_run_schema(tmp_path) -> None:
         if r["refresh_step_s"] is not None:
             expected = (r["median_step_s"] * 199 + r["refresh_step_s"]) / 200
             assert r["amortized_step_s"] == pytest.approx(expected)
-        # on the CPU every ratio divides by the AdamW steps paired with this optimizer's own steps
-        if r["impl"] == "torch":
+        # on the CPU every ratio divides by the AdamW steps paired with this optimizer's own steps (fused AdamW's too)
+        if r["label"] == "torch:adamw":
             assert "paired_adamw_median_step_s" not in r and r["amortized_ratio_to_adamw"] == 1.0
         else:
             assert r["amortized_ratio_to_adamw"] == pytest.approx(r["amortized_step_s"]
                                                                   / r["paired_adamw_median_step_s"])
+    # fused AdamW is timed beside the default one; every ratio is also given against it
+    fused = next(r for r in recs if r["label"] == "torch:adamw(fused)")
+    assert fused["kwargs"] == {"weight_decay": 0.0, "fused": True}
+    assert fused["amortized_ratio_to_fused_adamw"] == 1.0
+    for r in recs:
+        assert r["amortized_ratio_to_fused_adamw"] == pytest.approx(r["amortized_ratio_to_adamw"]
+                                                                    / fused["median_ratio_to_adamw"])
     throughput.plot(recs, tmp_path / "t.png", "t")
     assert "amortized" in throughput.summary(recs) and "paired AdamW ms" in throughput.summary(recs)
+    assert "amortized /fused AdamW" in throughput.summary(recs)
     # GaLore+'s one-off residual warm-up is timed apart and the steady steps start after it
     warm = {r["label"]: r["warmup_steps"] for r in recs}
     assert warm["galore_plus[fp32]"] == 10 and warm["galore_adamw[fp32]"] == 0, warm
