@@ -147,17 +147,22 @@ def test_svd_failure_falls_back_with_warning(monkeypatch) -> None:
     assert torch.equal(fresh["basis"], good["basis"])
 
 
-def test_svd_failure_uses_rsvd_when_it_works(monkeypatch) -> None:
+@pytest.mark.parametrize(("solver", "fails"), [("svd", "svd"), ("gram", "eigh"), ("auto", "eigh")])
+def test_svd_failure_uses_rsvd_when_it_works(monkeypatch, solver: str, fails: str) -> None:
+    """The decomposition of ``G`` fails (``svd`` of the 40 x 30 gradient, or ``eigh`` of its 30 x 30 Gram matrix,
+    which ``"auto"`` takes: the smaller side): randomized subspace iteration, whose own small decompositions succeed,
+    gives the top subspace, with a warning."""
     g = _decaying(40, 30, 0)
-    proj = make_projector("svd", 4)
-    real = torch.linalg.svd
+    proj = make_projector("svd", 4, solver=solver)
+    real = getattr(torch.linalg, fails)
+    failing = (40, 30) if fails == "svd" else (30, 30)
 
     def flaky(a, *args, **kwargs):
-        if tuple(a.shape) == (40, 30):  # the full decomposition of G fails; the small ones succeed
+        if tuple(a.shape) == failing:  # the full decomposition of G fails; the small ones succeed
             raise torch.linalg.LinAlgError("failed to converge")
         return real(a, *args, **kwargs)
 
-    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    monkeypatch.setattr(torch.linalg, fails, flaky)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         state = proj.init(g)
