@@ -214,6 +214,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             validate_target_modules(group, self._module)
             self._planner.reset()
         check_choice("nd_layout", group["nd_layout"], ND_LAYOUTS)
+        refuse_duplicates(group)
         if group["include_conv"] is True and group["target_modules"] is None and group["rank"] is not None:
             raise ValueError("Invalid include_conv: True without target_modules (it adds convolution weights to "
                              "what target_modules selects; without target_modules every weight of a group with "
@@ -535,6 +536,26 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._stacks = StackCache()
         _checkpoint.requantize(self)
         self._planner.reset()
+
+
+def refuse_duplicates(group: dict[str, Any]) -> None:
+    """Raises for a tensor listed twice in one group's ``params``.
+
+    torch only warns ("in future, this will cause an error"), and both entries share one state: the
+    per-matrix path steps the tensor twice per ``step()`` (two Adam updates from one gradient, ``step`` counted
+    twice), while the batched path (:mod:`lowrank_optim.stacks`) puts both entries in one stack whose arena
+    gives the shared state the second entry's view, so the two paths silently disagree. Two groups sharing a
+    tensor are refused by torch already.
+
+    Raises:
+        ValueError: naming both positions and the shape.
+    """
+    seen: dict[int, int] = {}
+    for i, p in enumerate(group["params"]):
+        j = seen.setdefault(id(p), i)
+        if j != i:
+            raise ValueError(f"Invalid params: parameters {j} and {i} of a group are the same tensor (shape "
+                             f"{tuple(p.shape)}); list each parameter once (a tied weight is one parameter)")
 
 
 #: Group keys that define the method: a state dict whose groups carry other values turns this optimizer into

@@ -144,6 +144,12 @@ def is_lowrank_shape(name: str, shape: Shape, target: str | Sequence[str], inclu
     return dims == 2 or (include_conv and 3 <= dims <= 5)
 
 
+def _is_conv_shape(name: str, shape: Shape) -> bool:
+    """Whether a low-rank parameter (:func:`is_lowrank_shape`) is a convolution weight: more than two dimensions
+    and not a 3-D MoE expert stack (the engine reads it as the one matrix ``out x (in * prod(kernel))``)."""
+    return len(shape) > 2 and not (len(shape) == 3 and "expert" in name.lower())
+
+
 def n_matrices(name: str, shape: Shape) -> int:
     """Projected matrices in a low-rank parameter: ``E`` for an expert stack ``(E, m, n)``, else 1."""
     return shape[0] if len(shape) == 3 and "expert" in name.lower() else 1
@@ -170,7 +176,11 @@ def estimate_state_bytes(named_shapes: Mapping[str, Sequence[int]],
         named_shapes: parameter name -> shape (e.g. :func:`llama_shapes`).
         optimizer: a registered name (see :func:`lowrank_optim.available_optimizers`) or a callable taking
             param groups ``[{"params": plain}, {"params": lowrank, "rank": rank, **group_options}]`` and
-            returning any ``torch.optim.Optimizer`` (e.g. a reference implementation).
+            returning any ``torch.optim.Optimizer`` (e.g. a reference implementation); with ``include_conv``
+            the convolution weights come in a third group ``{"params": convs, "rank": rank, **group_options,
+            "nd_layout": "conv"}``, as :func:`lowrank_optim.param_groups` builds it (so a 3-D ``Conv1d`` and a
+            5-D ``Conv3d`` weight are each the one matrix ``out x (in * prod(kernel))``, not a stack of experts
+            or a refused tensor).
         rank: rank of the low-rank group (``None``: every parameter plain).
         target_modules: name fragments (substring of the module name) or a regex (full match) selecting
             the weights that go low-rank, as :func:`lowrank_optim.param_groups` does on a model
@@ -200,13 +210,17 @@ def estimate_state_bytes(named_shapes: Mapping[str, Sequence[int]],
         for p in params.values():
             p.grad = torch.empty_like(p)
         low = set(lowrank_names)
+        convs = {n for n in low if _is_conv_shape(n, shapes[n])}
         groups: list[dict[str, Any]] = []
         plain = [params[n] for n in names if n not in low]
         if plain:
             groups.append({"params": plain})
-        if low:
-            groups.append({"params": [params[n] for n in names if n in low], "rank": rank,
+        if low - convs:
+            groups.append({"params": [params[n] for n in names if n in low and n not in convs], "rank": rank,
                            **dict(group_options or {})})
+        if convs:  # as lro.param_groups(include_conv=True): their own group, every N-D tensor read as a conv
+            groups.append({"params": [params[n] for n in names if n in convs], "rank": rank,
+                           **dict(group_options or {}), "nd_layout": "conv"})
         return params, groups
 
     params, groups = fresh()

@@ -52,6 +52,9 @@ class GUMProjector(Projector):
         weighting: ``"paper"``, ``"after"`` or ``"none"``.
         sign: sign rule of the SVD basis (as :class:`~lowrank_optim.projectors.svd.SVDProjector`; ``"align"``
             default). GUM resets its momentum every period, so the sign does not change the trajectory.
+        solver: how the SVD basis is computed, as :class:`~lowrank_optim.projectors.svd.SVDProjector`'s ``solver``
+            (``"auto"``: the fp64 Gram eigenvectors on the smaller side; ``"svd"``: ``torch.linalg.svd``, say on a
+            GPU with slow fp64; ``"gram"``).
     """
 
     #: The full-rank branch steps the complement itself (weighted 1/q): residual rules that also take the
@@ -76,7 +79,8 @@ class GUMProjector(Projector):
     fixed_low_shape = False
 
     def __init__(self, rank: int, side: str = "std", *, full_rank_prob: float | None = None,
-                 full_rank_layers: int | None = 2, weighting: str = "paper", sign: str = "align") -> None:
+                 full_rank_layers: int | None = 2, weighting: str = "paper", sign: str = "align",
+                 solver: str = "auto") -> None:
         super().__init__(rank, side)
         if (full_rank_prob is None) == (full_rank_layers is None):
             raise ValueError(f"Invalid full_rank_prob / full_rank_layers: give exactly one "
@@ -88,7 +92,7 @@ class GUMProjector(Projector):
         self.prob = full_rank_prob
         self.layers = full_rank_layers
         self.weighting = check_choice("weighting", weighting, WEIGHTINGS)
-        self._svd = SVDProjector(rank, side, sign=sign)
+        self._svd = SVDProjector(rank, side, sign=sign, solver=solver)
         self.sign_rule = self._svd.sign_rule
 
     def __repr__(self) -> str:

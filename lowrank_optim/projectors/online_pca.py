@@ -96,6 +96,8 @@ class OnlinePCAProjector(SVDProjector):
         eps: Adam epsilon of P's optimizer.
         weight_decay: decoupled weight decay of ``P`` (default 0).
         orthonormalize: re-orthonormalise ``P`` by QR after each step (default False, as in the paper).
+        solver: how the first basis (an SVD) is computed, as :class:`~lowrank_optim.projectors.svd.SVDProjector`'s
+            ``solver`` (``"auto"``, ``"svd"`` or ``"gram"``).
     """
 
     name = "online_pca"
@@ -109,8 +111,9 @@ class OnlinePCAProjector(SVDProjector):
 
     def __init__(self, rank: int, side: str = "std", *, optimizer: str = "adam", lr_rule: str = "reference",
                  lr_ratio: float = 5.0, lr: float = 0.005, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, orthonormalize: bool = False) -> None:
-        super().__init__(rank, side)
+                 eps: float = 1e-8, weight_decay: float = 0.0, orthonormalize: bool = False,
+                 solver: str = "auto") -> None:
+        super().__init__(rank, side, solver=solver)
         self.optimizer = check_choice("optimizer", optimizer, P_OPTIMIZERS)
         self.lr_rule = check_choice("lr_rule", lr_rule, P_LR_RULES)
         self.lr_ratio = check_number("lr_ratio", lr_ratio, low=0.0)

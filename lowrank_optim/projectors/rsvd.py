@@ -57,7 +57,7 @@ def _randomized_range(a: torch.Tensor, rank: int, oversample: int, power_iters: 
     # decomposed in float64 so that squaring the condition number costs nothing at the top-r end (and cannot
     # overflow: fp32 squares overflow for entries near 1e19); 7x cheaper than the small matrix's SVD.
     _, vecs = torch.linalg.eigh(small @ small.T)
-    u_small = vecs[:, -rank:].flip(-1).to(a.dtype)
+    u_small = vecs[:, vecs.shape[1] - min(rank, int(vecs.shape[1])):].flip(-1).to(a.dtype)  # rank 0: no column
     return (basis @ u_small).contiguous()
 
 

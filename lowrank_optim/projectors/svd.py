@@ -33,7 +33,8 @@ def gram_top(a: torch.Tensor, rank: int) -> torch.Tensor:
     """
     a64 = a.double()
     _, vecs = torch.linalg.eigh(a64 @ a64.T)
-    return vecs[:, -rank:].flip(-1).to(a.dtype).contiguous()
+    keep = min(rank, int(vecs.shape[1]))  # not vecs[:, -rank:]: at rank 0 that is every column
+    return vecs[:, vecs.shape[1] - keep:].flip(-1).to(a.dtype).contiguous()
 
 
 class SVDProjector(Projector):
