@@ -46,6 +46,7 @@ from .rules.apollo_scaling import APOLLOScaling, apollo_stack_step
 from .rules.base import Direction, device_scalar
 from .rules.fira_closed_form import CANCELLATION, fira_closed_form_step
 from .rules.fira_residual import _TINY, LIMITER_KEY, adam_step_size
+from .rules.sparse_stack import stack_residual_step
 from .update import Parts
 
 Group = dict[str, Any]
@@ -255,10 +256,8 @@ def _step_stack(members: list[tuple[Unit, torch.Tensor]], group: Group, parts: P
         else:
             u.param.addmm_(upd, back, alpha=-x.coef * scale * w_out)
     if residual.name in _PER_MATRIX_RESIDUALS:  # after the lift, as the per-matrix path (update.apply_step)
-        for (u, _), out, upd in zip(members, lows, updates, strict=True):
-            extra = residual.step(u.grad, out, upd, proj, u.state["projector"], u.state, group, target=u.param)
-            if extra is not None:
-                u.param.sub_(extra)
+        stack_residual_step(residual, [u for u, _ in members], low, lows, updates, bases, left, group, proj, cache,
+                            key)
     return key
 
 
