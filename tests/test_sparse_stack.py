@@ -162,3 +162,29 @@ def test_resume_from_a_checkpoint_of_the_arenas(monkeypatch: pytest.MonkeyPatch)
     _run(oa, a, grads[6:], False, monkeypatch)
     _run(ob, b, grads[6:], False, monkeypatch)
     _assert_same(oa, a, ob, b)
+
+
+def test_floor_test_resolves_a_large_matrix() -> None:
+    """``clearly_above_floor`` on a 4096 x 1024 gradient whose complement is 4x the ``CANCELLATION`` margin (in
+    ``||E||^2 / ||G||^2``, fp64): a whole-tensor fp32 norm misses it (its row-major accumulation loses about 1.6e-4
+    of ``||G||^2`` at this size), the norm of the row norms resolves it; a gradient inside the basis stays below."""
+    from lowrank_optim.projectors import entries, make_projector
+    from lowrank_optim.rules.fira_closed_form import CANCELLATION
+
+    g = torch.Generator().manual_seed(0)
+    m, n, r = 4096, 1024, 64
+    q, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))
+    inside = q @ torch.randn(r, n, generator=g, dtype=torch.float64)
+    noise = torch.randn(m, n, generator=g, dtype=torch.float64)
+    noise -= q @ (q.T @ noise)
+    noise *= (4 * CANCELLATION * inside.square().sum() / noise.square().sum()).sqrt()
+    proj = make_projector("svd", rank=r)
+    for grad, above in (((inside + noise).float(), True), (inside.float(), False)):
+        st = proj.init(inside.float())
+        low = proj.project(grad, st)
+        gd, ld = grad.double(), low.double()
+        ratio = float((gd.square().sum() - ld.square().sum()) / gd.square().sum())
+        assert (ratio > 3 * CANCELLATION) == above, ratio
+        assert entries.clearly_above_floor(proj, grad, low, st) == above
+        whole = torch.linalg.vector_norm(grad).double().square() - torch.linalg.vector_norm(low).double().square()
+        assert not bool(whole > torch.linalg.vector_norm(grad).double().square() * CANCELLATION)  # what it was
