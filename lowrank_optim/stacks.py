@@ -224,7 +224,12 @@ def _step_stack(members: list[tuple[Unit, torch.Tensor]], group: Group, parts: P
         d = rule.stack_direction(low, arenas, step, group, [u.param for u, _ in members])
     if d is not None:
         update = d.num if d.den is None else d.num / d.den
-        updates = matrices(update) if residual.name not in _STACKED_UPDATE else []
+        # a moment's arena as the update (Adafactor's momentum): its matrices are the states' views already
+        owner = next((name for name, arena in arenas.items() if arena is update), None) if b > 1 else None
+        if residual.name in _STACKED_UPDATE:
+            updates = []
+        else:
+            updates = [st[owner] for st in states] if owner is not None else matrices(update)
         ds = [d] * b if isinstance(d.lr, float) else [Direction(d.num, d.den, d.coef, lr) for lr in d.lr.unbind(0)]
     else:  # per-matrix views through the list form (bf16 / 8-bit codecs, rules without a stacked kernel)
         moments = [{s.name: store.load(st, s.name, s.signed) for s in specs} for st in states]
