@@ -14,11 +14,14 @@ moments and a contiguous weight, :func:`stack_residual_step` runs the same math 
   stored in the state: they become the views of one ``(B, d, r)`` *arena* (:meth:`~lowrank_optim.stacks.StackCache.
   arena`, as the moments: no copy kept, the state format unchanged, rebuilt after a refresh replaced them). The CSR
   row pointers depend on the entries only, chosen once after the warm-up: they are kept with the stack (``B (m + 1)``
-  integers, a tenth of the indices at these shapes). A matrix whose complement is not clearly above the floor gets
-  the formed complement's entries, as the per-matrix path;
+  integers: 7% to 20% of the indices at LLaMA-60M shapes at the default density, ``1 / (density n)``). A matrix
+  whose complement is not clearly above the floor gets the formed complement's entries, as the per-matrix path;
 * Adam on the ``(B, k)`` entries (moments and indices arenas too), the per-matrix operations in the same order, so
   the same values;
-* per matrix only the gradient's norm, the gather of its ``k`` entries and the ``index_add_`` into its weight.
+* per matrix only the gradient's row norms, the gather of its ``k`` entries and the ``index_add_`` into its weight.
+
+Dispatches per steady step at LLaMA-60M shapes (``benchmarks.op_counts``' 56 matrices and the embedding, after the
+warm-up): 8202 before, 1289 with this.
 
 Anything else (a stack in its warm-up or with mixed step counts, bf16 / 8-bit moments, FSDP2 row blocks, a single
 matrix) goes to the rule per matrix.
