@@ -46,6 +46,7 @@ from .rules.apollo_scaling import APOLLOScaling, apollo_stack_step
 from .rules.base import Direction, device_scalar
 from .rules.fira_closed_form import CANCELLATION, fira_closed_form_step
 from .rules.fira_residual import _TINY, LIMITER_KEY, adam_step_size
+from .rules.sparse_stack import stack_residual_step
 from .update import Parts
 
 Group = dict[str, Any]
@@ -223,7 +224,12 @@ def _step_stack(members: list[tuple[Unit, torch.Tensor]], group: Group, parts: P
         d = rule.stack_direction(low, arenas, step, group, [u.param for u, _ in members])
     if d is not None:
         update = d.num if d.den is None else d.num / d.den
-        updates = matrices(update) if residual.name not in _STACKED_UPDATE else []
+        # a moment's arena as the update (Adafactor's momentum): its matrices are the states' views already
+        owner = next((name for name, arena in arenas.items() if arena is update), None) if b > 1 else None
+        if residual.name in _STACKED_UPDATE:
+            updates = []
+        else:
+            updates = [st[owner] for st in states] if owner is not None else matrices(update)
         ds = [d] * b if isinstance(d.lr, float) else [Direction(d.num, d.den, d.coef, lr) for lr in d.lr.unbind(0)]
     else:  # per-matrix views through the list form (bf16 / 8-bit codecs, rules without a stacked kernel)
         moments = [{s.name: store.load(st, s.name, s.signed) for s in specs} for st in states]
@@ -255,10 +261,8 @@ def _step_stack(members: list[tuple[Unit, torch.Tensor]], group: Group, parts: P
         else:
             u.param.addmm_(upd, back, alpha=-x.coef * scale * w_out)
     if residual.name in _PER_MATRIX_RESIDUALS:  # after the lift, as the per-matrix path (update.apply_step)
-        for (u, _), out, upd in zip(members, lows, updates, strict=True):
-            extra = residual.step(u.grad, out, upd, proj, u.state["projector"], u.state, group, target=u.param)
-            if extra is not None:
-                u.param.sub_(extra)
+        stack_residual_step(residual, [u for u, _ in members], low, lows, updates, bases, left, group, proj, cache,
+                            key)
     return key
 
 

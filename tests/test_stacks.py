@@ -13,6 +13,7 @@ from torch import nn
 
 import lowrank_optim as lro
 from lowrank_optim.projectors import entries
+from lowrank_optim.rules import sparse_stack
 from lowrank_optim.rules.base import _STEP_TENSORS
 from lowrank_optim.schedule import refresh_due, stagger_phase
 
@@ -178,10 +179,13 @@ def test_steady_step_builds_no_tensor_from_python_scalars(name: str, extra: dict
         floor_tests: list[str] = []  # GaLore+'s CPU-only choice of the closed-form entries: one read per matrix
         monkeypatch.setattr(entries, "clearly_above_floor",
                             _spy(entries.clearly_above_floor, "__bool__", floor_tests))
+        stack_tests: list[str] = []  # the same choice for a whole stack (rules.sparse_stack): one read per stack
+        monkeypatch.setattr(sparse_stack, "_above_floor", _spy(sparse_stack._above_floor, "tolist", stack_tests))
         _run(opt, params, grads[2:])
         monkeypatch.undo()
-        assert reads == ["__bool__"] * (1 + len(floor_tests)), reads
-        assert not floor_tests or name == "galore_plus", floor_tests
+        assert sorted(reads) == sorted(["__bool__"] * (1 + len(floor_tests)) + stack_tests), reads
+        assert not floor_tests + stack_tests or name == "galore_plus", (floor_tests, stack_tests)
+        assert name != "galore_plus" or len(stack_tests) >= 1, stack_tests  # its 24 x 16 matrices: one stack
         counts[n_extra] = len(built)
     assert counts[0] == counts[6] and counts[0] <= 16, counts  # per device and value, not per parameter
 
