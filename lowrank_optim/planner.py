@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import numbers
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._validation import check_choice, check_int, check_number
+from .distributed.rank_share import fullest_bytes, fullest_share
 from .engine import LowRankOptimizer
 from .memory import LLAMA_CONFIGS, estimate_state_bytes, llama_shapes, n_matrices, state_phases
 from .projectors.quantized_basis import BASIS_DTYPES
@@ -253,12 +256,14 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
             optimizer, not the group, so it never overrides a method's own period silently.
         include_conv: also project convolution weights (3-D to 5-D ``.weight`` tensors of matched modules,
             for a name -> shape mapping).
-        shards: FSDP2 ranks (``fully_shard``): weights, gradients and optimizer state per rank (MoE expert stacks:
-            the fullest rank's ``ceil(E / shards)`` experts, with every preset). Presets whose
-            parts run sharded (:mod:`lowrank_optim.distributed.fsdp`: svd / rsvd / rsvd_heads / random / dct /
-            online PCA / COAP projectors with Adam, Adafactor, SGD or Muon and a drop, Fira, APOLLO or sparse
-            (GaLore+) residual; FRUGAL's blocks; GUM) divide everything by ``shards``; the others keep their
-            low-rank state (moments and bases) replicated and divide only the plain moments. 1: one process
+        shards: FSDP2 ranks (``fully_shard``): weights, gradients and optimizer state of the fullest rank (rank 0,
+            which holds ``ceil(d0 / shards)`` rows of every tensor whose first axis is ``d0``: weights, gradients
+            and plain moments exactly; MoE expert stacks ``ceil(E / shards)`` whole experts of ``E``, weights and
+            state, with every preset: :mod:`lowrank_optim.distributed.rank_share`). The other projected
+            matrices' state: presets whose parts run sharded (:mod:`lowrank_optim.distributed.fsdp`: svd / rsvd /
+            rsvd_heads / random / dct / online PCA / COAP projectors with Adam, Adafactor, SGD or Muon and a drop,
+            Fira, APOLLO or sparse (GaLore+) residual; FRUGAL's blocks; GUM) divide it by ``shards`` (uneven
+            chunks add at most a row of each moment and basis); the others keep it replicated. 1: one process
             or DDP (every rank holds everything). Not counted: FSDP2's all-gathered unit of weights.
         basis_dtype: how projector bases are stored, ``fp32`` (default), ``bf16``, ``int8`` or ``int4``
             (:mod:`lowrank_optim.projectors.quantized_basis`); given to the optimizer as
@@ -305,20 +310,17 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
              "plain moments (embeddings, head, norms, ...)": est.total - low_bytes}
     grads = max(numels.values()) * size if layerwise else sum(numels.values()) * size
     weights = sum(numels.values()) * size
-    if shards > 1:
+    if shards > 1:  # the fullest rank (rank 0: torch's Shard rule gives it the largest chunk of every tensor)
         divided = _runs_sharded(optimizer, rank, optimizer_kwargs)
-        state = {k: (-(-v // shards) if divided or k.startswith("plain") else v) for k, v in state.items()}
-        if not divided:  # MoE expert stacks shard by whole experts with every preset (distributed/experts.py)
-            for experts, bases, moments in _expert_stacks(est, low).values():
-                share = -(-experts // shards)  # the fullest rank's experts
-                state["projector bases"] -= bases - -(-bases * share // experts)
-                state["low-rank moments"] -= moments - -(-moments * share // experts)
-        weights, grads = -(-weights // shards), -(-grads // shards)
+        state = _fullest_state(state, est, low, shapes, shards, divided)
+        weights = grads = fullest_bytes(((numels[n] * size, s) for n, s in shapes.items()), shards)
     engine = isinstance(est.optimizer, LowRankOptimizer) and est.method == "meta-step" and bool(est.optimizer.state)
     phases = state_phases(est.optimizer, est.names) if engine else None
-    if phases is not None and shards > 1:  # a sharded preset's warm-up buffers (GaLore+'s score) are row chunks too
-        phases = type(phases)(**{**vars(phases), "peak": -(-phases.peak // shards),
-                                 "steady": -(-phases.steady // shards)}) if divided else None
+    if phases is not None and shards > 1:  # a sharded preset's warm-up buffers (GaLore+'s score) are row chunks too:
+        # the fullest rank's state plus its share of what a phase adds to (or frees from) one process's state
+        held = sum(state.values())
+        phases = type(phases)(**{**vars(phases), "peak": held + -(-(phases.peak - est.total) // shards),
+                                 "steady": held + -(-(phases.steady - est.total) // shards)}) if divided else None
     return MemoryPlan(model=str(model) if not isinstance(model, Mapping) else "model", optimizer=optimizer,
                       n_params=sum(numels.values()), weights=weights, gradients=grads,
                       state=state, budget=budget, n_lowrank=sum(n_matrices(n, shapes[n]) for n in low),
@@ -327,6 +329,23 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
                       settings={"rank": rank, "state_dtype": state_dtype, "weight_dtype": weight_dtype,
                                 "layerwise": layerwise, "shards": shards,
                                 "basis_dtype": basis_dtype})
+
+
+def _fullest_state(state: dict[str, int], est: Any, low: set[str], shapes: Mapping[str, Sequence[int]], shards: int,
+                   divided: bool) -> dict[str, int]:
+    """The fullest FSDP2 rank's optimizer state by part (:mod:`lowrank_optim.distributed.rank_share`): plain moments
+    by each tensor's row chunk; MoE expert stacks by whole experts (``ceil(E / shards)`` of ``E``), with every preset;
+    the other projected matrices' state divided by ``shards`` where the preset runs sharded (``divided``), else
+    replicated."""
+    stacks = _expert_stacks(est, low)
+    out = {}
+    for key, i in (("projector bases", 1), ("low-rank moments", 2)):
+        rest = Fraction(state[key] - sum(v[i] for v in stacks.values()))
+        out[key] = math.ceil((rest / shards if divided else rest) + sum(
+            (Fraction(v[i]) * fullest_share(shapes[n], shards) for n, v in stacks.items()), Fraction(0)))
+    plain = next(k for k in state if k.startswith("plain"))
+    out[plain] = fullest_bytes(((v, shapes[n]) for n, v in est.per_param.items() if n not in low), shards)
+    return {k: out[k] for k in state}
 
 
 def _expert_stacks(est: Any, low: set[str]) -> dict[str, tuple[int, int, int]]:
