@@ -129,6 +129,28 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full", "olmo2": "full"}
 
 
+#: MoE ``model_type``\ s whose layout :func:`hf_config_shapes` builds (checked against Transformers' models).
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+#: Config keys whose layout :func:`hf_config_shapes` does not build (a positive value changes the shapes).
+UNMODELED_KEYS = {"q_lora_rank": "multi-head latent attention", "kv_lora_rank": "multi-head latent attention",
+                  "first_k_dense_replace": "dense first layers", "n_shared_experts": "shared experts"}
+
+
+def _refuse_unmodeled(config: Mapping[str, Any]) -> None:
+    """Raises ``ValueError`` for a config whose shapes :func:`hf_config_shapes` would get wrong (DeepSeek-V2/V3's
+    MLA, dense first layers and shared experts, GLM-4-MoE, GPT-OSS's ``(E, in, out)`` experts with biases, ...)."""
+    model_type = config.get("model_type")
+    found = [f"{k}={config[k]!r} ({why})" for k, why in UNMODELED_KEYS.items()
+             if isinstance(config.get(k), numbers.Integral) and not isinstance(config.get(k), bool) and config[k] > 0]
+    if not found and num_experts(config) and model_type is not None and model_type not in MOE_MODEL_TYPES:
+        found = [f"an MoE layout other than {', '.join(MOE_MODEL_TYPES)}"]
+    if found:
+        raise ValueError(f"Invalid config: model_type {model_type!r} has {'; '.join(found)}, which the planner does "
+                         "not model (its plan would be wrong); pass the real shapes instead: build the model on the "
+                         "meta device (with torch.device('meta'): model = AutoModelForCausalLM.from_config(config)) "
+                         "and give plan_memory {name: tuple(p.shape) for name, p in model.named_parameters()}")
+
+
 def num_experts(config: Mapping[str, Any]) -> int:
     """Routed experts per MoE layer read from an HF config (0: a dense model); see :data:`EXPERT_COUNT_KEYS`."""
     for key in EXPERT_COUNT_KEYS:
@@ -160,7 +182,13 @@ def hf_config_shapes(config: Mapping[str, Any]) -> dict[str, Shape]:
     expert of ``shared_expert_intermediate_size`` with its ``(1, d)`` gate (Qwen2-MoE); layers in
     ``mlp_only_layers`` or off the ``decoder_sparse_step`` are dense MLPs of ``intermediate_size``.
     Checked against the models Transformers builds for Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE configs.
-    Other attention layouts (DeepSeek's MLA, GPT-OSS's sinks and expert biases) are not modeled.
+    Other layouts are refused rather than planned wrong: DeepSeek's MLA (``q_lora_rank`` / ``kv_lora_rank``), dense
+    first layers (``first_k_dense_replace``), shared experts ``n_shared_experts``, and an MoE ``model_type`` other
+    than :data:`MOE_MODEL_TYPES` (GPT-OSS's ``(E, in, out)`` experts with biases, ...).
+
+    Raises:
+        ValueError: a required key is missing or not an int; a layout above that is not modeled (the message
+            gives the meta-device route to the real shapes).
     """
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in required
@@ -168,6 +196,7 @@ def hf_config_shapes(config: Mapping[str, Any]) -> dict[str, Shape]:
     if missing:
         raise ValueError(f"Invalid config: a LLaMA-style config needs integer {missing} "
                          f"(model_type {config.get('model_type')!r})")
+    _refuse_unmodeled(config)
     d, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
