@@ -99,7 +99,7 @@ class MemoryPlan:
         rank = "full rank" if s["rank"] is None else f"rank {s['rank']}"
         mode = ", layer-wise" if s["layerwise"] else ""
         if s.get("shards", 1) > 1:
-            mode += f", per rank of {s['shards']} (FSDP2)"
+            mode += f", fullest rank (rank 0) of {s['shards']} (FSDP2)"
         rows = [(f"weights ({s['weight_dtype']})", self.weights),
                 (f"gradients ({s['weight_dtype']}{', largest single tensor' if s['layerwise'] else ''})",
                  self.gradients),
