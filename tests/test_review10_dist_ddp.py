@@ -13,7 +13,6 @@ import hashlib
 import os
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -89,10 +88,29 @@ def _job(runs: list[tuple[str, str, bool]], rank: int, world: int, out_dir: str)
     return {"ranks": got}
 
 
+def _zero(cases: list[Any], rank: int, world: int, out_dir: str) -> list[str]:
+    """``divide_refresh`` on a ZeroRedundancyOptimizer and on its local optimizer (a different shard per rank:
+    the job used to hang at the first refresh): the errors, per call."""
+    from helpers import make_model
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = make_model()
+    zero = ZeroRedundancyOptimizer(lro.param_groups(model, rank=8, target_modules=["attn", "mlp"]),
+                                   optimizer_class=lro.GaLoreAdamW)
+    out = []
+    for target in (zero, zero.optim):
+        try:
+            lro.distributed.divide_refresh(target)
+            out.append("accepted")
+        except (TypeError, ValueError) as err:
+            out.append(f"{type(err).__name__}: {err}")
+    return out
+
+
 def main(rank: int, world: int, init_method: str, jobs: list[tuple[str, list[Any]]], out_dir: str) -> None:
     import fsdp2_worker as base
 
-    base.run_jobs({"ddp": _job}, rank, world, init_method, jobs, out_dir, prefix="review10-ddp-")
+    base.run_jobs({"ddp": _job, "zero": _zero}, rank, world, init_method, jobs, out_dir, prefix="review10-ddp-")
 
 
 #: The low-rank group's parameters follow the 6 plain ones: (index, matrices) of conv_a, conv_b, the 5 experts and
@@ -115,8 +133,20 @@ def _calls_per_rank(world: int, stagger: bool) -> list[int]:
     return counts
 
 
-def test_divided_refresh_equals_one_process(tmp_path: Path) -> None:
-    ranks = launch_ranks(main, WORLD, [("ddp", RUNS)], tmp_path, 180, prefix="review10-ddp-")["ddp"]["ranks"]
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("review10_ddp")
+    return launch_ranks(main, WORLD, [("ddp", RUNS), ("zero", [])], out, 180, prefix="review10-ddp-")
+
+
+def test_divide_refresh_refuses_zero(launched: dict[str, Any]) -> None:
+    whole, local = launched["zero"]
+    assert whole.startswith("TypeError: Invalid optimizer") and "ZeroRedundancyOptimizer" in whole, whole
+    assert local.startswith("ValueError: Invalid optimizer") and "rank(s) [1]" in local, local
+
+
+def test_divided_refresh_equals_one_process(launched: dict[str, Any]) -> None:
+    ranks = launched["ddp"]["ranks"]
     assert _calls_per_rank(WORLD, False) == [15, 12]  # 5 and 4 matrices x 3 (the stack's owner alone: 18 and 9)
     for run in RUNS:
         key = "/".join(map(str, run))

@@ -216,12 +216,18 @@ def divide_refresh(optimizer: LowRankOptimizer, process_group: Any = None) -> No
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialized.
+        TypeError: ``optimizer`` is not a lowrank_optim optimizer (a ``ZeroRedundancyOptimizer``, say).
+        ValueError: the ranks hold different parameters (a ``ZeroRedundancyOptimizer``'s local optimizer), which
+            would hang the first refresh (:mod:`.replicas`).
     """
     import torch.distributed as dist
+
+    from .replicas import check_replica
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("divide_refresh: torch.distributed is not initialized")
     group = process_group if process_group is not None else dist.group.WORLD
+    check_replica(optimizer, group)
     optimizer._refresh_layout = Layout(None, group, dist.get_rank(group), dist.get_world_size(group))
 
 
