@@ -467,7 +467,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         layout = lambda: self._planner.layout(group, p, matrix or 0)  # noqa: E731
         # a projector's init / update runs on one rank and is broadcast when refreshes are divided (DDP's
         # divide_refresh, FSDP2's replicated mode), lowrank_optim.distributed.fsdp.once
-        once = lambda compute: _fsdp.once(self, compute, index)  # noqa: E731
+        once = lambda compute: _fsdp.once(self, compute, index, matrix or 0)  # noqa: E731 (an expert stack's
+        # matrices are spread over the ranks too)
         if not state:
             init_state(state, group, pm, gm, parts.projector, parts.inner, parts.store, index, layout, matrix,
                        once=once)

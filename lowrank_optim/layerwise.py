@@ -28,7 +28,9 @@ pre-training on a 24 GB GPU. Differences from the reference scripts (all deliber
   in which no hooked parameter receives a gradient (every parameter it hooked is frozen): call
   :meth:`LayerwiseUpdater.refresh` after changing which parameters train, which hooks them at once.
 
-Not for DistributedDataParallel: DDP all-reduces gradients after the hooks have already consumed them.
+Not for DistributedDataParallel: DDP all-reduces gradients after the hooks have already consumed them, so each
+rank would step on its own gradient. An optimizer given to :func:`lowrank_optim.distributed.divide_refresh` is
+refused; in any other job of more than one rank the updater warns (pipeline stages may ignore it).
 """
 
 from __future__ import annotations
@@ -42,6 +44,33 @@ from ._validation import check_int, check_number
 from .engine import LowRankOptimizer
 
 
+def _refuse_data_parallel(optimizer: LowRankOptimizer) -> None:
+    """Refuses an optimizer prepared for DDP (:func:`lowrank_optim.distributed.divide_refresh`) and warns under any
+    ``torch.distributed`` job of more than one rank: under DistributedDataParallel (or any wrapper that reduces
+    gradients after backward) each rank would step on its own unreduced gradient and the replicas would silently
+    diverge. Pipeline stages, whose gradients are complete on their own rank, may ignore the warning.
+
+    Raises:
+        ValueError: ``divide_refresh(optimizer)`` was called (the optimizer is a DDP replica).
+    """
+    import warnings
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return
+    if getattr(optimizer, "_refresh_layout", None) is not None:
+        raise ValueError("Invalid optimizer: divide_refresh(optimizer) was called, so its ranks are data-parallel "
+                         "replicas; LayerwiseUpdater steps each parameter from its gradient hook, before "
+                         "DistributedDataParallel all-reduces that gradient, and the replicas would diverge; "
+                         "call optimizer.step() after backward() instead")
+    warnings.warn(f"LayerwiseUpdater in a torch.distributed job of {dist.get_world_size()} ranks: under "
+                  "DistributedDataParallel each rank steps on its own unreduced gradient (the hooks run before the "
+                  "all-reduce) and the replicas silently diverge; use optimizer.step() there. Ignore this only if "
+                  "each rank's gradients are complete on their own (pipeline stages, independent models).",
+                  UserWarning, stacklevel=3)
+
+
 class LayerwiseUpdater:
     """Steps an optimizer's parameters from their post-accumulate-grad hooks during ``backward()``.
 
@@ -53,6 +82,13 @@ class LayerwiseUpdater:
         accumulation_steps: backward passes per optimizer step.
         max_grad_norm: per-parameter gradient-norm bound (``None``: no clipping).
         lr_scheduler: a scheduler of ``optimizer``, stepped once per accumulation cycle.
+
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer of this package.
+        ValueError: FSDP2 (``DTensor``) parameters; an optimizer given to
+            :func:`lowrank_optim.distributed.divide_refresh` (DDP); bad ``accumulation_steps``, ``max_grad_norm`` or
+            ``lr_scheduler``. In any other ``torch.distributed`` job of more than one rank a ``UserWarning`` says
+            that DDP replicas would diverge.
     """
 
     def __init__(self, optimizer: LowRankOptimizer, *, accumulation_steps: int = 1,
@@ -66,6 +102,7 @@ class LayerwiseUpdater:
             raise ValueError("Invalid optimizer: LayerwiseUpdater does not support FSDP2 (DTensor) parameters: "
                              "FSDP2 reduce-scatters a gradient after its accumulation hook, and a sharded step "
                              "needs every rank in the same collective order; call optimizer.step() instead")
+        _refuse_data_parallel(optimizer)
         self.optimizer = optimizer
         self.accumulation_steps = check_int("accumulation_steps", accumulation_steps, low=1)
         self.max_grad_norm = None if max_grad_norm is None else check_number("max_grad_norm", max_grad_norm,

@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import numbers
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._validation import check_choice, check_int, check_number
+from .distributed.rank_share import fullest_bytes, fullest_share
 from .engine import LowRankOptimizer
 from .memory import LLAMA_CONFIGS, estimate_state_bytes, llama_shapes, n_matrices, state_phases
 from .projectors.quantized_basis import BASIS_DTYPES
@@ -96,7 +99,7 @@ class MemoryPlan:
         rank = "full rank" if s["rank"] is None else f"rank {s['rank']}"
         mode = ", layer-wise" if s["layerwise"] else ""
         if s.get("shards", 1) > 1:
-            mode += f", per rank of {s['shards']} (FSDP2)"
+            mode += f", fullest rank (rank 0) of {s['shards']} (FSDP2)"
         rows = [(f"weights ({s['weight_dtype']})", self.weights),
                 (f"gradients ({s['weight_dtype']}{', largest single tensor' if s['layerwise'] else ''})",
                  self.gradients),
@@ -124,6 +127,28 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 #: ``model_type`` -> width of the per-layer q/k RMSNorms: ``"head"`` (one head_dim vector, Qwen3) or
 #: ``"full"`` (the whole projection, OLMo / OLMoE).
 QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full", "olmo2": "full"}
+
+
+#: MoE ``model_type``\ s whose layout :func:`hf_config_shapes` builds (checked against Transformers' models).
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+#: Config keys whose layout :func:`hf_config_shapes` does not build (a positive value changes the shapes).
+UNMODELED_KEYS = {"q_lora_rank": "multi-head latent attention", "kv_lora_rank": "multi-head latent attention",
+                  "first_k_dense_replace": "dense first layers", "n_shared_experts": "shared experts"}
+
+
+def _refuse_unmodeled(config: Mapping[str, Any]) -> None:
+    """Raises ``ValueError`` for a config whose shapes :func:`hf_config_shapes` would get wrong (DeepSeek-V2/V3's
+    MLA, dense first layers and shared experts, GLM-4-MoE, GPT-OSS's ``(E, in, out)`` experts with biases, ...)."""
+    model_type = config.get("model_type")
+    found = [f"{k}={config[k]!r} ({why})" for k, why in UNMODELED_KEYS.items()
+             if isinstance(config.get(k), numbers.Integral) and not isinstance(config.get(k), bool) and config[k] > 0]
+    if not found and num_experts(config) and model_type is not None and model_type not in MOE_MODEL_TYPES:
+        found = [f"an MoE layout other than {', '.join(MOE_MODEL_TYPES)}"]
+    if found:
+        raise ValueError(f"Invalid config: model_type {model_type!r} has {'; '.join(found)}, which the planner does "
+                         "not model (its plan would be wrong); pass the real shapes instead: build the model on the "
+                         "meta device (with torch.device('meta'): model = AutoModelForCausalLM.from_config(config)) "
+                         "and give plan_memory {name: tuple(p.shape) for name, p in model.named_parameters()}")
 
 
 def num_experts(config: Mapping[str, Any]) -> int:
@@ -157,7 +182,13 @@ def hf_config_shapes(config: Mapping[str, Any]) -> dict[str, Shape]:
     expert of ``shared_expert_intermediate_size`` with its ``(1, d)`` gate (Qwen2-MoE); layers in
     ``mlp_only_layers`` or off the ``decoder_sparse_step`` are dense MLPs of ``intermediate_size``.
     Checked against the models Transformers builds for Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE configs.
-    Other attention layouts (DeepSeek's MLA, GPT-OSS's sinks and expert biases) are not modeled.
+    Other layouts are refused rather than planned wrong: DeepSeek's MLA (``q_lora_rank`` / ``kv_lora_rank``), dense
+    first layers (``first_k_dense_replace``), shared experts ``n_shared_experts``, and an MoE ``model_type`` other
+    than :data:`MOE_MODEL_TYPES` (GPT-OSS's ``(E, in, out)`` experts with biases, ...).
+
+    Raises:
+        ValueError: a required key is missing or not an int; a layout above that is not modeled (the message
+            gives the meta-device route to the real shapes).
     """
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in required
@@ -165,6 +196,7 @@ def hf_config_shapes(config: Mapping[str, Any]) -> dict[str, Shape]:
     if missing:
         raise ValueError(f"Invalid config: a LLaMA-style config needs integer {missing} "
                          f"(model_type {config.get('model_type')!r})")
+    _refuse_unmodeled(config)
     d, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
@@ -253,12 +285,14 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
             optimizer, not the group, so it never overrides a method's own period silently.
         include_conv: also project convolution weights (3-D to 5-D ``.weight`` tensors of matched modules,
             for a name -> shape mapping).
-        shards: FSDP2 ranks (``fully_shard``): weights, gradients and optimizer state per rank (MoE expert stacks:
-            the fullest rank's ``ceil(E / shards)`` experts, with every preset). Presets whose
-            parts run sharded (:mod:`lowrank_optim.distributed.fsdp`: svd / rsvd / rsvd_heads / random / dct /
-            online PCA / COAP projectors with Adam, Adafactor, SGD or Muon and a drop, Fira, APOLLO or sparse
-            (GaLore+) residual; FRUGAL's blocks; GUM) divide everything by ``shards``; the others keep their
-            low-rank state (moments and bases) replicated and divide only the plain moments. 1: one process
+        shards: FSDP2 ranks (``fully_shard``): weights, gradients and optimizer state of the fullest rank (rank 0,
+            which holds ``ceil(d0 / shards)`` rows of every tensor whose first axis is ``d0``: weights, gradients
+            and plain moments exactly; MoE expert stacks ``ceil(E / shards)`` whole experts of ``E``, weights and
+            state, with every preset: :mod:`lowrank_optim.distributed.rank_share`). The other projected
+            matrices' state: presets whose parts run sharded (:mod:`lowrank_optim.distributed.fsdp`: svd / rsvd /
+            rsvd_heads / random / dct / online PCA / COAP projectors with Adam, Adafactor, SGD or Muon and a drop,
+            Fira, APOLLO or sparse (GaLore+) residual; FRUGAL's blocks; GUM) divide it by ``shards`` (uneven
+            chunks add at most a row of each moment and basis); the others keep it replicated. 1: one process
             or DDP (every rank holds everything). Not counted: FSDP2's all-gathered unit of weights.
         basis_dtype: how projector bases are stored, ``fp32`` (default), ``bf16``, ``int8`` or ``int4``
             (:mod:`lowrank_optim.projectors.quantized_basis`); given to the optimizer as
@@ -305,20 +339,17 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
              "plain moments (embeddings, head, norms, ...)": est.total - low_bytes}
     grads = max(numels.values()) * size if layerwise else sum(numels.values()) * size
     weights = sum(numels.values()) * size
-    if shards > 1:
+    if shards > 1:  # the fullest rank (rank 0: torch's Shard rule gives it the largest chunk of every tensor)
         divided = _runs_sharded(optimizer, rank, optimizer_kwargs)
-        state = {k: (-(-v // shards) if divided or k.startswith("plain") else v) for k, v in state.items()}
-        if not divided:  # MoE expert stacks shard by whole experts with every preset (distributed/experts.py)
-            for experts, bases, moments in _expert_stacks(est, low).values():
-                share = -(-experts // shards)  # the fullest rank's experts
-                state["projector bases"] -= bases - -(-bases * share // experts)
-                state["low-rank moments"] -= moments - -(-moments * share // experts)
-        weights, grads = -(-weights // shards), -(-grads // shards)
+        state = _fullest_state(state, est, low, shapes, shards, divided)
+        weights = grads = fullest_bytes(((numels[n] * size, s) for n, s in shapes.items()), shards)
     engine = isinstance(est.optimizer, LowRankOptimizer) and est.method == "meta-step" and bool(est.optimizer.state)
     phases = state_phases(est.optimizer, est.names) if engine else None
-    if phases is not None and shards > 1:  # a sharded preset's warm-up buffers (GaLore+'s score) are row chunks too
-        phases = type(phases)(**{**vars(phases), "peak": -(-phases.peak // shards),
-                                 "steady": -(-phases.steady // shards)}) if divided else None
+    if phases is not None and shards > 1:  # a sharded preset's warm-up buffers (GaLore+'s score) are row chunks too:
+        # the fullest rank's state plus its share of what a phase adds to (or frees from) one process's state
+        held = sum(state.values())
+        phases = type(phases)(**{**vars(phases), "peak": held + -(-(phases.peak - est.total) // shards),
+                                 "steady": held + -(-(phases.steady - est.total) // shards)}) if divided else None
     return MemoryPlan(model=str(model) if not isinstance(model, Mapping) else "model", optimizer=optimizer,
                       n_params=sum(numels.values()), weights=weights, gradients=grads,
                       state=state, budget=budget, n_lowrank=sum(n_matrices(n, shapes[n]) for n in low),
@@ -327,6 +358,23 @@ def plan_memory(model: str | Path | Mapping[str, Sequence[int]], optimizer: str 
                       settings={"rank": rank, "state_dtype": state_dtype, "weight_dtype": weight_dtype,
                                 "layerwise": layerwise, "shards": shards,
                                 "basis_dtype": basis_dtype})
+
+
+def _fullest_state(state: dict[str, int], est: Any, low: set[str], shapes: Mapping[str, Sequence[int]], shards: int,
+                   divided: bool) -> dict[str, int]:
+    """The fullest FSDP2 rank's optimizer state by part (:mod:`lowrank_optim.distributed.rank_share`): plain moments
+    by each tensor's row chunk; MoE expert stacks by whole experts (``ceil(E / shards)`` of ``E``), with every preset;
+    the other projected matrices' state divided by ``shards`` where the preset runs sharded (``divided``), else
+    replicated."""
+    stacks = _expert_stacks(est, low)
+    out = {}
+    for key, i in (("projector bases", 1), ("low-rank moments", 2)):
+        rest = Fraction(state[key] - sum(v[i] for v in stacks.values()))
+        out[key] = math.ceil((rest / shards if divided else rest) + sum(
+            (Fraction(v[i]) * fullest_share(shapes[n], shards) for n, v in stacks.items()), Fraction(0)))
+    plain = next(k for k in state if k.startswith("plain"))
+    out[plain] = fullest_bytes(((v, shapes[n]) for n, v in est.per_param.items() if n not in low), shards)
+    return {k: out[k] for k in state}
 
 
 def _expert_stacks(est: Any, low: set[str]) -> dict[str, tuple[int, int, int]]:

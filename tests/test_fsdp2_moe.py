@@ -282,20 +282,29 @@ def test_expert_state_dict_round_trip_one_process() -> None:
 
 
 def test_planner_divides_expert_stacks_with_every_preset() -> None:
-    """``plan_memory(shards=K)``: an expert stack's state is the fullest rank's ``ceil(E / K)`` experts even for a
-    preset; bases of experts are counted as bases; GaLore+ and a quantized basis divide everything by K (their 2-D
-    weights run sharded: GaLore+'s entries by rows, a quantized basis's codes and scales as chunks)."""
+    """``plan_memory(shards=K)``: an expert stack's state is the fullest rank's ``ceil(E / K)`` experts with every
+    preset (sharded ones included: it used to divide their stacks by K, 1 / 4 where rank 0 holds 2 / 6); bases of
+    experts are counted as bases; GaLore+ and a quantized basis divide their 2-D state by K (their 2-D weights run
+    sharded: GaLore+'s entries by rows, a quantized basis's codes and scales as chunks)."""
     experts = {"layers.0.mlp.experts.gate_up_proj": (6, 64, 32)}
     dense = {"layers.0.self_attn.q_proj.weight": (64, 48), "layers.0.norm.weight": (64,)}
     kw: dict[str, Any] = {"rank": 8, "state_dtype": "fp32", "target_modules": ["mlp", "self_attn"]}
     plus = lro.plan_memory(experts, "galore_plus", **kw)
     assert plus.state["projector bases"] == 6 * 32 * 8 * 4  # each expert's 32 x 8 basis, counted as a basis
-    plus = lro.plan_memory({**experts, **dense}, "galore_plus", **kw)
+    # 6 experts on 4 ranks: chunks 2, 2, 2, 0, so the fullest rank holds 2 / 6 of the stack (not 1 / 4); the dense
+    # matrix and the norm (first axes of 64) divide by 4
+    dense_plus = lro.plan_memory(dense, "galore_plus", **kw)
     plus4 = lro.plan_memory({**experts, **dense}, "galore_plus", shards=4, **kw)
-    assert all(plus4.state[k] == -(-v // 4) for k, v in plus.state.items())
-    adam = lro.plan_memory({**experts, **dense}, "galore_adamw", **kw)
+    stack_plus = lro.plan_memory(experts, "galore_plus", **kw)
+    assert stack_plus.state["projector bases"] > 0
+    assert all(plus4.state[k] == -(-(4 * stack_plus.state[k] + 3 * v) // 12)  # ceil(stack / 3 + dense / 4)
+               for k, v in dense_plus.state.items())
     adam4 = lro.plan_memory({**experts, **dense}, "galore_adamw", shards=4, **kw)
-    assert all(adam4.state[k] == -(-v // 4) for k, v in adam.state.items())
+    # GaLore fp32, r = 8: an expert 64 x 32 (right side) holds a 32 x 8 basis and two 64 x 8 moments; q_proj 64 x 48
+    # a 48 x 8 basis and two 64 x 8 moments; the norm two moments of 64
+    assert adam4.state == {"projector bases": 2 * 32 * 8 * 4 + 48 * 8 * 4 // 4,
+                           "low-rank moments": 2 * 2 * 64 * 8 * 4 + 2 * 64 * 8 * 4 // 4,
+                           "plain moments (embeddings, head, norms, ...)": 2 * 64 * 4 // 4}
     int8 = lro.plan_memory(dense, "galore_adamw", basis_dtype="int8", **kw)
     int8_4 = lro.plan_memory(dense, "galore_adamw", basis_dtype="int8", shards=4, **kw)
     assert all(int8_4.state[k] == -(-v // 4) for k, v in int8.state.items())

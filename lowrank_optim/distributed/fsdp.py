@@ -216,23 +216,31 @@ def divide_refresh(optimizer: LowRankOptimizer, process_group: Any = None) -> No
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialized.
+        TypeError: ``optimizer`` is not a lowrank_optim optimizer (a ``ZeroRedundancyOptimizer``, say).
+        ValueError: the ranks hold different parameters (a ``ZeroRedundancyOptimizer``'s local optimizer), which
+            would hang the first refresh (:mod:`.replicas`).
     """
     import torch.distributed as dist
+
+    from .replicas import check_replica
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("divide_refresh: torch.distributed is not initialized")
     group = process_group if process_group is not None else dist.group.WORLD
+    check_replica(optimizer, group)
     optimizer._refresh_layout = Layout(None, group, dist.get_rank(group), dist.get_world_size(group))
 
 
-def once(opt: LowRankOptimizer, compute: Callable[[], dict[str, Any]], index: int) -> dict[str, Any]:
-    """``compute()`` (a projector ``init`` or ``update`` on a whole gradient), run on the parameter's owner rank
-    and broadcast when refreshes are divided (:func:`divide_refresh`, FSDP2's replicated mode); else run here."""
+def once(opt: LowRankOptimizer, compute: Callable[[], dict[str, Any]], index: int, matrix: int = 0) -> dict[str, Any]:
+    """``compute()`` (a projector ``init`` or ``update`` on a whole gradient), run on the owner rank of matrix
+    ``matrix`` of the parameter at ``index`` (``owner(index + matrix)``: an MoE expert stack's experts go round robin
+    too, instead of all to one rank) and broadcast when refreshes are divided (:func:`divide_refresh`, FSDP2's
+    replicated mode); else run here."""
     lay = _ONCE.get() or getattr(opt, "_refresh_layout", None)
     if lay is None or lay.world == 1:
         REFRESH_CALLS["engine"] += 1
         return compute()
-    own = owner(index, lay.world)
+    own = owner(index + matrix, lay.world)
     new = None
     if lay.rank == own:
         REFRESH_CALLS["engine"] += 1
