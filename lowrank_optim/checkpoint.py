@@ -72,7 +72,7 @@ TORCH_ADAM_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
 #: ``matrices`` (a stack of matrices, MoE experts, each with its own state).
 OWN_MARKERS = ("inner_step", "matrices")
 #: Group keys of ``torch.optim.AdamW`` with no meaning here: dropped from a loaded foreign group when off.
-TORCH_ONLY_FLAGS = ("amsgrad", "maximize", "capturable", "foreach", "fused", "decoupled_weight_decay")
+TORCH_ONLY_FLAGS = ("amsgrad", "capturable", "foreach", "fused", "decoupled_weight_decay")
 
 
 def adopt_foreign_state(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +81,7 @@ def adopt_foreign_state(optimizer: Any, state_dict: dict[str, Any]) -> dict[str,
 
     Groups saved by another optimizer (no ``inner`` key) keep this optimizer's keys and take the saved
     ``lr`` / ``betas`` / ``eps`` / ``weight_decay`` / ``initial_lr`` (torch's load semantics for the keys both
-    share); ``amsgrad`` / ``maximize`` set to True and ``torch.optim.Adam``'s coupled (L2) weight decay are
+    share, ``maximize`` included); ``amsgrad=True`` and ``torch.optim.Adam``'s coupled (L2) weight decay are
     refused. A parameter's state without ``inner_step`` is converted when it is torch's Adam state (``step``,
     ``exp_avg``, ``exp_avg_sq`` of the parameter's shape) of a parameter this optimizer steps plain with the Adam
     rule in fp32 storage: the same moments (cast to fp32, the rule's dtype) and ``step`` / ``inner_step`` the
@@ -102,11 +102,10 @@ def adopt_foreign_state(optimizer: Any, state_dict: dict[str, Any]) -> dict[str,
         if "inner" in saved:
             groups.append(saved)
             continue
-        for flag in ("amsgrad", "maximize"):
-            if saved.get(flag):
-                raise ValueError(f"Invalid state_dict: param group {i} was saved with {flag}=True "
-                                 f"({sorted(k for k in saved if k != 'params')}); {type(optimizer).__name__} "
-                                 f"has no {flag}")
+        if saved.get("amsgrad"):
+            raise ValueError(f"Invalid state_dict: param group {i} was saved with amsgrad=True "
+                             f"({sorted(k for k in saved if k != 'params')}); {type(optimizer).__name__} "
+                             "has no amsgrad")
         if saved.get("decoupled_weight_decay") is False and saved.get("weight_decay"):
             raise ValueError(f"Invalid state_dict: param group {i} was saved by torch.optim.Adam with weight_decay="
                              f"{saved['weight_decay']!r} added to the gradient (L2); {type(optimizer).__name__}'s "
