@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from ._validation import TORCH_SPEED_FLAGS, check_choice, check_int, check_number, check_torch_flag, plain
-from .checkpoint import adopt_foreign_state, closed_form_bytes, load_state, state_bytes
+from .checkpoint import adopt_foreign_state, closed_form_bytes, load_state, refuse_misfit_state, state_bytes
 from .distributed import checkpoint as _checkpoint
 from .distributed import fsdp as _fsdp
 from .distributed import shards as _shards
@@ -563,6 +563,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # load_state runs torch's load on the groups
         self._optimizer_load_state_dict_post_hooks = OrderedDict()  # alone: its hooks would see an empty state
+        before = {"state": self.state, "param_groups": self.param_groups}
         try:
             load_state(self, adopt_foreign_state(self, _checkpoint.import_state(self, state_dict)))
         finally:
@@ -570,6 +571,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self._optimizer_load_state_dict_post_hooks = post
         self._parts_cache = {}
         self._stacks = StackCache()
+        self._planner.reset()
+        try:
+            refuse_misfit_state(self)  # state of another model's parameters: refused before it reaches a kernel
+        except ValueError:
+            self.__setstate__(before)  # the optimizer as it was before the call
+            self._planner.reset()
+            raise
         _checkpoint.requantize(self)
         self._planner.reset()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():  # on the loaded state, as torch's
