@@ -86,3 +86,33 @@ def test_own_checkpoint_still_loads_at_every_phase(name: str) -> None:
         _train(params, other, 2)
         for p, q in zip(src, params, strict=True):
             assert torch.equal(p, q), (name, steps)
+
+
+def test_gum_packed_state_of_another_model_refused_by_name() -> None:
+    src, opt = _make("gum", (16, 32))
+    _train(src, opt)
+    _, other = _make("gum", (16, 40))
+    with pytest.raises(ValueError, match=r"Invalid state_dict: packed moment 'momentum_buffer' holds 2048 bytes, a "
+                                         r"moment of shape \(16, 40\) for a \(16, 40\) matrix needs 2560"):
+        other.load_state_dict(roundtrip(opt.state_dict()))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "gum"])
+@pytest.mark.parametrize("direction", ["gum_into", "into_gum"])
+def test_other_methods_checkpoint_runs_the_saved_method(name: str, direction: str) -> None:
+    """torch semantics (saved hyper-parameters win, with a MethodDefaultWarning): an optimizer of one preset that
+    loads another preset's checkpoint continues exactly as the saved optimizer does. GUM's packed moments were
+    read with the loading optimizer's keys: a KeyError (``momentum_buffer_absmax``) or a view error at the step."""
+    saver, loader = ("gum", name) if direction == "gum_into" else (name, "gum")
+    src, opt = _make(saver, (16, 32))
+    _train(src, opt, 4)
+    params, other = _make(loader, (16, 32))
+    for p, q in zip(src, params, strict=True):
+        q.data.copy_(p.data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other.load_state_dict(roundtrip(opt.state_dict()))
+    _train(src, opt, 3)
+    _train(params, other, 3)
+    for p, q in zip(src, params, strict=True):
+        assert torch.equal(p, q)
