@@ -571,6 +571,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self._optimizer_load_state_dict_post_hooks = post
         self._parts_cache = {}
         self._stacks = StackCache()
+        _checkpoint.requantize(self)  # first: 8-bit moments exported with per-element scales get their blocks back
         self._planner.reset()
         try:
             refuse_misfit_state(self)  # state of another model's parameters: refused before it reaches a kernel
@@ -578,8 +579,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self.__setstate__(before)  # the optimizer as it was before the call
             self._planner.reset()
             raise
-        _checkpoint.requantize(self)
-        self._planner.reset()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():  # on the loaded state, as torch's
             post_hook(self)
 
