@@ -195,21 +195,26 @@ def refuse_misfit_state(optimizer: Any) -> None:
     number of parameters, other shapes) loads; its moments, bases and indices then meet the new weights in the
     step: a shape error deep inside, silently wrong values, or (unchecked index and arena kernels) a crash. Here
     each loaded state is compared, tensor by tensor, with the state a first step would allocate for the parameter
-    (built on the ``meta`` device: no memory, no math). Skipped for FSDP2 (``DTensor``) parameters and when
-    refreshes are divided over ranks (the expected state would need a collective).
+    (built on the ``meta`` device: no memory, no math). Skipped for FSDP2 (``DTensor``) parameters, for projected
+    parameters of a projector whose moments change shape on a refresh (GUM), and when refreshes are divided over
+    ranks (the expected state would need a collective).
 
     Raises:
         ValueError: naming the parameter's position and shape, the state key and both shapes.
     """
     from .distributed import shards
+    from .distributed.checkpoint import _variable
 
     if getattr(optimizer, "_refresh_layout", None) is not None:
         return
     index = 0
     for group in optimizer.param_groups:
+        variable = optimizer._parts(group)[0] is not None and _variable(optimizer, group)
         for p in group["params"]:
             saved = optimizer.state.get(p)
-            if saved and not shards.is_dtensor(p):
+            # a projector whose moments change shape on a refresh (GUM's draw) has no one expected shape: its
+            # packed moments are checked for size by the import (lowrank_optim.distributed.checkpoint._unpack)
+            if saved and not shards.is_dtensor(p) and not (variable and optimizer._planner.kind(group, p)):
                 meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
                 optimizer.state.pop(p)
                 try:
