@@ -103,3 +103,27 @@ def check_betas(name: str, value: Any, count: int = 2) -> tuple[float, ...]:
     if not isinstance(value, (tuple, list)) or len(value) != count:
         raise TypeError(f"Invalid {name}: expected a tuple of {count} numbers, got {value!r}")
     return tuple(check_number(f"{name}[{i}]", b, low=0.0, high=1.0, high_open=True) for i, b in enumerate(value))
+
+
+#: ``torch.optim`` keyword arguments that pick an implementation, not the math: ``foreach`` (any value: the engine
+#: batches on its own, :mod:`lowrank_optim.stacks`, and the result does not depend on it), ``fused`` and
+#: ``capturable`` (only their off values, ``None`` / ``False``: there is no fused kernel, and a step reads host-side
+#: counters, so it cannot be captured in a CUDA graph).
+TORCH_SPEED_FLAGS = ("foreach", "fused", "capturable")
+
+
+def check_torch_flag(name: str, value: Any) -> None:
+    """Checks one of :data:`TORCH_SPEED_FLAGS` as given to ``torch.optim.AdamW`` (so a line written for torch runs).
+
+    Raises:
+        TypeError: ``value`` is neither ``None`` nor a bool.
+        ValueError: ``fused=True`` or ``capturable=True`` (named, with the reason), which this package cannot honour.
+    """
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"Invalid {name}: expected None or a bool, got {value!r} ({type(value).__name__})")
+    if value and name == "fused":
+        raise ValueError("Invalid fused: True (no fused kernel here; the engine batches its matrices itself: leave "
+                         "fused unset, None or False)")
+    if value and name == "capturable":
+        raise ValueError("Invalid capturable: True (a step reads host-side step counters and refresh schedules, so it "
+                         "cannot be captured in a CUDA graph; leave capturable unset, None or False)")

@@ -72,7 +72,7 @@ TORCH_ADAM_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
 #: ``matrices`` (a stack of matrices, MoE experts, each with its own state).
 OWN_MARKERS = ("inner_step", "matrices")
 #: Group keys of ``torch.optim.AdamW`` with no meaning here: dropped from a loaded foreign group when off.
-TORCH_ONLY_FLAGS = ("amsgrad", "maximize", "capturable", "foreach", "fused", "decoupled_weight_decay")
+TORCH_ONLY_FLAGS = ("amsgrad", "capturable", "foreach", "fused", "decoupled_weight_decay")
 
 
 def adopt_foreign_state(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +81,7 @@ def adopt_foreign_state(optimizer: Any, state_dict: dict[str, Any]) -> dict[str,
 
     Groups saved by another optimizer (no ``inner`` key) keep this optimizer's keys and take the saved
     ``lr`` / ``betas`` / ``eps`` / ``weight_decay`` / ``initial_lr`` (torch's load semantics for the keys both
-    share); ``amsgrad`` / ``maximize`` set to True and ``torch.optim.Adam``'s coupled (L2) weight decay are
+    share, ``maximize`` included); ``amsgrad=True`` and ``torch.optim.Adam``'s coupled (L2) weight decay are
     refused. A parameter's state without ``inner_step`` is converted when it is torch's Adam state (``step``,
     ``exp_avg``, ``exp_avg_sq`` of the parameter's shape) of a parameter this optimizer steps plain with the Adam
     rule in fp32 storage: the same moments (cast to fp32, the rule's dtype) and ``step`` / ``inner_step`` the
@@ -102,11 +102,10 @@ def adopt_foreign_state(optimizer: Any, state_dict: dict[str, Any]) -> dict[str,
         if "inner" in saved:
             groups.append(saved)
             continue
-        for flag in ("amsgrad", "maximize"):
-            if saved.get(flag):
-                raise ValueError(f"Invalid state_dict: param group {i} was saved with {flag}=True "
-                                 f"({sorted(k for k in saved if k != 'params')}); {type(optimizer).__name__} "
-                                 f"has no {flag}")
+        if saved.get("amsgrad"):
+            raise ValueError(f"Invalid state_dict: param group {i} was saved with amsgrad=True "
+                             f"({sorted(k for k in saved if k != 'params')}); {type(optimizer).__name__} "
+                             "has no amsgrad")
         if saved.get("decoupled_weight_decay") is False and saved.get("weight_decay"):
             raise ValueError(f"Invalid state_dict: param group {i} was saved by torch.optim.Adam with weight_decay="
                              f"{saved['weight_decay']!r} added to the gradient (L2); {type(optimizer).__name__}'s "
@@ -161,4 +160,74 @@ def closed_form_bytes(numel: int, state_dtype: str) -> int:
     return StateStore(state_dtype).bytes_for(numel)
 
 
-__all__ = ["adopt_foreign_state", "closed_form_bytes", "load_state", "state_bytes", "to_device"]
+__all__ = ["adopt_foreign_state", "closed_form_bytes", "load_state", "refuse_misfit_state", "state_bytes", "to_device"]
+
+
+def _misfit(saved: Any, fresh: Any, path: str) -> str | None:
+    """The first key path where ``saved`` holds a non-empty tensor whose shape differs from ``fresh``'s non-empty
+    tensor at the same path (a list of another length counts), else ``None``; keys only one side has are not
+    compared."""
+    if isinstance(saved, torch.Tensor) and isinstance(fresh, torch.Tensor):
+        # an empty tensor is a placeholder a rule sizes later (FRUGAL's state-free blocks): nothing to compare
+        if saved.numel() and fresh.numel() and tuple(saved.shape) != tuple(fresh.shape):
+            return f"{path}: saved shape {tuple(saved.shape)}, expected {tuple(fresh.shape)}"
+        return None
+    if isinstance(saved, dict) and isinstance(fresh, dict):
+        for k in saved.keys() & fresh.keys():
+            found = _misfit(saved[k], fresh[k], f"{path}[{k!r}]")
+            if found:
+                return found
+        return None
+    if isinstance(saved, (list, tuple)) and isinstance(fresh, (list, tuple)):
+        if len(saved) != len(fresh):
+            return f"{path}: saved {len(saved)} entries, expected {len(fresh)}"
+        for i, (a, b) in enumerate(zip(saved, fresh, strict=True)):
+            found = _misfit(a, b, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def refuse_misfit_state(optimizer: Any) -> None:
+    """Raises when a loaded parameter's state does not fit the parameter it was loaded for.
+
+    ``torch.optim`` maps saved state to parameters by position only, so a checkpoint of another model (same
+    number of parameters, other shapes) loads; its moments, bases and indices then meet the new weights in the
+    step: a shape error deep inside, silently wrong values, or (unchecked index and arena kernels) a crash. Here
+    each loaded state is compared, tensor by tensor, with the state a first step would allocate for the parameter
+    (built on the ``meta`` device: no memory, no math). Skipped for FSDP2 (``DTensor``) parameters, for projected
+    parameters of a projector whose moments change shape on a refresh (GUM), and when refreshes are divided over
+    ranks (the expected state would need a collective).
+
+    Raises:
+        ValueError: naming the parameter's position and shape, the state key and both shapes.
+    """
+    from .distributed import shards
+    from .distributed.checkpoint import _variable
+
+    if getattr(optimizer, "_refresh_layout", None) is not None:
+        return
+    index = 0
+    for group in optimizer.param_groups:
+        variable = optimizer._parts(group)[0] is not None and _variable(optimizer, group)
+        for p in group["params"]:
+            saved = optimizer.state.get(p)
+            # a projector whose moments change shape on a refresh (GUM's draw) has no one expected shape: its
+            # packed moments are checked for size by the import (lowrank_optim.distributed.checkpoint._unpack)
+            if saved and not shards.is_dtensor(p) and not (variable and optimizer._planner.kind(group, p)):
+                meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+                optimizer.state.pop(p)
+                try:
+                    optimizer._step_group(group, [(p, index)], init_only=True,
+                                          tensors={id(p): (meta, torch.empty_like(meta))})
+                    fresh = optimizer.state.pop(p, {})
+                except Exception:  # a state some rule cannot build on meta: nothing to compare
+                    fresh = {}
+                finally:
+                    optimizer.state[p] = saved
+                found = _misfit(saved, fresh, "state")
+                if found:
+                    raise ValueError(f"Invalid state_dict: the state loaded for parameter {index} (shape "
+                                     f"{tuple(p.shape)}) does not fit it ({found}): a checkpoint of another "
+                                     "model, or of these parameters in another order?")
+            index += 1

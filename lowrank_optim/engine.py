@@ -19,13 +19,14 @@ All math runs in fp32. Optimizer state is plain tensors and ints, so ``state_dic
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
 
-from ._validation import check_choice, check_int, check_number, plain
-from .checkpoint import adopt_foreign_state, closed_form_bytes, load_state, state_bytes
+from ._validation import TORCH_SPEED_FLAGS, check_choice, check_int, check_number, check_torch_flag, plain
+from .checkpoint import adopt_foreign_state, closed_form_bytes, load_state, refuse_misfit_state, state_bytes
 from .distributed import checkpoint as _checkpoint
 from .distributed import fsdp as _fsdp
 from .distributed import shards as _shards
@@ -63,6 +64,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "refresh_stagger": False,
     "include_conv": False,  # with target_modules: also select convolution weights (lowrank_optim.targets)
     "differentiable": False,  # torch's __setstate__ adds it on load; kept so groups round-trip unchanged
+    "maximize": False,  # torch.optim's meaning: step along +grad (the rules see -grad), p.grad left unchanged
 }
 
 
@@ -101,6 +103,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
             Parameter names come from ``module`` or from torch's named param groups (``param_names``).
         include_conv: with ``target_modules``, also project the selected convolution weights (default
             ``False``; see :func:`lowrank_optim.select_lowrank_params`).
+        maximize: step to maximize the objective (default False), as in ``torch.optim``: every rule sees
+            ``-grad``; ``p.grad`` is left unchanged.
+        foreach: accepted for ``torch.optim`` compatibility (``None``, ``True`` or ``False``) and ignored: the
+            engine batches its matrices itself and the result does not depend on it; not a group key.
+        fused, capturable: accepted when ``None`` or ``False`` (``torch.optim``'s defaults); ``True`` raises a
+            ``ValueError`` naming the flag (no fused kernel; a step cannot be CUDA-graph captured).
+        differentiable: only ``False`` (steps run under ``torch.no_grad``); ``True`` raises a ``ValueError``.
         module: the model whose ``named_modules()`` resolve ``target_modules`` (kept by reference, never
             saved in the state dict; not a group key).
         **hyper: hyper-parameters of the inner / residual rule (``betas``, ``eps``, ...).
@@ -116,6 +125,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"Invalid module: expected an nn.Module, got {type(module).__name__}")
         self._module: torch.nn.Module | None = module
+        for flag in TORCH_SPEED_FLAGS:  # torch's implementation switches: checked, not stored (_validation)
+            if flag in kwargs:
+                check_torch_flag(flag, kwargs.pop(flag))
         defaults: dict[str, Any] = {"lr": lr, **ENGINE_DEFAULTS, **self.preset_defaults}
         if "proj_type" in kwargs:  # galore-torch's name for the side rule, checked under it
             kwargs["proj_side"] = check_choice("proj_type", kwargs.pop("proj_type"), SIDE_RULES)
@@ -194,6 +206,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for k, v in group.items():  # plain numbers in the group (and so in the state dict), see _plain_value
             if k != "params":
                 group[k] = _plain_value(k, v)
+        for flag in TORCH_SPEED_FLAGS:  # a group built for torch.optim.AdamW(fused=True, ...) is refused, not ignored
+            if flag in group:
+                check_torch_flag(flag, group[flag])
+        if not isinstance(group["maximize"], bool):
+            raise TypeError(f"Invalid maximize: expected a bool, got {group['maximize']!r}")
+        if group["differentiable"] is not False:
+            raise ValueError(f"Invalid differentiable: {group['differentiable']!r} (steps run under torch.no_grad "
+                             "and in place: no gradient flows through the update; only False is supported)")
         if group["lr"] is not None:
             group["lr"] = check_number("lr", group["lr"], low=0.0)
         group["weight_decay"] = check_number("weight_decay", group["weight_decay"], low=0.0)
@@ -263,6 +283,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         entry = self.__dict__.setdefault("_validated", {}).get(id(group))
         lr = group.get("lr")
         if (entry is not None and entry[0] is group and type(lr) is float and lr >= 0.0
+                and len(group) - sum(k in group for k in _UNSNAPPED) == len(entry[1])  # no key added since
                 and all(k in group and _same(group[k], v) for k, v in entry[1].items())):
             return
         self._validate_group(group)
@@ -421,6 +442,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             w, g = tensors.get(id(p), (p, p.grad)) if tensors is not None else (p, p.grad)
             grad = g if g.dtype == torch.float32 else g.float()
+            if group.get("maximize"):  # a new tensor: p.grad keeps the user's value, as in torch.optim
+                grad = torch.neg(grad)
             if kind is None:
                 if not state:
                     init_state(state, group, w, grad, None, parts.inner, parts.store, index)
@@ -531,12 +554,33 @@ class LowRankOptimizer(torch.optim.Optimizer):
         the parameter's dtype, which would turn 8-bit codes, int indices and fp32 moments of bf16
         parameters into something else; here tensors are copied to the parameter's device unchanged.
         """
+        state_dict = state_dict.copy()  # torch's order: pre-hooks first, on the whole state dict (their result wins)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         warn_method_changes(type(self).__name__, self.param_groups, state_dict)
-        load_state(self, adopt_foreign_state(self, _checkpoint.import_state(self, state_dict)))
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # load_state runs torch's load on the groups
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()  # alone: its hooks would see an empty state
+        before = {"state": self.state, "param_groups": self.param_groups}
+        try:
+            load_state(self, adopt_foreign_state(self, _checkpoint.import_state(self, state_dict)))
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
         self._parts_cache = {}
         self._stacks = StackCache()
-        _checkpoint.requantize(self)
+        _checkpoint.requantize(self)  # first: 8-bit moments exported with per-element scales get their blocks back
         self._planner.reset()
+        try:
+            refuse_misfit_state(self)  # state of another model's parameters: refused before it reaches a kernel
+        except ValueError:
+            self.__setstate__(before)  # the optimizer as it was before the call
+            self._planner.reset()
+            raise
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():  # on the loaded state, as torch's
+            post_hook(self)
 
 
 def refuse_duplicates(group: dict[str, Any]) -> None:

@@ -187,6 +187,10 @@ def _unpack(opt: LowRankOptimizer, group: dict[str, Any], whole: tuple[int, ...]
         shape = tuple(int(s) for s in spec.shape)
         numel = math.prod(shape)
         buf = st[spec.name]
+        need = numel + 4 * n_blocks(numel) if store.quantized(numel) else numel * (2 if store.dtype == "bf16" else 4)
+        if buf.numel() < need:  # another model's checkpoint: refused by name, not a view error
+            raise ValueError(f"Invalid state_dict: packed moment {spec.name!r} holds {buf.numel()} bytes, a moment of "
+                             f"shape {shape} for a {whole} matrix needs {need}: a checkpoint of another model?")
         if store.quantized(numel):
             st[spec.name] = buf[:numel].clone().view(shape)
             st[spec.name + ABSMAX] = buf[numel: numel + 4 * n_blocks(numel)].clone().view(torch.float32)
@@ -326,6 +330,12 @@ def import_state(opt: LowRankOptimizer, state_dict: dict[str, Any]) -> dict[str,
 
     ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     pairs = dict(zip(ids, _group_of(opt), strict=False))
+    saved = state_dict["param_groups"]
+    if len(saved) == len(opt.param_groups):  # our own groups, saved by another method (GUM's packed moments into an
+        # 8-bit GaLoreAdamW): read with the saved method's keys, which the load installs (torch: saved values win)
+        as_saved = {id(g): {**g, **{k: v for k, v in s.items() if k != "params"}} if "inner" in s else g
+                    for g, s in zip(opt.param_groups, saved, strict=True)}
+        pairs = {k: (as_saved[id(g)], p) for k, (g, p) in pairs.items()}
     out = {}
     for k, v in state_dict["state"].items():
         v = _unwrap(v)
