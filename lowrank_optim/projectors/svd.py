@@ -50,7 +50,7 @@ class SVDProjector(Projector):
       a 168-matrix GaLore refresh at 1B from 37 s to 4.6 s. GPUs with slow fp64 (consumer cards: 1/64 of fp32)
       gain less.
     * CPU (2 cores, MKL), LLaMA-60M shapes: 106 ms against 35 ms for 512 x 1376, 46 against 32 ms for 512 x 512;
-      the 56-matrix refresh step of GaLoreAdamW and Fira from 3.3 s to 1.7-2.1 s (LAPACK's ``gesdd`` of a wide
+      the 56-matrix refresh step of GaLoreAdamW and Fira from 3.0-3.8 s to 1.4-2.1 s (LAPACK's ``gesdd`` of a wide
       matrix is the slow part; the refresh column of ``python -m benchmarks.throughput --mode step``).
 
     ``solver="svd"`` keeps ``torch.linalg.svd`` (the reference implementations' call: the oracle tests against
