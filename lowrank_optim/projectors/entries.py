@@ -94,12 +94,23 @@ def sampled_lift_residual(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
     # row pointers of the sorted entries: searchsorted, not bincount (which reads its input's max on a GPU)
     crow = torch.searchsorted(rows, torch.arange(m + 1, dtype=rows.dtype, device=rows.device),
                               out_int32=index.dtype == torch.int32)
-    values = grad.reshape(-1).index_select(0, index)
+    return sampled_csr_residual(crow, cols, grad.reshape(-1).index_select(0, index), (m, n), a, b)
+
+
+def sampled_csr_residual(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...],
+                         a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``values - (a @ b)`` at the entries of the CSR pattern ``(crow, cols)`` of ``shape`` (``(m, n)``, or ``(B, m,
+    n)`` with batched ``a`` / ``b``): one ``torch.sparse.sampled_addmm``, returned as its values."""
     with warnings.catch_warnings():  # torch flags its CSR layout as beta once per process
         warnings.simplefilter("ignore", UserWarning)
-        sampled = torch.sparse_csr_tensor(crow, cols, values, (m, n), check_invariants=False)
-        out = torch.sparse.sampled_addmm(sampled, a, b, beta=1.0, alpha=-1.0)
-    return out.values()
+        sampled = torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+        return torch.sparse.sampled_addmm(sampled, a, b, beta=1.0, alpha=-1.0).values()
+
+
+def resolves_complement(g2: float | torch.Tensor, r2: float | torch.Tensor, tau: float) -> bool | torch.Tensor:
+    """The closed-form test on ``g2 = ||G||^2`` and ``r2 = ||R||^2`` (fp64 tensors or Python floats):
+    ``||G||^2 - ||R||^2 > max(tau^2, CANCELLATION) ||G||^2``."""
+    return (g2 - r2) > g2 * max(tau * tau, CANCELLATION)
 
 
 def clearly_above_floor(projector: Projector, grad: torch.Tensor, low: torch.Tensor, state: ProjState) -> bool:
@@ -119,8 +130,8 @@ def clearly_above_floor(projector: Projector, grad: torch.Tensor, low: torch.Ten
     if spec is not None:  # FSDP2: grad is this rank's rows; low its rows (right side) or the whole R (left side)
         g2 = comm.all_reduce(g2.reshape(1), spec.group).reshape(())
         r2 = comm.reduce_total(r2)
-    tau = projector.complement_floor(state)
-    return bool((g2 - r2) > g2 * max(tau * tau, CANCELLATION))
+    return bool(resolves_complement(g2, r2, projector.complement_floor(state)))
 
 
-__all__ = ["clearly_above_floor", "closed_form", "residual_entries", "sampled_lift_residual"]
+__all__ = ["clearly_above_floor", "closed_form", "residual_entries", "resolves_complement", "sampled_csr_residual",
+           "sampled_lift_residual"]

@@ -29,7 +29,6 @@ matrix) goes to the rule per matrix.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -37,8 +36,7 @@ import torch
 from ..distributed import comm
 from ..distributed import sparse as _rows
 from ..projectors.base import Projector
-from ..projectors.entries import closed_form, sampled_lift_residual
-from .fira_closed_form import CANCELLATION
+from ..projectors.entries import closed_form, resolves_complement, sampled_csr_residual, sampled_lift_residual
 from .sparse_residual import _INDEX, _M, _SEEN, _STEP, _V, SparseResidual, residual_count
 
 Group = dict[str, Any]
@@ -132,9 +130,7 @@ def _above_floor(units: list[Any], low: torch.Tensor, pstates: list[dict], proj:
     values = norms.tolist()
     out = []
     for gi, ri, pst in zip(values[:b], values[b:], pstates, strict=True):
-        g2, r2 = gi * gi, ri * ri
-        tau = proj.complement_floor(pst)
-        out.append(g2 - r2 > g2 * max(tau * tau, CANCELLATION))
+        out.append(resolves_complement(gi * gi, ri * ri, proj.complement_floor(pst)))
     return out
 
 
@@ -157,10 +153,7 @@ def _sampled(vals: torch.Tensor, idx: torch.Tensor, crow: torch.Tensor, n: int, 
     """``(G_i - a_i @ b_i)`` at the entries of every matrix, ``vals`` holding ``G_i`` there: one batched sampled
     product (the per-matrix :func:`~lowrank_optim.projectors.entries.sampled_lift_residual`, stacked)."""
     b, m = int(a.shape[0]), int(a.shape[1])
-    with warnings.catch_warnings():  # torch flags its CSR layout as beta once per process
-        warnings.simplefilter("ignore", UserWarning)
-        csr = torch.sparse_csr_tensor(crow, torch.remainder(idx, n), vals, (b, m, n), check_invariants=False)
-        return torch.sparse.sampled_addmm(csr, a, bm, beta=1.0, alpha=-1.0).values()
+    return sampled_csr_residual(crow, torch.remainder(idx, n), vals, (b, m, n), a, bm)
 
 
 __all__ = ["stack_residual_step"]
