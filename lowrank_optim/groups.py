@@ -160,6 +160,12 @@ def is_expert_param(module_name: str, module: nn.Module, p: torch.Tensor) -> boo
     return p.dim() == 3 and ("expert" in module_name.lower() or "expert" in type(module).__name__.lower())
 
 
+def is_expert_name(name: str, shape: Sequence[int] | torch.Size) -> bool:
+    """:func:`is_expert_param`'s rule from a parameter's qualified ``name`` and ``shape`` alone (memory estimates,
+    ``target_modules``): 3-D, and ``"expert"`` in the name (case-insensitive)."""
+    return len(shape) == 3 and "expert" in name.lower()
+
+
 #: Names of an MoE block's router module, a sibling of its ``experts`` (HF: ``mlp.gate`` in Mixtral, Qwen-MoE,
 #: OLMoE, DeepSeek; ``mlp.router`` in GPT-OSS).
 ROUTER_NAMES = ("gate", "router")

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .engine import LowRankOptimizer
-from .groups import _matches, moe_router_weights
+from .groups import _matches, is_expert_name, moe_router_weights
 from .projectors.blocks import BlockProjector, active_blocks
 from .projectors.gum import GUMProjector
 from .registry import create_optimizer
@@ -137,7 +137,7 @@ def is_lowrank_shape(name: str, shape: Shape, target: str | Sequence[str], inclu
     of a matched module, a 3-D MoE expert stack (``"expert"`` in the name; its module or its own name
     matched), and with ``include_conv`` a 3-D to 5-D ``<module>.weight`` (a convolution)."""
     dims = len(shape)
-    if dims == 3 and "expert" in name.lower():
+    if is_expert_name(name, shape):
         return _matches(name.rpartition(".")[0], target) or _matches(name, target)
     if not name.endswith(".weight") or not _matches(name[: -len(".weight")], target):
         return False
@@ -147,12 +147,12 @@ def is_lowrank_shape(name: str, shape: Shape, target: str | Sequence[str], inclu
 def _is_conv_shape(name: str, shape: Shape) -> bool:
     """Whether a low-rank parameter (:func:`is_lowrank_shape`) is a convolution weight: more than two dimensions
     and not a 3-D MoE expert stack (the engine reads it as the one matrix ``out x (in * prod(kernel))``)."""
-    return len(shape) > 2 and not (len(shape) == 3 and "expert" in name.lower())
+    return len(shape) > 2 and not is_expert_name(name, shape)
 
 
 def n_matrices(name: str, shape: Shape) -> int:
     """Projected matrices in a low-rank parameter: ``E`` for an expert stack ``(E, m, n)``, else 1."""
-    return shape[0] if len(shape) == 3 and "expert" in name.lower() else 1
+    return shape[0] if is_expert_name(name, shape) else 1
 
 
 def _build(optimizer: str | Callable[[list[dict[str, Any]]], torch.optim.Optimizer],

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .groups import CONV_TYPES, FLATTENED_HINT, _matches, moe_router_weights, select_lowrank_params
+from .groups import CONV_TYPES, FLATTENED_HINT, _matches, is_expert_name, moe_router_weights, select_lowrank_params
 
 _WEIGHT = ".weight"
 
@@ -77,7 +77,7 @@ def _named_selected(name: str, p: torch.Tensor, target: str | Sequence[str]) -> 
     matched by its module or its own name), and any other matched ``<module>.weight``, which
     :func:`_check_selected` then accepts (3-D to 5-D with ``include_conv``: a convolution) or refuses."""
     module = name[: -len(_WEIGHT)] if name.endswith(_WEIGHT) else name.rpartition(".")[0]
-    if p.dim() == 3 and "expert" in name.lower():
+    if is_expert_name(name, p.shape):
         return _matches(module, target) or _matches(name, target)
     return name.endswith(_WEIGHT) and _matches(module, target)
 
@@ -117,7 +117,7 @@ def resolve_target_kinds(param_groups: list[dict[str, Any]], module: nn.Module |
             routers = moe_router_weights(group["param_names"])
             named = [(n, p) for n, p in zip(group["param_names"], group["params"], strict=True)
                      if n not in routers and _named_selected(n, p, target)]
-            convs = {id(p) for n, p in named if p.dim() > 2 and not (p.dim() == 3 and "expert" in n.lower())}
+            convs = {id(p) for n, p in named if p.dim() > 2 and not is_expert_name(n, p.shape)}
         for name, p in named:
             _check_selected(name, p, include_conv)
             _check_layout(name, p, id(p) in convs, group.get("nd_layout", "auto"))
@@ -148,7 +148,7 @@ def _check_selected(name: str, p: torch.Tensor, include_conv: bool) -> None:
     if p.dim() < 2:
         raise ValueError(f"Invalid params: {name!r} is selected by target_modules but has shape {tuple(p.shape)}; "
                          f"{FLATTENED_HINT}")
-    if p.dim() == 2 or (p.dim() == 3 and "expert" in name.lower()):
+    if p.dim() == 2 or is_expert_name(name, p.shape):
         return
     if not include_conv:
         raise ValueError(f"Invalid params: {name!r} is selected by target_modules but has shape {tuple(p.shape)}; "
