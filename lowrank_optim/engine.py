@@ -31,7 +31,7 @@ from .distributed import checkpoint as _checkpoint
 from .distributed import fsdp as _fsdp
 from .distributed import shards as _shards
 from .groups import method_overrides, warn_method_overrides
-from .nonfinite import NONFINITE_POLICIES, check_grad, gradients_ok
+from .nonfinite import NONFINITE_POLICIES, check_grad, gradients_ok, probed
 from .plan import ND_LAYOUTS, Planner, matrix_shape, n_matrices, nd_kind, refuse_flattened
 from .projectors import COMMON_OPTIONS, PROJECTORS, SIDE_RULES, make_projector, refuse_misplaced_options
 from .rules import INNER_RULES, RESIDUAL_RULES, TRANSFER_POLICIES
@@ -366,7 +366,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     continue
                 check_grad(type(self).__name__, p, index - 1)
                 work.append((group, p, index - 1))
-        if not work or not gradients_ok(type(self).__name__, [(g, p) for g, p, _ in work]):
+        plans = self._plain_plans(work)
+        if not work or not gradients_ok(type(self).__name__, [(g, p) for g, p, _ in work],
+                                        {key: plan.probes for key, plan in plans.items()}):
             return loss
         by_group: dict[int, list[tuple[torch.Tensor, int]]] = {}
         groups: dict[int, dict[str, Any]] = {}
@@ -377,8 +379,30 @@ class LowRankOptimizer(torch.optim.Optimizer):
             by_group.setdefault(id(group), []).append((p, idx))
             groups[id(group)] = group
         for key, items in by_group.items():
-            self._step_group(groups[key], items)
+            self._step_group(groups[key], items, plans=plans)
         return loss
+
+    def _plain_plans(self, work: list[tuple[dict[str, Any], torch.Tensor, int]]) -> dict[int, Any]:
+        """``{id(p): plan}`` for the plain parameters of ``work`` whose inner rule computes, before the non-finite
+        check, reductions of the gradient the check reads in its place (:func:`lowrank_optim.nonfinite.probed`:
+        large fp32 matrices on the CPU with existing state; Adafactor's statistics,
+        :meth:`~lowrank_optim.rules.base.InnerRule.plan_plain`). Nothing in the state changes here."""
+        plans: dict[int, Any] = {}
+        for group, p, _ in work:
+            state = self.state.get(p)
+            if not state or not probed(group, p):
+                continue
+            parts, kind = self._route(group, p)
+            if kind is not None or parts.store.dtype != "fp32":
+                continue
+            specs = parts.inner.moments(tuple(p.shape), group)
+            if any(s.name not in state for s in specs):  # a state the step itself will refuse
+                continue
+            moments = {s.name: state[s.name] for s in specs}
+            plan = parts.inner.plan_plain(p, p.grad, moments, state["inner_step"] + 1, group)
+            if plan is not None:
+                plans[id(p)] = plan
+        return plans
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -424,14 +448,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _step_group(self, group: dict[str, Any], items: list[tuple[torch.Tensor, int]], init_only: bool = False,
                     tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                    first_matrix: int = 0) -> None:
+                    first_matrix: int = 0, plans: dict[int, Any] | None = None) -> None:
         """Steps the parameters ``items`` (``(param, index)``) of ``group``: plain ones one by one, projected
         matrices initialised / refreshed one by one, then stepped together (:func:`lowrank_optim.stacks.apply_units`)
         with the ones the batched kernels cannot take going through :func:`lowrank_optim.update.apply_step`.
         ``init_only`` allocates missing state and steps nothing (:meth:`init_param_state`); ``tensors`` maps
         ``id(param)`` to the ``(weight, gradient)`` computed on in its place (:meth:`_step_param`); an expert stack's
         matrices there are matrices ``first_matrix, first_matrix + 1, ...`` of the whole stack (their seeds, layout
-        positions and refresh phases)."""
+        positions and refresh phases); ``plans`` the plain parameters' plans made before the non-finite check
+        (:meth:`_plain_plans`)."""
         self._revalidate(group)
         group_parts = self._parts(group)
         phases = self._phases(group) if group.get("refresh_stagger") and group_parts.projector is not None else None
@@ -448,7 +473,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if not state:
                     init_state(state, group, w, grad, None, parts.inner, parts.store, index)
                 if not init_only:
-                    apply_step(state, group, w, grad, parts, False)
+                    apply_step(state, group, w, grad, parts, False, plans.get(id(p)) if plans else None)
                 continue
             if kind == "matrix":  # already (m, n): no view to dispatch
                 pm, gm = w, grad

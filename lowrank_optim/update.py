@@ -116,8 +116,10 @@ def refresh(state: dict, group: Group, p: torch.Tensor, grad: torch.Tensor, proj
 
 
 def apply_step(state: dict, group: Group, p: torch.Tensor, grad: torch.Tensor, parts: Parts,
-               lowrank: bool) -> None:
-    """Steps ``p`` (fp32 ``grad``) once, its state initialised and refreshed already (steps 2-3 above)."""
+               lowrank: bool, plan: Any = None) -> None:
+    """Steps ``p`` (fp32 ``grad``) once, its state initialised and refreshed already (steps 2-3 above); ``plan`` is
+    the inner rule's :meth:`~lowrank_optim.rules.base.InnerRule.plan_plain` for a plain ``p`` made before the
+    non-finite check, if any."""
     proj, rule, residual, _, store = parts
     step = state["step"] + 1
     inner_step = state["inner_step"] + 1
@@ -125,7 +127,7 @@ def apply_step(state: dict, group: Group, p: torch.Tensor, grad: torch.Tensor, p
     specs = rule.moments(tuple(low.shape), group)
     moments = {s.name: store.load(state, s.name, s.signed) for s in specs}
     target = p if p.dtype == torch.float32 else p.float()
-    if not lowrank and rule.apply_plain(target, low, moments, inner_step, group):
+    if not lowrank and rule.apply_plain(target, low, moments, inner_step, group, plan=plan):
         d = None  # the rule applied the whole update (fused kernel), weight decay included
     else:
         d = rule.direction(low, moments, inner_step, group, p)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -60,6 +60,29 @@ def _fusable(target: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor) ->
     two: 8.6 against 12.5 ms for a 32000 x 512 matrix on 2 cores): same dtype and device, contiguous."""
     return (target.dtype == grad.dtype == exp_avg.dtype and target.device == grad.device == exp_avg.device
             and target.is_contiguous() and exp_avg.is_contiguous())
+
+
+class PlainPlan(NamedTuple):
+    """A plain matrix's factored statistics computed before the step's non-finite check
+    (:meth:`AdafactorRule.plan_plain`), into copies: the state is untouched until :meth:`AdafactorRule.apply_plain`
+    commits them. ``row`` / ``col`` (``(m,)`` / ``(n,)``) are the new statistics, which the check reads in place of
+    the gradient (:mod:`lowrank_optim.nonfinite`); ``c`` and ``rs`` the update's factors (:meth:`_factored`)."""
+
+    lr: float | torch.Tensor
+    blocks: list[int]
+    buf: torch.Tensor
+    c: torch.Tensor
+    rs: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+
+    @property
+    def probes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensors the non-finite check reads for this matrix: non-finite whenever a gradient entry is (an inf
+        or NaN square propagates into its row's and column's sums), and, conservatively, when a finite entry's
+        square or a row / column sum of squares overflows fp32 (``|g| > 1.8e19``), which would make the stored
+        statistic inf and every later one NaN."""
+        return self.row, self.col
 
 
 class AdafactorRule(InnerRule):
@@ -126,9 +149,11 @@ class AdafactorRule(InnerRule):
         return lr
 
     def _factored(self, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int, group: Group,
-                  lr: float | torch.Tensor, blocks: list[int], buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Updates the row/column statistics; returns ``c`` (``(n,)``) and ``rs`` (``(m, 1)``) such that
-        the clipped, lr-scaled update is ``(g * c) * rs``.
+                  lr: float | torch.Tensor, blocks: list[int], buf: torch.Tensor, row: torch.Tensor | None = None,
+                  col: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Updates the row/column statistics (``moments``', or ``row`` / ``col`` in their place: copies, for
+        :meth:`plan_plain`); returns ``c`` (``(n,)``) and ``rs`` (``(m, 1)``) such that the clipped, lr-scaled
+        update is ``(g * c) * rs``.
 
         One read of the gradient and no pass over the update: with ``S = g o g``, new row statistics ``R``
         (known block by block, once a block's row sums are) and new column statistics ``C``, the update is
@@ -145,7 +170,8 @@ class AdafactorRule(InnerRule):
         m, n = comm.length(0, int(grad.shape[0])), comm.length(1, int(grad.shape[1]))
         beta2t = 1.0 - math.pow(step, group["decay_rate"])
         eps1 = group["eps"][0]
-        row, col = moments["exp_avg_sq_row"], moments["exp_avg_sq_col"]
+        row = moments["exp_avg_sq_row"] if row is None else row
+        col = moments["exp_avg_sq_col"] if col is None else col
         spec = comm.current()
         split_rows = spec is not None and spec.dim == 1  # a row's sum needs every rank: all rows first
         row_sum = torch.empty(int(grad.shape[0]), dtype=grad.dtype, device=grad.device)
@@ -188,14 +214,37 @@ class AdafactorRule(InnerRule):
         rows = max(blocks)
         return blocks, torch.empty(rows, int(grad.shape[1]), dtype=grad.dtype, device=grad.device)
 
-    def apply_plain(self, target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,
-                    group: Group) -> bool:
-        """A plain matrix's whole step, block by block (see the class docstring); other shapes: False."""
-        if grad.dim() != 2 or grad.numel() == 0:
-            return False
+    def plan_plain(self, target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,
+                   group: Group) -> PlainPlan | None:
+        """The first half of :meth:`apply_plain` for an ``(m, n)`` matrix, run before the step's non-finite check:
+        the learning rate, the new row / column statistics (written to copies; ``moments`` is only read) and the
+        update's factors. The check then reads the two small statistics instead of the gradient, one read of the
+        gradient fewer per step (:mod:`lowrank_optim.nonfinite`); :meth:`apply_plain` given the plan commits the
+        statistics and applies the update, the same operations in the same order as without a plan, so the same
+        bits. ``None`` for other shapes and under FSDP2 sharding (whose sums are collectives)."""
+        if grad.dim() != 2 or grad.numel() == 0 or comm.current() is not None or "exp_avg_sq_row" not in moments:
+            return None
         lr = self._lr(group, step, target)
         blocks, buf = self._blocked(grad)
-        c, rs = self._factored(grad, moments, step, group, lr, blocks, buf)
+        row, col = moments["exp_avg_sq_row"].clone(), moments["exp_avg_sq_col"].clone()
+        c, rs = self._factored(grad, moments, step, group, lr, blocks, buf, row=row, col=col)
+        return PlainPlan(lr, blocks, buf, c, rs, row, col)
+
+    def apply_plain(self, target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,
+                    group: Group, plan: Any = None) -> bool:
+        """A plain matrix's whole step, block by block (see the class docstring); other shapes: False. With the
+        :class:`PlainPlan` of :meth:`plan_plain` (same gradient, moments and step) its statistics are committed and
+        only the update remains."""
+        if grad.dim() != 2 or grad.numel() == 0:
+            return False
+        if plan is None:
+            lr = self._lr(group, step, target)
+            blocks, buf = self._blocked(grad)
+            c, rs = self._factored(grad, moments, step, group, lr, blocks, buf)
+        else:
+            moments["exp_avg_sq_row"].copy_(plan.row)
+            moments["exp_avg_sq_col"].copy_(plan.col)
+            lr, blocks, buf, c, rs = plan.lr, plan.blocks, plan.buf, plan.c, plan.rs
         exp_avg, beta1 = moments.get("exp_avg"), group["beta1"]
         wd = group["weight_decay"]
         decay = 1.0 - lr * wd

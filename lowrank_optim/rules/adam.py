@@ -63,7 +63,7 @@ class AdamRule(InnerRule):
         return True
 
     def apply_plain(self, target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,
-                    group: Group) -> bool:
+                    group: Group, plan: Any = None) -> bool:
         return self._fused(target, grad, moments, step, group, float(group["lr"]), group["weight_decay"])
 
     def direction(self, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int, group: Group,

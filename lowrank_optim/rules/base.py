@@ -111,9 +111,18 @@ class InnerRule:
         matrix to rounding and read no device value on the host."""
         return None
 
+    def plan_plain(self, target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,
+                   group: Group) -> Any:
+        """Optionally computes, before the step's non-finite check and without changing ``moments``, reductions of
+        a plain parameter's gradient that the check can read in its place (an object with a ``probes`` attribute:
+        tensors non-finite whenever an entry of ``grad`` is); :meth:`apply_plain` then gets it as ``plan``.
+        ``None`` (the default): the check reads the gradient (:mod:`lowrank_optim.nonfinite`)."""
+        return None
+
     def apply_plain(self, target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,
-                    group: Group) -> bool:
-        """Optionally performs the whole plain-parameter update (weight decay included) on the fp32 ``target``.
+                    group: Group, plan: Any = None) -> bool:
+        """Optionally performs the whole plain-parameter update (weight decay included) on the fp32 ``target``;
+        ``plan`` is what :meth:`plan_plain` returned for this step, if anything.
 
         Returns True when it did (a fused kernel, say); False lets the engine apply :meth:`direction`.
         """
