@@ -35,7 +35,8 @@ def _params(seed: int = 0) -> list[torch.nn.Parameter]:
 
 def _grads(step: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(*BIG, generator=gen) * (1 + step), torch.randn(12, 8, generator=gen), torch.randn(5, generator=gen)]
+    return [torch.randn(*BIG, generator=gen) * (1 + step), torch.randn(12, 8, generator=gen),
+            torch.randn(5, generator=gen)]
 
 
 def _build(name: str, params: list[torch.nn.Parameter], **kw: object) -> torch.optim.Optimizer:
