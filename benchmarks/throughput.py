@@ -41,6 +41,10 @@ in its own child process, since glibc reads its tunables at start-up (:mod:`benc
 
 Every record carries ``malloc`` (its regime) and ``minor_faults_per_step`` (page faults per steady step, read
 from ``getrusage``: the regime's observable effect).
+
+**Repeats** (``--repeats N``): each regime's child process runs ``N`` times (regimes interleaved); every number is
+the median over the runs and the table gives the range of the amortized ratio (:mod:`benchmarks.repeats`). One
+process's ratio moves by several percent from run to run on a shared machine; a target is judged on the median.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ import torch
 from lowrank_optim.memory import LLAMA_CONFIGS, count_state_bytes, llama_shapes
 
 from . import common, malloc
+from . import repeats as repeats_mod
 from .model import LLAMA_DECODERS, DecoderConfig, build_model
 from .registry import FULL_RANK_LR, Spec, default_lr, specs
 
@@ -336,7 +341,8 @@ def summary(records: list[dict[str, Any]]) -> str:
         rows, cols = [], ["optimizer"]
         for g in regimes:
             cols += [f"median ms ({g})", f"refresh ms ({g})", f"amortized /AdamW ({g})",
-                     f"amortized /fused AdamW ({g})", f"paired AdamW ms ({g})", f"faults/step ({g})"]
+                     f"range over runs ({g})", f"amortized /fused AdamW ({g})", f"paired AdamW ms ({g})",
+                     f"faults/step ({g})"]
         for label in labels:
             row: dict[str, Any] = {"optimizer": label}
             for g in regimes:
@@ -347,6 +353,7 @@ def summary(records: list[dict[str, Any]]) -> str:
                     row[f"median ms ({g})"] = 1e3 * r["median_step_s"]
                     row[f"refresh ms ({g})"] = None if r["refresh_step_s"] is None else 1e3 * r["refresh_step_s"]
                     row[f"amortized /AdamW ({g})"] = r.get("amortized_ratio_to_adamw")
+                    row[f"range over runs ({g})"] = repeats_mod.spread(r, "amortized_ratio_to_adamw")
                     row[f"amortized /fused AdamW ({g})"] = r.get("amortized_ratio_to_fused_adamw")
                     if "paired_adamw_median_step_s" in r:
                         row[f"paired AdamW ms ({g})"] = 1e3 * r["paired_adamw_median_step_s"]
@@ -379,41 +386,48 @@ def summary(records: list[dict[str, Any]]) -> str:
 
 
 def _child_argv(argv: Sequence[str], regime: str, records_path: Path) -> list[str]:
-    """``argv`` without ``--regimes`` / ``--records-json``, for one regime's child process."""
+    """``argv`` without ``--regimes`` / ``--records-json`` / ``--repeats``, for one regime's child process."""
     out: list[str] = []
     skip = False
     for a in argv:
         if skip:
             skip = False
             continue
-        if a in ("--regimes", "--records-json"):
+        if a in ("--regimes", "--records-json", "--repeats"):
             skip = True
             continue
-        if a.startswith(("--regimes=", "--records-json=")):
+        if a.startswith(("--regimes=", "--records-json=", "--repeats=")):
             continue
         out.append(a)
     return [*out, "--regimes", regime, "--records-json", str(records_path)]
 
 
-def run_regimes(argv: Sequence[str], regimes: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run_regimes(argv: Sequence[str], regimes: Sequence[str], repeats: int = 1
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Runs this benchmark once per allocator regime, each in a fresh child process (glibc reads its tunables at
-    start-up); returns the records of all regimes (headline first) and each child's environment."""
-    records: list[dict[str, Any]] = []
+    start-up), ``repeats`` times over (regimes interleaved: warm, pinned, warm, pinned, ...); returns the records of
+    all regimes (headline first; with ``repeats > 1`` combined over the runs, :func:`benchmarks.repeats.combine`)
+    and each regime's first child's environment."""
+    runs: dict[str, list[list[dict[str, Any]]]] = {regime: [] for regime in regimes}
     envs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for regime in regimes:
-            path = Path(tmp) / f"{regime}.json"
-            env = malloc.warm_env() if regime == "warm" else malloc.cold_env()
-            cmd = [sys.executable, "-m", "benchmarks.throughput", *_child_argv(argv, regime, path)]
-            if regime == "dynamic":
-                cmd.append("--dynamic-malloc")
-            subprocess.run(cmd, env=env, check=True, cwd=Path(__file__).resolve().parent.parent)
-            payload = json.loads(path.read_text())
-            if payload["environment"]["malloc_regime"] != regime:
-                raise RuntimeError(f"child process for malloc regime {regime!r} ran in "
-                                   f"{payload['environment']['malloc_regime']!r}")
-            records += payload["records"]
-            envs[regime] = payload["environment"]
+        for i in range(repeats):
+            for regime in regimes:
+                path = Path(tmp) / f"{regime}{i}.json"
+                env = malloc.warm_env() if regime == "warm" else malloc.cold_env()
+                cmd = [sys.executable, "-m", "benchmarks.throughput", *_child_argv(argv, regime, path)]
+                if regime == "dynamic":
+                    cmd.append("--dynamic-malloc")
+                subprocess.run(cmd, env=env, check=True, cwd=Path(__file__).resolve().parent.parent)
+                payload = json.loads(path.read_text())
+                if payload["environment"]["malloc_regime"] != regime:
+                    raise RuntimeError(f"child process for malloc regime {regime!r} ran in "
+                                       f"{payload['environment']['malloc_regime']!r}")
+                runs[regime].append(payload["records"])
+                envs.setdefault(regime, payload["environment"])
+    records: list[dict[str, Any]] = []
+    for regime in regimes:
+        records += repeats_mod.combine(runs[regime])
     return records, envs
 
 
@@ -428,6 +442,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--batch-size", type=int, default=None, help="end-to-end batch size (default 4)")
     ap.add_argument("--seq-len", type=int, default=None, help="end-to-end sequence length (default 128)")
     ap.add_argument("--stores", default=None, help="comma-separated state stores (default fp32,bf16,8bit; quick fp32)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="child processes per allocator regime; numbers are the median over them, ratios with their "
+                         "range (benchmarks/repeats.py; default 1)")
     ap.add_argument("--records-json", type=Path, default=None, help=argparse.SUPPRESS)
     raw = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(raw)
@@ -451,11 +468,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     config = {"size": size, "shape": LLAMA_CONFIGS.get(size), "rank": rank, "steps": steps,
               "refresh_steps": refresh_steps, "update_proj_gap": T_REFRESH, "state_dtypes": list(stores),
               "gradients": "synthetic, seeded, set once", "modes": list(modes), "malloc_regimes": regimes,
+              "repeats": args.repeats,
               "e2e": {"decoder": e2e_size, "config": LLAMA_DECODERS[e2e_size].asdict(), "batch_size": batch_size,
                       "seq_len": seq_len, "steps": e2e_steps, "state_dtypes": ["fp32"],
                       "batch": "seeded random tokens, fixed", "refresh": "first step stands in"}}
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats: need a count of at least 1, got {args.repeats}")
+    if args.repeats > 1 and not regimes:
+        raise SystemExit("--repeats: repeats run child processes, one per allocator regime: give --regimes")
     if len(regimes) > 1 or (regimes and args.records_json is None):
-        records, envs = run_regimes(raw, regimes)
+        records, envs = run_regimes(raw, regimes, args.repeats)
         common.publish(args, "throughput", args.device, config, records, records, plot, summary,
                        f"Optimizer step time, LLaMA-{size} shapes, {args.device}", regime_environments=envs)
         return records

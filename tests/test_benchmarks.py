@@ -497,3 +497,44 @@ def test_variants_run_only_when_named() -> None:
     w = torch.nn.Parameter(torch.randn(8, 6))
     opt = spec.build([{"params": [w], "rank": 2, "update_proj_gap": 5}])
     assert type(opt).__name__ == "GUM" and opt.param_groups[0]["ns_dtype"] == "bf16"
+
+
+def test_repeats_combine_medians_runs_and_errors() -> None:
+    from benchmarks import repeats
+
+    def rec(label: str, ratio: float, ms: float, **kw: object) -> dict:
+        return {"label": label, "mode": "step", "malloc": "warm", "amortized_ratio_to_adamw": ratio,
+                "median_step_s": ms, "refresh_step_s": None, "impl": "lowrank_optim", "lowrank": True, **kw}
+
+    runs = [[rec("a", 1.30, 0.20), rec("b", 0.9, 0.1)],
+            [rec("a", 1.20, 0.30), rec("b", 0.8, 0.2, error="E: x")],
+            [rec("a", 1.40, 0.10), rec("b", 1.0, 0.3)]]
+    out = repeats.combine(runs)
+    assert [r["label"] for r in out] == ["a", "b"]
+    a, b = out
+    assert a["amortized_ratio_to_adamw"] == 1.30 and a["median_step_s"] == 0.20  # medians, field by field
+    assert a["runs"]["amortized_ratio_to_adamw"] == [1.30, 1.20, 1.40] and a["repeats"] == 3
+    assert a["lowrank"] is True and a["impl"] == "lowrank_optim"  # bools and strings: the first run's
+    assert b["error"] == "E: x" and b["amortized_ratio_to_adamw"] == 0.9
+    assert repeats.spread(a, "amortized_ratio_to_adamw") == "1.200-1.400"
+    assert repeats.spread(runs[0][0], "amortized_ratio_to_adamw") is None
+    even = repeats.combine(runs[:2])
+    assert even[0]["amortized_ratio_to_adamw"] == 1.25  # the mean of the middle two
+    assert repeats.combine(runs[:1]) == runs[0]
+    with pytest.raises(ValueError, match="two records"):
+        repeats.combine([[rec("a", 1, 1), rec("a", 2, 2)], [rec("a", 1, 1)]])
+    with pytest.raises(ValueError, match="at least one"):
+        repeats.combine([])
+    assert "range over runs (warm)" in throughput.summary(out)
+
+
+def test_repeats_run_child_processes_and_combine() -> None:
+    from pathlib import Path
+
+    assert throughput._child_argv(["--repeats", "3", "--quick", "--repeats=2"], "warm", Path("r.json")) == [
+        "--quick", "--regimes", "warm", "--records-json", "r.json"]
+    records, _ = throughput.run_regimes(["--size", "tiny", "--mode", "e2e", "--steps", "1", "--only",
+                                         "galore_adamw", "--no-references"], ["pinned"], repeats=2)
+    assert records and all(r["repeats"] == 2 and len(r["runs"]["median_step_s"]) == 2 for r in records)
+    with pytest.raises(SystemExit, match="repeats"):
+        throughput.main(["--repeats", "0", "--size", "tiny"])
