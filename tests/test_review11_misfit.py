@@ -87,13 +87,13 @@ def _train(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, steps: 
             opt.step()
 
 
-def _refused(name: str, loaded: tuple[int, ...]) -> str:
-    """The error of a refused load: parameter 0, its shape, the state key and both values / shapes (GUM's packed
-    moments are refused by their byte count at the import, before this check)."""
+def _refused(name: str, loaded: tuple[int, ...], projector: str | None = None) -> str:
+    """The error of a refused load: parameter 0, its shape, the state key and both values / shapes (the packed
+    moments of GUM's projector are refused by their byte count at the import, before this check)."""
     shape = str(tuple(loaded)).replace("(", r"\(").replace(")", r"\)")
     named = (rf"Invalid state_dict: the state loaded for parameter 0 \(shape {shape}\) does not fit it \(state\[.*\]: "
              r"saved (shape )?\S.*, expected ")
-    return rf"({named}|Invalid state_dict: packed moment )" if name == "gum" else named
+    return rf"({named}|Invalid state_dict: packed moment )" if "gum" in (name, projector) else named
 
 
 @pytest.mark.parametrize("kind", list(MISFITS))
@@ -197,9 +197,11 @@ def test_own_checkpoint_loads_and_resumes_bit_exactly(name: str, shape: tuple[in
 
 
 #: Every projector on a preset that takes it: (preset, projector, projector_options); blocks and GUM's draw change
-#: the moments' shape and need their own preset (reset transfers).
+#: the moments' shape and need a reset transfer (their presets', or ``transfer="reset"``: GUM's draw under Adafactor's
+#: two factored moments, each packed).
 PROJECTOR_RUNS = [("galore_adamw", p, {}) for p in sorted(PROJECTORS) if p not in ("blocks", "gum", "rsvd_heads")] + [
-    ("frugal", "blocks", {}), ("gum", "gum", {}), ("galore_plus", "rsvd_heads", {"num_heads": 4}),
+    ("frugal", "blocks", {}), ("gum", "gum", {}), ("galore_adafactor", "gum", {}),
+    ("galore_plus", "rsvd_heads", {"num_heads": 4}),
     ("galore_adamw", "svd", {"basis_dtype": "int4"}), ("galore_adamw", "svd", {"basis_dtype": "int8"}),
     ("galore_adamw", "rsvd", {"basis_dtype": "bf16"}), ("galore_adamw", "svd", {"lazy_refresh": True}),
 ]
@@ -213,12 +215,13 @@ def test_every_projector_refuses_another_shape(preset: str, projector: str, opti
     """The same kinds of misfit on every registered projector (and the quantized and lazy forms of the basis):
     refused by name; and the model's own checkpoint after two refreshes resumes bit-exactly."""
     saved_shape, loaded_shape = MISFITS[kind]
-    extra = {"projector": projector, "projector_options": options or None}
+    extra = {"projector": projector, "projector_options": options or None,
+             **({"transfer": "reset"} if projector == "gum" and preset != "gum" else {})}
     src, opt = _make(preset, saved_shape, **extra)
     _train(src, opt, 7)
     sd = roundtrip(opt.state_dict())
     _, other = _make(preset, loaded_shape, **extra)
-    with pytest.raises(ValueError, match=_refused(preset, loaded_shape)):
+    with pytest.raises(ValueError, match=_refused(preset, loaded_shape, projector)):
         other.load_state_dict(sd)
     params, same = _make(preset, saved_shape, seed=1, **extra)
     same.load_state_dict(roundtrip(opt.state_dict()))
