@@ -4,9 +4,11 @@
 stepped on the wrong values, or failed later: FRUGAL's moments are sized late (an inactive block's are empty), so
 a (16, 32) matrix's checkpoint loaded into a (16, 40) one; a projector without a stored basis (APOLLO's and Flora's
 seeded one: ``dim``; DCT-AdamW's columns: ``dim`` and ``indices`` of an unchanged shape) loaded into a matrix with
-more or fewer rows; GUM's parameters were not checked at all. Now every int of a projector state that depends on
-the matrix's shape is compared, index tensors are range-checked against the parameter's dims, and the check runs
-under DDP's ``divide_refresh`` too (it was skipped there). A checkpoint of the same model still loads at every
+more or fewer rows; GUM's parameters were not checked at all, and the import unpacked a larger matrix's packed
+moments as the new matrix's (it refused a buffer too small only). Now every int of a projector state that depends on
+the matrix's shape is compared, index tensors are range-checked against the parameter's dims, GUM's projector state
+is compared and its packed moments must have their exact size, and the check runs under DDP's ``divide_refresh``
+too (it was skipped there), with no collective. A checkpoint of the same model still loads at every
 phase (before the first step, after it, around refreshes), for matrices, expert stacks and conv weights, and
 resumes bit-exactly.
 """
