@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -188,46 +190,192 @@ def _misfit(saved: Any, fresh: Any, path: str) -> str | None:
     return None
 
 
+#: Integer dtypes of index tensors in a matrix's state (DCT columns, coordinates, GaLore+'s residual entries); int8 /
+#: uint8 tensors are codes (8-bit moments, int8 / int4 bases), not indices.
+INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
+
+
+def _first_step_state(optimizer: Any, group: dict[str, Any], p: torch.Tensor, index: int,
+                      shape: tuple[int, ...]) -> dict[str, Any]:
+    """The state a first step would allocate for ``p`` (position ``index``) were it of ``shape``: built on the
+    ``meta`` device (no memory, no math) with ``p``'s own group, kind, seed and layout; ``{}`` when some rule cannot
+    build it there. ``optimizer.state[p]`` is left as it was."""
+    meta = torch.empty(shape, dtype=p.dtype, device="meta")
+    saved = optimizer.state.pop(p, None)
+    try:
+        optimizer._step_group(group, [(p, index)], init_only=True, tensors={id(p): (meta, torch.empty_like(meta))})
+        return optimizer.state.pop(p, {})
+    except Exception:  # a state some rule cannot build on meta: nothing to compare
+        optimizer.state.pop(p, None)
+        return {}
+    finally:
+        if saved is not None:
+            optimizer.state[p] = saved
+
+
+@contextlib.contextmanager
+def _local_refreshes() -> Iterator[None]:
+    """Projector ``init``s inside run here, never on an owner rank with a broadcast (``divide_refresh``'s
+    :func:`lowrank_optim.distributed.fsdp.once`): a state built on the meta device has the same keys, shapes and ints
+    on every rank, so no collective is needed. The refresh counters are left as they were (no real refresh ran)."""
+    from .distributed import fsdp
+    from .distributed.shards import Layout
+
+    calls = dict(fsdp.REFRESH_CALLS)
+    token = fsdp._ONCE.set(Layout(None, None, 0, 1))
+    try:
+        yield
+    finally:
+        fsdp._ONCE.reset(token)
+        fsdp.REFRESH_CALLS.update(calls)
+
+
+def _matrices(state: Any, kind: str) -> list[tuple[str, Any]]:
+    """``(key path, state)`` of each matrix of a projected parameter's state (an expert stack's ``matrices``)."""
+    if kind != "experts":
+        return [("state", state)]
+    subs = state.get("matrices") if isinstance(state, dict) else None
+    return [(f"state['matrices'][{e}]", sub) for e, sub in enumerate(subs if isinstance(subs, list) else [])]
+
+
+def _as_int(value: Any) -> int | None:
+    """``value`` as an int (a Python int, or a one-element integer tensor), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
+            and value.device.type != "meta":
+        return int(value.item())
+    return None
+
+
+def _int_misfit(saved: Any, fresh: Any, other: Any, varying: frozenset[str], path: str) -> str | None:
+    """The first int of the projector state ``fresh`` (built for the parameter's shape) that depends on the shape
+    (``other``, built for every dimension one larger, holds another int there) and that ``saved`` holds with another
+    value; ints a refresh may change for the same shape (``varying``: FRUGAL's ``rank`` of an active or inactive
+    block) are not compared, and the others (seed, refresh count, chosen block / head, step counters) never differ
+    between the two shapes."""
+    if not (isinstance(saved, dict) and isinstance(fresh, dict) and isinstance(other, dict)):
+        return None
+    for key, want in fresh.items():
+        if type(want) is not int or key in varying or key not in saved or type(other.get(key)) is not int \
+                or other[key] == want:  # a key only one shape has (GaLore+'s head of a split matrix): its value
+            continue  # is the draw's, not the shape's
+        got = _as_int(saved[key])
+        if got != want:
+            return f"{path}[{key!r}]: saved {saved[key]!r}, expected {want}"
+    return None
+
+
+def _index_misfit(saved: Any, bound: int, shape: tuple[int, ...], path: str) -> str | None:
+    """The first index tensor (:data:`INDEX_DTYPES`) in ``saved`` with an entry outside ``[0, bound)``: a column,
+    coordinate or flat entry index of a matrix of ``shape`` is always inside (``bound``: ``m * n`` for flat entries,
+    the indexed axis's length for a projector's columns,
+    :meth:`~lowrank_optim.projectors.base.Projector.index_bound`)."""
+    if isinstance(saved, torch.Tensor):
+        if saved.dtype in INDEX_DTYPES and saved.numel() and saved.device.type != "meta":
+            lo, hi = int(saved.min()), int(saved.max())
+            if lo < 0 or hi >= bound:
+                return (f"{path}: saved indices in [{lo}, {hi}], expected in [0, {bound}) for a "
+                        f"{' x '.join(map(str, shape))} matrix")
+        return None
+    items = saved.items() if isinstance(saved, dict) else enumerate(saved) if isinstance(saved, (list, tuple)) else ()
+    for k, v in items:
+        found = _index_misfit(v, bound, shape, f"{path}[{k!r}]")
+        if found:
+            return found
+    return None
+
+
+def _index_bound(projector: Any, shape: tuple[int, ...], state: Any) -> int:
+    """``projector.index_bound(shape, state)``; ``m * n`` for a state it cannot read (its ints were compared
+    first)."""
+    try:
+        return int(projector.index_bound(shape, state))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return int(shape[0]) * int(shape[1])
+
+
+def _param_misfit(optimizer: Any, group: dict[str, Any], p: torch.Tensor, index: int, saved: dict[str, Any],
+                  variable: bool) -> str | None:
+    """Where the loaded ``saved`` state of ``p`` does not fit it (:func:`refuse_misfit_state`), else ``None``."""
+    from .plan import matrix_shape
+
+    projector = optimizer._parts(group)[0]
+    kind = optimizer._planner.kind(group, p) if projector is not None else None
+    fresh = _first_step_state(optimizer, group, p, index, tuple(p.shape))
+    if not fresh:
+        return None
+    if not (variable and kind):  # GUM's moments change shape on a refresh: its projector state alone is compared
+        found = _misfit(saved, fresh, "state")
+        if found:
+            return found
+    if kind is None:
+        return None
+    other = _first_step_state(optimizer, group, p, index, tuple(int(s) + 1 for s in p.shape))
+    shape = matrix_shape(p, kind)[-2:]
+    varying = frozenset(getattr(projector, "varying_ints", ()))
+    saved_subs, fresh_subs, other_subs = _matrices(saved, kind), _matrices(fresh, kind), _matrices(other, kind)
+    if len(saved_subs) != len(fresh_subs):
+        return f"state['matrices']: saved {len(saved_subs)} entries, expected {len(fresh_subs)}"
+    for e, (path, sub) in enumerate(saved_subs):
+        if not isinstance(sub, dict):
+            continue
+        want = fresh_subs[e][1] if isinstance(fresh_subs[e][1], dict) else {}
+        got_other = other_subs[e][1] if e < len(other_subs) else None
+        found = (_misfit(sub.get("projector"), want.get("projector"), f"{path}['projector']") if variable else None) \
+            or _int_misfit(sub.get("projector"), want.get("projector"),
+                           got_other.get("projector") if isinstance(got_other, dict) else None, varying,
+                           f"{path}['projector']") \
+            or _index_misfit(sub.get("projector"), _index_bound(projector, shape, sub.get("projector")), shape,
+                             f"{path}['projector']") \
+            or _index_misfit({k: v for k, v in sub.items() if k != "projector"}, shape[0] * shape[1], shape, path)
+        if found:
+            return found
+    return None
+
+
 def refuse_misfit_state(optimizer: Any) -> None:
     """Raises when a loaded parameter's state does not fit the parameter it was loaded for.
 
     ``torch.optim`` maps saved state to parameters by position only, so a checkpoint of another model (same
     number of parameters, other shapes) loads; its moments, bases and indices then meet the new weights in the
     step: a shape error deep inside, silently wrong values, or (unchecked index and arena kernels) a crash. Here
-    each loaded state is compared, tensor by tensor, with the state a first step would allocate for the parameter
-    (built on the ``meta`` device: no memory, no math). Skipped for FSDP2 (``DTensor``) parameters, for projected
-    parameters of a projector whose moments change shape on a refresh (GUM), and when refreshes are divided over
-    ranks (the expected state would need a collective).
+    each loaded state is compared with the state a first step would allocate for the parameter (built on the
+    ``meta`` device: no memory, no math):
+
+    * every tensor's shape (an empty tensor is a placeholder sized later: FRUGAL's state-free blocks);
+    * every int of a projected matrix's projector state that depends on the shape (its value differs in a state
+      built for every dimension one larger: ``dim``, ``rows``, ``cols``, ``side``, a clamped ``rank``, an int4
+      basis's ``basis_rows``), which must be equal; ints a refresh changes (refresh count, seed, FRUGAL's active
+      block, GUM's draw, GaLore+'s head, online PCA's step) take the same value at both shapes and are not
+      compared, nor are a projector's :attr:`~lowrank_optim.projectors.base.Projector.varying_ints`;
+    * every index tensor (int16 / int32 / int64) of a projected matrix: inside ``[0, bound)``, the projector's
+      :meth:`~lowrank_optim.projectors.base.Projector.index_bound` for its own (DCT columns: the projected axis;
+      coordinates: columns, rows or entries) and ``m n`` for the rest (GaLore+'s flat residual entries).
+
+    A projector whose moments change shape on a refresh (GUM) has its projector state compared only (its packed
+    moments are checked for size by the import, :func:`lowrank_optim.distributed.checkpoint._unpack`). With
+    refreshes divided over ranks (``divide_refresh``) the expected state is built on each rank on its own (no
+    collective: it is the same on every rank). Skipped for FSDP2 (``DTensor``) parameters.
 
     Raises:
-        ValueError: naming the parameter's position and shape, the state key and both shapes.
+        ValueError: naming the parameter's position and shape, the state key and both shapes or values.
     """
     from .distributed import shards
     from .distributed.checkpoint import _variable
 
-    if getattr(optimizer, "_refresh_layout", None) is not None:
-        return
     index = 0
-    for group in optimizer.param_groups:
-        variable = optimizer._parts(group)[0] is not None and _variable(optimizer, group)
-        for p in group["params"]:
-            saved = optimizer.state.get(p)
-            # a projector whose moments change shape on a refresh (GUM's draw) has no one expected shape: its
-            # packed moments are checked for size by the import (lowrank_optim.distributed.checkpoint._unpack)
-            if saved and not shards.is_dtensor(p) and not (variable and optimizer._planner.kind(group, p)):
-                meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-                optimizer.state.pop(p)
-                try:
-                    optimizer._step_group(group, [(p, index)], init_only=True,
-                                          tensors={id(p): (meta, torch.empty_like(meta))})
-                    fresh = optimizer.state.pop(p, {})
-                except Exception:  # a state some rule cannot build on meta: nothing to compare
-                    fresh = {}
-                finally:
-                    optimizer.state[p] = saved
-                found = _misfit(saved, fresh, "state")
-                if found:
-                    raise ValueError(f"Invalid state_dict: the state loaded for parameter {index} (shape "
-                                     f"{tuple(p.shape)}) does not fit it ({found}): a checkpoint of another "
-                                     "model, or of these parameters in another order?")
-            index += 1
+    with _local_refreshes():
+        for group in optimizer.param_groups:
+            variable = optimizer._parts(group)[0] is not None and _variable(optimizer, group)
+            for p in group["params"]:
+                saved = optimizer.state.get(p)
+                if saved and not shards.is_dtensor(p):
+                    found = _param_misfit(optimizer, group, p, index, saved, variable)
+                    if found:
+                        raise ValueError(f"Invalid state_dict: the state loaded for parameter {index} (shape "
+                                         f"{tuple(p.shape)}) does not fit it ({found}): a checkpoint of another "
+                                         "model, or of these parameters in another order?")
+                index += 1

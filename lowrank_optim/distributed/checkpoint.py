@@ -181,6 +181,7 @@ def _unpack(opt: LowRankOptimizer, group: dict[str, Any], whole: tuple[int, ...]
     gives for the matrix ``whole`` (bit-exact, any store)."""
     proj, rule, _, _, store = opt._parts(group)
     st = {k: v for k, v in st.items() if k != PACKED}
+    packed = _envelope(opt, group, whole)[1]  # what _pack gives each moment of a ``whole`` matrix, whatever its draw
     for spec in rule.moments(tuple(proj.low_shape(whole, st["projector"])), group):
         if spec.name not in st:
             continue
@@ -188,9 +189,11 @@ def _unpack(opt: LowRankOptimizer, group: dict[str, Any], whole: tuple[int, ...]
         numel = math.prod(shape)
         buf = st[spec.name]
         need = numel + 4 * n_blocks(numel) if store.quantized(numel) else numel * (2 if store.dtype == "bf16" else 4)
-        if buf.numel() < need:  # another model's checkpoint: refused by name, not a view error
+        if buf.numel() < need or buf.numel() != packed:  # another model's checkpoint: refused by name, not a view
+            # error; an exact size, since a wider buffer (a full-rank draw of a larger matrix) would hold enough bytes
             raise ValueError(f"Invalid state_dict: packed moment {spec.name!r} holds {buf.numel()} bytes, a moment of "
-                             f"shape {shape} for a {whole} matrix needs {need}: a checkpoint of another model?")
+                             f"shape {shape} for a {whole} matrix needs {need} (packed in {packed}): a checkpoint of "
+                             "another model?")
         if store.quantized(numel):
             st[spec.name] = buf[:numel].clone().view(shape)
             st[spec.name + ABSMAX] = buf[numel: numel + 4 * n_blocks(numel)].clone().view(torch.float32)

@@ -195,6 +195,10 @@ class Projector:
     #: ``None`` when the group key ``refresh_stagger`` works with this projector; otherwise why not (a refresh that
     #: draws across the group's matrices at once, which per-matrix phases would split over two periods).
     stagger_refusal: ClassVar[str | None] = None
+    #: Ints of the state that depend on the matrix's shape and that a refresh may still change for the same shape
+    #: (FRUGAL's blocks: ``rank``, ``min(m, n)`` or 0): a loaded checkpoint's values of these are not compared
+    #: with a first step's (:func:`lowrank_optim.checkpoint.refuse_misfit_state`).
+    varying_ints: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, rank: int, side: str = "std") -> None:
         self.rank = check_int("rank", rank, low=1)
@@ -414,6 +418,13 @@ class Projector:
         m, n = int(shape[0]), int(shape[1])
         r = min(self.rank, m, n)
         return (r, n) if choose_side(shape, self.side_rule) == LEFT else (m, r)
+
+    def index_bound(self, shape: tuple[int, ...] | torch.Size, state: ProjState) -> int:
+        """Exclusive upper bound of every entry of the index tensors (int16 / int32 / int64) in ``state`` for a matrix
+        of ``shape`` ``(m, n)``: ``m * n`` (flat entries) unless a projector's indices address a shorter axis.
+        A checkpoint's indices outside ``[0, bound)`` are refused at load
+        (:func:`lowrank_optim.checkpoint.refuse_misfit_state`)."""
+        return int(shape[0]) * int(shape[1])
 
     def state_numel(self, shape: tuple[int, ...] | torch.Size) -> int:
         """Elements of float data the projector state holds (closed form, for memory estimates)."""

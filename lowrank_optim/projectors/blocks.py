@@ -67,6 +67,7 @@ class BlockProjector(Projector):
     exact_complement = True
     matrix_map = False
     fixed_low_shape = False  # the moments change shape when a tensor switches between active and inactive
+    varying_ints = frozenset({"rank"})  # min(m, n) while active, 0 while not
 
     def __init__(self, rank: int, side: str = "std", *, density: float = 0.25, order: str = "descending") -> None:
         super().__init__(rank, side)

@@ -134,6 +134,10 @@ class CoordinateProjector(Projector):
         k = self._k(shape)
         return {"columns": (m, k), "rows": (k, n), "entries": (k,)}[self.choice]
 
+    def index_bound(self, shape: tuple[int, ...] | torch.Size, state: ProjState) -> int:
+        """The kept indices count columns ``n``, rows ``m`` or entries ``m * n``."""
+        return self._count(shape)
+
     def state_numel(self, shape: tuple[int, ...] | torch.Size) -> int:
         """No float data: the state holds ``k`` int64 indices."""
         return 0

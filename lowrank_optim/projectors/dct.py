@@ -189,6 +189,11 @@ class DCTProjector(Projector):
         order = torch.sort(scores, descending=True, stable=True).indices[:rank]
         return torch.sort(order).values.to(torch.int64)
 
+    def index_bound(self, shape: tuple[int, ...] | torch.Size, state: ProjState) -> int:
+        """The selected columns index the DCT basis of the projected axis: ``m`` on the left side, ``n`` on the
+        right."""
+        return int(shape[0] if int(state["side"]) == LEFT else shape[1])
+
     def dense_basis(self, state: ProjState, device: torch.device | str = "cpu") -> torch.Tensor:
         """The selected basis columns as a ``(d, r)`` fp32 matrix (for tests and diagnostics; never stored)."""
         return self._selected(state, int(state["dim"]), torch.device(device)).T.contiguous()
