@@ -224,11 +224,17 @@ class AdafactorRule(InnerRule):
         bits. ``None`` for other shapes and under FSDP2 sharding (whose sums are collectives)."""
         if grad.dim() != 2 or grad.numel() == 0 or comm.current() is not None or "exp_avg_sq_row" not in moments:
             return None
+        row, col = moments["exp_avg_sq_row"].clone(), moments["exp_avg_sq_col"].clone()
+        return PlainPlan(*self._statistics(target, grad, moments, step, group, row, col), row, col)
+
+    def _statistics(self, target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,
+                    group: Group, row: torch.Tensor | None = None, col: torch.Tensor | None = None
+                    ) -> tuple[float | torch.Tensor, list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A plain matrix's ``(lr, blocks, buf, c, rs)``: the step's learning rate, its row blocks and scratch, and
+        :meth:`_factored`'s update factors (the statistics updated in ``moments``, or in ``row`` / ``col``)."""
         lr = self._lr(group, step, target)
         blocks, buf = self._blocked(grad)
-        row, col = moments["exp_avg_sq_row"].clone(), moments["exp_avg_sq_col"].clone()
-        c, rs = self._factored(grad, moments, step, group, lr, blocks, buf, row=row, col=col)
-        return PlainPlan(lr, blocks, buf, c, rs, row, col)
+        return lr, blocks, buf, *self._factored(grad, moments, step, group, lr, blocks, buf, row=row, col=col)
 
     def apply_plain(self, target: torch.Tensor, grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int,
                     group: Group, plan: Any = None) -> bool:
@@ -238,9 +244,7 @@ class AdafactorRule(InnerRule):
         if grad.dim() != 2 or grad.numel() == 0:
             return False
         if plan is None:
-            lr = self._lr(group, step, target)
-            blocks, buf = self._blocked(grad)
-            c, rs = self._factored(grad, moments, step, group, lr, blocks, buf)
+            lr, blocks, buf, c, rs = self._statistics(target, grad, moments, step, group)
         else:
             moments["exp_avg_sq_row"].copy_(plan.row)
             moments["exp_avg_sq_col"].copy_(plan.col)
